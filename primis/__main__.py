@@ -1,0 +1,3 @@
+from primis.cli import main
+
+main()

@@ -1,0 +1,136 @@
+"""Validated configuration: model capacity, obfuscation and training, loaded from YAML or JSON.
+
+Unknown keys are rejected, so a typo in a configuration file is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from primis.errors import PrimisError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Strict):
+    """Capacity of the Sparse Ternary AutoEncoder.
+
+    The code grid has one position per ``downsampling x downsampling`` pixels, where
+    ``downsampling = stem * 2 ** (len(channels) - 1)``; at each position there are ``m`` code
+    vectors of length ``n`` with ``k`` entries +1 and ``k`` entries -1.
+    """
+
+    stem: int = Field(4, ge=1, le=16, description="pixel-unshuffle factor of the first layer")
+    channels: list[int] = Field([48, 96, 128], min_length=1, max_length=6)
+    blocks: int = Field(1, ge=0, le=8, description="residual blocks per scale")
+    n: int = Field(256, ge=4, le=4096, description="length of each code vector")
+    k: int = Field(4, ge=1, description="non-zeros of each sign per code vector")
+    m: int = Field(2, ge=1, le=64, description="number of code maps")
+    projection_kernel: int = Field(1, ge=1, le=7)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if 2 * self.k > self.n:
+            raise ValueError(f"2*k ({2 * self.k}) must not exceed n ({self.n})")
+        if self.projection_kernel % 2 == 0:
+            raise ValueError("projection_kernel must be odd")
+        if any(c < 1 for c in self.channels):
+            raise ValueError("channels must be positive")
+        return self
+
+    @property
+    def downsampling(self) -> int:
+        return self.stem * 2 ** (len(self.channels) - 1)
+
+
+class ObfuscationConfig(Strict):
+    """How public code vectors hide the true support.
+
+    ``fill`` is the fraction of the n-2k zero entries turned into noise (1.0: every entry of the
+    public vector is non-zero). With ``mask_signs`` the public sign of each true entry is a fresh
+    random bit, so the public vector is independent of the image; the key then names the sign of
+    each true entry (exactly the ideal bit count of a ternary vector). Without it the true entries
+    keep their signs in public and the key is smaller by about 2k bits per vector.
+    """
+
+    fill: float = Field(1.0, ge=0.0, le=1.0)
+    mask_signs: bool = True
+
+
+class TrainConfig(Strict):
+    """A training run: optimisation, data sampling and the ternary annealing schedule."""
+
+    steps: int = Field(6000, ge=1)
+    batch_size: int = Field(8, ge=1)
+    crop: int = Field(192, ge=16)
+    lr: float = Field(2e-3, gt=0)
+    min_lr_ratio: float = Field(0.02, gt=0, le=1)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    real_steps: float = Field(0.1, ge=0, le=1, description="fraction of steps on real values")
+    anneal_steps: float = Field(0.3, ge=0, le=1, description="fraction spent blending to ternary")
+    k_choices: list[int] = Field(default_factory=list, description="k values sampled per step")
+    validate_every: int = Field(250, ge=1)
+    max_minutes: float | None = Field(None, gt=0)
+    seed: int = 0
+    threads: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.real_steps + self.anneal_steps > 1:
+            raise ValueError("real_steps + anneal_steps must not exceed 1")
+        return self
+
+
+class RunConfig(Strict):
+    """Everything a training run needs; the file `primis train --config` reads."""
+
+    model: ModelConfig = ModelConfig()
+    obfuscation: ObfuscationConfig = ObfuscationConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        too_big = [k for k in self.train.k_choices if k < 1 or 2 * k > self.model.n]
+        if too_big:
+            raise ValueError(f"k_choices {too_big} must lie in 1..n/2")
+        if self.train.crop % self.model.downsampling:
+            raise ValueError(
+                f"crop ({self.train.crop}) must be a multiple of the model's downsampling "
+                f"({self.model.downsampling})"
+            )
+        return self
+
+
+def load_run_config(path: Path | None) -> RunConfig:
+    """Read a YAML or JSON run configuration; ``None`` gives the documented defaults."""
+    if path is None:
+        return RunConfig()
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise PrimisError(f"cannot read config {path}: {err.strerror}") from None
+    try:
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise PrimisError(f"config {path} is not valid YAML/JSON: {err}".splitlines()[0]) from None
+    return parse_config(RunConfig, data or {}, str(path))
+
+
+def parse_config(cls: type[Strict], data: object, where: str):
+    """Validate ``data`` as ``cls``; any problem becomes one readable PrimisError line."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise PrimisError(f"{where}: {loc}: {first['msg']}") from None

@@ -1,0 +1,92 @@
+"""Saving and loading trained models: weights in safetensors, configuration in JSON.
+
+A model is identified by the SHA-256 of its canonical configuration and its weight file; public
+files name the model by that hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+
+from primis.config import ModelConfig, ObfuscationConfig, Strict, parse_config
+from primis.errors import PrimisError
+from primis.imageio import write_atomic
+from primis.model import SparseTernaryAutoEncoder
+
+WEIGHTS = "model.safetensors"
+CONFIG = "model.json"
+FORMAT = "primis-model"
+VERSION = 1
+
+
+class ModelFile(Strict):
+    format: str
+    version: int
+    model: ModelConfig
+    obfuscation: ObfuscationConfig = ObfuscationConfig()
+
+
+@dataclass
+class LoadedModel:
+    network: SparseTernaryAutoEncoder
+    obfuscation: ObfuscationConfig
+    hash: str
+    directory: Path
+
+
+def _canonical(data: dict) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def model_hash(config: ModelConfig, weights: bytes) -> str:
+    return hashlib.sha256(_canonical(config.model_dump()) + weights).hexdigest()
+
+
+def save_model(
+    directory: Path, network: SparseTernaryAutoEncoder, obfuscation: ObfuscationConfig
+) -> str:
+    """Write model.safetensors and model.json into ``directory``; return the model hash."""
+    state = {name: t.detach().to("cpu").contiguous() for name, t in network.state_dict().items()}
+    weights = save(state)
+    meta = ModelFile(format=FORMAT, version=VERSION, model=network.config, obfuscation=obfuscation)
+    write_atomic(Path(directory) / WEIGHTS, weights)
+    write_atomic(Path(directory) / CONFIG, json.dumps(meta.model_dump(), indent=2).encode())
+    return model_hash(network.config, weights)
+
+
+def load_model(directory: Path, device: str = "cpu") -> LoadedModel:
+    """Load and validate a model directory (a training run or a bundled model)."""
+    directory = Path(directory)
+    if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
+        raise PrimisError(f"{directory}: not a PRIMIS model (needs {CONFIG} and {WEIGHTS})")
+    try:
+        data = json.loads((directory / CONFIG).read_text())
+    except (OSError, ValueError) as err:
+        raise PrimisError(f"{directory / CONFIG}: unreadable model config ({err})") from None
+    meta = parse_config(ModelFile, data, str(directory / CONFIG))
+    if meta.format != FORMAT or meta.version != VERSION:
+        raise PrimisError(
+            f"{directory / CONFIG}: unsupported model format {meta.format} v{meta.version}"
+        )
+    weights = (directory / WEIGHTS).read_bytes()
+    network = SparseTernaryAutoEncoder(meta.model)
+    try:
+        network.load_state_dict(load(weights), strict=True)
+    except (SafetensorError, RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise PrimisError(
+            f"{directory / WEIGHTS}: weights do not fit the config ({first})"
+        ) from None
+    network.eval().to(device)
+    return LoadedModel(network, meta.obfuscation, model_hash(meta.model, weights), directory)
+
+
+def trainable_parameters(network: torch.nn.Module) -> int:
+    return sum(p.numel() for p in network.parameters() if p.requires_grad)

@@ -1,0 +1,158 @@
+"""Ambiguation and disambiguation of ternary code vectors, and the key as packed supports.
+
+Codes here are int8 arrays of shape (V, n): V code vectors, each with exactly k entries +1 and
+k entries -1. The public vector keeps the true support S and fills a fraction of the other
+positions with noise entries of the same alphabet; the key is S (with its signs when signs are
+masked), coded enumeratively. All randomness comes from the operating system's CSPRNG.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from primis.config import ObfuscationConfig
+from primis.enumerative import (
+    ideal_bits,
+    pack_digits,
+    packed_size,
+    rank_subsets,
+    unpack_digits,
+    unrank_subsets,
+)
+from primis.errors import PrimisError
+
+
+def secure_uniform_bits(shape: tuple[int, ...]) -> np.ndarray:
+    """Independent fair bits (uint8 0/1) from os.urandom."""
+    count = math.prod(shape)
+    raw = np.frombuffer(os.urandom((count + 7) // 8), dtype=np.uint8)
+    return np.unpackbits(raw)[:count].reshape(shape)
+
+
+def secure_random_keys(shape: tuple[int, ...]) -> np.ndarray:
+    """Uniform 64-bit integers from os.urandom, for drawing random subsets by sorting."""
+    return np.frombuffer(os.urandom(8 * math.prod(shape)), dtype=np.uint64).reshape(shape)
+
+
+def noise_count(n: int, k: int, fill: float) -> int:
+    """How many of the n-2k zero entries of each vector become noise."""
+    return round(fill * (n - 2 * k))
+
+
+def ambiguate(code: np.ndarray, k: int, obfuscation: ObfuscationConfig) -> np.ndarray:
+    """The public vectors: true support kept, noise entries added, signs masked if configured."""
+    check_code(code, k)
+    v, n = code.shape
+    support = code != 0
+    public = np.where(support, code, 0).astype(np.int8)
+    noise = noise_count(n, k, obfuscation.fill)
+    if noise == n - 2 * k:
+        fill_mask = ~support
+    else:
+        keys = secure_random_keys((v, n))
+        keys = np.where(support, np.iinfo(np.uint64).max, keys)
+        chosen = np.argsort(keys, axis=1)[:, :noise]
+        fill_mask = np.zeros((v, n), dtype=bool)
+        np.put_along_axis(fill_mask, chosen, True, axis=1)
+    random_signs = (secure_uniform_bits((v, n)).astype(np.int8) * 2 - 1).astype(np.int8)
+    public[fill_mask] = random_signs[fill_mask]
+    if obfuscation.mask_signs:
+        public[support] = random_signs[support]
+    return public
+
+
+def check_code(code: np.ndarray, k: int) -> None:
+    if code.ndim != 2 or code.dtype != np.int8:
+        raise ValueError("codes are int8 arrays of shape (vectors, n)")
+    if not (np.all((code == 1).sum(1) == k) and np.all((code == -1).sum(1) == k)):
+        raise ValueError(f"every code vector must hold exactly {k} entries +1 and {k} entries -1")
+
+
+def _positions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: columns where ``mask`` holds, listed first in ascending order; and their count."""
+    order = np.argsort(~mask, axis=1, kind="stable")
+    return order, mask.sum(axis=1)
+
+
+def _index_within(candidates: np.ndarray, chosen: np.ndarray, per_row: int) -> np.ndarray:
+    """For each row, the indices of the ``chosen`` columns among the ``candidates`` columns."""
+    index = np.cumsum(candidates, axis=1) - 1
+    return index[chosen].reshape(-1, per_row)
+
+
+def _support_parts(public: np.ndarray, k: int, mask_signs: bool):
+    """The (candidates, subset size) parts the key codes, per vector, given the public vectors."""
+    if mask_signs:
+        return [(public != 0, 2 * k)]
+    return [(public == 1, k), (public == -1, k)]
+
+
+def key_radices(public: np.ndarray, k: int, mask_signs: bool) -> np.ndarray:
+    """Radix of each key digit, in key order; computable from the public vectors alone."""
+    columns = [
+        [math.comb(int(c), size) for c in candidates.sum(axis=1)]
+        for candidates, size in _support_parts(public, k, mask_signs)
+    ]
+    if mask_signs:
+        columns.append([math.comb(2 * k, k)] * public.shape[0])
+    return np.array(columns, dtype=object).T.reshape(-1)
+
+
+def key_digits(code: np.ndarray, public: np.ndarray, k: int, mask_signs: bool) -> np.ndarray:
+    """The key digits (ranks of the true supports) in the order of :func:`key_radices`."""
+    n = code.shape[1]
+    columns = []
+    if mask_signs:
+        true = code != 0
+        members = _index_within(public != 0, true, 2 * k)
+        columns.append(rank_subsets(members, n))
+        signs_of_true = code[true].reshape(-1, 2 * k) == 1
+        columns.append(rank_subsets(np.nonzero(signs_of_true)[1].reshape(-1, k), 2 * k))
+    else:
+        for sign in (1, -1):
+            members = _index_within(public == sign, code == sign, k)
+            columns.append(rank_subsets(members, n))
+    return np.array(columns, dtype=object).T.reshape(-1)
+
+
+def make_key(code: np.ndarray, public: np.ndarray, k: int, mask_signs: bool) -> bytes:
+    """Enumeratively coded support of every vector, given its public vector."""
+    return pack_digits(key_digits(code, public, k, mask_signs), key_radices(public, k, mask_signs))
+
+
+def key_size(public: np.ndarray, k: int, mask_signs: bool) -> tuple[float, int]:
+    """(ideal key bits, packed key bytes) for these public vectors."""
+    radices = key_radices(public, k, mask_signs)
+    return ideal_bits(radices), packed_size(radices)
+
+
+def disambiguate(public: np.ndarray, key: bytes, k: int, mask_signs: bool) -> np.ndarray:
+    """The true code vectors from the public vectors and the packed key."""
+    v, n = public.shape
+    radices = key_radices(public, k, mask_signs)
+    if any(int(r) == 0 for r in radices):
+        raise PrimisError("public code is inconsistent: a vector has too few non-zero entries")
+    digits = np.array(unpack_digits(key, radices), dtype=object)
+    parts = _support_parts(public, k, mask_signs)
+    per_vector = len(parts) + (1 if mask_signs else 0)
+    digits = digits.reshape(v, per_vector)
+    code = np.zeros((v, n), dtype=np.int8)
+    rows = np.repeat(np.arange(v), k)
+    if mask_signs:
+        order, _ = _positions(public != 0)
+        members = unrank_subsets(digits[:, 0], 2 * k, n)
+        columns = np.take_along_axis(order, members, axis=1)
+        positive = np.zeros((v, 2 * k), dtype=bool)
+        np.put_along_axis(positive, unrank_subsets(digits[:, 1], k, 2 * k), True, axis=1)
+        code[np.repeat(np.arange(v), 2 * k), columns.reshape(-1)] = np.where(
+            positive.reshape(-1), 1, -1
+        )
+    else:
+        for part, sign in enumerate((1, -1)):
+            order, _ = _positions(public == sign)
+            members = unrank_subsets(digits[:, part], k, n)
+            code[rows, np.take_along_axis(order, members, axis=1).reshape(-1)] = sign
+    return code

@@ -1,0 +1,239 @@
+"""The command line as a user runs it: round trips, sizes, permissions and every error path."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from primis.formats import PUBLIC_MAGIC
+from tests.conftest import assert_clean_failure, run_cli
+
+
+@pytest.fixture
+def shared(tmp_path, image_files, tiny_model_dir):
+    public_dir, key_dir = tmp_path / "public", tmp_path / "keys"
+    run_cli(
+        "ambiguate",
+        *image_files,
+        "--model",
+        tiny_model_dir,
+        "--public-dir",
+        public_dir,
+        "--key-dir",
+        key_dir,
+        check=True,
+    )
+    return public_dir, key_dir
+
+
+def test_round_trip_keeps_size_dtype_and_range(tmp_path, image_files, tiny_model_dir, shared):
+    public_dir, key_dir = shared
+    out = tmp_path / "out"
+    run_cli(
+        "disambiguate",
+        *sorted(public_dir.glob("*.primis")),
+        "--model",
+        tiny_model_dir,
+        "--key-dir",
+        key_dir,
+        "--out-dir",
+        out,
+        check=True,
+    )
+    for source in image_files:
+        original = np.asarray(
+            Image.open(source).convert("L") if source.suffix == ".jpg" else Image.open(source)
+        )
+        restored = np.asarray(Image.open(out / f"{source.stem}.png"))
+        assert restored.shape == original.shape
+        assert restored.dtype == (np.uint16 if "deep" in source.name else np.uint8) or (
+            restored.dtype == np.int32 and "deep" in source.name
+        )
+        assert restored.min() >= original.min() and restored.max() <= original.max()
+
+
+def test_key_files_are_private_and_public_files_anonymous(image_files, shared):
+    public_dir, key_dir = shared
+    for source in image_files:
+        key = key_dir / f"{source.stem}.primiskey"
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        public = (public_dir / f"{source.stem}.primis").read_bytes()
+        assert public.startswith(PUBLIC_MAGIC)
+        for needle in (source.name, source.stem, str(source.parent), "patient"):
+            assert needle.encode() not in public
+
+
+def test_without_key_writes_the_attackers_view(tmp_path, tiny_model_dir, shared):
+    public_dir, _ = shared
+    out = tmp_path / "attacker"
+    result = run_cli(
+        "disambiguate",
+        *public_dir.glob("*.primis"),
+        "--model",
+        tiny_model_dir,
+        "--without-key",
+        "--out-dir",
+        out,
+        check=True,
+    )
+    assert len(list(out.glob("*.png"))) == 3, result.stdout
+
+
+def test_info_describes_files(tiny_model_dir, shared):
+    public_dir, key_dir = shared
+    public = run_cli("info", next(public_dir.glob("*.primis")), check=True).stdout
+    assert '"kind": "public"' in public and '"grid"' in public
+    key = run_cli("info", next(key_dir.glob("*.primiskey")), check=True).stdout
+    assert '"kind": "key"' in key
+    assert '"hash"' in run_cli("info", tiny_model_dir, check=True).stdout
+
+
+def _disambiguate(public: Path, key_dir: Path, model: Path, out: Path):
+    return run_cli("disambiguate", public, "--model", model, "--key-dir", key_dir, "--out-dir", out)
+
+
+def _copy_pair(public_dir: Path, key_dir: Path, stem: str, dest: Path) -> tuple[Path, Path]:
+    (dest / "keys").mkdir(parents=True, exist_ok=True)
+    public = dest / f"{stem}.primis"
+    key = dest / "keys" / f"{stem}.primiskey"
+    public.write_bytes((public_dir / f"{stem}.primis").read_bytes())
+    key.write_bytes((key_dir / f"{stem}.primiskey").read_bytes())
+    return public, key
+
+
+def test_wrong_key_fails_cleanly(tmp_path, tiny_model_dir, shared):
+    public_dir, key_dir = shared
+    public, key = _copy_pair(public_dir, key_dir, "patient_gray", tmp_path / "case")
+    key.write_bytes((key_dir / "patient_deep.primiskey").read_bytes())
+    result = _disambiguate(public, key.parent, tiny_model_dir, tmp_path / "o")
+    assert_clean_failure(result, "another public file")
+    assert not (tmp_path / "o" / "patient_gray.png").exists()
+
+
+def test_key_of_an_older_public_file_fails_cleanly(tmp_path, image_files, tiny_model_dir, shared):
+    public_dir, key_dir = shared
+    public, key = _copy_pair(public_dir, key_dir, "patient_gray", tmp_path / "case")
+    gray = next(p for p in image_files if p.stem == "patient_gray")
+    newer = tmp_path / "newer"
+    run_cli(
+        "ambiguate",
+        gray,
+        "--model",
+        tiny_model_dir,
+        "--public-dir",
+        newer,
+        "--key-dir",
+        newer,
+        check=True,
+    )
+    stale = _disambiguate(newer / "patient_gray.primis", key.parent, tiny_model_dir, tmp_path / "o")
+    assert_clean_failure(stale, "another public file")
+    # A public file rewritten under the same file id no longer matches the key's digest.
+    from primis.formats import PublicFile
+
+    old = PublicFile.from_bytes(public.read_bytes())
+    fresh = PublicFile.from_bytes((newer / "patient_gray.primis").read_bytes())
+    header = fresh.header.model_copy(update={"file_id": old.header.file_id})
+    public.write_bytes(PublicFile(header, fresh.vectors).to_bytes())
+    assert_clean_failure(
+        _disambiguate(public, key.parent, tiny_model_dir, tmp_path / "o"), "different version"
+    )
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt", "foreign", "empty", "swap"])
+@pytest.mark.parametrize("target", ["public", "key"])
+def test_damaged_files_fail_cleanly(tmp_path, tiny_model_dir, shared, damage, target):
+    public_dir, key_dir = shared
+    public, key = _copy_pair(public_dir, key_dir, "patient_gray", tmp_path / "case")
+    victim = public if target == "public" else key
+    data = victim.read_bytes()
+    if damage == "truncate":
+        victim.write_bytes(data[: len(data) // 2])
+        expected = "truncated"
+    elif damage == "corrupt":
+        middle = len(data) // 2
+        victim.write_bytes(data[:middle] + bytes([data[middle] ^ 0x40]) + data[middle + 1 :])
+        expected = "corrupted"
+    elif damage == "foreign":
+        victim.write_bytes(b"%PDF-1.7\n" + bytes(300))
+        expected = "not a primis"
+    elif damage == "empty":
+        victim.write_bytes(b"")
+        expected = "not a primis"
+    else:
+        other = key if target == "public" else public
+        victim.write_bytes(other.read_bytes())
+        expected = "not a"
+    result = _disambiguate(public, key.parent, tiny_model_dir, tmp_path / "o")
+    assert_clean_failure(result, expected)
+    assert not list((tmp_path / "o").glob("*")) if (tmp_path / "o").exists() else True
+
+
+def test_missing_key_and_bad_inputs_fail_cleanly(tmp_path, tiny_model_dir, shared):
+    public_dir, _ = shared
+    public = next(public_dir.glob("*.primis"))
+    assert_clean_failure(
+        _disambiguate(public, tmp_path, tiny_model_dir, tmp_path / "o"), "no such file"
+    )
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("hello")
+    result = run_cli(
+        "ambiguate",
+        not_image,
+        "--model",
+        tiny_model_dir,
+        "--public-dir",
+        tmp_path / "p",
+        "--key-dir",
+        tmp_path / "k",
+    )
+    assert_clean_failure(result, "cannot read image")
+    result = run_cli(
+        "ambiguate",
+        not_image,
+        "--model",
+        tmp_path,
+        "--public-dir",
+        tmp_path / "p",
+        "--key-dir",
+        tmp_path / "k",
+    )
+    assert_clean_failure(result, "not a primis model")
+
+
+def test_a_failing_file_does_not_stop_the_batch(tmp_path, image_files, tiny_model_dir):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff" + bytes(20))
+    result = run_cli(
+        "ambiguate",
+        broken,
+        *image_files,
+        "--model",
+        tiny_model_dir,
+        "--public-dir",
+        tmp_path / "p",
+        "--key-dir",
+        tmp_path / "k",
+    )
+    assert_clean_failure(result, "broken.jpg")
+    assert len(list((tmp_path / "p").glob("*.primis"))) == len(image_files)
+    assert not list((tmp_path / "p").glob(".*part"))
+
+
+def test_installed_entry_points_run(tmp_path):
+    import subprocess
+    import sys
+
+    for command in ([sys.executable, "-m", "primis", "--help"], ["primis", "--version"]):
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "primis", "info", tmp_path / "missing"],
+        capture_output=True,
+        text=True,
+    )
+    assert_clean_failure(result, "no such file")

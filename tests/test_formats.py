@@ -1,0 +1,86 @@
+import struct
+
+import numpy as np
+import pytest
+
+from primis.errors import PrimisError
+from primis.formats import (
+    KEY_MAGIC,
+    PUBLIC_MAGIC,
+    KeyFile,
+    KeyHeader,
+    PublicFile,
+    PublicHeader,
+    _container,
+    new_file_id,
+)
+
+
+def _public(noise: int = 4) -> PublicFile:
+    header = PublicHeader(
+        file_id=new_file_id(),
+        model_hash="a" * 64,
+        grid=(2, 3),
+        n=8,
+        m=2,
+        k=1,
+        noise=noise,
+        mask_signs=True,
+    )
+    vectors = np.zeros((12, 8), dtype=np.int8)
+    vectors[:, : 2 + noise] = np.where(np.arange(2 + noise) % 2, 1, -1)
+    return PublicFile(header, vectors)
+
+
+def test_public_file_round_trips():
+    public = _public()
+    again = PublicFile.from_bytes(public.to_bytes())
+    assert again.header == public.header and np.array_equal(again.vectors, public.vectors)
+
+
+def test_key_file_round_trips():
+    header = KeyHeader(
+        file_id=new_file_id(),
+        public_sha256="b" * 64,
+        model_hash="a" * 64,
+        maps=[0, 1],
+        shape=(5, 7),
+        intensity={"dtype": "uint8", "low": 0, "high": 255},
+    )
+    key = KeyFile(header, b"\x01\x02")
+    assert KeyFile.from_bytes(key.to_bytes()) == key
+
+
+def test_payload_that_contradicts_the_header_is_rejected():
+    public = _public()
+    lying = PublicFile(public.header.model_copy(update={"noise": 2}), public.vectors)
+    with pytest.raises(PrimisError, match="do not match"):
+        PublicFile.from_bytes(lying.to_bytes())
+    huge = PublicFile(public.header.model_copy(update={"grid": (100000, 100000)}), public.vectors)
+    with pytest.raises(PrimisError, match="too large"):
+        PublicFile.from_bytes(huge.to_bytes())
+
+
+def test_version_header_and_trailing_data_are_checked():
+    data = _public().to_bytes()
+    newer = data[:8] + struct.pack(">H", 99) + data[10:]
+    with pytest.raises(PrimisError, match="version 99"):
+        PublicFile.from_bytes(newer)
+    with pytest.raises(PrimisError, match="trailing"):
+        PublicFile.from_bytes(data + b"x")
+    with pytest.raises(PrimisError, match="invalid header"):
+        PublicFile.from_bytes(_container(PUBLIC_MAGIC, _key_header(), b""))
+    with pytest.raises(PrimisError, match="public file, not a key"):
+        KeyFile.from_bytes(data)
+    assert data[:8] == PUBLIC_MAGIC != KEY_MAGIC
+
+
+def _key_header() -> KeyHeader:
+    return KeyHeader(
+        file_id=new_file_id(),
+        public_sha256="b" * 64,
+        model_hash="a" * 64,
+        maps=[0],
+        shape=(5, 7),
+        intensity={"dtype": "uint8", "low": 0, "high": 255},
+    )

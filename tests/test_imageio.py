@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from primis.errors import PrimisError
+from primis.imageio import (
+    IntensityMapping,
+    encode_image,
+    pad_to_multiple,
+    read_image,
+    read_pixels,
+)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32])
+def test_intensity_mapping_round_trips(dtype):
+    rng = np.random.default_rng(0)
+    pixels = (rng.uniform(-100 if dtype == np.int16 else 3, 3000, (9, 11))).astype(dtype)
+    if dtype == np.uint8:
+        pixels = (pixels % 250).astype(dtype)
+    mapping = IntensityMapping.of(pixels)
+    unit = mapping.forward(pixels)
+    assert unit.min() == 0 and unit.max() == 1
+    restored = mapping.inverse(unit)
+    assert restored.dtype == pixels.dtype
+    np.testing.assert_allclose(restored, pixels, rtol=1e-5, atol=1e-3)
+
+
+def test_colour_becomes_grayscale_and_16_bit_stays_16_bit(tmp_path):
+    rgb = np.zeros((5, 6, 3), np.uint8)
+    rgb[..., 1] = 200
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    assert read_pixels(tmp_path / "c.png").shape == (5, 6)
+    deep = np.arange(30, dtype=np.uint16).reshape(5, 6) * 1000
+    (tmp_path / "d.png").write_bytes(encode_image(deep, ".png"))
+    assert np.array_equal(read_pixels(tmp_path / "d.png"), deep)
+    unit, mapping = read_image(tmp_path / "d.png")
+    assert mapping.dtype == "uint16" and unit.max() == 1
+
+
+def test_padding_reaches_the_multiple_and_keeps_the_image():
+    image = np.random.default_rng(0).random((13, 5))
+    padded = pad_to_multiple(image, 8)
+    assert padded.shape == (16, 8)
+    assert np.array_equal(padded[:13, :5], image)
+
+
+def test_unreadable_inputs_raise_clear_errors(tmp_path):
+    (tmp_path / "x.gif2").write_bytes(b"data")
+    with pytest.raises(PrimisError, match="unsupported"):
+        read_pixels(tmp_path / "x.gif2")
+    np.save(tmp_path / "v.npy", np.zeros((2, 3, 5)))
+    with pytest.raises(PrimisError, match="2-D"):
+        read_pixels(tmp_path / "v.npy")
+    np.save(tmp_path / "n.npy", np.array([[np.nan, 1.0]]))
+    with pytest.raises(PrimisError, match="NaN"):
+        read_pixels(tmp_path / "n.npy")

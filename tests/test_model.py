@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from primis.config import ModelConfig
+from primis.model import SparseTernaryAutoEncoder
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def network() -> SparseTernaryAutoEncoder:
+    torch.manual_seed(0)
+    return SparseTernaryAutoEncoder(TINY)
+
+
+def test_code_is_exactly_sparse_ternary(network):
+    code = network.encode(torch.rand(3, 1, 32, 48))
+    assert code.dtype == torch.int8
+    assert code.shape == (3, TINY.m, TINY.n, 32 // 8, 48 // 8)
+    assert set(code.unique().tolist()) == {-1, 0, 1}
+    assert (code == 1).sum(2).eq(TINY.k).all()
+    assert (code == -1).sum(2).eq(TINY.k).all()
+
+
+def test_ties_still_give_exact_counts(network):
+    z = torch.zeros(2, TINY.m, TINY.n, 3, 3)  # every score equal
+    code = network.ternarize(z, TINY.k)
+    assert (code == 1).sum(2).eq(TINY.k).all() and (code == -1).sum(2).eq(TINY.k).all()
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
+def test_gradients_reach_every_parameter(weight):
+    torch.manual_seed(1)
+    network = SparseTernaryAutoEncoder(TINY)
+    x = torch.rand(2, 1, 32, 32)
+    loss = ((network(x, ternary_weight=weight) - x) ** 2).mean()
+    loss.backward()
+    for name, p in network.named_parameters():
+        if weight == 0.0 and name.startswith("beta"):
+            continue  # magnitudes are unused on real values
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_k_can_be_lowered_at_inference(network):
+    x = torch.rand(1, 1, 32, 32)
+    for k in range(1, TINY.k + 1):
+        code = network.encode(x, k)
+        assert (code == 1).sum(2).eq(k).all() and (code == -1).sum(2).eq(k).all()
+        assert network.decode(code).shape == x.shape
+    with pytest.raises(ValueError):
+        network.encode(x, TINY.n)
+
+
+def test_capacity_is_configurable():
+    config = ModelConfig(stem=2, channels=[4, 8, 8], n=16, k=3, m=3, projection_kernel=3)
+    network = SparseTernaryAutoEncoder(config)
+    assert config.downsampling == 8
+    assert network.encode(torch.rand(1, 1, 16, 24)).shape == (1, 3, 16, 2, 3)
+
+
+def test_invalid_capacity_is_rejected():
+    with pytest.raises(ValueError):
+        ModelConfig(n=8, k=5)

@@ -1,0 +1,87 @@
+import math
+import os
+
+import numpy as np
+import pytest
+
+from primis.config import ObfuscationConfig
+from primis.obfuscation import ambiguate, disambiguate, key_size, make_key
+
+
+def random_code(vectors: int, n: int, k: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    code = np.zeros((vectors, n), dtype=np.int8)
+    for row in code:
+        chosen = rng.permutation(n)[: 2 * k]
+        row[chosen[:k]], row[chosen[k:]] = 1, -1
+    return code
+
+
+SETTINGS = [(1.0, True), (1.0, False), (0.4, True), (0.4, False), (0.0, True)]
+
+
+@pytest.mark.parametrize(("fill", "mask"), SETTINGS)
+def test_disambiguation_returns_the_exact_code(fill, mask):
+    code = random_code(300, 64, 3)
+    public = ambiguate(code, 3, ObfuscationConfig(fill=fill, mask_signs=mask))
+    key = make_key(code, public, 3, mask)
+    assert np.array_equal(disambiguate(public, key, 3, mask), code)
+
+
+@pytest.mark.parametrize(("fill", "mask"), SETTINGS)
+def test_public_vectors_keep_support_and_fill_level(fill, mask):
+    n, k = 64, 3
+    code = random_code(200, n, k, seed=2)
+    public = ambiguate(code, k, ObfuscationConfig(fill=fill, mask_signs=mask))
+    assert set(np.unique(public)) <= {-1, 0, 1}
+    assert (public[code != 0] != 0).all()
+    assert ((public != 0).sum(1) == 2 * k + round(fill * (n - 2 * k))).all()
+    if not mask:
+        assert (public[code != 0] == code[code != 0]).all()
+
+
+def test_key_size_is_within_one_percent_of_ideal():
+    n, k = 256, 4
+    code = random_code(2048, n, k, seed=3)
+    for mask in (True, False):
+        public = ambiguate(code, k, ObfuscationConfig(mask_signs=mask))
+        ideal, packed = key_size(public, k, mask)
+        assert len(make_key(code, public, k, mask)) == packed
+        assert packed * 8 <= 1.01 * ideal
+    full = 2048 * (math.log2(math.comb(n, k)) + math.log2(math.comb(n - k, k)))
+    assert ideal_masked_equals(code, n, k, full)
+
+
+def ideal_masked_equals(code, n, k, expected):
+    public = ambiguate(code, k, ObfuscationConfig(mask_signs=True))
+    return math.isclose(key_size(public, k, True)[0], expected, rel_tol=1e-9)
+
+
+def test_noise_is_indistinguishable_by_value_and_sign():
+    """Masked signs and full fill: public signs are fair coins, true entries included."""
+    code = random_code(4000, 64, 3, seed=4)
+    public = ambiguate(code, 3, ObfuscationConfig())
+    true_signs = public[code != 0]
+    noise_signs = public[code == 0]
+    assert set(np.unique(true_signs)) == set(np.unique(noise_signs)) == {-1, 1}
+    for signs in (true_signs, noise_signs):
+        share = (signs > 0).mean()
+        assert abs(share - 0.5) < 4 * math.sqrt(0.25 / signs.size)
+    # The public sign of a true entry does not predict its true sign.
+    agree = (public[code != 0] == code[code != 0]).mean()
+    assert abs(agree - 0.5) < 4 * math.sqrt(0.25 / true_signs.size)
+
+
+def test_noise_comes_from_the_os_csprng(monkeypatch):
+    calls = []
+    real = os.urandom
+    monkeypatch.setattr(os, "urandom", lambda size: calls.append(size) or real(size))
+    ambiguate(random_code(10, 32, 2), 2, ObfuscationConfig(fill=0.5))
+    assert calls, "ambiguation drew no randomness from os.urandom"
+
+
+def test_two_ambiguations_differ():
+    code = random_code(50, 64, 3)
+    first = ambiguate(code, 3, ObfuscationConfig())
+    second = ambiguate(code, 3, ObfuscationConfig())
+    assert not np.array_equal(first, second)
