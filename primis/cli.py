@@ -27,35 +27,61 @@ def cli() -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--ratios", nargs=3, type=float, default=(0.9, 0.05, 0.05), show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def split(root: Path, out_dir: Path, ratios: tuple[float, float, float], seed: int) -> None:
-    """Write train.txt, valid.txt and test.txt (paths relative to ROOT) into --out."""
+@click.option("--group-by", help="regex on file names; its first group keeps images together")
+def split(root: Path, out_dir: Path, ratios, seed: int, group_by: str | None) -> None:
+    """Write train.txt, valid.txt and test.txt (paths relative to --out) for ROOT's images."""
+    import os
+
     from primis.data import resolve_sources, split_paths
     from primis.imageio import write_atomic
 
     paths = resolve_sources(root)
-    base = root if root.is_dir() else root.parent
-    for name, part in split_paths(paths, ratios, seed).items():
-        lines = "".join(f"{p.relative_to(base).as_posix()}\n" for p in part)
+    for name, part in split_paths(paths, ratios, seed, group_by).items():
+        lines = "".join(f"{Path(os.path.relpath(p, out_dir)).as_posix()}\n" for p in part)
         write_atomic(out_dir / f"{name}.txt", lines.encode())
         click.echo(f"{name}: {len(part)} images -> {out_dir / f'{name}.txt'}")
 
 
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML or JSON")
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="folder or list file")
+@click.option("--data", type=click.Path(path_type=Path), help="folder or list file")
 @click.option("--valid", type=click.Path(path_type=Path), help="validation folder or list file")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="run directory")
+@click.option("--out", type=click.Path(path_type=Path), help="run directory")
+@click.option(
+    "--resume",
+    "resume",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    help="continue the run in RUN (or --out) from its last checkpoint",
+)
 @click.option("--max-steps", type=int, help="override train.steps")
-@click.option("--max-minutes", type=float, help="stop (and finish the schedule) by this time")
+@click.option("--max-minutes", type=float, help="time budget; the schedule fits it")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]))
 @click.option("--threads", type=int, help="CPU threads for torch")
-def train(config_file, data, valid, out, max_steps, max_minutes, device, threads) -> None:
+@click.option("--strict", is_flag=True, help="stop at the first unreadable training image")
+def train(
+    config_file, data, valid, out, resume, max_steps, max_minutes, device, threads, strict
+) -> None:
     """Train a Sparse Ternary AutoEncoder; the run directory then serves as --model."""
     from primis.config import RunConfig, load_run_config, parse_config
-    from primis.data import resolve_sources, split_paths
+    from primis.data import resolve_sources, scan_images, split_paths
+    from primis.imageio import write_atomic
+    from primis.train import load_run
     from primis.train import train as run_training
 
-    config = load_run_config(config_file)
+    if resume is not None:
+        out = Path(resume) if resume else out
+        if out is None:
+            raise PrimisError("--resume needs the run directory (--resume RUN or --out RUN)")
+        if config_file or data or valid:
+            raise PrimisError("--resume takes its config and data from the run directory")
+        config = load_run(out)
+        data, valid = out / "train.txt", out / "valid.txt"
+    else:
+        if data is None or out is None:
+            raise PrimisError("train needs --data and --out (or --resume RUN)")
+        config = load_run_config(config_file)
     overrides = {
         "steps": max_steps,
         "max_minutes": max_minutes,
@@ -68,16 +94,30 @@ def train(config_file, data, valid, out, max_steps, max_minutes, device, threads
         merged["train"].update(overrides)
         config = parse_config(RunConfig, merged, "command line")
     paths = resolve_sources(data)
-    if valid is not None:
-        valid_paths = resolve_sources(valid)
+    if resume is None:
+        if valid is not None:
+            valid_paths = resolve_sources(valid)
+        else:
+            parts = split_paths(paths, (0.95, 0.05, 0.0), config.train.seed)
+            paths, valid_paths = parts["train"], parts["valid"] or parts["train"][:1]
+        paths, problems = scan_images(paths, strict)
+        valid_paths, valid_problems = scan_images(valid_paths, strict)
+        problems += valid_problems
+        for problem in problems:
+            click.echo(f"skipped: {problem}", err=True)
+        if not paths or not valid_paths:
+            raise PrimisError("no readable training or validation images")
+        out.mkdir(parents=True, exist_ok=True)
+        for name, part in (("train.txt", paths), ("valid.txt", valid_paths)):
+            write_atomic(out / name, "".join(f"{p.resolve()}\n" for p in part).encode())
     else:
-        parts = split_paths(paths, (0.95, 0.05, 0.0), config.train.seed)
-        paths, valid_paths = parts["train"], parts["valid"] or parts["train"][:1]
+        valid_paths, problems = resolve_sources(valid), []
     click.echo(f"training on {len(paths)} images, validating on {len(valid_paths)}; run: {out}")
-    result = run_training(config, paths, valid_paths, out)
+    result = run_training(config, paths, valid_paths, out, resume=resume is not None)
     click.echo(
-        f"done: {result.steps} steps in {result.seconds / 60:.1f} min; "
-        f"best pure-ternary validation PSNR {result.best_psnr:.2f} dB; model in {out}"
+        f"done: step {result.steps} after {result.seconds / 60:.1f} min; best pure-ternary "
+        f"validation PSNR {result.best_psnr:.2f} dB; model in {out}"
+        + (f"; {len(problems)} unreadable file(s) skipped" if problems else "")
     )
 
 
@@ -102,7 +142,7 @@ def _model_option(func):
 def ambiguate(inputs, model_dir, public_dir, key_dir, k, fill, mask_signs) -> None:
     """Turn each image into PUBLIC_DIR/<stem>.primis and KEY_DIR/<stem>.primiskey."""
     from primis.config import ObfuscationConfig, parse_config
-    from primis.imageio import IntensityMapping, list_images, read_pixels, write_atomic
+    from primis.imageio import list_images, read_source, write_atomic
     from primis.modelstore import load_model
     from primis.sharing import share_image
 
@@ -116,11 +156,10 @@ def ambiguate(inputs, model_dir, public_dir, key_dir, k, fill, mask_signs) -> No
     for path in list_images(list(inputs)):
         try:
             started = time.perf_counter()
-            pixels = read_pixels(path)
-            mapping = IntensityMapping.of(pixels)
-            source = {"format": path.suffix.lower().lstrip(".")}
+            image = read_source(path)
+            mapping = image.mapping
             shared = share_image(
-                mapping.forward(pixels), mapping, model, obfuscation, k, source=source
+                mapping.forward(image.pixels), mapping, model, obfuscation, k, source=image.details
             )
             key_path = key_dir / f"{path.stem}.primiskey"
             write_atomic(key_path, shared.key, mode=0o600)
@@ -164,10 +203,10 @@ def disambiguate(publics, model_dir, key_dir, out_dir, without_key) -> None:
                 pixels, suffix = np.rint(view * 255).astype(np.uint8), ".png"
             else:
                 key_path = key_dir / f"{path.stem}.primiskey"
-                pixels, _ = reconstruct(
+                pixels, key = reconstruct(
                     public, read_file(key_path), model, str(path), str(key_path)
                 )
-                suffix = output_suffix(str(pixels.dtype))
+                suffix = output_suffix(key.header.source, pixels.dtype)
             target = out_dir / f"{path.stem}{suffix}"
             write_atomic(target, encode_image(pixels, suffix))
             click.echo(f"{path.name} -> {target}")
@@ -204,10 +243,15 @@ def info(file: Path) -> None:
                 "payload_bytes": len(key.payload),
             }
         elif data[:8] == PUBLIC_MAGIC:
+            from primis.obfuscation import key_size
+
             public = PublicFile.from_bytes(data, str(file))
+            ideal, packed = key_size(public.vectors, public.header.k, public.header.mask_signs)
             report = public.header.model_dump() | {
                 "bytes": len(data),
                 "vectors": int(public.vectors.shape[0]),
+                "ideal_key_bits": round(ideal, 1),
+                "key_payload_bytes": packed,
             }
         else:
             raise PrimisError(f"{file}: not a PRIMIS public or key file")

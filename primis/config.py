@@ -78,8 +78,14 @@ class TrainConfig(Strict):
     real_steps: float = Field(0.1, ge=0, le=1, description="fraction of steps on real values")
     anneal_steps: float = Field(0.3, ge=0, le=1, description="fraction spent blending to ternary")
     k_choices: list[int] = Field(default_factory=list, description="k values sampled per step")
-    validate_every: int = Field(250, ge=1)
-    max_minutes: float | None = Field(None, gt=0)
+    validate_every: int = Field(250, ge=1, description="validate, log images, keep best")
+    checkpoint_every: int = Field(100, ge=1, description="save the resumable state")
+    max_minutes: float | None = Field(None, gt=0, description="time budget; the schedule fits it")
+    hflip: bool = True
+    gamma_jitter: float = Field(0.0, ge=0, lt=1, description="random gamma in [1-g, 1+g]")
+    workers: int = Field(0, ge=0)
+    nonfinite_patience: int = Field(10, ge=1, description="non-finite steps in a row before stop")
+    amp: bool = Field(True, description="bfloat16 autocast on CUDA")
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"

@@ -1,8 +1,9 @@
-"""Training data: image lists, reproducible splits, and a Dataset of random crops."""
+"""Training data: image lists, reproducible (grouped) splits, and a Dataset of random crops."""
 
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +15,18 @@ from primis.imageio import list_images, read_image
 
 
 def resolve_sources(source: Path) -> list[Path]:
-    """A folder (searched recursively) or a list file of paths relative to the list's folder."""
+    """A folder (searched recursively) or a list file of paths relative to the list's folder.
+
+    A list naming files that do not exist fails here, before any work starts.
+    """
     source = Path(source)
     if source.is_dir():
         paths = list_images([source])
     elif source.is_file():
-        lines = [ln.strip() for ln in source.read_text().splitlines()]
+        try:
+            lines = [ln.strip() for ln in source.read_text().splitlines()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise PrimisError(f"{source}: not a readable list file ({err})") from None
         paths = [source.parent / ln for ln in lines if ln and not ln.startswith("#")]
         missing = [p for p in paths if not p.is_file()]
         if missing:
@@ -33,38 +40,82 @@ def resolve_sources(source: Path) -> list[Path]:
     return paths
 
 
-def split_paths(paths: list[Path], ratios: tuple[float, ...], seed: int) -> dict[str, list[Path]]:
+def split_paths(
+    paths: list[Path], ratios: tuple[float, ...], seed: int, group_by: str | None = None
+) -> dict[str, list[Path]]:
     """Sort, shuffle with ``random.Random(seed)``, and cut into train/valid/test by ratios.
 
-    The cut sizes round down for valid and test, so train gets the remainder.
+    With ``group_by`` (a regular expression searched in each file name; its first group, or the
+    whole match, is the group key) whole groups are shuffled and kept inside one split. Valid and
+    test sizes round down, so train gets the remainder.
     """
     if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:
         raise PrimisError("--ratios needs three non-negative numbers (train valid test)")
-    ordered = sorted(paths)
-    random.Random(seed).shuffle(ordered)
+    groups: dict[str, list[Path]] = {}
+    for path in sorted(paths):
+        groups.setdefault(_group_key(path, group_by), []).append(path)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
     total = sum(ratios)
-    n_valid = int(len(ordered) * ratios[1] / total)
-    n_test = int(len(ordered) * ratios[2] / total)
-    n_train = len(ordered) - n_valid - n_test
-    return {
-        "train": ordered[:n_train],
-        "valid": ordered[n_train : n_train + n_valid],
-        "test": ordered[n_train + n_valid :],
+    wanted = {
+        "valid": int(len(paths) * ratios[1] / total),
+        "test": int(len(paths) * ratios[2] / total),
     }
+    parts: dict[str, list[Path]] = {"train": [], "valid": [], "test": []}
+    # Fill test from the end, then valid, then everything else is train.
+    for key in reversed(keys):
+        members = groups[key]
+        target = next(
+            (name for name in ("test", "valid") if len(parts[name]) < wanted[name]), "train"
+        )
+        parts[target][:0] = members
+    return parts
+
+
+def _group_key(path: Path, pattern: str | None) -> str:
+    if pattern is None:
+        return str(path)
+    try:
+        found = re.search(pattern, path.name)
+    except re.error as err:
+        raise PrimisError(f"--group-by: invalid regular expression ({err})") from None
+    if not found:
+        raise PrimisError(f"--group-by: '{pattern}' does not match {path.name}")
+    return found.group(1) if found.groups() else found.group(0)
+
+
+def scan_images(paths: list[Path], strict: bool) -> tuple[list[Path], list[str]]:
+    """Paths whose images decode, and a 'path: reason' line for each that does not.
+
+    With ``strict`` the first unreadable file stops everything with a PrimisError.
+    """
+    good, problems = [], []
+    for path in paths:
+        try:
+            read_image(path)
+            good.append(path)
+        except PrimisError as err:
+            if strict:
+                raise
+            problems.append(str(err))
+    return good, problems
 
 
 class RandomCropDataset(Dataset):
     """Random square crops in [0, 1] (float32, shape (1, crop, crop)) from a list of images.
 
-    Images are decoded once and kept in memory as they are first used; smaller images are
-    reflect-padded. Each item draws its crop from a torch generator, so DataLoader workers and
-    seeds behave as torch documents.
+    Images are decoded on first use and kept in memory (per DataLoader worker); smaller images
+    are reflect-padded. Crops, flips and gamma jitter draw from torch's generator, which
+    DataLoader seeds per worker.
     """
 
-    def __init__(self, paths: list[Path], crop: int, flips: bool = True) -> None:
+    def __init__(
+        self, paths: list[Path], crop: int, hflip: bool = True, gamma_jitter: float = 0.0
+    ) -> None:
         self.paths = list(paths)
         self.crop = crop
-        self.flips = flips
+        self.hflip = hflip
+        self.gamma_jitter = gamma_jitter
         self._cache: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -80,15 +131,16 @@ class RandomCropDataset(Dataset):
         h, w = image.shape
         if h < self.crop or w < self.crop:
             ph, pw = max(0, self.crop - h), max(0, self.crop - w)
-            image = np.pad(
-                image, ((0, ph), (0, pw)), mode="reflect" if ph < h and pw < w else "edge"
-            )
+            mode = "reflect" if ph < h and pw < w else "edge"
+            image = np.pad(image, ((0, ph), (0, pw)), mode=mode)
             h, w = image.shape
         top = int(torch.randint(0, h - self.crop + 1, ()))
         left = int(torch.randint(0, w - self.crop + 1, ()))
-        patch = torch.from_numpy(
-            np.ascontiguousarray(image[top : top + self.crop, left : left + self.crop])
-        )
-        if self.flips and torch.rand(()) < 0.5:
+        crop = image[top : top + self.crop, left : left + self.crop]
+        patch = torch.from_numpy(np.ascontiguousarray(crop))
+        if self.hflip and torch.rand(()) < 0.5:
             patch = patch.flip(1)
+        if self.gamma_jitter:
+            gamma = 1 + self.gamma_jitter * (2 * float(torch.rand(())) - 1)
+            patch = patch.clamp(min=0) ** gamma
         return patch.unsqueeze(0)

@@ -1,107 +1,231 @@
 """Reading and writing images, and the intensity mapping between file values and model range.
 
-Every reader returns a 2-D array plus the :class:`IntensityMapping` that takes it to [0, 1];
-the mapping is what the key records so the authorized output gets the input's dtype and range.
+:func:`read_source` decodes any supported input into a 2-D array plus private details;
+:class:`IntensityMapping` takes it to [0, 1] and back, and is what the key records so the
+authorized output gets the input's dtype, range and orientation.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from primis.errors import PrimisError
 
-PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-INPUT_SUFFIXES = PIL_SUFFIXES | {".npy"}
+PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+INPUT_SUFFIXES = PIL_SUFFIXES | DICOM_SUFFIXES | {".tif", ".tiff", ".npy"}
 MAX_PIXELS = 1 << 28
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 @dataclass(frozen=True)
 class IntensityMapping:
-    """Affine map from the file's values [low, high] to the model's [0, 1], and back."""
+    """Affine map from the file's values [low, high] to the model's [0, 1], and back.
+
+    ``invert`` flips the scale (DICOM MONOCHROME1, where high values are dark), so the model
+    always sees bright bone on a dark background.
+    """
 
     dtype: str
     low: float
     high: float
+    invert: bool = False
 
     @classmethod
-    def of(cls, pixels: np.ndarray) -> IntensityMapping:
+    def of(cls, pixels: np.ndarray, invert: bool = False) -> IntensityMapping:
         low, high = float(pixels.min()), float(pixels.max())
-        return cls(str(pixels.dtype), low, high if high > low else low + 1.0)
+        return cls(str(pixels.dtype), low, high if high > low else low + 1.0, invert)
 
     def forward(self, pixels: np.ndarray) -> np.ndarray:
-        return ((pixels.astype(np.float64) - self.low) / (self.high - self.low)).astype(np.float32)
+        unit = (pixels.astype(np.float64) - self.low) / (self.high - self.low)
+        return (1.0 - unit if self.invert else unit).astype(np.float32)
 
     def inverse(self, unit: np.ndarray) -> np.ndarray:
-        values = np.clip(unit.astype(np.float64), 0.0, 1.0) * (self.high - self.low) + self.low
+        unit = np.clip(unit.astype(np.float64), 0.0, 1.0)
+        values = (1.0 - unit if self.invert else unit) * (self.high - self.low) + self.low
         dtype = np.dtype(self.dtype)
         if dtype.kind in "ui":
             values = np.clip(np.rint(values), self.low, self.high)
         return values.astype(dtype)
 
     def to_dict(self) -> dict:
-        return {"dtype": self.dtype, "low": self.low, "high": self.high}
+        return {"dtype": self.dtype, "low": self.low, "high": self.high, "invert": self.invert}
 
     @classmethod
     def from_dict(cls, data: dict) -> IntensityMapping:
         dtype = np.dtype(str(data["dtype"]))
         if dtype.kind not in "uif" or not float(data["high"]) > float(data["low"]):
             raise ValueError("invalid intensity mapping")
-        return cls(dtype.name, float(data["low"]), float(data["high"]))
+        return cls(dtype.name, float(data["low"]), float(data["high"]), bool(data["invert"]))
 
 
-def _to_gray(image: Image.Image) -> np.ndarray:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F", "L"):
-        pixels = np.asarray(image)
-        return pixels.astype(np.uint16) if image.mode.startswith("I;16") else pixels
-    if image.mode == "1":
+@dataclass(frozen=True)
+class SourceImage:
+    """A decoded input: 2-D pixels in the file's dtype, and private facts about the file.
+
+    ``details`` (format, DICOM photometric interpretation, rescale, window, bit depth) is
+    private: it goes into the key, never into the public file.
+    """
+
+    pixels: np.ndarray
+    details: dict
+    invert: bool = False
+
+    @property
+    def mapping(self) -> IntensityMapping:
+        return IntensityMapping.of(self.pixels, self.invert)
+
+
+def _gray(pixels: np.ndarray) -> np.ndarray:
+    """Colour (last axis 3 or 4) to luminance (ITU-R 601), keeping the dtype."""
+    if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
+        luma = pixels[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        return np.rint(luma).astype(pixels.dtype) if pixels.dtype.kind in "ui" else luma
+    return pixels
+
+
+def _read_pil(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        image.load()
+        if image.mode.startswith("I;16"):
+            return np.asarray(image).astype(np.uint16)
+        if image.mode in ("L", "I", "F"):
+            return np.asarray(image)
         return np.asarray(image.convert("L"))
-    return np.asarray(image.convert("L"))
 
 
-def read_pixels(path: Path) -> np.ndarray:
-    """A 2-D grayscale array with the file's own dtype (colour becomes luminance)."""
+def _read_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    pixels = np.squeeze(tifffile.imread(path))
+    if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4):
+        raise PrimisError(f"{path}: multi-page TIFF ({pixels.shape[0]} pages) is not supported")
+    return _gray(pixels)
+
+
+def _numbers(value) -> float | list[float]:
+    """A DICOM decimal string or multi-value as float(s)."""
+    if isinstance(value, str | bytes) or not hasattr(value, "__len__"):
+        return float(value)
+    return [float(v) for v in value]
+
+
+def _read_dicom(path: Path) -> SourceImage:
+    import logging
+    import warnings
+
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    # Decoder failures come back as one PrimisError line; pydicom's own log would repeat them.
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module="pydicom")
+
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        raise PrimisError(f"{path}: not a DICOM file") from None
+    if "PixelData" not in ds:
+        raise PrimisError(f"{path}: DICOM file has no pixel data")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise PrimisError(f"{path}: multi-frame DICOM ({frames} frames) is not supported")
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
+    try:
+        pixels = ds.pixel_array
+    except Exception as err:  # decoders raise many types; all mean "cannot decode"
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise PrimisError(
+            f"{path}: cannot decode DICOM pixel data (transfer syntax {syntax}): {reason}"
+        ) from None
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        if photometric.startswith("YBR") and pixels.ndim == 3:
+            from pydicom.pixels import convert_color_space
+
+            pixels = convert_color_space(pixels, photometric, "RGB")
+        pixels = _gray(pixels)
+    details = {
+        "format": "dicom",
+        "transfer_syntax": syntax,
+        "photometric": photometric,
+        "bits_allocated": int(ds.get("BitsAllocated", 8 * pixels.dtype.itemsize)),
+        "bits_stored": int(ds.get("BitsStored", 8 * pixels.dtype.itemsize)),
+        "pixel_representation": int(ds.get("PixelRepresentation", 0)),
+        "rescale_slope": float(ds.get("RescaleSlope", 1.0) or 1.0),
+        "rescale_intercept": float(ds.get("RescaleIntercept", 0.0) or 0.0),
+    }
+    for keyword, name in (("WindowCenter", "window_center"), ("WindowWidth", "window_width")):
+        if ds.get(keyword) is not None:
+            details[name] = _numbers(ds.get(keyword))
+    return SourceImage(pixels, details, invert=photometric == "MONOCHROME1")
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(132)[128:132] == b"DICM"
+
+
+def read_source(path: Path) -> SourceImage:
+    """Decode any supported input into a 2-D grayscale :class:`SourceImage`.
+
+    PNG/JPEG/BMP through Pillow, TIFF through tifffile, ``.npy`` through NumPy (no pickles),
+    DICOM through pydicom with the pylibjpeg plug-ins (JPEG baseline/extended/lossless,
+    JPEG-LS, JPEG 2000, RLE). Colour becomes luminance.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     try:
-        if suffix == ".npy":
-            pixels = np.load(path, allow_pickle=False)
-            if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
-                pixels = pixels[..., :3] @ np.array([0.299, 0.587, 0.114])
+        if suffix in DICOM_SUFFIXES or (path.is_file() and _looks_like_dicom(path)):
+            image = _read_dicom(path)
+        elif suffix == ".npy":
+            image = SourceImage(_gray(np.load(path, allow_pickle=False)), {"format": "npy"})
+        elif suffix in (".tif", ".tiff"):
+            image = SourceImage(_read_tiff(path), {"format": "tiff"})
         elif suffix in PIL_SUFFIXES:
-            with Image.open(path) as image:
-                image.load()
-                pixels = _to_gray(image)
+            image = SourceImage(_read_pil(path), {"format": suffix.lstrip(".")})
         else:
             raise PrimisError(f"{path}: unsupported image type '{suffix or path.name}'")
     except PrimisError:
         raise
     except FileNotFoundError:
         raise PrimisError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise PrimisError(f"{path}: cannot read image ({err})".splitlines()[0]) from None
+    except IsADirectoryError:
+        raise PrimisError(f"{path}: is a folder, not an image") from None
+    except Exception as err:  # any decoder failure is a bad input, reported in one line
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise PrimisError(f"{path}: cannot read image ({reason})") from None
+    pixels = image.pixels
     if pixels.ndim != 2:
         raise PrimisError(f"{path}: expected a 2-D grayscale image, got shape {pixels.shape}")
     if pixels.size == 0 or pixels.dtype.kind not in "uifb":
         raise PrimisError(f"{path}: empty or non-numeric image")
+    if pixels.size > MAX_PIXELS:
+        raise PrimisError(f"{path}: image too large ({pixels.shape[0]}x{pixels.shape[1]})")
     if pixels.dtype.kind == "b":
         pixels = pixels.astype(np.uint8)
-    if not np.isfinite(pixels).all():
+    if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
         raise PrimisError(f"{path}: image contains NaN or infinite values")
-    return pixels
+    return SourceImage(pixels, image.details, image.invert)
+
+
+def read_pixels(path: Path) -> np.ndarray:
+    """A 2-D grayscale array with the file's own dtype (colour becomes luminance)."""
+    return read_source(path).pixels
 
 
 def read_image(path: Path) -> tuple[np.ndarray, IntensityMapping]:
     """The image as float32 in [0, 1] and the mapping that restores the file's values."""
-    pixels = read_pixels(path)
-    mapping = IntensityMapping.of(pixels)
-    return mapping.forward(pixels), mapping
+    image = read_source(path)
+    mapping = image.mapping
+    return mapping.forward(image.pixels), mapping
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -122,27 +246,28 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 
 def encode_image(pixels: np.ndarray, suffix: str) -> bytes:
-    """Serialise a 2-D array as PNG/TIFF (keeping 8 or 16 bits) or .npy."""
-    import io
-
+    """Serialise a 2-D array as PNG or TIFF (8 or 16 bits unsigned) or as .npy (any dtype)."""
     buffer = io.BytesIO()
     if suffix == ".npy":
         np.save(buffer, pixels, allow_pickle=False)
+    elif pixels.dtype not in (np.uint8, np.uint16):
+        raise PrimisError(f"cannot store {pixels.dtype} pixels as {suffix}; use .npy")
+    elif suffix in (".tif", ".tiff"):
+        import tifffile
+
+        tifffile.imwrite(buffer, pixels)
     else:
-        if pixels.dtype == np.uint8:
-            image = Image.fromarray(pixels, mode="L")
-        elif pixels.dtype.kind in "ui" and pixels.max(initial=0) < 65536 and pixels.min() >= 0:
-            image = Image.fromarray(pixels.astype(np.uint16))
-        else:
-            raise PrimisError(f"cannot store {pixels.dtype} pixels as {suffix}; use .npy")
-        image.save(buffer, format="TIFF" if suffix in (".tif", ".tiff") else "PNG")
+        Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def output_suffix(pixels_dtype: str) -> str:
-    """The natural output type for restored pixels: PNG for 8/16-bit integers, else .npy."""
-    dtype = np.dtype(pixels_dtype)
-    return ".png" if dtype in (np.uint8, np.uint16) else ".npy"
+def output_suffix(details: dict, dtype: np.dtype) -> str:
+    """Where restored pixels go: TIFF and .npy inputs keep their type; other 8/16-bit
+    unsigned images become PNG (lossless); anything else becomes .npy."""
+    kind = details.get("format")
+    if kind == "npy" or np.dtype(dtype) not in (np.uint8, np.uint16):
+        return ".npy"
+    return ".tif" if kind == "tiff" else ".png"
 
 
 def pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:

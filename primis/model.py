@@ -170,8 +170,6 @@ class SparseTernaryAutoEncoder(nn.Module):
         z = self.analysis(x)
         t = self.ternarize(z.detach(), k or self.config.k)
         real = z * t.abs().to(z.dtype)
-        if ternary_weight <= 0:
-            return self.synthesis(real)
         ternary = self.magnitudes(t) + real - real.detach()
         return self.synthesis(ternary_weight * ternary + (1 - ternary_weight) * real)
 

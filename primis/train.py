@@ -1,9 +1,22 @@
-"""Training: random crops, AdamW, cosine schedule, ternary annealing, validation, checkpoints."""
+"""Training: random crops, AdamW, cosine schedule, ternary annealing, validation, checkpoints.
+
+A run directory holds everything::
+
+    RUN/config.yaml                 the resolved configuration
+    RUN/model.safetensors, .json    the best pure-ternary model so far (use it as --model)
+    RUN/checkpoint/                 the resumable state (see primis.checkpoint)
+    RUN/history.jsonl               one line per validation
+    RUN/tensorboard/                TensorBoard events: losses, PSNR, SSIM, key bpp, lr, images
+
+Runs on CUDA, MPS or CPU; under `torchrun` each process trains on its own crops with
+DistributedDataParallel (gloo on CPU, NCCL on CUDA) and rank 0 writes the run directory.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -11,28 +24,36 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
-from primis.config import RunConfig
+from primis.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from primis.config import ObfuscationConfig, RunConfig, parse_config
 from primis.data import RandomCropDataset
 from primis.errors import PrimisError
 from primis.imageio import pad_to_multiple, read_image, write_atomic
-from primis.metrics import psnr
+from primis.metrics import psnr, ssim
 from primis.model import SparseTernaryAutoEncoder
 from primis.modelstore import save_model
+from primis.obfuscation import ambiguate, key_size
 
 
 def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA, then MPS, then CPU; a named device that is absent is an error."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", local % torch.cuda.device_count())
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PrimisError("--device cuda: no CUDA device is available")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise PrimisError("--device cuda: no CUDA device is available")
+        return torch.device("cuda", local % torch.cuda.device_count())
     if name == "mps" and not torch.backends.mps.is_available():
         raise PrimisError("--device mps: no MPS device is available")
     return torch.device(name)
@@ -42,10 +63,8 @@ def learning_rate(config: RunConfig, progress: float, step: int) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` over the run's progress."""
     t = config.train
     warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else 1.0
-    cosine = t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (
-        1 + math.cos(math.pi * min(progress, 1))
-    )
-    return t.lr * warm * cosine
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return t.lr * warm * (t.min_lr_ratio + (1 - t.min_lr_ratio) * cosine)
 
 
 def ternary_weight(config: RunConfig, progress: float) -> float:
@@ -58,20 +77,51 @@ def ternary_weight(config: RunConfig, progress: float) -> float:
     return min(1.0, (progress - t.real_steps) / t.anneal_steps)
 
 
+@dataclass
+class Validation:
+    psnr: float
+    ssim: float
+    key_bits_per_pixel: float
+    grid: np.ndarray  # rows of original | authorized | attacker's view, for TensorBoard
+
+
 @torch.no_grad()
 def validate(
-    network: SparseTernaryAutoEncoder, images: list[np.ndarray], device: torch.device, k: int
-) -> float:
-    """Mean PSNR (dB) of pure-ternary reconstructions of whole images."""
+    network: SparseTernaryAutoEncoder,
+    images: list[np.ndarray],
+    device: torch.device,
+    obfuscation: ObfuscationConfig,
+    grid_rows: int = 2,
+) -> Validation:
+    """Pure-ternary quality, key size and a picture of what sharing produces, on whole images."""
+    was_training = network.training
     network.eval()
-    scores = []
-    for image in images:
-        padded = pad_to_multiple(image, network.config.downsampling)
+    scores, similarities, bits, pixels, rows = [], [], 0.0, 0, []
+    cfg = network.config
+    for index, image in enumerate(images):
+        padded = pad_to_multiple(image, cfg.downsampling)
         x = torch.from_numpy(padded)[None, None].to(device)
-        y = network.decode(network.encode(x, k))[0, 0, : image.shape[0], : image.shape[1]]
-        scores.append(psnr(image, y.cpu().numpy()))
-    network.train()
-    return float(np.mean(scores))
+        code = network.encode(x)
+        out = network.decode(code)[0, 0, : image.shape[0], : image.shape[1]].float().cpu().numpy()
+        scores.append(psnr(image, out))
+        similarities.append(ssim(image, out))
+        vectors = code[0].permute(0, 2, 3, 1).reshape(-1, cfg.n).cpu().numpy()
+        public = ambiguate(vectors, cfg.k, obfuscation)
+        bits += key_size(public, cfg.k, obfuscation.mask_signs)[0]
+        pixels += image.size
+        if index < grid_rows:
+            shape = (1, cfg.m, *code.shape[3:], cfg.n)
+            public_code = torch.from_numpy(public).view(shape).permute(0, 1, 4, 2, 3).to(device)
+            attacker = network.decode(public_code)[0, 0, : image.shape[0], : image.shape[1]]
+            rows.append(np.concatenate([image, out, attacker.float().cpu().numpy()], axis=1))
+    network.train(was_training)
+    width = max(r.shape[1] for r in rows) if rows else 0
+    grid = (
+        np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]))) for r in rows])
+        if rows
+        else np.zeros((1, 1))
+    )
+    return Validation(float(np.mean(scores)), float(np.mean(similarities)), bits / pixels, grid)
 
 
 @dataclass
@@ -82,115 +132,204 @@ class TrainResult:
     history: list[dict]
 
 
+class _Distributed:
+    """torchrun's environment, or a single process."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on any rank."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+
 def train(
     config: RunConfig,
     train_paths: list[Path],
     valid_paths: list[Path],
     out: Path,
+    resume: bool = False,
     show_progress: bool = True,
 ) -> TrainResult:
-    """Train a model and write the run directory ``out``.
-
-    ``out`` receives the resolved ``config.yaml``, the best model (``model.safetensors`` and
-    ``model.json``, pure-ternary validation PSNR), the last model under ``last/`` and a
-    ``history.jsonl`` of validations.
-    """
+    """Train (or, with ``resume``, continue) the run in directory ``out``."""
     t = config.train
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False).encode())
+    device = pick_device(t.device)
+    group = _Distributed(device)
     if t.threads:
         torch.set_num_threads(t.threads)
-    torch.manual_seed(t.seed)
+    if group.main:
+        out.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(config.model_dump(), sort_keys=False).encode()
+        write_atomic(out / "config.yaml", text)
+    torch.manual_seed(t.seed + group.rank)
     random.seed(t.seed)
-    device = pick_device(t.device)
 
     network = SparseTernaryAutoEncoder(config.model).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    dataset = RandomCropDataset(train_paths, t.crop)
-    loader = DataLoader(dataset, batch_size=t.batch_size, shuffle=True, drop_last=False)
-    valid_images = [read_image(p)[0] for p in valid_paths]
+    state = {"step": 0, "elapsed": 0.0, "best_psnr": -math.inf, "nonfinite_total": 0}
+    if resume:
+        state.update(load_checkpoint(out, network, optimizer))
+        if group.main:
+            print(f"resuming {out} at step {state['step']}", flush=True)
+        torch.manual_seed(t.seed + group.rank + 7919 * state["step"])
+    model = DistributedDataParallel(network) if group.world > 1 else network
+    dataset = RandomCropDataset(train_paths, t.crop, t.hflip, t.gamma_jitter)
+    sampler = RandomSampler(dataset, replacement=True, num_samples=10**9)
+    loader = DataLoader(
+        dataset,
+        batch_size=t.batch_size,
+        sampler=sampler,
+        num_workers=t.workers,
+        persistent_workers=t.workers > 0,
+    )
+    valid_images = [read_image(p)[0] for p in valid_paths] if group.main else []
+    writer = _tensorboard(out) if group.main else None
+    autocast = device.type == "cuda" and t.amp
 
     history: list[dict] = []
-    best = -math.inf
-    start = time.monotonic()
-    step = 0
-    progress = 0.0
-    bar = tqdm(total=t.steps, disable=not show_progress, desc="train", unit="step")
+    step = state["step"]
+    start = time.monotonic() - state["elapsed"]
+    nonfinite = 0
+    bar = tqdm(
+        total=t.steps,
+        initial=step,
+        disable=not (show_progress and group.main),
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
     network.train()
-    while progress < 1.0:
-        for batch in loader:
-            elapsed = time.monotonic() - start
-            progress = step / t.steps
-            if t.max_minutes:
-                progress = max(progress, elapsed / (60 * t.max_minutes))
-            if progress >= 1.0:
-                break
-            lr = learning_rate(config, progress, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            weight = ternary_weight(config, progress)
-            k = random.choice(t.k_choices) if t.k_choices else config.model.k
-            x = batch.to(device)
-            loss = torch.mean((network(x, k=k, ternary_weight=weight) - x) ** 2)
-            if not torch.isfinite(loss):
-                raise PrimisError(f"training diverged at step {step}: loss is {loss.item()}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(network.parameters(), t.grad_clip)
-            optimizer.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.2e}", tern=f"{weight:.2f}")
-            if step % t.validate_every == 0:
-                best = _checkpoint(
+    batches = iter(loader)
+    while True:
+        progress = _progress(config, step, time.monotonic() - start)
+        if group.any(progress >= 1.0):
+            break
+        lr = learning_rate(config, progress, step)
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
+        weight = ternary_weight(config, progress)
+        k = random.Random(t.seed * 1_000_003 + step).choice(t.k_choices or [config.model.k])
+        x = next(batches).to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = torch.mean((model(x, k=k, ternary_weight=weight).float() - x) ** 2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(network.parameters(), t.grad_clip)
+        if group.any(not (torch.isfinite(loss) and torch.isfinite(norm))):
+            nonfinite += 1
+            state["nonfinite_total"] += 1
+            bar.write(f"step {step}: non-finite loss or gradient, step skipped")
+            if nonfinite >= t.nonfinite_patience:
+                raise PrimisError(
+                    f"training diverged: {nonfinite} non-finite steps in a row at step {step}; "
+                    "lower train.lr or raise train.grad_clip, then --resume"
+                )
+            continue
+        nonfinite = 0
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.2e}", ternary=f"{weight:.2f}", k=k)
+        if writer and step % 10 == 0:
+            writer.add_scalar("train/loss", loss.item(), step)
+            writer.add_scalar("train/psnr", -10 * math.log10(max(loss.item(), 1e-12)), step)
+            writer.add_scalar("train/lr", lr, step)
+            writer.add_scalar("train/ternary_weight", weight, step)
+        done = _progress(config, step, time.monotonic() - start) >= 1.0
+        if step % t.validate_every == 0 or done:
+            if group.main:
+                _validate_and_keep(
                     network,
                     valid_images,
                     device,
                     config,
                     out,
-                    history,
+                    state,
                     step,
-                    start,
                     weight,
-                    best,
+                    time.monotonic() - start,
+                    history,
+                    writer,
                     bar,
                 )
+            group.barrier()
+        if step % t.checkpoint_every == 0 or done:
+            state.update(step=step, elapsed=time.monotonic() - start)
+            if group.main:
+                save_checkpoint(out, network, optimizer, state)
+            group.barrier()
     bar.close()
-    if not history or history[-1]["step"] != step:
-        best = _checkpoint(
-            network,
-            valid_images,
-            device,
-            config,
-            out,
-            history,
-            step,
-            start,
-            ternary_weight(config, 1.0),
-            best,
-            bar,
-        )
-    return TrainResult(step, time.monotonic() - start, best, history)
+    if writer:
+        writer.close()
+    if group.main and not (out / "model.json").exists():
+        save_model(out, network, config.obfuscation)
+    return TrainResult(step, time.monotonic() - start, state["best_psnr"], history)
 
 
-def _checkpoint(
-    network, valid_images, device, config, out, history, step, start, weight, best, bar
-):
-    """Validate, log, save ``last/`` and, when pure-ternary and better, the run's model."""
-    score = validate(network, valid_images, device, config.model.k)
+def _progress(config: RunConfig, step: int, elapsed: float) -> float:
+    """Fraction of the run done: by steps, or by time when a time budget is set."""
+    t = config.train
+    progress = step / t.steps
+    if t.max_minutes:
+        progress = max(progress, elapsed / (60 * t.max_minutes))
+    return progress
+
+
+def _validate_and_keep(
+    network, valid_images, device, config, out, state, step, weight, elapsed, history, writer, bar
+) -> None:
+    """Validate, log, and save the run's model when pure-ternary and the best so far."""
+    result = validate(network, valid_images, device, config.obfuscation)
     record = {
         "step": step,
-        "seconds": round(time.monotonic() - start, 1),
-        "ternary_weight": weight,
-        "psnr": round(score, 3),
+        "seconds": round(elapsed, 1),
+        "ternary_weight": round(weight, 4),
+        "psnr": round(result.psnr, 3),
+        "ssim": round(result.ssim, 4),
+        "key_bpp": round(result.key_bits_per_pixel, 4),
     }
     history.append(record)
     with open(Path(out) / "history.jsonl", "a") as log:
         log.write(json.dumps(record) + "\n")
-    bar.write(f"step {step}: valid PSNR {score:.2f} dB (ternary weight {weight:.2f})")
-    save_model(Path(out) / "last", network, config.obfuscation)
-    if (weight >= 1.0 and score > best) or not (Path(out) / "model.json").exists():
+    if writer:
+        writer.add_scalar("valid/psnr", result.psnr, step)
+        writer.add_scalar("valid/ssim", result.ssim, step)
+        writer.add_scalar("valid/key_bits_per_pixel", result.key_bits_per_pixel, step)
+        writer.add_image("valid/original|authorized|attacker", result.grid.clip(0, 1)[None], step)
+    bar.write(
+        f"step {step}: valid PSNR {result.psnr:.2f} dB, SSIM {result.ssim:.4f}, "
+        f"key {result.key_bits_per_pixel:.3f} bpp (ternary weight {weight:.2f})"
+    )
+    if weight >= 1.0 and result.psnr > state["best_psnr"]:
+        state["best_psnr"] = result.psnr
         save_model(out, network, config.obfuscation)
-        return max(score, best) if weight >= 1.0 else best
-    return best
+
+
+def _tensorboard(out: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(Path(out) / "tensorboard"))
+
+
+def load_run(out: Path) -> RunConfig:
+    """The resolved configuration a run directory was started with."""
+    path = Path(out) / "config.yaml"
+    if not path.is_file() or not (Path(out) / CHECKPOINT).exists():
+        raise PrimisError(f"{out}: not a resumable run (needs config.yaml and {CHECKPOINT}/)")
+    return parse_config(RunConfig, yaml.safe_load(path.read_text()), str(path))

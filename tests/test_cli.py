@@ -237,3 +237,48 @@ def test_installed_entry_points_run(tmp_path):
         text=True,
     )
     assert_clean_failure(result, "no such file")
+
+
+@pytest.mark.parametrize(
+    ("name", "pixels"),
+    [
+        ("deep.tif", (np.arange(48 * 40).reshape(48, 40) * 2).astype(np.uint16)),
+        ("twelve.npy", (np.arange(33 * 35).reshape(33, 35) % 4096).astype(np.uint16)),
+        ("signed.npy", (np.arange(30 * 30).reshape(30, 30) - 500).astype(np.int16)),
+        ("float.npy", np.linspace(-1.5, 2.5, 40 * 24, dtype=np.float32).reshape(40, 24)),
+    ],
+)
+def test_outputs_keep_the_inputs_type_dtype_and_range(tmp_path, tiny_model_dir, name, pixels):
+    import tifffile
+
+    source = tmp_path / name
+    if name.endswith(".tif"):
+        tifffile.imwrite(source, pixels)
+    else:
+        np.save(source, pixels)
+    run_cli(
+        "ambiguate",
+        source,
+        "--model",
+        tiny_model_dir,
+        "--public-dir",
+        tmp_path / "p",
+        "--key-dir",
+        tmp_path / "k",
+        check=True,
+    )
+    run_cli(
+        "disambiguate",
+        tmp_path / "p" / f"{source.stem}.primis",
+        "--model",
+        tiny_model_dir,
+        "--key-dir",
+        tmp_path / "k",
+        "--out-dir",
+        tmp_path / "o",
+        check=True,
+    )
+    out = tmp_path / "o" / name
+    restored = tifffile.imread(out) if name.endswith(".tif") else np.load(out)
+    assert restored.shape == pixels.shape and restored.dtype == pixels.dtype
+    assert restored.min() >= pixels.min() and restored.max() <= pixels.max()

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,7 +70,8 @@ def test_train_command_writes_a_usable_run(tmp_path):
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [3, 6]
     assert load_model(run).network.config == TINY
-    assert (run / "config.yaml").is_file() and (run / "last" / "model.json").is_file()
+    assert (run / "config.yaml").is_file() and (run / "checkpoint" / "state.json").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_bad_configs_and_missing_data_fail_cleanly(tmp_path):
@@ -91,3 +93,150 @@ def test_resolve_sources_reads_lists_relative_to_the_list(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PrimisError, match="no images"):
         resolve_sources(tmp_path / "empty")
+
+
+def test_a_killed_run_resumes_where_its_checkpoint_stopped(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray((smooth_image(40, 48, i) * 255).astype(np.uint8)).save(images / f"{i}.png")
+    config = RunConfig(
+        model=TINY,
+        train=TrainConfig(
+            steps=100000, batch_size=2, crop=32, validate_every=1000, checkpoint_every=5
+        ),
+    )
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(config.model_dump()))
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "primis",
+            "train",
+            "--config",
+            config_file,
+            "--data",
+            images,
+            "--out",
+            run,
+            "--threads",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state_file = run / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if state_file.is_file() and json.loads(state_file.read_text())["step"] >= 15:
+            break
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    saved = json.loads(state_file.read_text())["step"]
+    assert saved >= 15 and saved % 5 == 0
+    result = run_cli("train", "--resume", run, "--max-steps", saved + 10, check=True)
+    assert f"resuming {run} at step {saved}" in result.stdout
+    assert f"done: step {saved + 10} " in result.stdout
+    assert json.loads(state_file.read_text())["step"] == saved + 10
+
+
+def test_split_command_keeps_groups_together(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for patient in range(12):
+        for view in range(3):
+            Image.fromarray(np.zeros((4, 4), np.uint8)).save(images / f"p{patient:02d}_v{view}.png")
+    out = tmp_path / "lists"
+    run_cli(
+        "split",
+        images,
+        "--out",
+        out,
+        "--ratios",
+        "0.5",
+        "0.25",
+        "0.25",
+        "--group-by",
+        r"^(p\d+)_",
+        check=True,
+    )
+    parts = {name: (out / f"{name}.txt").read_text().split() for name in ("train", "valid", "test")}
+    patients = {name: {Path(p).name[:3] for p in lines} for name, lines in parts.items()}
+    assert not (
+        patients["train"] & patients["valid"]
+        or patients["train"] & patients["test"]
+        or patients["valid"] & patients["test"]
+    )
+    assert sum(len(lines) for lines in parts.values()) == 36
+    assert resolve_sources(out / "train.txt")[0].is_file()
+    again = tmp_path / "again"
+    run_cli(
+        "split",
+        images,
+        "--out",
+        again,
+        "--ratios",
+        "0.5",
+        "0.25",
+        "0.25",
+        "--group-by",
+        r"^(p\d+)_",
+        check=True,
+    )
+    assert (again / "test.txt").read_text() == (out / "test.txt").read_text()
+
+
+def test_torchrun_trains_with_two_processes_on_cpu(tmp_path):
+    import shutil
+    import subprocess
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on PATH")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray((smooth_image(40, 48, i) * 255).astype(np.uint8)).save(images / f"{i}.png")
+    config = RunConfig(
+        model=TINY,
+        train=TrainConfig(steps=6, batch_size=2, crop=32, validate_every=3, checkpoint_every=3),
+    )
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(config.model_dump()))
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "primis",
+            "train",
+            "--config",
+            config_file,
+            "--data",
+            images,
+            "--out",
+            run,
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("done: step 6 ") == 2  # both ranks finish the same schedule
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 6
+    assert load_model(run).network.config == TINY

@@ -1,0 +1,121 @@
+"""DICOM input through pydicom and the pylibjpeg plug-ins, on pydicom's bundled test files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+
+from primis.errors import PrimisError
+from primis.imageio import read_image, read_source
+
+
+def bundled(name: str) -> Path:
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"pydicom test file {name} is not bundled with this pydicom")
+    return Path(path)
+
+
+# (file, transfer syntax UID, plug-in that decodes it)
+SYNTAXES = [
+    ("MR_small_RLE.dcm", "1.2.840.10008.1.2.5", "RLE lossless"),
+    ("MR_small_jpeg_ls_lossless.dcm", "1.2.840.10008.1.2.4.80", "JPEG-LS lossless"),
+    ("MR_small_jp2klossless.dcm", "1.2.840.10008.1.2.4.90", "JPEG 2000 lossless"),
+    ("JPEG2000.dcm", "1.2.840.10008.1.2.4.91", "JPEG 2000"),
+    ("JPGExtended.dcm", "1.2.840.10008.1.2.4.51", "JPEG extended 12-bit"),
+    ("SC_rgb_jpeg_dcmtk.dcm", "1.2.840.10008.1.2.4.50", "JPEG baseline (YBR colour)"),
+    ("SC_rgb_jpeg_gdcm.dcm", "1.2.840.10008.1.2.4.70", "JPEG lossless"),
+]
+
+
+@pytest.mark.parametrize(("name", "syntax", "_what"), SYNTAXES)
+def test_compressed_transfer_syntaxes_decode(name, syntax, _what):
+    image = read_source(bundled(name))
+    assert image.details["transfer_syntax"] == syntax
+    assert image.pixels.ndim == 2 and image.pixels.size > 0
+    assert image.pixels.max() > image.pixels.min()
+
+
+@pytest.mark.parametrize(
+    "name", ["MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm"]
+)
+def test_lossless_syntaxes_match_the_uncompressed_pixels(name):
+    reference = read_source(bundled("MR_small.dcm")).pixels
+    assert np.array_equal(read_source(bundled(name)).pixels, reference)
+
+
+def _write_dicom(path: Path, pixels: np.ndarray, photometric: str, **attributes) -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
+    ds.PatientName, ds.PatientID = "Doe^Jane", "PID-12345"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 0
+    for key, value in attributes.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_monochrome1_is_inverted_and_rescale_and_window_are_recorded(tmp_path):
+    pixels = np.tile(np.arange(0, 4000, 100, dtype=np.uint16), (8, 1))
+    path = _write_dicom(
+        tmp_path / "m1.dcm",
+        pixels,
+        "MONOCHROME1",
+        RescaleSlope="2",
+        RescaleIntercept="-1024",
+        WindowCenter="1000",
+        WindowWidth="2000",
+    )
+    unit, mapping = read_image(path)
+    assert mapping.invert and unit[0, 0] == 1.0 and unit[0, -1] == 0.0
+    assert np.array_equal(mapping.inverse(unit), pixels)
+    details = read_source(path).details
+    assert details["rescale_slope"] == 2.0 and details["rescale_intercept"] == -1024.0
+    assert details["window_center"] == 1000.0 and details["bits_stored"] == 12
+    assert "Doe" not in str(details) and "PID" not in str(details)
+
+
+def test_rle_written_here_round_trips(tmp_path):
+    pixels = (np.random.default_rng(0).random((32, 40)) * 4095).astype(np.uint16)
+    path = _write_dicom(tmp_path / "plain.dcm", pixels, "MONOCHROME2")
+    ds = pydicom.dcmread(path)
+    ds.compress(RLELossless)
+    ds.save_as(tmp_path / "rle.dcm")
+    assert np.array_equal(read_source(tmp_path / "rle.dcm").pixels, pixels)
+
+
+def test_multi_frame_and_broken_dicom_are_rejected_clearly(tmp_path):
+    with pytest.raises(PrimisError, match="multi-frame"):
+        read_source(bundled("rtdose.dcm"))
+    truncated = tmp_path / "cut.dcm"
+    data = bundled("MR_small_RLE.dcm").read_bytes()
+    truncated.write_bytes(data[: len(data) - 600])
+    with pytest.raises(PrimisError, match=r"cut\.dcm"):
+        read_source(truncated)
+    fake = tmp_path / "fake.dcm"
+    fake.write_bytes(b"not dicom at all")
+    with pytest.raises(PrimisError, match="not a DICOM"):
+        read_source(fake)
