@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from primis.config import load_run_config, parse_config, RunConfig
+from primis.config import RunConfig, load_run_config, parse_config
 from primis.evaluation import measure_sharing, summarize
 from primis.modelstore import load_model
 from primis.train import train
