@@ -125,95 +125,317 @@ def _model_option(func):
     return click.option(
         "--model",
         "model_dir",
-        required=True,
-        type=click.Path(path_type=Path),
-        help="trained run directory",
+        help="trained run directory or bundled model name (default: the bundled 'cxr')",
     )(func)
 
 
+def _parse_maps(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise PrimisError(f"--maps {text}: expected map numbers like 0,1") from None
+
+
 @cli.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True)
 @_model_option
 @click.option("--public-dir", required=True, type=click.Path(path_type=Path))
 @click.option("--key-dir", required=True, type=click.Path(path_type=Path))
 @click.option("--k", "k", type=int, help="non-zeros per sign (at most the model's k)")
 @click.option("--fill", type=float, help="fraction of zero entries filled with noise")
 @click.option("--mask-signs/--no-mask-signs", default=None, help="hide the signs of true entries")
-def ambiguate(inputs, model_dir, public_dir, key_dir, k, fill, mask_signs) -> None:
-    """Turn each image into PUBLIC_DIR/<stem>.primis and KEY_DIR/<stem>.primiskey."""
+@click.option("--maps", help="issue keys for these code maps only, e.g. 0 or 0,1")
+@click.option("--keep-header", is_flag=True, help="put the original DICOM header in the key")
+@click.option("--overwrite", is_flag=True, help="redo inputs whose outputs exist")
+@click.option("--shard", help="I/N: process every N-th input from the I-th (0-based)")
+def ambiguate(
+    inputs, model_dir, public_dir, key_dir, k, fill, mask_signs, maps, keep_header, overwrite, shard
+) -> None:
+    """Turn each image into PUBLIC_DIR/<stem>.primis and KEY_DIR/<stem>.primiskey.
+
+    INPUTS are files, folders (searched recursively) or glob patterns. KEY_DIR/manifest.jsonl
+    maps each input to its file id and key (private); PUBLIC_DIR/manifest.jsonl lists only
+    file ids and digests, and may travel with the public files.
+    """
+    import base64
+
+    from primis.batch import (
+        SKIPPED,
+        append_jsonl,
+        clean_stale_parts,
+        duplicate_stems,
+        expand,
+        run_batch,
+        select_shard,
+    )
     from primis.config import ObfuscationConfig, parse_config
-    from primis.imageio import list_images, read_source, write_atomic
+    from primis.dicomio import original_header
+    from primis.formats import sha256
+    from primis.imageio import INPUT_SUFFIXES, read_source, write_atomic
     from primis.modelstore import load_model
     from primis.sharing import share_image
 
     model = load_model(model_dir)
     settings = model.obfuscation.model_dump()
-    settings.update(
-        {k_: v for k_, v in {"fill": fill, "mask_signs": mask_signs}.items() if v is not None}
-    )
+    chosen = {"fill": fill, "mask_signs": mask_signs}
+    settings.update({name: v for name, v in chosen.items() if v is not None})
     obfuscation = parse_config(ObfuscationConfig, settings, "obfuscation options")
-    failures = 0
-    for path in list_images(list(inputs)):
-        try:
-            started = time.perf_counter()
-            image = read_source(path)
-            mapping = image.mapping
-            shared = share_image(
-                mapping.forward(image.pixels), mapping, model, obfuscation, k, source=image.details
-            )
-            key_path = key_dir / f"{path.stem}.primiskey"
-            write_atomic(key_path, shared.key, mode=0o600)
-            write_atomic(public_dir / f"{path.stem}.primis", shared.public)
-            click.echo(
-                f"{path.name}: public {len(shared.public)} B, key {len(shared.key)} B "
-                f"({8 * len(shared.key) / shared.pixels:.3f} bpp; "
-                f"ideal {shared.ideal_key_bits / 8:.0f} B) "
-                f"in {time.perf_counter() - started:.2f} s"
-            )
-        except PrimisError as err:
-            failures += 1
-            _fail(str(err))
-    _finish(failures)
+    key_maps = _parse_maps(maps)
+    items = select_shard(expand(inputs, INPUT_SUFFIXES), shard)
+    for folder in (public_dir, key_dir):
+        clean_stale_parts(folder)
+
+    def work(path: Path) -> str:
+        public_path = public_dir / f"{path.stem}.primis"
+        key_path = key_dir / f"{path.stem}.primiskey"
+        if not overwrite and public_path.exists() and key_path.exists():
+            return SKIPPED
+        started = time.perf_counter()
+        image = read_source(path)
+        mapping = image.mapping
+        shared = share_image(
+            mapping.forward(image.pixels),
+            mapping,
+            model,
+            obfuscation,
+            k,
+            key_maps,
+            image.details,
+            _dicom_header(path, image, keep_header),
+        )
+        write_atomic(key_path, shared.key, mode=0o600)
+        write_atomic(public_path, shared.public)
+        append_jsonl(
+            key_dir / "manifest.jsonl",
+            {
+                "input": str(path),
+                "file_id": shared.file_id,
+                "public": str(public_path),
+                "key": str(key_path),
+                "public_sha256": sha256(shared.public),
+            },
+            mode=0o600,
+        )
+        append_jsonl(
+            public_dir / "manifest.jsonl",
+            {
+                "file_id": shared.file_id,
+                "public_sha256": sha256(shared.public),
+                "bytes": len(shared.public),
+            },
+        )
+        return (
+            f"{path.name}: public {len(shared.public)} B, key {len(shared.key)} B "
+            f"({8 * len(shared.key) / shared.pixels:.3f} bpp; "
+            f"ideal support {shared.ideal_key_bits / 8:.0f} B) "
+            f"in {time.perf_counter() - started:.2f} s"
+        )
+
+    def _dicom_header(path, image, keep) -> str | None:
+        if not keep or image.details.get("format") != "dicom":
+            return None
+        return base64.b64encode(original_header(path)).decode()
+
+    run_batch(items, work, "ambiguate", duplicate_stems(items))
 
 
 @cli.command()
-@click.argument("publics", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("publics", nargs=-1, required=True)
 @_model_option
 @click.option("--key-dir", type=click.Path(path_type=Path), help="folder of <stem>.primiskey")
 @click.option("--out-dir", required=True, type=click.Path(path_type=Path))
 @click.option("--without-key", is_flag=True, help="write what an attacker decodes instead")
-def disambiguate(publics, model_dir, key_dir, out_dir, without_key) -> None:
-    """Reconstruct each PUBLIC file with its key (or, --without-key, show the attacker's view)."""
+@click.option("--identity", type=click.Path(path_type=Path), help="private key for wrapped keys")
+@click.option(
+    "--passphrase",
+    "ask_passphrase",
+    is_flag=True,
+    help="keys are wrapped with a passphrase (prompt, or PRIMIS_PASSPHRASE)",
+)
+@click.option("--overwrite", is_flag=True, help="redo files whose output exists")
+@click.option("--shard", help="I/N: process every N-th file from the I-th (0-based)")
+def disambiguate(
+    publics, model_dir, key_dir, out_dir, without_key, identity, ask_passphrase, overwrite, shard
+) -> None:
+    """Reconstruct each PUBLIC file with its key (or, --without-key, show the attacker's view).
+
+    PUBLICS are .primis files, folders or glob patterns. DICOM inputs come back as DICOM,
+    others in their own type (PNG, TIFF or .npy) with their size, dtype and range.
+    """
+    import base64
+
+    import numpy as np
+
+    from primis.batch import (
+        SKIPPED,
+        clean_stale_parts,
+        duplicate_stems,
+        expand,
+        run_batch,
+        select_shard,
+    )
+    from primis.dicomio import encode_dicom
     from primis.formats import read_file
     from primis.imageio import encode_image, output_suffix, write_atomic
+    from primis.keywrap import is_wrapped, load_identity, unwrap
     from primis.modelstore import load_model
     from primis.sharing import attacker_view, reconstruct
 
     if key_dir is None and not without_key:
         raise PrimisError("--key-dir is required (or --without-key for the attacker's view)")
     model = load_model(model_dir)
-    failures = 0
-    for path in publics:
-        try:
-            public = read_file(path)
-            if without_key:
-                import numpy as np
+    secret = load_identity(identity) if identity else None
+    passphrase = _passphrase(confirm=False) if ask_passphrase else None
+    items = select_shard(expand(publics, {".primis"}), shard)
+    clean_stale_parts(out_dir)
 
-                view = attacker_view(public, model, str(path))
-                pixels, suffix = np.rint(view * 255).astype(np.uint8), ".png"
-            else:
-                key_path = key_dir / f"{path.stem}.primiskey"
-                pixels, key = reconstruct(
-                    public, read_file(key_path), model, str(path), str(key_path)
-                )
-                suffix = output_suffix(key.header.source, pixels.dtype)
-            target = out_dir / f"{path.stem}{suffix}"
-            write_atomic(target, encode_image(pixels, suffix))
-            click.echo(f"{path.name} -> {target}")
-        except PrimisError as err:
-            failures += 1
-            _fail(str(err))
-    _finish(failures)
+    def work(path: Path) -> str:
+        existing = list(out_dir.glob(f"{glob_escape(path.stem)}.*"))
+        if not overwrite and existing:
+            return SKIPPED
+        public = read_file(path)
+        if without_key:
+            view = attacker_view(public, model, str(path))
+            target = out_dir / f"{path.stem}.png"
+            write_atomic(target, encode_image(np.rint(view * 255).astype(np.uint8), ".png"))
+            return f"{path.name} -> {target} (attacker's view)"
+        key_path = key_dir / f"{path.stem}.primiskey"
+        key_bytes = read_file(key_path)
+        if is_wrapped(key_bytes):
+            key_bytes = unwrap(key_bytes, secret, passphrase, str(key_path))
+        pixels, key = reconstruct(public, key_bytes, model, str(path), str(key_path))
+        details = key.header.source
+        if details.get("format") == "dicom":
+            target = out_dir / f"{path.stem}.dcm"
+            header = base64.b64decode(key.header.dicom_header) if key.header.dicom_header else None
+            data = encode_dicom(pixels, details, header, key.header.file_id)
+        else:
+            target = out_dir / f"{path.stem}{output_suffix(details, pixels.dtype)}"
+            data = encode_image(pixels, target.suffix)
+        write_atomic(target, data)
+        return f"{path.name} -> {target}"
+
+    run_batch(items, work, "disambiguate", duplicate_stems(items))
+
+
+def glob_escape(text: str) -> str:
+    import glob
+
+    return glob.escape(text)
+
+
+def _passphrase(confirm: bool) -> str:
+    """PRIMIS_PASSPHRASE, or a hidden prompt on a terminal."""
+    import os
+
+    value = os.environ.get("PRIMIS_PASSPHRASE")
+    if value:
+        return value
+    if not sys.stdin.isatty():
+        raise PrimisError("no passphrase: set PRIMIS_PASSPHRASE or run on a terminal")
+    return click.prompt("passphrase", hide_input=True, confirmation_prompt=confirm)
+
+
+@cli.group()
+def keys() -> None:
+    """Recipient key pairs, and key files wrapped for recipients or a passphrase."""
+
+
+@keys.command("gen")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="NAME: writes NAME (private, 0600) and NAME.pub",
+)
+def keys_gen(out: Path) -> None:
+    """Make a recipient key pair (X25519)."""
+    from primis.imageio import write_atomic
+    from primis.keywrap import generate_identity
+
+    public_path = out.with_name(out.name + ".pub")
+    if out.exists() or public_path.exists():
+        raise PrimisError(f"{out}: exists; refusing to overwrite an identity")
+    private_pem, public_pem = generate_identity()
+    write_atomic(out, private_pem, mode=0o600)
+    write_atomic(public_path, public_pem)
+    click.echo(f"identity {out} (keep it private); give {public_path} to data owners")
+
+
+@keys.command("wrap")
+@click.argument("keyfiles", nargs=-1, required=True)
+@click.option(
+    "--to",
+    "recipients",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="recipient public key NAME.pub (repeatable)",
+)
+@click.option(
+    "--passphrase",
+    "use_passphrase",
+    is_flag=True,
+    help="also wrap for a passphrase (prompt, or PRIMIS_PASSPHRASE)",
+)
+def keys_wrap(keyfiles, recipients, use_passphrase) -> None:
+    """Encrypt key files in place for recipients and/or a passphrase."""
+    from primis.batch import expand, run_batch
+    from primis.formats import KeyFile, read_file
+    from primis.imageio import write_atomic
+    from primis.keywrap import is_wrapped, load_recipient, wrap
+
+    publics = [load_recipient(path) for path in recipients]
+    passphrase = _passphrase(confirm=True) if use_passphrase else None
+    if not publics and not passphrase:
+        raise PrimisError("keys wrap needs --to NAME.pub or --passphrase")
+
+    def work(path: Path) -> str:
+        data = read_file(path)
+        if is_wrapped(data):
+            raise PrimisError(f"{path}: already wrapped")
+        KeyFile.from_bytes(data, str(path))  # wrap only valid keys
+        write_atomic(path, wrap(data, publics, passphrase), mode=0o600)
+        return f"{path}: wrapped"
+
+    run_batch(expand(keyfiles, {".primiskey"}), work, "wrap", {})
+
+
+@cli.command()
+@click.option(
+    "--image", type=click.Path(path_type=Path), help="your own image (default: a phantom)"
+)
+@click.option("--model", "model_dir", help="run directory or bundled model (default: bundled)")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=Path("primis-demo"), show_default=True
+)
+def demo(image, model_dir, out) -> None:
+    """Share one image and show what the key holder and an attacker each get (no network)."""
+    from primis.demo import run_demo, train_demo_model
+    from primis.modelstore import bundled_models, load_model
+
+    started = time.perf_counter()
+    if model_dir is None and "cxr" not in bundled_models():
+        click.echo("no bundled model: training a small one on synthetic images (< 2 min)...")
+        model_dir = train_demo_model(out / "model")
+    model = load_model(model_dir)
+    report = run_demo(model, image, out)
+    click.echo(f"input {report['input']} ({report['pixels'][0]}x{report['pixels'][1]})")
+    click.echo(
+        f"public file {report['public_bytes']} B, key {report['key_bytes']} B "
+        f"({report['key_bits_per_pixel']:.3f} bits per pixel)"
+    )
+    click.echo(
+        f"with the key:    PSNR {report['authorized_psnr']:.2f} dB, "
+        f"SSIM {report['authorized_ssim']:.3f}"
+    )
+    click.echo(
+        f"without the key: PSNR {report['attacker_psnr']:.2f} dB, "
+        f"SSIM {report['attacker_ssim']:.3f}"
+    )
+    click.echo(f"figure: {report['figure']}  (original | public code | authorized | attacker)")
+    click.echo(f"files in {report['files']}; {time.perf_counter() - started:.1f} s in all")
 
 
 @cli.command()
@@ -221,8 +443,9 @@ def disambiguate(publics, model_dir, key_dir, out_dir, without_key) -> None:
 def info(file: Path) -> None:
     """Describe a public file, a key file or a model directory (as JSON)."""
     from primis.formats import KEY_MAGIC, PUBLIC_MAGIC, KeyFile, PublicFile, read_file
+    from primis.modelstore import bundled_models
 
-    if file.is_dir():
+    if file.is_dir() or str(file) in bundled_models():
         from primis.modelstore import load_model
 
         model = load_model(file)
@@ -256,11 +479,6 @@ def info(file: Path) -> None:
         else:
             raise PrimisError(f"{file}: not a PRIMIS public or key file")
     click.echo(json.dumps(report, indent=2))
-
-
-def _finish(failures: int) -> None:
-    if failures:
-        raise PrimisError(f"{failures} file(s) failed")
 
 
 def main(argv: list[str] | None = None) -> None:

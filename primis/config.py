@@ -28,7 +28,7 @@ class ModelConfig(Strict):
     """
 
     stem: int = Field(4, ge=1, le=16, description="pixel-unshuffle factor of the first layer")
-    channels: list[int] = Field([48, 96, 128], min_length=1, max_length=6)
+    channels: list[int] = Field([32, 64, 128], min_length=1, max_length=6)
     blocks: int = Field(1, ge=0, le=8, description="residual blocks per scale")
     n: int = Field(256, ge=4, le=4096, description="length of each code vector")
     k: int = Field(4, ge=1, description="non-zeros of each sign per code vector")
@@ -68,17 +68,18 @@ class TrainConfig(Strict):
     """A training run: optimisation, data sampling and the ternary annealing schedule."""
 
     steps: int = Field(6000, ge=1)
-    batch_size: int = Field(8, ge=1)
-    crop: int = Field(192, ge=16)
-    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    crop: int = Field(128, ge=16)
+    lr: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.02, gt=0, le=1)
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    real_steps: float = Field(0.1, ge=0, le=1, description="fraction of steps on real values")
-    anneal_steps: float = Field(0.3, ge=0, le=1, description="fraction spent blending to ternary")
+    real_steps: float = Field(0.25, ge=0, le=1, description="fraction of steps on real values")
+    anneal_steps: float = Field(0.5, ge=0, le=1, description="fraction spent blending to ternary")
+    straight_through: float = Field(0.0, ge=0, le=1, description="STE gradient share")
     k_choices: list[int] = Field(default_factory=list, description="k values sampled per step")
-    validate_every: int = Field(250, ge=1, description="validate, log images, keep best")
+    validate_every: int = Field(200, ge=1, description="validate, log images, keep best")
     checkpoint_every: int = Field(100, ge=1, description="save the resumable state")
     max_minutes: float | None = Field(None, gt=0, description="time budget; the schedule fits it")
     hflip: bool = True

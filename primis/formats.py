@@ -30,7 +30,7 @@ from primis.errors import PrimisError
 PUBLIC_MAGIC = b"PRIMIS\x00P"
 KEY_MAGIC = b"PRIMIS\x00K"
 VERSION = 1
-MAX_HEADER = 1 << 20
+MAX_HEADER = 1 << 24
 MAX_ENTRIES = 1 << 32
 _PREFIX = struct.Struct(">8sHI")
 _LENGTH = struct.Struct(">I")
@@ -58,6 +58,7 @@ class KeyHeader(Strict):
     shape: tuple[int, int] = Field(description="original image (rows, columns)")
     intensity: dict
     source: dict = Field(default_factory=dict, description="private details of the input")
+    dicom_header: str | None = Field(None, description="original DICOM header (base64)")
 
 
 @dataclass(frozen=True)

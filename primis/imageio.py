@@ -161,6 +161,7 @@ def _read_dicom(path: Path) -> SourceImage:
         "pixel_representation": int(ds.get("PixelRepresentation", 0)),
         "rescale_slope": float(ds.get("RescaleSlope", 1.0) or 1.0),
         "rescale_intercept": float(ds.get("RescaleIntercept", 0.0) or 0.0),
+        "modality": str(ds.get("Modality", "") or ""),
     }
     for keyword, name in (("WindowCenter", "window_center"), ("WindowWidth", "window_width")):
         if ds.get(keyword) is not None:

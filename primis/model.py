@@ -133,7 +133,9 @@ class SparseTernaryAutoEncoder(nn.Module):
         b, _, h, w = z.shape
         z = z.view(b, self.config.m, self.config.n, h, w)
         z = z - z.mean(dim=2, keepdim=True)
-        return z / (z.std(dim=2, keepdim=True) + 1e-5)
+        # One scale per image and code map: selection stays scale-free, and flat regions (where
+        # a per-vector scale would divide by ~0) cannot blow the gradients up.
+        return z / (z.pow(2).mean(dim=(2, 3, 4), keepdim=True).sqrt() + 1e-6)
 
     def synthesis(self, values: Tensor) -> Tensor:
         """Decoder input (B,m,n,h,w) -> image (B,1,H,W), roughly in [0,1]."""
@@ -161,16 +163,26 @@ class SparseTernaryAutoEncoder(nn.Module):
         neg = (t < 0).to(self.beta_neg.dtype) * self.beta_neg.view(shape)
         return pos - neg
 
-    def forward(self, x: Tensor, k: int | None = None, ternary_weight: float = 1.0) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        k: int | None = None,
+        ternary_weight: float = 1.0,
+        straight_through: float = 0.0,
+    ) -> Tensor:
         """Training reconstruction.
 
         ``ternary_weight`` blends the real-valued sparse code (0.0) into the pure-ternary code
-        (1.0); gradients reach the encoder through the selected real values (straight-through).
+        (1.0). The encoder learns through the real share; ``straight_through`` > 0 also passes
+        that fraction of the ternary share's gradient to the selected scores (measured unstable
+        at full strength, so off by default: pure-ternary steps then tune decoder and magnitudes).
         """
         z = self.analysis(x)
         t = self.ternarize(z.detach(), k or self.config.k)
         real = z * t.abs().to(z.dtype)
-        ternary = self.magnitudes(t) + real - real.detach()
+        ternary = self.magnitudes(t)
+        if straight_through:
+            ternary = ternary + straight_through * (real - real.detach())
         return self.synthesis(ternary_weight * ternary + (1 - ternary_weight) * real)
 
     @torch.no_grad()

@@ -61,9 +61,33 @@ def save_model(
     return model_hash(network.config, weights)
 
 
-def load_model(directory: Path, device: str = "cpu") -> LoadedModel:
-    """Load and validate a model directory (a training run or a bundled model)."""
-    directory = Path(directory)
+ZOO = Path(__file__).resolve().parent / "zoo"
+DEFAULT_MODEL = "cxr"
+
+
+def bundled_models() -> list[str]:
+    """Names of the pretrained models shipped inside the package."""
+    return sorted(p.name for p in ZOO.iterdir() if (p / CONFIG).is_file()) if ZOO.is_dir() else []
+
+
+def resolve_model(name_or_path: str | Path | None) -> Path:
+    """A model directory from a path, a bundled model's name, or (None) the default model."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_MODEL
+        if DEFAULT_MODEL not in bundled_models():
+            raise PrimisError("no --model given and no bundled default model is installed")
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if str(name_or_path) in bundled_models():
+        return ZOO / str(name_or_path)
+    names = ", ".join(bundled_models()) or "none"
+    raise PrimisError(f"--model {name_or_path}: no such run directory or bundled model ({names})")
+
+
+def load_model(directory: str | Path | None, device: str = "cpu") -> LoadedModel:
+    """Load and validate a model: a run directory, a bundled model's name, or the default."""
+    directory = resolve_model(directory)
     if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
         raise PrimisError(f"{directory}: not a PRIMIS model (needs {CONFIG} and {WEIGHTS})")
     try:

@@ -10,7 +10,7 @@ zeros), and the attacker's view decodes the public vectors as they are.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from primis.obfuscation import (
 
 @dataclass(frozen=True)
 class SharedImage:
+    file_id: str
     public: bytes
     key: bytes
     ideal_key_bits: float
@@ -56,6 +57,48 @@ def _from_vectors(vectors: np.ndarray, header: PublicHeader) -> torch.Tensor:
     return code.permute(0, 3, 1, 2).unsqueeze(0).contiguous()
 
 
+@dataclass(frozen=True)
+class ImageToShare:
+    """An input in model range with what its key must carry to restore it."""
+
+    unit: np.ndarray
+    mapping: IntensityMapping
+    source: dict = field(default_factory=dict)
+    dicom_header: str | None = None
+
+
+def share_images(
+    images: list[ImageToShare],
+    model: LoadedModel,
+    obfuscation: ObfuscationConfig,
+    k: int | None = None,
+    maps: list[int] | None = None,
+    batch_size: int = 16,
+) -> list[SharedImage]:
+    """Encode and ambiguate images; those with the same padded size share a forward pass.
+
+    Each key opens ``maps`` (default all); ``source`` and ``dicom_header`` go into the key only.
+    """
+    cfg = model.network.config
+    k = k or cfg.k
+    maps = sorted(set(maps)) if maps else list(range(cfg.m))
+    if any(not 0 <= j < cfg.m for j in maps):
+        raise PrimisError(f"maps must lie in 0..{cfg.m - 1}")
+    if not 1 <= k <= cfg.k:
+        raise PrimisError(f"k must lie in 1..{cfg.k} for this model")
+    padded = [pad_to_multiple(image.unit, cfg.downsampling) for image in images]
+    codes: list[torch.Tensor | None] = [None] * len(images)
+    for indices in _batches([p.shape for p in padded], batch_size):
+        x = torch.from_numpy(np.stack([padded[i] for i in indices]))[:, None]
+        code = model.network.encode(x.to(_device(model)), k)
+        for row, i in enumerate(indices):
+            codes[i] = code[row : row + 1]
+    return [
+        _package(image, code, model, obfuscation, k, maps)
+        for image, code in zip(images, codes, strict=True)
+    ]
+
+
 def share_image(
     unit: np.ndarray,
     mapping: IntensityMapping,
@@ -64,19 +107,35 @@ def share_image(
     k: int | None = None,
     maps: list[int] | None = None,
     source: dict | None = None,
+    dicom_header: str | None = None,
 ) -> SharedImage:
-    """Encode and ambiguate one image (float32 in [0,1]); the key opens ``maps`` (default all)."""
-    network = model.network
-    cfg = network.config
-    k = k or cfg.k
-    maps = sorted(set(maps)) if maps else list(range(cfg.m))
-    if any(not 0 <= j < cfg.m for j in maps):
-        raise PrimisError(f"maps must lie in 0..{cfg.m - 1}")
-    if not 1 <= k <= cfg.k:
-        raise PrimisError(f"k must lie in 1..{cfg.k} for this model")
-    padded = pad_to_multiple(unit, cfg.downsampling)
-    x = torch.from_numpy(np.ascontiguousarray(padded))[None, None].to(_device(model))
-    code = network.encode(x, k)
+    """One image through :func:`share_images`."""
+    image = ImageToShare(unit, mapping, source or {}, dicom_header)
+    return share_images([image], model, obfuscation, k, maps)[0]
+
+
+def _batches(shapes: list[tuple], batch_size: int) -> list[list[int]]:
+    """Indices grouped by equal shape, in chunks of at most ``batch_size``."""
+    groups: dict[tuple, list[int]] = {}
+    for index, shape in enumerate(shapes):
+        groups.setdefault(tuple(shape), []).append(index)
+    return [
+        members[start : start + batch_size]
+        for members in groups.values()
+        for start in range(0, len(members), batch_size)
+    ]
+
+
+def _package(
+    image: ImageToShare,
+    code: torch.Tensor,
+    model: LoadedModel,
+    obfuscation: ObfuscationConfig,
+    k: int,
+    maps: list[int],
+) -> SharedImage:
+    """Ambiguate one image's code and write its public file and key."""
+    cfg = model.network.config
     vectors = _to_vectors(code)
     public_vectors = ambiguate(vectors, k, obfuscation)
     _, _, _, rows, cols = code.shape
@@ -103,11 +162,13 @@ def share_image(
         public_sha256=sha256(public),
         model_hash=model.hash,
         maps=maps,
-        shape=unit.shape,
-        intensity=mapping.to_dict(),
-        source=source or {},
+        shape=image.unit.shape,
+        intensity=image.mapping.to_dict(),
+        source=image.source,
+        dicom_header=image.dicom_header,
     )
-    return SharedImage(public, KeyFile(key_header, payload).to_bytes(), ideal, unit.size)
+    key = KeyFile(key_header, payload).to_bytes()
+    return SharedImage(header.file_id, public, key, ideal, image.unit.size)
 
 
 def read_pair(
@@ -161,9 +222,42 @@ def _device(model: LoadedModel) -> torch.device:
     return next(model.network.parameters()).device
 
 
-def _decode(model: LoadedModel, vectors: np.ndarray, header: PublicHeader) -> np.ndarray:
-    code = _from_vectors(vectors, header).to(_device(model))
-    return model.network.decode(code)[0, 0].cpu().numpy()
+def _decode_many(
+    model: LoadedModel, codes: list[tuple[np.ndarray, PublicHeader]], batch_size: int
+) -> list[np.ndarray]:
+    """Decode code vectors to [0,1] images; codes with the same grid share a forward pass."""
+    images: list[np.ndarray | None] = [None] * len(codes)
+    shapes = [(h.m, h.n, *h.grid) for _, h in codes]
+    for indices in _batches(shapes, batch_size):
+        code = torch.cat([_from_vectors(*codes[i]) for i in indices]).to(_device(model))
+        decoded = model.network.decode(code)[:, 0].cpu().numpy()
+        for row, i in enumerate(indices):
+            images[i] = decoded[row]
+    return images
+
+
+def reconstruct_many(
+    pairs: list[tuple[bytes, bytes]], model: LoadedModel, batch_size: int = 16
+) -> list[tuple[np.ndarray, KeyFile]]:
+    """Authorized reconstructions (input dtype and range) of (public, key) pairs, batched."""
+    opened = []
+    for public_bytes, key_bytes in pairs:
+        public, key = read_pair(public_bytes, key_bytes)
+        _check_model(public, model, "public file")
+        opened.append((public, key, recover_code(public, key)))
+    units = _decode_many(model, [(code, public.header) for public, _, code in opened], batch_size)
+    return [_restore(unit, key) for unit, (_, key, _) in zip(units, opened, strict=True)]
+
+
+def _restore(unit: np.ndarray, key: KeyFile, key_name: str = "key") -> tuple[np.ndarray, KeyFile]:
+    rows, cols = key.header.shape
+    if rows > unit.shape[0] or cols > unit.shape[1] or rows < 1 or cols < 1:
+        raise PrimisError(f"{key_name}: image shape does not fit the public code")
+    try:
+        mapping = IntensityMapping.from_dict(key.header.intensity)
+    except (KeyError, TypeError, ValueError):
+        raise PrimisError(f"{key_name}: invalid intensity mapping") from None
+    return mapping.inverse(unit[:rows, :cols]), key
 
 
 def reconstruct(
@@ -176,19 +270,12 @@ def reconstruct(
     """Authorized reconstruction in the input's own dtype and range, and the key it used."""
     public, key = read_pair(public_bytes, key_bytes, public_name, key_name)
     _check_model(public, model, public_name)
-    unit = _decode(model, recover_code(public, key), public.header)
-    rows, cols = key.header.shape
-    if rows > unit.shape[0] or cols > unit.shape[1] or rows < 1 or cols < 1:
-        raise PrimisError(f"{key_name}: image shape does not fit the public code")
-    try:
-        mapping = IntensityMapping.from_dict(key.header.intensity)
-    except (KeyError, TypeError, ValueError):
-        raise PrimisError(f"{key_name}: invalid intensity mapping") from None
-    return mapping.inverse(unit[:rows, :cols]), key
+    unit = _decode_many(model, [(recover_code(public, key), public.header)], 1)[0]
+    return _restore(unit, key, key_name)
 
 
 def attacker_view(public_bytes: bytes, model: LoadedModel, name: str = "public file") -> np.ndarray:
     """What anyone decodes from the public file alone: its vectors decoded as they are."""
     public = PublicFile.from_bytes(public_bytes, name)
     _check_model(public, model, name)
-    return _decode(model, public.vectors, public.header)
+    return _decode_many(model, [(public.vectors, public.header)], 1)[0]

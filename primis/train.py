@@ -206,13 +206,15 @@ def train(
     step = state["step"]
     start = time.monotonic() - state["elapsed"]
     nonfinite = 0
+    # The bar counts percent of the run (steps or time budget), so its ETA is honest either way.
     bar = tqdm(
-        total=t.steps,
-        initial=step,
+        total=100.0,
         disable=not (show_progress and group.main),
         desc="train",
-        unit="step",
+        unit="%",
         dynamic_ncols=True,
+        mininterval=1.0,
+        bar_format="{l_bar}{bar}| {n:.1f}/100% [{elapsed}<{remaining}{postfix}]",
     )
     network.train()
     batches = iter(loader)
@@ -227,7 +229,8 @@ def train(
         k = random.Random(t.seed * 1_000_003 + step).choice(t.k_choices or [config.model.k])
         x = next(batches).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = torch.mean((model(x, k=k, ternary_weight=weight).float() - x) ** 2)
+            y = model(x, k=k, ternary_weight=weight, straight_through=t.straight_through)
+            loss = torch.mean((y.float() - x) ** 2)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(network.parameters(), t.grad_clip)
@@ -244,8 +247,8 @@ def train(
         nonfinite = 0
         optimizer.step()
         step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.2e}", ternary=f"{weight:.2f}", k=k)
+        bar.update(100 * min(progress, 1.0) - bar.n)
+        bar.set_postfix(step=step, loss=f"{loss.item():.2e}", ternary=f"{weight:.2f}", k=k)
         if writer and step % 10 == 0:
             writer.add_scalar("train/loss", loss.item(), step)
             writer.add_scalar("train/psnr", -10 * math.log10(max(loss.item(), 1e-12)), step)

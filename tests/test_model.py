@@ -27,17 +27,23 @@ def test_ties_still_give_exact_counts(network):
     assert (code == 1).sum(2).eq(TINY.k).all() and (code == -1).sum(2).eq(TINY.k).all()
 
 
-@pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
-def test_gradients_reach_every_parameter(weight):
+@pytest.mark.parametrize(("weight", "straight_through"), [(0.5, 0.0), (1.0, 1.0), (1.0, 0.3)])
+def test_gradients_reach_every_parameter(weight, straight_through):
     torch.manual_seed(1)
     network = SparseTernaryAutoEncoder(TINY)
     x = torch.rand(2, 1, 32, 32)
-    loss = ((network(x, ternary_weight=weight) - x) ** 2).mean()
-    loss.backward()
+    y = network(x, ternary_weight=weight, straight_through=straight_through)
+    ((y - x) ** 2).mean().backward()
     for name, p in network.named_parameters():
-        if weight == 0.0 and name.startswith("beta"):
-            continue  # magnitudes are unused on real values
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_pure_ternary_steps_without_straight_through_leave_the_encoder_alone():
+    network = SparseTernaryAutoEncoder(TINY)
+    x = torch.rand(2, 1, 32, 32)
+    ((network(x, ternary_weight=1.0) - x) ** 2).mean().backward()
+    assert network.stem[1].weight.grad is None or not network.stem[1].weight.grad.any()
+    assert network.beta_pos.grad.abs().sum() > 0 and network.head[0].weight.grad.abs().sum() > 0
 
 
 def test_k_can_be_lowered_at_inference(network):

@@ -1,0 +1,184 @@
+"""Inference speed on 512x512 chest X-rays: the sharing round trip per image, and whole folders.
+
+    python benchmarks/inference_speed.py --model runs/holdout
+
+Per image (median over images, 2 CPU threads): encode+ambiguate and disambiguate+decode at
+batch 1 and batch 16, each mode in its own process so its peak memory (max RSS) is its own;
+then files per second for `primis ambiguate` and `primis disambiguate` on a folder of 200
+images. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from primis.imageio import IntensityMapping
+from primis.modelstore import load_model
+from primis.sharing import ImageToShare, reconstruct_many, share_images
+
+try:
+    from benchmarks.holdout import DATA, holdout_split
+except ModuleNotFoundError:  # run as a script from the repository root
+    from holdout import DATA, holdout_split
+
+
+def images_512(paths: list[Path], count: int) -> list[np.ndarray]:
+    chosen = [paths[i % len(paths)] for i in range(count)]
+    return [
+        np.asarray(Image.open(p).convert("L").resize((512, 512), Image.BICUBIC)) for p in chosen
+    ]
+
+
+def measure_mode(model_dir: Path, data: Path, batch: int, rounds: int) -> dict:
+    """Seconds per image for both halves of the round trip at one batch size."""
+    model = load_model(model_dir)
+    pixels = images_512(holdout_split(data)["test"], batch * rounds)
+    items = [
+        ImageToShare(IntensityMapping.of(p).forward(p), IntensityMapping.of(p)) for p in pixels
+    ]
+    share_images(items[:batch], model, model.obfuscation, batch_size=batch)  # warm-up
+    encode, decode = [], []
+    for r in range(rounds):
+        chunk = items[r * batch : (r + 1) * batch]
+        started = time.perf_counter()
+        shared = share_images(chunk, model, model.obfuscation, batch_size=batch)
+        middle = time.perf_counter()
+        reconstruct_many([(s.public, s.key) for s in shared], model, batch_size=batch)
+        ended = time.perf_counter()
+        encode.append((middle - started) / batch)
+        decode.append((ended - middle) / batch)
+    return {
+        "batch": batch,
+        "images": batch * rounds,
+        "encode_ambiguate_seconds": statistics.median(encode),
+        "disambiguate_decode_seconds": statistics.median(decode),
+        "round_trip_seconds": statistics.median(e + d for e, d in zip(encode, decode, strict=True)),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def folder_throughput(model_dir: Path, data: Path, count: int, threads: int) -> dict:
+    """Files per second through the command line on a folder of ``count`` 512x512 PNGs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "in").mkdir()
+        for i, pixels in enumerate(images_512(holdout_split(data)["test"], count)):
+            Image.fromarray(pixels).save(root / "in" / f"img{i:04d}.png")
+        env_cmd = [
+            sys.executable,
+            "-c",
+            f"import torch; torch.set_num_threads({threads}); from primis.cli import main; main()",
+        ]
+        timings = {}
+        for name, args in (
+            (
+                "ambiguate",
+                [
+                    "ambiguate",
+                    root / "in",
+                    "--model",
+                    model_dir,
+                    "--public-dir",
+                    root / "public",
+                    "--key-dir",
+                    root / "keys",
+                ],
+            ),
+            (
+                "disambiguate",
+                [
+                    "disambiguate",
+                    root / "public",
+                    "--model",
+                    model_dir,
+                    "--key-dir",
+                    root / "keys",
+                    "--out-dir",
+                    root / "out",
+                ],
+            ),
+        ):
+            started = time.perf_counter()
+            subprocess.run([*env_cmd, *map(str, args)], check=True, capture_output=True)
+            timings[f"{name}_files_per_second"] = count / (time.perf_counter() - started)
+        return {"files": count} | timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--folder", type=int, default=200, help="images in the folder test")
+    parser.add_argument("--mode", type=int, help=argparse.SUPPRESS)  # child process: one batch
+    parser.add_argument("--json", type=Path, default=Path("runs/inference_speed.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.mode:
+        print(json.dumps(measure_mode(args.model, args.data, args.mode, args.rounds)))
+        return
+    rows = []
+    for batch in (1, 16):
+        child = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--model",
+                str(args.model),
+                "--data",
+                str(args.data),
+                "--threads",
+                str(args.threads),
+                "--rounds",
+                str(args.rounds),
+                "--mode",
+                str(batch),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    folder = folder_throughput(args.model, args.data, args.folder, args.threads)
+    report = {
+        "machine": f"{platform.machine()}, {args.threads} CPU threads",
+        "model": str(args.model),
+        "per_image": rows,
+        "folder": folder,
+    }
+    print(f"512x512 chest X-rays, {report['machine']}, medians per image:")
+    print(
+        f"  {'batch':>5s} {'encode+amb s':>13s} {'disamb+decode s':>16s} {'round trip s':>13s} "
+        f"{'peak MB':>8s}"
+    )
+    for row in rows:
+        print(
+            f"  {row['batch']:5d} {row['encode_ambiguate_seconds']:13.4f} "
+            f"{row['disambiguate_decode_seconds']:16.4f} {row['round_trip_seconds']:13.4f} "
+            f"{row['peak_rss_mb']:8.0f}"
+        )
+    print(
+        f"  folder of {folder['files']}: ambiguate {folder['ambiguate_files_per_second']:.1f} "
+        f"files/s, disambiguate {folder['disambiguate_files_per_second']:.1f} files/s"
+    )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"JSON: {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+import numpy as np
+from PIL import Image
+
+from primis.demo import chest_phantom, train_demo_model
+from primis.modelstore import load_model
+from tests.conftest import assert_clean_failure, run_cli
+
+
+def test_demo_writes_the_figure_and_reports(tmp_path, tiny_model_dir):
+    result = run_cli("demo", "--model", tiny_model_dir, "--out", tmp_path / "demo", check=True)
+    assert "with the key:" in result.stdout and "without the key:" in result.stdout
+    figure = Image.open(tmp_path / "demo" / "demo.png")
+    assert figure.size[0] > 4 * 512 and figure.size[1] > 512
+    for name in ("image.primis", "image.primiskey", "authorized.png", "input.png"):
+        assert (tmp_path / "demo" / name).is_file()
+
+
+def test_demo_on_the_users_image(tmp_path, tiny_model_dir):
+    Image.fromarray(chest_phantom(96, seed=3)).convert("RGB").save(tmp_path / "mine.jpg")
+    result = run_cli(
+        "demo",
+        "--model",
+        tiny_model_dir,
+        "--image",
+        tmp_path / "mine.jpg",
+        "--out",
+        tmp_path / "d",
+        check=True,
+    )
+    assert "mine.jpg (96x96)" in result.stdout
+    assert_clean_failure(
+        run_cli("demo", "--model", "no-such-model", "--out", tmp_path / "x"),
+        "no such run directory or bundled model",
+    )
+
+
+def test_the_fallback_demo_model_trains_on_phantoms(tmp_path):
+    run = train_demo_model(tmp_path / "model", minutes=0.05)
+    assert load_model(run).network.config.n == 128
+    phantom = chest_phantom(128)
+    assert phantom.dtype == np.uint8 and phantom.std() > 10
