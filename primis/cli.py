@@ -439,6 +439,145 @@ def demo(image, model_dir, out) -> None:
 
 
 @cli.command()
+@click.option("--model", "model_dir", help="run directory or bundled model (default: bundled)")
+@click.option(
+    "--attacker-data",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="the attacker's own images (folder or list)",
+)
+@click.option(
+    "--target-data",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="the images whose public files are attacked (folder or list)",
+)
+@click.option("--fill", type=float, help="obfuscation fill (default: the model's)")
+@click.option("--mask-signs/--no-mask-signs", default=None)
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=Path("primis-attack"), show_default=True
+)
+@click.option("--quick", is_flag=True, help="short attack training (for tests)")
+def attack(model_dir, attacker_data, target_data, fill, mask_signs, out, quick) -> None:
+    """Run every attack of the threat model against public files; report vs prior-only."""
+    from primis.attacks import run_attacks
+    from primis.config import ObfuscationConfig, parse_config
+    from primis.data import resolve_sources
+    from primis.modelstore import load_model
+    from primis.report import image_rows, markdown_table, write_json
+
+    model = load_model(model_dir)
+    settings = model.obfuscation.model_dump()
+    chosen = {"fill": fill, "mask_signs": mask_signs}
+    settings.update({name: v for name, v in chosen.items() if v is not None})
+    obfuscation = parse_config(ObfuscationConfig, settings, "obfuscation options")
+    report, views = run_attacks(
+        model, resolve_sources(attacker_data), resolve_sources(target_data), obfuscation, quick
+    )
+    report["model_hash"] = model.hash
+    rows = [
+        [name, r["psnr"], r["ssim"], r["psnr_above_prior"], r["ssim_above_prior"]]
+        for name, r in report["attacks"].items()
+    ]
+    table = markdown_table(["image", "PSNR dB", "SSIM", "PSNR - prior", "SSIM - prior"], rows)
+    d = report["distinguisher"]
+    text = (
+        f"# PRIMIS attack report\n\nModel `{model.hash[:16]}`, obfuscation "
+        f"{obfuscation.model_dump()}; {report['attacker_images']} attacker images, "
+        f"{report['target_images']} targets (disjoint).\n\n{table}\n\n"
+        f"Distinguisher (true vs noise entries): ROC AUC {d['auc']:.3f}, balanced accuracy "
+        f"{d['balanced_accuracy']:.3f} on {d['test_entries']} target entries; the same "
+        f"classifier on atom and map index alone (prior only, no public data): ROC AUC "
+        f"{report['distinguisher_prior_only']['auc']:.3f}.\n\n"
+        f"Key space: median {report['key_space_bits_per_image']['median']:.0f} bits per image "
+        f"(minimum {report['key_space_bits_per_image']['min']:.0f}).\n\n![attacks](attacks.png)\n"
+    )
+    write_json(out / "attack.json", report)
+    from primis.imageio import write_atomic
+
+    write_atomic(out / "attack.md", text.encode())
+    image_rows({"original": views.pop("originals"), **views}, 4, out / "attacks.png")
+    click.echo(table)
+    click.echo(
+        f"distinguisher AUC {d['auc']:.3f}; key space median "
+        f"{report['key_space_bits_per_image']['median']:.0f} bits/image"
+    )
+    click.echo(f"report: {out / 'attack.md'}, {out / 'attack.json'}, {out / 'attacks.png'}")
+
+
+@cli.command()
+@click.option("--model", "model_dir", help="run directory or bundled model (default: bundled)")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="images to measure (folder or list)",
+)
+@click.option("--ks", help="k values for the rate-distortion table, e.g. 1,2,4 (default 1..k)")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=Path("primis-evaluate"), show_default=True
+)
+@click.option("--quick", is_flag=True, help="at most 4 images (for tests)")
+def evaluate(model_dir, data, ks, out, quick) -> None:
+    """Authorized quality, key size and speed per image; rate-distortion vs JPEG/JPEG 2000."""
+    from primis.data import resolve_sources
+    from primis.evaluation import measure_sharing, rate_distortion, rd_plot, summarize
+    from primis.imageio import write_atomic
+    from primis.modelstore import load_model
+    from primis.report import markdown_table, write_json
+
+    model = load_model(model_dir)
+    paths = resolve_sources(data)[: 4 if quick else None]
+    summary = summarize([measure_sharing(model, p, model.obfuscation) for p in paths])
+    k_values = _parse_maps(ks) or list(range(1, model.network.config.k + 1))
+    rows = rate_distortion(model, paths, k_values, model.obfuscation)
+    report = {"model_hash": model.hash, "images": len(paths), "summary": summary, "rd": rows}
+    write_json(out / "evaluate.json", report)
+    rd_plot(rows, out / "rate_distortion.png")
+    table = markdown_table(
+        ["k", "key bpp", "PRIMIS PSNR", "JPEG bpp", "JPEG PSNR", "JPEG2000 bpp", "JPEG2000 PSNR"],
+        [
+            [
+                r["k"],
+                r["key_bpp"],
+                r["primis_psnr"],
+                r["jpeg_bpp"],
+                r["jpeg_psnr"],
+                r["jpeg2000_bpp"],
+                r["jpeg2000_psnr"],
+            ]
+            for r in rows
+        ],
+    )
+    text = (
+        f"# PRIMIS evaluation\n\nModel `{model.hash[:16]}` on {len(paths)} images.\n\n"
+        f"Authorized PSNR {summary['mean_authorized_psnr']:.2f} dB (mean), SSIM "
+        f"{summary['mean_authorized_ssim']:.4f}; key {summary['median_key_bytes']:.0f} B per "
+        f"image, {summary['median_key_bits_per_pixel']:.3f} bits per pixel (medians).\n\n"
+        f"{table}\n\n![rate-distortion](rate_distortion.png)\n"
+    )
+    write_atomic(out / "evaluate.md", text.encode())
+    click.echo(text)
+    click.echo(f"report: {out / 'evaluate.md'}, {out / 'evaluate.json'}")
+
+
+@cli.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--half", is_flag=True, help="store weights as float16 (half the size)")
+def export(run: Path, out: Path, half: bool) -> None:
+    """Copy a run's model into a standalone model directory (e.g. for the bundled zoo)."""
+    import torch
+
+    from primis.modelstore import load_model, save_model
+
+    model = load_model(run)
+    dtype = torch.float16 if half else torch.float32
+    digest = save_model(out, model.network, model.obfuscation, dtype)
+    click.echo(f"model {digest} -> {out}")
+
+
+@cli.command()
 @click.argument("file", type=click.Path(path_type=Path))
 def info(file: Path) -> None:
     """Describe a public file, a key file or a model directory (as JSON)."""

@@ -78,6 +78,13 @@ class TrainConfig(Strict):
     real_steps: float = Field(0.25, ge=0, le=1, description="fraction of steps on real values")
     anneal_steps: float = Field(0.5, ge=0, le=1, description="fraction spent blending to ternary")
     straight_through: float = Field(0.0, ge=0, le=1, description="STE gradient share")
+    map_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="chance to drop each code map (one always kept), for keys "
+        "that open only some maps",
+    )
     k_choices: list[int] = Field(default_factory=list, description="k values sampled per step")
     validate_every: int = Field(200, ge=1, description="validate, log images, keep best")
     checkpoint_every: int = Field(100, ge=1, description="save the resumable state")

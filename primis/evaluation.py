@@ -86,3 +86,111 @@ def summarize(records: list[SharingRecord]) -> dict:
     summary["images"] = len(records)
     summary["records"] = [asdict(r) | {"key_bits_per_pixel": r.key_bits_per_pixel} for r in records]
     return summary
+
+
+def _codec_round_trip(image: np.ndarray, codec: str, bpp: float) -> tuple[np.ndarray, float]:
+    """An 8-bit image through JPEG or JPEG 2000 (Pillow) at about ``bpp`` bits per pixel.
+
+    JPEG 2000 is asked for the rate directly; JPEG's quality is searched for the largest file
+    not above the rate. Returns the decoded image in [0, 1] and the bits per pixel spent.
+    """
+    import io
+
+    from PIL import Image
+
+    pixels = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+
+    def encode(**options) -> bytes:
+        buffer = io.BytesIO()
+        pixels.save(buffer, format="JPEG2000" if codec == "jpeg2000" else "JPEG", **options)
+        return buffer.getvalue()
+
+    if codec == "jpeg2000":
+        data = encode(quality_mode="rates", quality_layers=[8.0 / bpp], irreversible=True)
+    else:
+        budget = bpp * image.size / 8
+        low, high, data = 1, 95, encode(quality=1)
+        while low <= high:
+            middle = (low + high) // 2
+            candidate = encode(quality=middle)
+            if len(candidate) <= budget:
+                data, low = candidate, middle + 1
+            else:
+                high = middle - 1
+    decoded = np.asarray(Image.open(io.BytesIO(data))).astype(np.float32) / 255
+    return decoded, 8 * len(data) / image.size
+
+
+def rate_distortion(
+    model: LoadedModel, paths: list[Path], ks: list[int], obfuscation: ObfuscationConfig
+) -> list[dict]:
+    """Mean PSNR/SSIM and key bits per pixel for each k, with JPEG and JPEG 2000 at the same
+    bits per pixel (measured on the same images, 8-bit)."""
+    images = [read_image(p)[0] for p in paths]
+    rows = []
+    for k in ks:
+        records = [measure_sharing(model, p, obfuscation, k) for p in paths]
+        bpp = float(np.mean([r.key_bits_per_pixel for r in records]))
+        row = {
+            "k": k,
+            "key_bpp": bpp,
+            "primis_psnr": float(np.mean([r.authorized_psnr for r in records])),
+            "primis_ssim": float(np.mean([r.authorized_ssim for r in records])),
+        }
+        for codec in ("jpeg", "jpeg2000"):
+            outs = [_codec_round_trip(i, codec, bpp) for i in images]
+            row[f"{codec}_bpp"] = float(np.mean([b for _, b in outs]))
+            row[f"{codec}_psnr"] = float(
+                np.mean([psnr(i, o) for i, (o, _) in zip(images, outs, strict=True)])
+            )
+            row[f"{codec}_ssim"] = float(
+                np.mean([ssim(i, o) for i, (o, _) in zip(images, outs, strict=True)])
+            )
+        rows.append(row)
+    return rows
+
+
+def rd_plot(rows: list[dict], path: Path) -> None:
+    """PSNR against bits per pixel for PRIMIS keys, JPEG and JPEG 2000, as a small PNG."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    from primis.imageio import write_atomic
+
+    width, height, margin = 640, 420, 50
+    series = {
+        "PRIMIS key": ("key_bpp", "primis_psnr", 0),
+        "JPEG": ("jpeg_bpp", "jpeg_psnr", 90),
+        "JPEG 2000": ("jpeg2000_bpp", "jpeg2000_psnr", 170),
+    }
+    xs = [r[x] for r in rows for x, _, _ in series.values()]
+    ys = [r[y] for r in rows for _, y, _ in series.values() if np.isfinite(r[y])]
+    x0, x1, y0, y1 = 0.0, max(xs) * 1.1, min(ys) - 1, max(ys) + 1
+    canvas = Image.new("L", (width, height), 255)
+    draw = ImageDraw.Draw(canvas)
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return (
+            margin + (x - x0) / (x1 - x0) * (width - 2 * margin),
+            height - margin - (y - y0) / (y1 - y0) * (height - 2 * margin),
+        )
+
+    draw.line([at(x0, y0), at(x1, y0)], fill=0)
+    draw.line([at(x0, y0), at(x0, y1)], fill=0)
+    draw.text((width // 2 - 40, height - 30), "bits per pixel", fill=0)
+    draw.text((5, 10), "PSNR (dB)", fill=0)
+    for value in np.linspace(y0, y1, 5):
+        draw.text((5, at(x0, value)[1] - 6), f"{value:.0f}", fill=0)
+    for value in np.linspace(x0, x1, 5):
+        draw.text((at(value, y0)[0] - 10, height - margin + 5), f"{value:.2f}", fill=0)
+    for index, (name, (x, y, shade)) in enumerate(series.items()):
+        points = [at(r[x], r[y]) for r in rows]
+        if len(points) > 1:
+            draw.line(points, fill=shade, width=2 + index)
+        for px, py in points:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], outline=shade, width=2)
+        draw.text((width - 150, 20 + 16 * index), f"{name}", fill=shade)
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    write_atomic(path, buffer.getvalue())

@@ -169,6 +169,7 @@ class SparseTernaryAutoEncoder(nn.Module):
         k: int | None = None,
         ternary_weight: float = 1.0,
         straight_through: float = 0.0,
+        map_mask: Tensor | None = None,
     ) -> Tensor:
         """Training reconstruction.
 
@@ -176,6 +177,7 @@ class SparseTernaryAutoEncoder(nn.Module):
         (1.0). The encoder learns through the real share; ``straight_through`` > 0 also passes
         that fraction of the ternary share's gradient to the selected scores (measured unstable
         at full strength, so off by default: pure-ternary steps then tune decoder and magnitudes).
+        ``map_mask`` (B, m) of 0/1 zeroes code maps, as a key that opens only some maps does.
         """
         z = self.analysis(x)
         t = self.ternarize(z.detach(), k or self.config.k)
@@ -183,7 +185,10 @@ class SparseTernaryAutoEncoder(nn.Module):
         ternary = self.magnitudes(t)
         if straight_through:
             ternary = ternary + straight_through * (real - real.detach())
-        return self.synthesis(ternary_weight * ternary + (1 - ternary_weight) * real)
+        values = ternary_weight * ternary + (1 - ternary_weight) * real
+        if map_mask is not None:
+            values = values * map_mask.to(values.dtype)[:, :, None, None, None]
+        return self.synthesis(values)
 
     @torch.no_grad()
     def encode(self, x: Tensor, k: int | None = None) -> Tensor:

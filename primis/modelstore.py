@@ -50,10 +50,18 @@ def model_hash(config: ModelConfig, weights: bytes) -> str:
 
 
 def save_model(
-    directory: Path, network: SparseTernaryAutoEncoder, obfuscation: ObfuscationConfig
+    directory: Path,
+    network: SparseTernaryAutoEncoder,
+    obfuscation: ObfuscationConfig,
+    dtype: torch.dtype = torch.float32,
 ) -> str:
-    """Write model.safetensors and model.json into ``directory``; return the model hash."""
-    state = {name: t.detach().to("cpu").contiguous() for name, t in network.state_dict().items()}
+    """Write model.safetensors and model.json into ``directory``; return the model hash.
+
+    ``dtype`` float16 halves the file (for the bundled model); loading casts back to float32.
+    """
+    state = {
+        name: t.detach().to("cpu", dtype).contiguous() for name, t in network.state_dict().items()
+    }
     weights = save(state)
     meta = ModelFile(format=FORMAT, version=VERSION, model=network.config, obfuscation=obfuscation)
     write_atomic(Path(directory) / WEIGHTS, weights)

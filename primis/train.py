@@ -67,6 +67,16 @@ def learning_rate(config: RunConfig, progress: float, step: int) -> float:
     return t.lr * warm * (t.min_lr_ratio + (1 - t.min_lr_ratio) * cosine)
 
 
+def random_map_mask(batch: int, maps: int, dropout: float, device) -> torch.Tensor | None:
+    """Per sample, keep each code map with probability 1-dropout, and always at least one."""
+    if not dropout:
+        return None
+    keep = torch.rand(batch, maps) >= dropout
+    rescue = torch.randint(0, maps, (batch,))
+    keep[torch.arange(batch), rescue] |= ~keep.any(dim=1)
+    return keep.to(device)
+
+
 def ternary_weight(config: RunConfig, progress: float) -> float:
     """0 while training on real values, then a linear ramp to 1 (pure ternary)."""
     t = config.train
@@ -229,7 +239,13 @@ def train(
         k = random.Random(t.seed * 1_000_003 + step).choice(t.k_choices or [config.model.k])
         x = next(batches).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            y = model(x, k=k, ternary_weight=weight, straight_through=t.straight_through)
+            y = model(
+                x,
+                k=k,
+                ternary_weight=weight,
+                straight_through=t.straight_through,
+                map_mask=random_map_mask(len(x), config.model.m, t.map_dropout, x.device),
+            )
             loss = torch.mean((y.float() - x) ** 2)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -66,3 +66,20 @@ def test_capacity_is_configurable():
 def test_invalid_capacity_is_rejected():
     with pytest.raises(ValueError):
         ModelConfig(n=8, k=5)
+
+
+def test_map_masks_zero_whole_code_maps():
+    from primis.train import random_map_mask
+
+    torch.manual_seed(0)
+    mask = random_map_mask(500, 3, 0.6, "cpu")
+    assert mask.any(dim=1).all() and not mask.all()
+    network = SparseTernaryAutoEncoder(TINY)
+    x = torch.rand(2, 1, 32, 32)
+    only_first = torch.tensor([[1, 0], [1, 0]])
+    code = network.encode(x)
+    code[:, 1] = 0
+    expected = network.decode(code)
+    with torch.no_grad():
+        got = network(x, ternary_weight=1.0, map_mask=only_first).clamp(0, 1)
+    torch.testing.assert_close(got, expected)

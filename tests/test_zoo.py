@@ -1,0 +1,59 @@
+"""The bundled chest X-ray model: loads offline, and keeps its promises on real images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from primis.config import ObfuscationConfig
+from primis.evaluation import measure_sharing
+from primis.modelstore import DEFAULT_MODEL, bundled_models, load_model
+from tests.conftest import cxr_images, run_cli
+
+pytestmark = pytest.mark.skipif(
+    DEFAULT_MODEL not in bundled_models(), reason="no bundled model in this checkout"
+)
+
+
+def test_default_model_loads_without_a_name_or_network():
+    model = load_model(None)
+    assert model.directory.name == DEFAULT_MODEL
+    assert model.hash == load_model("cxr").hash
+
+
+def test_quality_and_key_size_on_real_chest_xrays():
+    paths = cxr_images()[-6:]
+    model = load_model(None)
+    records = [measure_sharing(model, p, ObfuscationConfig()) for p in paths]
+    assert np.median([r.authorized_psnr for r in records]) > 28.0
+    assert max(r.key_bits_per_pixel for r in records) < 0.55
+    assert max(r.without_key_psnr for r in records) < 20.0
+
+
+def test_attacks_stay_near_prior_only_on_real_chest_xrays(tmp_path):
+    images = cxr_images()
+    attacker, targets = tmp_path / "attacker.txt", tmp_path / "targets.txt"
+    attacker.write_text("".join(f"{p}\n" for p in images[:12]))
+    targets.write_text("".join(f"{p}\n" for p in images[-4:]))
+    out = tmp_path / "attack"
+    run_cli(
+        "attack",
+        "--attacker-data",
+        attacker,
+        "--target-data",
+        targets,
+        "--out",
+        out,
+        "--quick",
+        check=True,
+    )
+    report = json.loads((out / "attack.json").read_text())
+    for name, row in report["attacks"].items():
+        if name != "authorized (with key)":
+            assert row["psnr_above_prior"] < 1.0 and row["ssim_above_prior"] < 0.05, name
+    # The public entries add nothing over the prior (how often the model uses each atom).
+    prior_auc = report["distinguisher_prior_only"]["auc"]
+    assert report["distinguisher"]["auc"] < prior_auc + 0.02, report["distinguisher"]
+    assert report["attacks"]["authorized (with key)"]["psnr_above_prior"] > 10
