@@ -129,6 +129,16 @@ def _model_option(func):
     )(func)
 
 
+def _obfuscation(model, fill: float | None, mask_signs: bool | None):
+    """The model's obfuscation settings with the command line's overrides, validated."""
+    from primis.config import ObfuscationConfig, parse_config
+
+    settings = model.obfuscation.model_dump()
+    chosen = {"fill": fill, "mask_signs": mask_signs}
+    settings.update({name: v for name, v in chosen.items() if v is not None})
+    return parse_config(ObfuscationConfig, settings, "obfuscation options")
+
+
 def _parse_maps(text: str | None) -> list[int] | None:
     if text is None:
         return None
@@ -170,7 +180,6 @@ def ambiguate(
         run_batch,
         select_shard,
     )
-    from primis.config import ObfuscationConfig, parse_config
     from primis.dicomio import original_header
     from primis.formats import sha256
     from primis.imageio import INPUT_SUFFIXES, read_source, write_atomic
@@ -178,10 +187,7 @@ def ambiguate(
     from primis.sharing import share_image
 
     model = load_model(model_dir)
-    settings = model.obfuscation.model_dump()
-    chosen = {"fill": fill, "mask_signs": mask_signs}
-    settings.update({name: v for name, v in chosen.items() if v is not None})
-    obfuscation = parse_config(ObfuscationConfig, settings, "obfuscation options")
+    obfuscation = _obfuscation(model, fill, mask_signs)
     key_maps = _parse_maps(maps)
     items = select_shard(expand(inputs, INPUT_SUFFIXES), shard)
     for folder in (public_dir, key_dir):
@@ -406,7 +412,7 @@ def keys_wrap(keyfiles, recipients, use_passphrase) -> None:
 @click.option(
     "--image", type=click.Path(path_type=Path), help="your own image (default: a phantom)"
 )
-@click.option("--model", "model_dir", help="run directory or bundled model (default: bundled)")
+@_model_option
 @click.option(
     "--out", type=click.Path(path_type=Path), default=Path("primis-demo"), show_default=True
 )
@@ -439,7 +445,7 @@ def demo(image, model_dir, out) -> None:
 
 
 @cli.command()
-@click.option("--model", "model_dir", help="run directory or bundled model (default: bundled)")
+@_model_option
 @click.option(
     "--attacker-data",
     required=True,
@@ -461,16 +467,12 @@ def demo(image, model_dir, out) -> None:
 def attack(model_dir, attacker_data, target_data, fill, mask_signs, out, quick) -> None:
     """Run every attack of the threat model against public files; report vs prior-only."""
     from primis.attacks import run_attacks
-    from primis.config import ObfuscationConfig, parse_config
     from primis.data import resolve_sources
     from primis.modelstore import load_model
     from primis.report import image_rows, markdown_table, write_json
 
     model = load_model(model_dir)
-    settings = model.obfuscation.model_dump()
-    chosen = {"fill": fill, "mask_signs": mask_signs}
-    settings.update({name: v for name, v in chosen.items() if v is not None})
-    obfuscation = parse_config(ObfuscationConfig, settings, "obfuscation options")
+    obfuscation = _obfuscation(model, fill, mask_signs)
     report, views = run_attacks(
         model, resolve_sources(attacker_data), resolve_sources(target_data), obfuscation, quick
     )
@@ -506,7 +508,7 @@ def attack(model_dir, attacker_data, target_data, fill, mask_signs, out, quick) 
 
 
 @cli.command()
-@click.option("--model", "model_dir", help="run directory or bundled model (default: bundled)")
+@_model_option
 @click.option(
     "--data",
     required=True,

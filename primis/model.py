@@ -148,13 +148,17 @@ class SparseTernaryAutoEncoder(nn.Module):
     # ---------------------------------------------------------------------------- the code
     @staticmethod
     def ternarize(z: Tensor, k: int) -> Tensor:
-        """Exactly k entries +1 (largest scores) and k entries -1 (smallest) per vector."""
-        order = z.argsort(dim=2)
-        n = z.shape[2]
-        t = torch.zeros_like(z, dtype=torch.int8)
-        t.scatter_(2, order[:, :, n - k :], 1)
-        t.scatter_(2, order[:, :, :k], -1)
-        return t
+        """Exactly k entries +1 (largest scores) and k entries -1 (smallest) per vector.
+
+        The k largest are taken first and excluded from the k smallest, so even tied scores
+        give disjoint sets.
+        """
+        scores = z.detach().movedim(2, -1).contiguous()
+        top = scores.topk(k, dim=-1).indices
+        t = torch.zeros_like(scores, dtype=torch.int8).scatter_(-1, top, 1)
+        excluded = scores.scatter(-1, top, torch.finfo(scores.dtype).max)
+        bottom = excluded.topk(k, dim=-1, largest=False).indices
+        return t.scatter_(-1, bottom, -1).movedim(-1, 2)
 
     def magnitudes(self, t: Tensor) -> Tensor:
         """Pure-ternary decoder input: +beta_pos where t=+1, -beta_neg where t=-1, else 0."""
@@ -181,11 +185,15 @@ class SparseTernaryAutoEncoder(nn.Module):
         """
         z = self.analysis(x)
         t = self.ternarize(z.detach(), k or self.config.k)
-        real = z * t.abs().to(z.dtype)
-        ternary = self.magnitudes(t)
-        if straight_through:
-            ternary = ternary + straight_through * (real - real.detach())
-        values = ternary_weight * ternary + (1 - ternary_weight) * real
+        real = z * t.abs().to(z.dtype) if ternary_weight < 1 or straight_through else None
+        if ternary_weight <= 0:
+            values = real
+        else:
+            values = self.magnitudes(t)
+            if straight_through:
+                values = values + straight_through * (real - real.detach())
+            if ternary_weight < 1:
+                values = ternary_weight * values + (1 - ternary_weight) * real
         if map_mask is not None:
             values = values * map_mask.to(values.dtype)[:, :, None, None, None]
         return self.synthesis(values)

@@ -198,7 +198,12 @@ def train(
         if group.main:
             print(f"resuming {out} at step {state['step']}", flush=True)
         torch.manual_seed(t.seed + group.rank + 7919 * state["step"])
-    model = DistributedDataParallel(network) if group.world > 1 else network
+    # Pure-ternary steps leave the encoder without gradients, real-valued ones the magnitudes.
+    model = (
+        DistributedDataParallel(network, find_unused_parameters=True)
+        if group.world > 1
+        else network
+    )
     dataset = RandomCropDataset(train_paths, t.crop, t.hflip, t.gamma_jitter)
     sampler = RandomSampler(dataset, replacement=True, num_samples=10**9)
     loader = DataLoader(

@@ -55,16 +55,8 @@ def test_split_is_reproducible_and_disjoint(tmp_path):
 
 
 def test_train_command_writes_a_usable_run(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(4):
-        Image.fromarray((smooth_image(40, 48, i) * 255).astype(np.uint8)).save(images / f"{i}.png")
-    config = RunConfig(
-        model=TINY,
-        train=TrainConfig(steps=6, batch_size=2, crop=32, validate_every=3, warmup_steps=2),
-    )
-    config_file = tmp_path / "config.json"
-    config_file.write_text(json.dumps(config.model_dump()))
+    images = _tiny_training_folder(tmp_path)
+    config_file = _tiny_config_file(tmp_path, steps=6, validate_every=3, warmup_steps=2)
     run = tmp_path / "run"
     run_cli("train", "--config", config_file, "--data", images, "--out", run, check=True)
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
@@ -102,18 +94,8 @@ def test_a_killed_run_resumes_where_its_checkpoint_stopped(tmp_path):
     import sys
     import time
 
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(3):
-        Image.fromarray((smooth_image(40, 48, i) * 255).astype(np.uint8)).save(images / f"{i}.png")
-    config = RunConfig(
-        model=TINY,
-        train=TrainConfig(
-            steps=100000, batch_size=2, crop=32, validate_every=1000, checkpoint_every=5
-        ),
-    )
-    config_file = tmp_path / "config.json"
-    config_file.write_text(json.dumps(config.model_dump()))
+    images = _tiny_training_folder(tmp_path, count=3)
+    config_file = _tiny_config_file(tmp_path, steps=100000, validate_every=1000, checkpoint_every=5)
     run = tmp_path / "run"
     process = subprocess.Popen(
         [
@@ -202,16 +184,8 @@ def test_torchrun_trains_with_two_processes_on_cpu(tmp_path):
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun is not on PATH")
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(4):
-        Image.fromarray((smooth_image(40, 48, i) * 255).astype(np.uint8)).save(images / f"{i}.png")
-    config = RunConfig(
-        model=TINY,
-        train=TrainConfig(steps=6, batch_size=2, crop=32, validate_every=3, checkpoint_every=3),
-    )
-    config_file = tmp_path / "config.json"
-    config_file.write_text(json.dumps(config.model_dump()))
+    images = _tiny_training_folder(tmp_path)
+    config_file = _tiny_config_file(tmp_path, steps=6, validate_every=3, checkpoint_every=3)
     run = tmp_path / "run"
     result = subprocess.run(
         [
@@ -240,3 +214,74 @@ def test_torchrun_trains_with_two_processes_on_cpu(tmp_path):
     assert result.stdout.count("done: step 6 ") == 2  # both ranks finish the same schedule
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 6
     assert load_model(run).network.config == TINY
+
+
+def _tiny_training_folder(tmp_path: Path, count: int = 4) -> Path:
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(count):
+        Image.fromarray((smooth_image(40, 48, i) * 255).astype(np.uint8)).save(images / f"{i}.png")
+    return images
+
+
+def _tiny_config_file(tmp_path: Path, **train) -> Path:
+    settings = {"steps": 4, "batch_size": 2, "crop": 32, "validate_every": 2} | train
+    config = RunConfig(model=TINY, train=TrainConfig(**settings))
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config.model_dump()))
+    return path
+
+
+def test_unreadable_training_images_are_reported_and_skipped_or_stop_strict_runs(tmp_path):
+    images = _tiny_training_folder(tmp_path)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(10))
+    (images / "empty.jpg").write_bytes(b"")
+    config = _tiny_config_file(tmp_path)
+    result = run_cli(
+        "train",
+        "--config",
+        config,
+        "--data",
+        images,
+        "--valid",
+        images / "0.png",
+        "--out",
+        tmp_path / "run",
+        check=True,
+    )
+    assert result.stderr.count("skipped:") == 2 and "broken.png" in result.stderr
+    assert "2 unreadable file(s) skipped" in result.stdout
+    strict = run_cli(
+        "train",
+        "--config",
+        config,
+        "--data",
+        images,
+        "--valid",
+        images / "0.png",
+        "--out",
+        tmp_path / "run2",
+        "--strict",
+    )
+    assert_clean_failure(strict, "broken.png")
+
+
+def test_non_finite_losses_stop_the_run_with_a_clear_message(tmp_path, monkeypatch):
+    images = _tiny_training_folder(tmp_path)
+    config = _tiny_config_file(tmp_path, nonfinite_patience=3)
+
+    def poisoned(self, x, **_):
+        return x * float("nan")
+
+    monkeypatch.setattr(SparseTernaryAutoEncoder, "forward", poisoned)
+    result = run_cli("train", "--config", config, "--data", images, "--out", tmp_path / "run")
+    assert_clean_failure(result, "training diverged")
+
+
+def test_crops_load_in_dataloader_workers(tmp_path):
+    from torch.utils.data import DataLoader
+
+    images = _tiny_training_folder(tmp_path, count=3)
+    dataset = RandomCropDataset(sorted(images.glob("*.png")), crop=24, gamma_jitter=0.2)
+    batches = list(DataLoader(dataset, batch_size=3, num_workers=2))
+    assert batches[0].shape == (3, 1, 24, 24)
