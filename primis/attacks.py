@@ -29,7 +29,7 @@ from primis.imageio import pad_to_multiple, read_image
 from primis.metrics import psnr, ssim
 from primis.modelstore import LoadedModel
 from primis.obfuscation import ambiguate, key_size
-from primis.sharing import _from_vectors, _to_vectors
+from primis.sharing import code_to_vectors, vectors_to_code
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Target:
 def _encode(model: LoadedModel, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
     padded = pad_to_multiple(image, model.network.config.downsampling)
     code = model.network.encode(torch.from_numpy(padded)[None, None])
-    return _to_vectors(code), tuple(code.shape[3:])
+    return code_to_vectors(code), tuple(code.shape[3:])
 
 
 def make_targets(
@@ -60,7 +60,7 @@ def make_targets(
 
 def _decode(model: LoadedModel, vectors: np.ndarray, target: Target) -> np.ndarray:
     cfg = model.network.config
-    code = _from_vectors(vectors, _Header(cfg.m, cfg.n, target.grid))
+    code = vectors_to_code(vectors, _Header(cfg.m, cfg.n, target.grid))
     out = model.network.decode(code)[0, 0].numpy()
     return out[: target.image.shape[0], : target.image.shape[1]]
 
@@ -227,9 +227,9 @@ def learned_inversion(
             code = network.encode(x, k)
         publics = []
         for row in range(batch):
-            vectors = _to_vectors(code[row : row + 1])
+            vectors = code_to_vectors(code[row : row + 1])
             header = _Header(cfg.m, cfg.n, tuple(code.shape[3:]))
-            publics.append(_from_vectors(ambiguate(vectors, k, obf), header))
+            publics.append(vectors_to_code(ambiguate(vectors, k, obf), header))
         values = network.magnitudes(torch.cat(publics))
         loss = torch.mean((network.synthesis(values) - x) ** 2)
         optimizer.zero_grad()
@@ -239,7 +239,7 @@ def learned_inversion(
     views = []
     with torch.no_grad():
         for target in targets:
-            code = _from_vectors(target.public, _Header(cfg.m, cfg.n, target.grid))
+            code = vectors_to_code(target.public, _Header(cfg.m, cfg.n, target.grid))
             out = network.synthesis(network.magnitudes(code)).clamp(0, 1)[0, 0].numpy()
             views.append(out[: target.image.shape[0], : target.image.shape[1]])
     return views

@@ -22,15 +22,14 @@ from primis.errors import PrimisError
 SKIPPED = "skipped"
 
 
-def expand(items: Iterable[Path | str], suffixes: set[str]) -> list[Path]:
-    """Files as given; folders searched recursively for ``suffixes``; glob patterns expanded."""
+def expand(items: Iterable[Path | str], wanted: Callable[[Path], bool]) -> list[Path]:
+    """Files as given; folders searched recursively for files ``wanted`` accepts; glob patterns
+    expanded."""
     found: list[Path] = []
     for item in map(str, items):
         path = Path(item)
         if path.is_dir():
-            found.extend(
-                p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in suffixes
-            )
+            found.extend(p for p in sorted(path.rglob("*")) if p.is_file() and wanted(p))
         elif not path.exists() and glob.has_magic(item):
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
             if not matches:

@@ -182,16 +182,21 @@ def ambiguate(
     )
     from primis.dicomio import original_header
     from primis.formats import sha256
-    from primis.imageio import INPUT_SUFFIXES, read_source, write_atomic
+    from primis.imageio import is_image_file, read_source, write_atomic
     from primis.modelstore import load_model
     from primis.sharing import share_image
 
     model = load_model(model_dir)
     obfuscation = _obfuscation(model, fill, mask_signs)
     key_maps = _parse_maps(maps)
-    items = select_shard(expand(inputs, INPUT_SUFFIXES), shard)
+    items = select_shard(expand(inputs, is_image_file), shard)
     for folder in (public_dir, key_dir):
         clean_stale_parts(folder)
+
+    def dicom_header(path: Path, image) -> str | None:
+        if not keep_header or image.details.get("format") != "dicom":
+            return None
+        return base64.b64encode(original_header(path)).decode()
 
     def work(path: Path) -> str:
         public_path = public_dir / f"{path.stem}.primis"
@@ -209,10 +214,11 @@ def ambiguate(
             k,
             key_maps,
             image.details,
-            _dicom_header(path, image, keep_header),
+            dicom_header(path, image),
         )
         write_atomic(key_path, shared.key, mode=0o600)
         write_atomic(public_path, shared.public)
+        digest = sha256(shared.public)
         append_jsonl(
             key_dir / "manifest.jsonl",
             {
@@ -220,7 +226,7 @@ def ambiguate(
                 "file_id": shared.file_id,
                 "public": str(public_path),
                 "key": str(key_path),
-                "public_sha256": sha256(shared.public),
+                "public_sha256": digest,
             },
             mode=0o600,
         )
@@ -228,7 +234,7 @@ def ambiguate(
             public_dir / "manifest.jsonl",
             {
                 "file_id": shared.file_id,
-                "public_sha256": sha256(shared.public),
+                "public_sha256": digest,
                 "bytes": len(shared.public),
             },
         )
@@ -238,11 +244,6 @@ def ambiguate(
             f"ideal support {shared.ideal_key_bits / 8:.0f} B) "
             f"in {time.perf_counter() - started:.2f} s"
         )
-
-    def _dicom_header(path, image, keep) -> str | None:
-        if not keep or image.details.get("format") != "dicom":
-            return None
-        return base64.b64encode(original_header(path)).decode()
 
     run_batch(items, work, "ambiguate", duplicate_stems(items))
 
@@ -271,6 +272,7 @@ def disambiguate(
     others in their own type (PNG, TIFF or .npy) with their size, dtype and range.
     """
     import base64
+    import glob
 
     import numpy as np
 
@@ -294,11 +296,11 @@ def disambiguate(
     model = load_model(model_dir)
     secret = load_identity(identity) if identity else None
     passphrase = _passphrase(confirm=False) if ask_passphrase else None
-    items = select_shard(expand(publics, {".primis"}), shard)
+    items = select_shard(expand(publics, lambda p: p.suffix == ".primis"), shard)
     clean_stale_parts(out_dir)
 
     def work(path: Path) -> str:
-        existing = list(out_dir.glob(f"{glob_escape(path.stem)}.*"))
+        existing = list(out_dir.glob(f"{glob.escape(path.stem)}.*"))
         if not overwrite and existing:
             return SKIPPED
         public = read_file(path)
@@ -324,12 +326,6 @@ def disambiguate(
         return f"{path.name} -> {target}"
 
     run_batch(items, work, "disambiguate", duplicate_stems(items))
-
-
-def glob_escape(text: str) -> str:
-    import glob
-
-    return glob.escape(text)
 
 
 def _passphrase(confirm: bool) -> str:
@@ -405,7 +401,7 @@ def keys_wrap(keyfiles, recipients, use_passphrase) -> None:
         write_atomic(path, wrap(data, publics, passphrase), mode=0o600)
         return f"{path}: wrapped"
 
-    run_batch(expand(keyfiles, {".primiskey"}), work, "wrap", {})
+    run_batch(expand(keyfiles, lambda p: p.suffix == ".primiskey"), work, "wrap", {})
 
 
 @cli.command()

@@ -174,6 +174,17 @@ def _looks_like_dicom(path: Path) -> bool:
         return handle.read(132)[128:132] == b"DICM"
 
 
+def is_image_file(path: Path) -> bool:
+    """A supported image by its suffix, or an extension-less DICOM file (as PACS exports)."""
+    suffix = path.suffix.lower()
+    if suffix in INPUT_SUFFIXES:
+        return True
+    try:
+        return suffix == "" and _looks_like_dicom(path)
+    except OSError:
+        return False
+
+
 def read_source(path: Path) -> SourceImage:
     """Decode any supported input into a 2-D grayscale :class:`SourceImage`.
 
@@ -286,7 +297,7 @@ def list_images(paths: list[Path]) -> list[Path]:
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found.extend(p for p in sorted(path.rglob("*")) if p.suffix.lower() in INPUT_SUFFIXES)
+            found.extend(p for p in sorted(path.rglob("*")) if p.is_file() and is_image_file(p))
         else:
             found.append(path)
     return found

@@ -45,13 +45,13 @@ class SharedImage:
     pixels: int
 
 
-def _to_vectors(code: torch.Tensor) -> np.ndarray:
-    """(1, m, n, h, w) -> (m*h*w, n), map-major."""
+def code_to_vectors(code: torch.Tensor) -> np.ndarray:
+    """Code (1, m, n, h, w) -> vectors (m*h*w, n), map-major: the public file's layout."""
     _, m, n, h, w = code.shape
     return code[0].permute(0, 2, 3, 1).reshape(m * h * w, n).cpu().numpy()
 
 
-def _from_vectors(vectors: np.ndarray, header: PublicHeader) -> torch.Tensor:
+def vectors_to_code(vectors: np.ndarray, header: PublicHeader) -> torch.Tensor:
     rows, cols = header.grid
     code = torch.from_numpy(vectors).view(header.m, rows, cols, header.n)
     return code.permute(0, 3, 1, 2).unsqueeze(0).contiguous()
@@ -136,7 +136,7 @@ def _package(
 ) -> SharedImage:
     """Ambiguate one image's code and write its public file and key."""
     cfg = model.network.config
-    vectors = _to_vectors(code)
+    vectors = code_to_vectors(code)
     public_vectors = ambiguate(vectors, k, obfuscation)
     _, _, _, rows, cols = code.shape
     header = PublicHeader(
@@ -229,7 +229,7 @@ def _decode_many(
     images: list[np.ndarray | None] = [None] * len(codes)
     shapes = [(h.m, h.n, *h.grid) for _, h in codes]
     for indices in _batches(shapes, batch_size):
-        code = torch.cat([_from_vectors(*codes[i]) for i in indices]).to(_device(model))
+        code = torch.cat([vectors_to_code(*codes[i]) for i in indices]).to(_device(model))
         decoded = model.network.decode(code)[:, 0].cpu().numpy()
         for row, i in enumerate(indices):
             images[i] = decoded[row]

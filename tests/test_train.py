@@ -285,3 +285,14 @@ def test_crops_load_in_dataloader_workers(tmp_path):
     dataset = RandomCropDataset(sorted(images.glob("*.png")), crop=24, gamma_jitter=0.2)
     batches = list(DataLoader(dataset, batch_size=3, num_workers=2))
     assert batches[0].shape == (3, 1, 24, 24)
+
+
+def test_shipped_configs_validate():
+    from primis.config import load_run_config
+
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    configs = sorted(folder.glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_run_config(path)
+    assert load_run_config(folder / "default.yaml") == RunConfig()

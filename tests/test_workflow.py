@@ -248,3 +248,16 @@ def test_a_killed_batch_leaves_no_partial_output_and_reruns_to_completion(tmp_pa
     assert "0 failed" in result.stdout
     assert len(list((out / "public").glob("*.primis"))) == 40
     assert len(list((out / "keys").glob("*.primiskey"))) == 40
+
+
+def test_extensionless_dicom_files_in_folders_are_found(tmp_path, tiny_model_dir):
+    export = tmp_path / "pacs" / "series1"
+    export.mkdir(parents=True)
+    _write_dicom(
+        export / "IM0001", (smooth_image(32, 32, 1) * 4000).astype(np.uint16), "MONOCHROME2"
+    )
+    (export / "DICOMDIR.txt").write_text("not an image")
+    result = _ambiguate(tiny_model_dir, tmp_path / "pacs", out=tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "public" / "IM0001.primis").is_file()
+    assert "1 done" in result.stdout
