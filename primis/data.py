@@ -15,13 +15,16 @@ from primis.imageio import list_images, read_image
 
 
 def resolve_sources(source: Path) -> list[Path]:
-    """A folder (searched recursively) or a list file of paths relative to the list's folder.
+    """A folder (searched recursively), a single image, or a list file (.txt, .lst, no suffix)
+    of paths relative to the list's folder.
 
     A list naming files that do not exist fails here, before any work starts.
     """
     source = Path(source)
     if source.is_dir():
         paths = list_images([source])
+    elif source.is_file() and source.suffix.lower() not in (".txt", ".lst", ".csv", ""):
+        paths = [source]  # a single image
     elif source.is_file():
         try:
             lines = [ln.strip() for ln in source.read_text().splitlines()]

@@ -233,74 +233,76 @@ def train(
     )
     network.train()
     batches = iter(loader)
-    while True:
-        progress = _progress(config, step, time.monotonic() - start)
-        if group.any(progress >= 1.0):
-            break
-        lr = learning_rate(config, progress, step)
-        for param_group in optimizer.param_groups:
-            param_group["lr"] = lr
-        weight = ternary_weight(config, progress)
-        k = random.Random(t.seed * 1_000_003 + step).choice(t.k_choices or [config.model.k])
-        x = next(batches).to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            y = model(
-                x,
-                k=k,
-                ternary_weight=weight,
-                straight_through=t.straight_through,
-                map_mask=random_map_mask(len(x), config.model.m, t.map_dropout, x.device),
-            )
-            loss = torch.mean((y.float() - x) ** 2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(network.parameters(), t.grad_clip)
-        if group.any(not (torch.isfinite(loss) and torch.isfinite(norm))):
-            nonfinite += 1
-            state["nonfinite_total"] += 1
-            bar.write(f"step {step}: non-finite loss or gradient, step skipped")
-            if nonfinite >= t.nonfinite_patience:
-                raise PrimisError(
-                    f"training diverged: {nonfinite} non-finite steps in a row at step {step}; "
-                    "lower train.lr or raise train.grad_clip, then --resume"
+    try:
+        while True:
+            progress = _progress(config, step, time.monotonic() - start)
+            if group.any(progress >= 1.0):
+                break
+            lr = learning_rate(config, progress, step)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
+            weight = ternary_weight(config, progress)
+            k = random.Random(t.seed * 1_000_003 + step).choice(t.k_choices or [config.model.k])
+            x = next(batches).to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                y = model(
+                    x,
+                    k=k,
+                    ternary_weight=weight,
+                    straight_through=t.straight_through,
+                    map_mask=random_map_mask(len(x), config.model.m, t.map_dropout, x.device),
                 )
-            continue
-        nonfinite = 0
-        optimizer.step()
-        step += 1
-        bar.update(100 * min(progress, 1.0) - bar.n)
-        bar.set_postfix(step=step, loss=f"{loss.item():.2e}", ternary=f"{weight:.2f}", k=k)
-        if writer and step % 10 == 0:
-            writer.add_scalar("train/loss", loss.item(), step)
-            writer.add_scalar("train/psnr", -10 * math.log10(max(loss.item(), 1e-12)), step)
-            writer.add_scalar("train/lr", lr, step)
-            writer.add_scalar("train/ternary_weight", weight, step)
-        done = _progress(config, step, time.monotonic() - start) >= 1.0
-        if step % t.validate_every == 0 or done:
-            if group.main:
-                _validate_and_keep(
-                    network,
-                    valid_images,
-                    device,
-                    config,
-                    out,
-                    state,
-                    step,
-                    weight,
-                    time.monotonic() - start,
-                    history,
-                    writer,
-                    bar,
-                )
-            group.barrier()
-        if step % t.checkpoint_every == 0 or done:
-            state.update(step=step, elapsed=time.monotonic() - start)
-            if group.main:
-                save_checkpoint(out, network, optimizer, state)
-            group.barrier()
-    bar.close()
-    if writer:
-        writer.close()
+                loss = torch.mean((y.float() - x) ** 2)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(network.parameters(), t.grad_clip)
+            if group.any(not (torch.isfinite(loss) and torch.isfinite(norm))):
+                nonfinite += 1
+                state["nonfinite_total"] += 1
+                bar.write(f"step {step}: non-finite loss or gradient, step skipped")
+                if nonfinite >= t.nonfinite_patience:
+                    raise PrimisError(
+                        f"training diverged: {nonfinite} non-finite steps in a row at step {step}; "
+                        "lower train.lr or raise train.grad_clip, then --resume"
+                    )
+                continue
+            nonfinite = 0
+            optimizer.step()
+            step += 1
+            bar.update(100 * min(progress, 1.0) - bar.n)
+            bar.set_postfix(step=step, loss=f"{loss.item():.2e}", ternary=f"{weight:.2f}", k=k)
+            if writer and step % 10 == 0:
+                writer.add_scalar("train/loss", loss.item(), step)
+                writer.add_scalar("train/psnr", -10 * math.log10(max(loss.item(), 1e-12)), step)
+                writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("train/ternary_weight", weight, step)
+            done = _progress(config, step, time.monotonic() - start) >= 1.0
+            if step % t.validate_every == 0 or done:
+                if group.main:
+                    _validate_and_keep(
+                        network,
+                        valid_images,
+                        device,
+                        config,
+                        out,
+                        state,
+                        step,
+                        weight,
+                        time.monotonic() - start,
+                        history,
+                        writer,
+                        bar,
+                    )
+                group.barrier()
+            if step % t.checkpoint_every == 0 or done:
+                state.update(step=step, elapsed=time.monotonic() - start)
+                if group.main:
+                    save_checkpoint(out, network, optimizer, state)
+                group.barrier()
+    finally:
+        bar.close()
+        if writer:
+            writer.close()
     if group.main and not (out / "model.json").exists():
         save_model(out, network, config.obfuscation)
     return TrainResult(step, time.monotonic() - start, state["best_psnr"], history)
