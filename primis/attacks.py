@@ -28,7 +28,7 @@ from primis.config import ObfuscationConfig
 from primis.imageio import pad_to_multiple, read_image
 from primis.metrics import psnr, ssim
 from primis.modelstore import LoadedModel
-from primis.obfuscation import ambiguate, key_size
+from primis.obfuscation import ambiguate_maps, image_key_bits, shuffle_atoms
 from primis.sharing import code_to_vectors, vectors_to_code
 
 
@@ -37,8 +37,9 @@ class Target:
     """A target image, its true code and its public vectors (as the data owner made them)."""
 
     image: np.ndarray
-    code: np.ndarray  # (V, n) int8
-    public: np.ndarray  # (V, n) int8
+    code: np.ndarray  # (V, n) int8, atoms in the model's order
+    public: np.ndarray  # (V, n) int8, as shown in the public file
+    truth: np.ndarray  # (V, n) bool: which shown entries are true ones (the secret)
     grid: tuple[int, int]
 
 
@@ -52,9 +53,18 @@ def make_targets(
     model: LoadedModel, images: list[np.ndarray], obf: ObfuscationConfig, k: int
 ) -> list[Target]:
     targets = []
+    maps = model.network.config.m
     for image in images:
         code, grid = _encode(model, image)
-        targets.append(Target(image, code, ambiguate(code, k, obf), grid))
+        public, perms = ambiguate_maps(code, maps, k, obf)
+        truth = code != 0
+        rows = len(code) // maps
+        for j, perm in enumerate(perms):
+            if perm is not None:
+                truth[j * rows : (j + 1) * rows] = shuffle_atoms(
+                    truth[j * rows : (j + 1) * rows], perm
+                )
+        targets.append(Target(image, code, public, truth, grid))
     return targets
 
 
@@ -133,10 +143,6 @@ def entry_features(target: Target, m: int) -> np.ndarray:
     return features.reshape(-1, features.shape[-1])
 
 
-def _labels(target: Target) -> np.ndarray:
-    return (target.code != 0).reshape(-1)
-
-
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Area under the ROC curve by the rank-sum (Mann-Whitney) statistic, ties averaged."""
     from scipy.stats import rankdata
@@ -163,7 +169,7 @@ def distinguisher(
 
     def data(items: list[Target]) -> tuple[np.ndarray, np.ndarray]:
         features = np.concatenate([entry_features(t, m) for t in items])
-        labels = np.concatenate([_labels(t) for t in items])
+        labels = np.concatenate([t.truth.reshape(-1) for t in items])
         live = features[:, 1] > 0  # only non-zero public entries can be true
         return np.ascontiguousarray(features[live][:, columns]), labels[live]
 
@@ -229,7 +235,8 @@ def learned_inversion(
         for row in range(batch):
             vectors = code_to_vectors(code[row : row + 1])
             header = _Header(cfg.m, cfg.n, tuple(code.shape[3:]))
-            publics.append(vectors_to_code(ambiguate(vectors, k, obf), header))
+            shown, _ = ambiguate_maps(vectors, cfg.m, k, obf)
+            publics.append(vectors_to_code(shown, header))
         values = network.magnitudes(torch.cat(publics))
         loss = torch.mean((network.synthesis(values) - x) ** 2)
         optimizer.zero_grad()
@@ -296,7 +303,7 @@ def run_attacks(
     for row in rows.values():
         row["psnr_above_prior"] = row["psnr"] - prior["psnr"]
         row["ssim_above_prior"] = row["ssim"] - prior["ssim"]
-    key_bits = [key_size(t.public, k, obf.mask_signs)[0] for t in targets]
+    key_bits = [image_key_bits(t.public, model.network.config.m, k, obf) for t in targets]
     report = {
         "attacker_images": len(attacker_paths),
         "target_images": len(target_paths),

@@ -606,7 +606,8 @@ def info(file: Path) -> None:
             from primis.obfuscation import key_size
 
             public = PublicFile.from_bytes(data, str(file))
-            ideal, packed = key_size(public.vectors, public.header.k, public.header.mask_signs)
+            h = public.header
+            ideal, packed = key_size(public.vectors, h.k, h.mask_signs, h.permuted)
             report = public.header.model_dump() | {
                 "bytes": len(data),
                 "vectors": int(public.vectors.shape[0]),

@@ -57,11 +57,16 @@ class ObfuscationConfig(Strict):
     public vector is non-zero). With ``mask_signs`` the public sign of each true entry is a fresh
     random bit, so the public vector is independent of the image; the key then names the sign of
     each true entry (exactly the ideal bit count of a ternary vector). Without it the true entries
-    keep their signs in public and the key is smaller by about 2k bits per vector.
+    keep their signs in public and the key is smaller by about 2k bits per vector. With
+    ``permute_atoms`` each file shows every map's atoms in a secret random order, so the
+    model's preference for some atoms does not point at the true entries.
     """
 
     fill: float = Field(1.0, ge=0.0, le=1.0)
     mask_signs: bool = True
+    permute_atoms: bool = Field(
+        True, description="shuffle each map's atom order per file (log2(n!) key bits per map)"
+    )
 
 
 class TrainConfig(Strict):

@@ -47,6 +47,7 @@ class PublicHeader(Strict):
     k: int = Field(ge=1)
     noise: int = Field(ge=0, description="noise entries per vector")
     mask_signs: bool
+    permuted: bool = Field(description="atoms shown in a secret per-map order")
 
 
 class KeyHeader(Strict):

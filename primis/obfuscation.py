@@ -90,19 +90,77 @@ def _support_parts(public: np.ndarray, k: int, mask_signs: bool):
     return [(public == 1, k), (public == -1, k)]
 
 
-def key_radices(public: np.ndarray, k: int, mask_signs: bool) -> np.ndarray:
-    """Radix of each key digit, in key order; computable from the public vectors alone."""
+def secure_permutation(n: int) -> np.ndarray:
+    """A uniformly random permutation of range(n) from os.urandom."""
+    return np.argsort(secure_random_keys((n,)), kind="stable")
+
+
+def shuffle_atoms(vectors: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """Column c of the result shows atom perm[c]."""
+    return vectors[:, perm]
+
+
+def unshuffle_atoms(shown: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    original = np.empty_like(shown)
+    original[:, perm] = shown
+    return original
+
+
+def permutation_digits(perm: np.ndarray) -> list[int]:
+    """Lehmer code: digit i (radix n-i) counts later entries smaller than perm[i]."""
+    return [int(np.count_nonzero(perm[i + 1 :] < perm[i])) for i in range(len(perm))]
+
+
+def permutation_from_digits(digits: list[int]) -> np.ndarray:
+    available = list(range(len(digits)))
+    return np.array([available.pop(int(d)) for d in digits])
+
+
+def ambiguate_maps(
+    vectors: np.ndarray, maps: int, k: int, obfuscation: ObfuscationConfig
+) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """Public vectors of every code map (map-major rows) and each map's secret atom order.
+
+    With ``permute_atoms`` the columns of each map are shuffled by a fresh random permutation,
+    so how often the model uses each atom says nothing about where the true entries are.
+    """
+    public = ambiguate(vectors, k, obfuscation)
+    rows = len(vectors) // maps
+    perms: list[np.ndarray | None] = []
+    for j in range(maps):
+        part = slice(j * rows, (j + 1) * rows)
+        perm = secure_permutation(vectors.shape[1]) if obfuscation.permute_atoms else None
+        if perm is not None:
+            public[part] = shuffle_atoms(public[part], perm)
+        perms.append(perm)
+    return public, perms
+
+
+def key_radices(public: np.ndarray, k: int, mask_signs: bool, permuted: bool = False) -> np.ndarray:
+    """Radix of each key digit, in key order; computable from the public vectors alone
+    (shuffling atoms keeps every vector's counts, so shown or original vectors serve)."""
     columns = [
         [math.comb(int(c), size) for c in candidates.sum(axis=1)]
         for candidates, size in _support_parts(public, k, mask_signs)
     ]
     if mask_signs:
         columns.append([math.comb(2 * k, k)] * public.shape[0])
-    return np.array(columns, dtype=object).T.reshape(-1)
+    support = np.array(columns, dtype=object).T.reshape(-1)
+    if not permuted:
+        return support
+    n = public.shape[1]
+    return np.concatenate([np.array(range(n, 0, -1), dtype=object), support])
 
 
-def key_digits(code: np.ndarray, public: np.ndarray, k: int, mask_signs: bool) -> np.ndarray:
-    """The key digits (ranks of the true supports) in the order of :func:`key_radices`."""
+def key_digits(
+    code: np.ndarray,
+    public: np.ndarray,
+    k: int,
+    mask_signs: bool,
+    perm: np.ndarray | None = None,
+) -> np.ndarray:
+    """The key digits in the order of :func:`key_radices`: the atom order (if shuffled), then
+    the ranks of the true supports within the (unshuffled) public vectors."""
     n = code.shape[1]
     columns = []
     if mask_signs:
@@ -115,27 +173,56 @@ def key_digits(code: np.ndarray, public: np.ndarray, k: int, mask_signs: bool) -
         for sign in (1, -1):
             members = _index_within(public == sign, code == sign, k)
             columns.append(rank_subsets(members, n))
-    return np.array(columns, dtype=object).T.reshape(-1)
+    support = np.array(columns, dtype=object).T.reshape(-1)
+    if perm is None:
+        return support
+    return np.concatenate([np.array(permutation_digits(perm), dtype=object), support])
 
 
-def make_key(code: np.ndarray, public: np.ndarray, k: int, mask_signs: bool) -> bytes:
-    """Enumeratively coded support of every vector, given its public vector."""
-    return pack_digits(key_digits(code, public, k, mask_signs), key_radices(public, k, mask_signs))
+def make_key(
+    code: np.ndarray,
+    public: np.ndarray,
+    k: int,
+    mask_signs: bool,
+    perm: np.ndarray | None = None,
+) -> bytes:
+    """Enumeratively coded support of every vector given its (unshuffled) public vector, after
+    the atom order when the public vectors are shown shuffled by ``perm``."""
+    radices = key_radices(public, k, mask_signs, perm is not None)
+    return pack_digits(key_digits(code, public, k, mask_signs, perm), radices)
 
 
-def key_size(public: np.ndarray, k: int, mask_signs: bool) -> tuple[float, int]:
+def key_size(
+    public: np.ndarray, k: int, mask_signs: bool, permuted: bool = False
+) -> tuple[float, int]:
     """(ideal key bits, packed key bytes) for these public vectors."""
-    radices = key_radices(public, k, mask_signs)
+    radices = key_radices(public, k, mask_signs, permuted)
     return ideal_bits(radices), packed_size(radices)
 
 
-def disambiguate(public: np.ndarray, key: bytes, k: int, mask_signs: bool) -> np.ndarray:
-    """The true code vectors from the public vectors and the packed key."""
+def image_key_bits(public: np.ndarray, maps: int, k: int, obfuscation: ObfuscationConfig) -> float:
+    """Ideal key bits for all maps of one image's public vectors (map-major rows)."""
+    rows = len(public) // maps
+    return sum(
+        key_size(
+            public[j * rows : (j + 1) * rows], k, obfuscation.mask_signs, obfuscation.permute_atoms
+        )[0]
+        for j in range(maps)
+    )
+
+
+def disambiguate(
+    public: np.ndarray, key: bytes, k: int, mask_signs: bool, permuted: bool = False
+) -> np.ndarray:
+    """The true code vectors from the public vectors (as shown) and the packed key."""
     v, n = public.shape
-    radices = key_radices(public, k, mask_signs)
+    radices = key_radices(public, k, mask_signs, permuted)
     if any(int(r) == 0 for r in radices):
         raise PrimisError("public code is inconsistent: a vector has too few non-zero entries")
     digits = np.array(unpack_digits(key, radices), dtype=object)
+    if permuted:
+        public = unshuffle_atoms(public, permutation_from_digits(list(digits[:n])))
+        digits = digits[n:]
     parts = _support_parts(public, k, mask_signs)
     per_vector = len(parts) + (1 if mask_signs else 0)
     digits = digits.reshape(v, per_vector)

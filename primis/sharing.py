@@ -28,11 +28,12 @@ from primis.formats import (
 from primis.imageio import IntensityMapping, pad_to_multiple
 from primis.modelstore import LoadedModel
 from primis.obfuscation import (
-    ambiguate,
+    ambiguate_maps,
     disambiguate,
     key_size,
     make_key,
     noise_count,
+    unshuffle_atoms,
 )
 
 
@@ -137,7 +138,7 @@ def _package(
     """Ambiguate one image's code and write its public file and key."""
     cfg = model.network.config
     vectors = code_to_vectors(code)
-    public_vectors = ambiguate(vectors, k, obfuscation)
+    public_vectors, perms = ambiguate_maps(vectors, cfg.m, k, obfuscation)
     _, _, _, rows, cols = code.shape
     header = PublicHeader(
         file_id=new_file_id(),
@@ -148,15 +149,18 @@ def _package(
         k=k,
         noise=noise_count(cfg.n, k, obfuscation.fill),
         mask_signs=obfuscation.mask_signs,
+        permuted=obfuscation.permute_atoms,
     )
     public = PublicFile(header, public_vectors).to_bytes()
     per_map = rows * cols
     payload = b""
     ideal = 0.0
     for j in maps:
-        part = slice(j * per_map, (j + 1) * per_map)
-        payload += make_key(vectors[part], public_vectors[part], k, obfuscation.mask_signs)
-        ideal += key_size(public_vectors[part], k, obfuscation.mask_signs)[0]
+        part, perm = slice(j * per_map, (j + 1) * per_map), perms[j]
+        shown = public_vectors[part]
+        original = shown if perm is None else unshuffle_atoms(shown, perm)
+        payload += make_key(vectors[part], original, k, obfuscation.mask_signs, perm)
+        ideal += key_size(shown, k, obfuscation.mask_signs, perm is not None)[0]
     key_header = KeyHeader(
         file_id=header.file_id,
         public_sha256=sha256(public),
@@ -209,10 +213,10 @@ def recover_code(public: PublicFile, key: KeyFile) -> np.ndarray:
     offset = 0
     for j in key.header.maps:
         part = slice(j * per_map, (j + 1) * per_map)
-        size = key_size(public.vectors[part], h.k, h.mask_signs)[1]
+        size = key_size(public.vectors[part], h.k, h.mask_signs, h.permuted)[1]
         chunk = key.payload[offset : offset + size]
         offset += size
-        vectors[part] = disambiguate(public.vectors[part], chunk, h.k, h.mask_signs)
+        vectors[part] = disambiguate(public.vectors[part], chunk, h.k, h.mask_signs, h.permuted)
     if offset != len(key.payload):
         raise PrimisError("key payload length does not match the public file")
     return vectors

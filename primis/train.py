@@ -38,7 +38,7 @@ from primis.imageio import pad_to_multiple, read_image, write_atomic
 from primis.metrics import psnr, ssim
 from primis.model import SparseTernaryAutoEncoder
 from primis.modelstore import save_model
-from primis.obfuscation import ambiguate, key_size
+from primis.obfuscation import ambiguate_maps, image_key_bits
 
 
 def pick_device(name: str) -> torch.device:
@@ -116,8 +116,8 @@ def validate(
         scores.append(psnr(image, out))
         similarities.append(ssim(image, out))
         vectors = code[0].permute(0, 2, 3, 1).reshape(-1, cfg.n).cpu().numpy()
-        public = ambiguate(vectors, cfg.k, obfuscation)
-        bits += key_size(public, cfg.k, obfuscation.mask_signs)[0]
+        public, _ = ambiguate_maps(vectors, cfg.m, cfg.k, obfuscation)
+        bits += image_key_bits(public, cfg.m, cfg.k, obfuscation)
         pixels += image.size
         if index < grid_rows:
             shape = (1, cfg.m, *code.shape[3:], cfg.n)

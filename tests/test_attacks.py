@@ -23,7 +23,7 @@ def _constant_code_target(seed: int, mask: bool) -> Target:
     vector[chosen[:k]], vector[chosen[k:]] = 1, -1
     code = np.tile(vector, (m * rows * cols, 1))
     public = ambiguate(code, k, ObfuscationConfig(fill=0.5, mask_signs=mask))
-    return Target(np.zeros((8, 8), np.float32), code, public, (rows, cols))
+    return Target(np.zeros((8, 8), np.float32), code, public, code != 0, (rows, cols))
 
 
 def test_roc_auc_matches_its_definition():

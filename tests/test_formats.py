@@ -26,6 +26,7 @@ def _public(noise: int = 4) -> PublicFile:
         k=1,
         noise=noise,
         mask_signs=True,
+        permuted=False,
     )
     vectors = np.zeros((12, 8), dtype=np.int8)
     vectors[:, : 2 + noise] = np.where(np.arange(2 + noise) % 2, 1, -1)

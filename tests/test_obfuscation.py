@@ -85,3 +85,29 @@ def test_two_ambiguations_differ():
     first = ambiguate(code, 3, ObfuscationConfig())
     second = ambiguate(code, 3, ObfuscationConfig())
     assert not np.array_equal(first, second)
+
+
+def test_shuffled_atoms_round_trip_and_cost_log2_n_factorial_per_map():
+    from primis.obfuscation import (
+        ambiguate_maps,
+        permutation_digits,
+        permutation_from_digits,
+        unshuffle_atoms,
+    )
+
+    n, k, maps = 64, 3, 2
+    code = random_code(2 * 150, n, k, seed=5)
+    shown, perms = ambiguate_maps(code, maps, k, ObfuscationConfig())
+    for j, perm in enumerate(perms):
+        assert sorted(perm) == list(range(n))
+        assert np.array_equal(permutation_from_digits(permutation_digits(perm)), perm)
+        part = slice(j * 150, (j + 1) * 150)
+        original = unshuffle_atoms(shown[part], perm)
+        key = make_key(code[part], original, k, True, perm)
+        assert np.array_equal(disambiguate(shown[part], key, k, True, permuted=True), code[part])
+        plain_bits = key_size(original, k, True)[0]
+        ideal, packed = key_size(shown[part], k, True, permuted=True)
+        assert math.isclose(ideal - plain_bits, math.log2(math.factorial(n)))
+        assert len(key) == packed and packed * 8 <= 1.01 * ideal
+    assert not np.array_equal(perms[0], perms[1])
+    assert not ambiguate_maps(code, maps, k, ObfuscationConfig(permute_atoms=False))[1][0]

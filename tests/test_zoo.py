@@ -53,7 +53,8 @@ def test_attacks_stay_near_prior_only_on_real_chest_xrays(tmp_path):
     for name, row in report["attacks"].items():
         if name != "authorized (with key)":
             assert row["psnr_above_prior"] < 1.0 and row["ssim_above_prior"] < 0.05, name
-    # The public entries add nothing over the prior (how often the model uses each atom).
-    prior_auc = report["distinguisher_prior_only"]["auc"]
-    assert report["distinguisher"]["auc"] < prior_auc + 0.02, report["distinguisher"]
+    # With atoms shown in a secret order per file, neither the public entries nor the model's
+    # preference for some atoms tells true entries from noise.
+    assert report["distinguisher"]["auc"] < 0.55, report["distinguisher"]
+    assert report["distinguisher_prior_only"]["auc"] < 0.55, report["distinguisher_prior_only"]
     assert report["attacks"]["authorized (with key)"]["psnr_above_prior"] > 10
