@@ -273,8 +273,13 @@ def run_attacks(
     obf: ObfuscationConfig,
     quick: bool = False,
     seed: int = 0,
+    masks: Path | None = None,
 ) -> tuple[dict, dict]:
-    """Every attack on the targets; returns (report, images for the figure)."""
+    """Every attack on the targets; returns (report, images for the figure).
+
+    With ``masks`` (a folder of lung masks named like the images) the report adds the lung
+    segmentation utility study of :mod:`primis.utility` for every view.
+    """
     if set(map(Path.resolve, attacker_paths)) & set(map(Path.resolve, target_paths)):
         from primis.errors import PrimisError
 
@@ -325,4 +330,19 @@ def run_attacks(
             "median": float(np.median(key_bits)),
         },
     }
+    if masks is not None:
+        from primis.utility import load_mask, mask_for, utility_study
+
+        def authorized(images: list[np.ndarray]) -> list[np.ndarray]:
+            with torch.no_grad():
+                return [_decode(model, t.code, t) for t in attackers]
+
+        report["utility_dice"] = utility_study(
+            attacker_images,
+            [load_mask(mask_for(p, masks)) for p in attacker_paths],
+            authorized,
+            {"original": target_images, **views},
+            [load_mask(mask_for(p, masks)) for p in target_paths],
+            steps=20 if quick else 400,
+        )
     return report, {"originals": target_images, **views}

@@ -459,8 +459,13 @@ def demo(image, model_dir, out) -> None:
 @click.option(
     "--out", type=click.Path(path_type=Path), default=Path("primis-attack"), show_default=True
 )
+@click.option(
+    "--masks",
+    type=click.Path(path_type=Path),
+    help="lung masks named like the images: adds the segmentation utility study",
+)
 @click.option("--quick", is_flag=True, help="short attack training (for tests)")
-def attack(model_dir, attacker_data, target_data, fill, mask_signs, out, quick) -> None:
+def attack(model_dir, attacker_data, target_data, fill, mask_signs, masks, out, quick) -> None:
     """Run every attack of the threat model against public files; report vs prior-only."""
     from primis.attacks import run_attacks
     from primis.data import resolve_sources
@@ -470,7 +475,12 @@ def attack(model_dir, attacker_data, target_data, fill, mask_signs, out, quick) 
     model = load_model(model_dir)
     obfuscation = _obfuscation(model, fill, mask_signs)
     report, views = run_attacks(
-        model, resolve_sources(attacker_data), resolve_sources(target_data), obfuscation, quick
+        model,
+        resolve_sources(attacker_data),
+        resolve_sources(target_data),
+        obfuscation,
+        quick,
+        masks=masks,
     )
     report["model_hash"] = model.hash
     rows = [
@@ -490,6 +500,16 @@ def attack(model_dir, attacker_data, target_data, fill, mask_signs, out, quick) 
         f"Key space: median {report['key_space_bits_per_image']['median']:.0f} bits per image "
         f"(minimum {report['key_space_bits_per_image']['min']:.0f}).\n\n![attacks](attacks.png)\n"
     )
+    if "utility_dice" in report:
+        dice_table = markdown_table(
+            ["image", "Dice (U-Net on originals)", "Dice (U-Net on reconstructions)"],
+            [
+                [name, d["trained_on_originals"], d["trained_on_reconstructions"]]
+                for name, d in report["utility_dice"].items()
+            ],
+        )
+        text += f"\n## Lung segmentation utility\n\n{dice_table}\n"
+        click.echo(dice_table)
     write_json(out / "attack.json", report)
     from primis.imageio import write_atomic
 
@@ -550,7 +570,9 @@ def evaluate(model_dir, data, ks, out, quick) -> None:
     text = (
         f"# PRIMIS evaluation\n\nModel `{model.hash[:16]}` on {len(paths)} images.\n\n"
         f"Authorized PSNR {summary['mean_authorized_psnr']:.2f} dB (mean), SSIM "
-        f"{summary['mean_authorized_ssim']:.4f}; key {summary['median_key_bytes']:.0f} B per "
+        f"{summary['mean_authorized_ssim']:.4f}, MS-SSIM "
+        f"{summary['mean_authorized_ms_ssim'] or float('nan'):.4f}; "
+        f"key {summary['median_key_bytes']:.0f} B per "
         f"image, {summary['median_key_bits_per_pixel']:.3f} bits per pixel (medians).\n\n"
         f"{table}\n\n![rate-distortion](rate_distortion.png)\n"
     )

@@ -11,7 +11,7 @@ import numpy as np
 
 from primis.config import ObfuscationConfig
 from primis.imageio import read_image
-from primis.metrics import psnr, ssim
+from primis.metrics import ms_ssim, psnr, ssim
 from primis.modelstore import LoadedModel
 from primis.sharing import attacker_view, reconstruct, share_image
 
@@ -24,6 +24,7 @@ class SharingRecord:
     pixels: int
     authorized_psnr: float
     authorized_ssim: float
+    authorized_ms_ssim: float | None
     without_key_psnr: float
     without_key_ssim: float
     key_bytes: int
@@ -57,6 +58,7 @@ def measure_sharing(
         pixels=unit.size,
         authorized_psnr=psnr(unit, authorized),
         authorized_ssim=ssim(unit, authorized),
+        authorized_ms_ssim=ms_ssim(unit, authorized),
         without_key_psnr=psnr(unit, attacker),
         without_key_ssim=ssim(unit, attacker),
         key_bytes=len(shared.key),
@@ -82,6 +84,8 @@ def summarize(records: list[SharingRecord]) -> dict:
     summary = {f"median_{f}": statistics.median(getattr(r, f) for r in records) for f in fields}
     summary["mean_authorized_psnr"] = float(np.mean([r.authorized_psnr for r in records]))
     summary["mean_authorized_ssim"] = float(np.mean([r.authorized_ssim for r in records]))
+    multi = [r.authorized_ms_ssim for r in records if r.authorized_ms_ssim is not None]
+    summary["mean_authorized_ms_ssim"] = float(np.mean(multi)) if multi else None
     summary["median_key_bits_per_pixel"] = statistics.median(r.key_bits_per_pixel for r in records)
     summary["images"] = len(records)
     summary["records"] = [asdict(r) | {"key_bits_per_pixel": r.key_bits_per_pixel} for r in records]

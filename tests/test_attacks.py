@@ -111,3 +111,22 @@ def test_evaluate_command_writes_rate_distortion(tmp_path, tiny_model_dir):
     for row in report["rd"]:
         assert row["key_bpp"] > 0 and abs(row["jpeg2000_bpp"] - row["key_bpp"]) < 0.5
     assert (out / "rate_distortion.png").is_file() and (out / "evaluate.md").is_file()
+
+
+def test_dice_and_the_small_unet_learn_a_simple_segmentation():
+    from primis.utility import dice, segment, train_unet
+
+    rng = np.random.default_rng(0)
+    images, masks = [], []
+    for _ in range(24):
+        image = rng.normal(0.3, 0.05, (128, 128)).astype(np.float32)
+        mask = np.zeros((128, 128), bool)
+        top, left = rng.integers(10, 70, 2)
+        mask[top : top + 40, left : left + 40] = True
+        image[mask] += 0.4
+        images.append(image)
+        masks.append(mask)
+    assert dice(masks[0], masks[0]) == 1.0 and dice(masks[0], ~masks[0]) == 0.0
+    net = train_unet(images[:20], masks[:20], steps=60)
+    scores = [dice(p, t) for p, t in zip(segment(net, images[20:]), masks[20:], strict=True)]
+    assert np.mean(scores) > 0.8, scores

@@ -55,3 +55,14 @@ def test_unreadable_inputs_raise_clear_errors(tmp_path):
     np.save(tmp_path / "n.npy", np.array([[np.nan, 1.0]]))
     with pytest.raises(PrimisError, match="NaN"):
         read_pixels(tmp_path / "n.npy")
+
+
+def test_ms_ssim_is_one_for_identical_images_and_drops_with_noise():
+    from primis.metrics import ms_ssim
+
+    rng = np.random.default_rng(0)
+    image = rng.random((200, 220))
+    assert ms_ssim(image, image) == pytest.approx(1.0)
+    noisy = np.clip(image + 0.2 * rng.standard_normal(image.shape), 0, 1)
+    assert 0 < ms_ssim(image, noisy) < 0.95
+    assert ms_ssim(image[:100], image[:100]) is None
