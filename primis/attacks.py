@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from primis.config import ObfuscationConfig
 from primis.imageio import pad_to_multiple, read_image
@@ -180,7 +181,7 @@ def distinguisher(
         nn.Linear(x_train.shape[1], 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)
     )
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="distinguisher", leave=False, disable=None):
         batch = np.concatenate([rng.choice(positives, 256), rng.choice(negatives, 256)])
         x = torch.from_numpy(x_train[batch])
         y = torch.from_numpy(y_train[batch].astype(np.float32))
@@ -221,7 +222,7 @@ def learned_inversion(
     optimizer = torch.optim.Adam(network.parameters(), lr=3e-4)
     crop = max(cfg.downsampling, crop - crop % cfg.downsampling)
     pools = [pad_to_multiple(i, crop) if min(i.shape) < crop else i for i in attacker_images]
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="learned inversion", leave=False, disable=None):
         crops = []
         for _ in range(batch):
             image = rng.choice(pools)
@@ -346,3 +347,49 @@ def run_attacks(
             steps=20 if quick else 400,
         )
     return report, {"originals": target_images, **views}
+
+
+def target_checks(report: dict) -> list[dict]:
+    """The privacy and utility targets, each with its measured value and whether it holds."""
+    attacks = {
+        n: r
+        for n, r in report["attacks"].items()
+        if n not in ("authorized (with key)", "prior only (mean image)")
+    }
+    worst_psnr = max(r["psnr_above_prior"] for r in attacks.values())
+    worst_ssim = max(r["ssim_above_prior"] for r in attacks.values())
+    checks = [
+        {
+            "target": "every attack within 1 dB PSNR of prior-only",
+            "value": worst_psnr,
+            "holds": worst_psnr <= 1.0,
+        },
+        {
+            "target": "every attack within 0.05 SSIM of prior-only",
+            "value": worst_ssim,
+            "holds": worst_ssim <= 0.05,
+        },
+        {
+            "target": "distinguisher ROC AUC at most 0.55",
+            "value": report["distinguisher"]["auc"],
+            "holds": report["distinguisher"]["auc"] <= 0.55,
+        },
+        {
+            "target": "at least 128 key bits per image",
+            "value": report["key_space_bits_per_image"]["min"],
+            "holds": report["key_space_bits_per_image"]["min"] >= 128,
+        },
+    ]
+    if "utility_dice" in report:
+        dice = report["utility_dice"]
+        ratio = dice["authorized (with key)"]["trained_on_originals"] / max(
+            dice["original"]["trained_on_originals"], 1e-9
+        )
+        checks.append(
+            {
+                "target": "lung Dice on authorized >= 0.97 x Dice on originals",
+                "value": ratio,
+                "holds": ratio >= 0.97,
+            }
+        )
+    return checks

@@ -467,7 +467,7 @@ def demo(image, model_dir, out) -> None:
 @click.option("--quick", is_flag=True, help="short attack training (for tests)")
 def attack(model_dir, attacker_data, target_data, fill, mask_signs, masks, out, quick) -> None:
     """Run every attack of the threat model against public files; report vs prior-only."""
-    from primis.attacks import run_attacks
+    from primis.attacks import run_attacks, target_checks
     from primis.data import resolve_sources
     from primis.modelstore import load_model
     from primis.report import image_rows, markdown_table, write_json
@@ -500,6 +500,7 @@ def attack(model_dir, attacker_data, target_data, fill, mask_signs, masks, out, 
         f"Key space: median {report['key_space_bits_per_image']['median']:.0f} bits per image "
         f"(minimum {report['key_space_bits_per_image']['min']:.0f}).\n\n![attacks](attacks.png)\n"
     )
+    report["targets"] = target_checks(report)
     if "utility_dice" in report:
         dice_table = markdown_table(
             ["image", "Dice (U-Net on originals)", "Dice (U-Net on reconstructions)"],
@@ -510,6 +511,12 @@ def attack(model_dir, attacker_data, target_data, fill, mask_signs, masks, out, 
         )
         text += f"\n## Lung segmentation utility\n\n{dice_table}\n"
         click.echo(dice_table)
+    targets = markdown_table(
+        ["target", "measured", "holds"],
+        [[c["target"], c["value"], "yes" if c["holds"] else "NO"] for c in report["targets"]],
+    )
+    text += f"\n## Targets\n\n{targets}\n"
+    click.echo(targets)
     write_json(out / "attack.json", report)
     from primis.imageio import write_atomic
 

@@ -74,6 +74,9 @@ def test_attack_command_reports_every_attack_against_prior_only(tmp_path, tiny_m
     assert 0 <= report["distinguisher"]["auc"] <= 1
     assert report["key_space_bits_per_image"]["min"] > 128
     assert (out / "attacks.png").is_file() and "distinguisher AUC" in result.stdout
+    checks = {c["target"]: c for c in report["targets"]}
+    assert checks["at least 128 key bits per image"]["holds"]
+    assert "## Targets" in (out / "attack.md").read_text()
     same = run_cli(
         "attack",
         "--model",

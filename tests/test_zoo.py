@@ -58,3 +58,4 @@ def test_attacks_stay_near_prior_only_on_real_chest_xrays(tmp_path):
     assert report["distinguisher"]["auc"] < 0.55, report["distinguisher"]
     assert report["distinguisher_prior_only"]["auc"] < 0.55, report["distinguisher_prior_only"]
     assert report["attacks"]["authorized (with key)"]["psnr_above_prior"] > 10
+    assert all(check["holds"] for check in report["targets"]), report["targets"]
