@@ -89,7 +89,6 @@ def naive_view(model: LoadedModel, target: Target) -> np.ndarray:
 
 def topk_view(model: LoadedModel, target: Target, k: int) -> np.ndarray:
     """Keep, per vector, the k '+' and k '-' public entries with the largest magnitudes."""
-    cfg = model.network.config
     rows_per_map = target.grid[0] * target.grid[1]
     guess = np.zeros_like(target.public)
     for sign, beta in ((1, model.network.beta_pos), (-1, model.network.beta_neg)):
@@ -97,7 +96,6 @@ def topk_view(model: LoadedModel, target: Target, k: int) -> np.ndarray:
         score = np.where(target.public == sign, weight, -np.inf)
         top = np.argsort(-score, axis=1)[:, :k]
         np.put_along_axis(guess, top, sign, axis=1)
-    assert guess.shape[1] == cfg.n
     return _decode(model, guess, target)
 
 

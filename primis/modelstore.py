@@ -118,7 +118,3 @@ def load_model(directory: str | Path | None, device: str = "cpu") -> LoadedModel
         ) from None
     network.eval().to(device)
     return LoadedModel(network, meta.obfuscation, model_hash(meta.model, weights), directory)
-
-
-def trainable_parameters(network: torch.nn.Module) -> int:
-    return sum(p.numel() for p in network.parameters() if p.requires_grad)
