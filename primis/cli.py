@@ -139,13 +139,14 @@ def _obfuscation(model, fill: float | None, mask_signs: bool | None):
     return parse_config(ObfuscationConfig, settings, "obfuscation options")
 
 
-def _parse_maps(text: str | None) -> list[int] | None:
+def _parse_ints(text: str | None, option: str) -> list[int] | None:
+    """A comma-separated list of integers (sorted, unique), or None when the option is absent."""
     if text is None:
         return None
     try:
         return sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
-        raise PrimisError(f"--maps {text}: expected map numbers like 0,1") from None
+        raise PrimisError(f"{option} {text}: expected numbers like 0,1") from None
 
 
 @cli.command()
@@ -188,7 +189,7 @@ def ambiguate(
 
     model = load_model(model_dir)
     obfuscation = _obfuscation(model, fill, mask_signs)
-    key_maps = _parse_maps(maps)
+    key_maps = _parse_ints(maps, "--maps")
     items = select_shard(expand(inputs, is_image_file), shard)
     for folder in (public_dir, key_dir):
         clean_stale_parts(folder)
@@ -553,9 +554,14 @@ def evaluate(model_dir, data, ks, out, quick) -> None:
 
     model = load_model(model_dir)
     paths = resolve_sources(data)[: 4 if quick else None]
-    summary = summarize([measure_sharing(model, p, model.obfuscation) for p in paths])
-    k_values = _parse_maps(ks) or list(range(1, model.network.config.k + 1))
-    rows = rate_distortion(model, paths, k_values, model.obfuscation)
+    model_k = model.network.config.k
+    k_values = _parse_ints(ks, "--ks") or list(range(1, model_k + 1))
+    records_by_k = {
+        k: [measure_sharing(model, p, model.obfuscation, k) for p in paths]
+        for k in sorted(set(k_values) | {model_k})
+    }
+    summary = summarize(records_by_k[model_k])
+    rows = rate_distortion(paths, {k: records_by_k[k] for k in k_values})
     report = {"model_hash": model.hash, "images": len(paths), "summary": summary, "rd": rows}
     write_json(out / "evaluate.json", report)
     rd_plot(rows, out / "rate_distortion.png")

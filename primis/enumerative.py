@@ -54,44 +54,46 @@ def ideal_bits(radices: np.ndarray) -> float:
     return float(sum(math.log2(int(r)) for r in radices if int(r) > 1))
 
 
-def _blocks(count: int):
-    for start in range(0, count, DIGITS_PER_BLOCK):
-        yield start, min(count, start + DIGITS_PER_BLOCK)
-
-
-def _block_bytes(radices: list[int]) -> int:
-    return (math.prod(radices) - 1).bit_length() // 8 + 1 if radices else 0
+def _layout(radices: list[int]) -> list[tuple[int, int, int]]:
+    """(start, end, bytes) of every block of digits; bytes hold the block's largest value."""
+    layout = []
+    for start in range(0, len(radices), DIGITS_PER_BLOCK):
+        end = min(len(radices), start + DIGITS_PER_BLOCK)
+        layout.append((start, end, (math.prod(radices[start:end]) - 1).bit_length() // 8 + 1))
+    return layout
 
 
 def packed_size(radices: np.ndarray) -> int:
     """Bytes :func:`pack_digits` produces for these radices."""
-    values = [int(r) for r in radices]
-    return sum(_block_bytes(values[a:b]) for a, b in _blocks(len(values)))
+    return sum(size for _, _, size in _layout([int(r) for r in radices]))
 
 
 def pack_digits(digits: np.ndarray, radices: np.ndarray) -> bytes:
     """Mixed-radix packing of ``digits[i] < radices[i]`` into bytes (big-endian blocks)."""
     out = bytearray()
     d_all, r_all = [int(d) for d in digits], [int(r) for r in radices]
-    for a, b in _blocks(len(d_all)):
+    if len(d_all) != len(r_all):
+        raise ValueError("one digit per radix")
+    for a, b, size in _layout(r_all):
         value = 0
         for digit, radix in zip(d_all[a:b], r_all[a:b], strict=True):
             if not 0 <= digit < radix:
                 raise ValueError(f"digit {digit} outside radix {radix}")
             value = value * radix + digit
-        out += value.to_bytes(_block_bytes(r_all[a:b]), "big")
+        out += value.to_bytes(size, "big")
     return bytes(out)
 
 
 def unpack_digits(data: bytes, radices: np.ndarray) -> list[int]:
     """Inverse of :func:`pack_digits`; a corrupted stream raises PrimisError."""
     r_all = [int(r) for r in radices]
-    if len(data) != packed_size(radices):
-        raise PrimisError(f"key payload has {len(data)} bytes, expected {packed_size(radices)}")
+    layout = _layout(r_all)
+    expected = sum(size for _, _, size in layout)
+    if len(data) != expected:
+        raise PrimisError(f"key payload has {len(data)} bytes, expected {expected}")
     digits: list[int] = []
     offset = 0
-    for a, b in _blocks(len(r_all)):
-        size = _block_bytes(r_all[a:b])
+    for a, b, size in layout:
         value = int.from_bytes(data[offset : offset + size], "big")
         offset += size
         block = []

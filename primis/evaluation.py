@@ -125,15 +125,12 @@ def _codec_round_trip(image: np.ndarray, codec: str, bpp: float) -> tuple[np.nda
     return decoded, 8 * len(data) / image.size
 
 
-def rate_distortion(
-    model: LoadedModel, paths: list[Path], ks: list[int], obfuscation: ObfuscationConfig
-) -> list[dict]:
-    """Mean PSNR/SSIM and key bits per pixel for each k, with JPEG and JPEG 2000 at the same
-    bits per pixel (measured on the same images, 8-bit)."""
+def rate_distortion(paths: list[Path], records_by_k: dict[int, list[SharingRecord]]) -> list[dict]:
+    """Mean PSNR/SSIM and key bits per pixel for each k (from :func:`measure_sharing` records of
+    ``paths``), with JPEG and JPEG 2000 at the same bits per pixel on the same images, 8-bit."""
     images = [read_image(p)[0] for p in paths]
     rows = []
-    for k in ks:
-        records = [measure_sharing(model, p, obfuscation, k) for p in paths]
+    for k, records in sorted(records_by_k.items()):
         bpp = float(np.mean([r.key_bits_per_pixel for r in records]))
         row = {
             "k": k,

@@ -214,12 +214,25 @@ def image_key_bits(public: np.ndarray, maps: int, k: int, obfuscation: Obfuscati
 def disambiguate(
     public: np.ndarray, key: bytes, k: int, mask_signs: bool, permuted: bool = False
 ) -> np.ndarray:
-    """The true code vectors from the public vectors (as shown) and the packed key."""
+    """The true code vectors from the public vectors (as shown) and exactly their packed key."""
+    code, used = read_key(public, key, k, mask_signs, permuted)
+    if used != len(key):
+        raise PrimisError(f"key payload has {len(key)} bytes, expected {used}")
+    return code
+
+
+def read_key(
+    public: np.ndarray, payload: bytes, k: int, mask_signs: bool, permuted: bool = False
+) -> tuple[np.ndarray, int]:
+    """Decode these vectors' key from the start of ``payload``: (true code, bytes used)."""
     v, n = public.shape
     radices = key_radices(public, k, mask_signs, permuted)
     if any(int(r) == 0 for r in radices):
         raise PrimisError("public code is inconsistent: a vector has too few non-zero entries")
-    digits = np.array(unpack_digits(key, radices), dtype=object)
+    used = packed_size(radices)
+    if len(payload) < used:
+        raise PrimisError(f"key payload has {len(payload)} bytes, expected at least {used}")
+    digits = np.array(unpack_digits(payload[:used], radices), dtype=object)
     if permuted:
         public = unshuffle_atoms(public, permutation_from_digits(list(digits[:n])))
         digits = digits[n:]
@@ -242,4 +255,4 @@ def disambiguate(
             order, _ = _positions(public == sign)
             members = unrank_subsets(digits[:, part], k, n)
             code[rows, np.take_along_axis(order, members, axis=1).reshape(-1)] = sign
-    return code
+    return code, used

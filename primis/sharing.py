@@ -29,10 +29,10 @@ from primis.imageio import IntensityMapping, pad_to_multiple
 from primis.modelstore import LoadedModel
 from primis.obfuscation import (
     ambiguate_maps,
-    disambiguate,
     key_size,
     make_key,
     noise_count,
+    read_key,
     unshuffle_atoms,
 )
 
@@ -213,10 +213,10 @@ def recover_code(public: PublicFile, key: KeyFile) -> np.ndarray:
     offset = 0
     for j in key.header.maps:
         part = slice(j * per_map, (j + 1) * per_map)
-        size = key_size(public.vectors[part], h.k, h.mask_signs, h.permuted)[1]
-        chunk = key.payload[offset : offset + size]
-        offset += size
-        vectors[part] = disambiguate(public.vectors[part], chunk, h.k, h.mask_signs, h.permuted)
+        vectors[part], used = read_key(
+            public.vectors[part], key.payload[offset:], h.k, h.mask_signs, h.permuted
+        )
+        offset += used
     if offset != len(key.payload):
         raise PrimisError("key payload length does not match the public file")
     return vectors

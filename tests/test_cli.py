@@ -282,3 +282,72 @@ def test_outputs_keep_the_inputs_type_dtype_and_range(tmp_path, tiny_model_dir, 
     restored = tifffile.imread(out) if name.endswith(".tif") else np.load(out)
     assert restored.shape == pixels.shape and restored.dtype == pixels.dtype
     assert restored.min() >= pixels.min() and restored.max() <= pixels.max()
+
+
+def test_lower_k_at_ambiguate_gives_a_smaller_key_that_still_opens(
+    tmp_path, image_files, tiny_model_dir
+):
+    import json
+
+    gray = next(p for p in image_files if p.stem == "patient_gray")
+    sizes = {}
+    for k in (1, 2):
+        out = tmp_path / f"k{k}"
+        run_cli(
+            "ambiguate",
+            gray,
+            "--model",
+            tiny_model_dir,
+            "--public-dir",
+            out,
+            "--key-dir",
+            out,
+            "--k",
+            k,
+            check=True,
+        )
+        header = json.loads(run_cli("info", out / "patient_gray.primis", check=True).stdout)
+        assert header["k"] == k and header["ideal_key_bits"] > 0
+        sizes[k] = (out / "patient_gray.primiskey").stat().st_size
+        run_cli(
+            "disambiguate",
+            out / "patient_gray.primis",
+            "--model",
+            tiny_model_dir,
+            "--key-dir",
+            out,
+            "--out-dir",
+            out / "r",
+            check=True,
+        )
+    assert sizes[1] < sizes[2]
+    result = run_cli(
+        "ambiguate",
+        gray,
+        "--model",
+        tiny_model_dir,
+        "--public-dir",
+        tmp_path,
+        "--key-dir",
+        tmp_path,
+        "--k",
+        3,
+    )
+    assert_clean_failure(result, "k must lie in 1..2")
+
+
+def test_export_half_writes_a_smaller_loadable_model(tmp_path, tiny_model_dir):
+    import torch
+
+    from primis.modelstore import load_model
+
+    run_cli("export", tiny_model_dir, "--out", tmp_path / "half", "--half", check=True)
+    full, half = load_model(tiny_model_dir), load_model(tmp_path / "half")
+    assert half.hash != full.hash
+    size = (tmp_path / "half" / "model.safetensors").stat().st_size
+    assert size < 0.6 * (tiny_model_dir / "model.safetensors").stat().st_size
+    x = torch.rand(1, 1, 32, 32)
+    code = full.network.encode(x)
+    torch.testing.assert_close(
+        half.network.decode(code), full.network.decode(code), atol=2e-2, rtol=0
+    )
