@@ -5,8 +5,10 @@
 
 Throughput: optimizer steps on random crops of the sample chest X-rays, for the shipped default
 configuration and for the paper's configuration (downsampling [2,2], channels 32/64, n=256,
-k=16, m=4, 64x64 patches) in this implementation; median over timed steps, reported as
-patches per second and as megapixels per second. Prints a table and writes JSON.
+k=16, m=4, 64x64 patches) in this implementation, in float32 and (on CPUs with native
+bfloat16, where training uses it) with bfloat16 autocast; median seconds per step in each
+phase of the schedule, weighted by the phase's share of a run, reported as patches per second.
+Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch
 
 from primis.config import ModelConfig, RunConfig, TrainConfig
 from primis.data import RandomCropDataset
+from primis.model import SparseTernaryAutoEncoder
+from primis.train import train, use_autocast
 
 try:
     from benchmarks.holdout import DATA, holdout_split
@@ -34,33 +38,43 @@ PAPER = RunConfig(
 )
 
 
-def throughput(config: RunConfig, paths: list[Path], steps: int, warmup: int = 3) -> dict:
-    """Median seconds per training step (forward, backward, AdamW) on real crops."""
-    from primis.model import SparseTernaryAutoEncoder
+def throughput(config: RunConfig, paths: list[Path], steps: int, autocast: bool) -> dict:
+    """Training speed (forward, backward, AdamW on real crops) in each phase of the schedule.
 
+    Median seconds per step with real-valued codes, half blended and pure ternary; the headline
+    is the whole schedule's rate: phases weighted by the share of the run they take.
+    """
     torch.manual_seed(0)
     network = SparseTernaryAutoEncoder(config.model)
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
     dataset = RandomCropDataset(paths, config.train.crop)
     batch_size = config.train.batch_size
-    times = []
-    for step in range(warmup + steps):
-        x = torch.stack(
-            [dataset[(step * batch_size + i) % len(dataset)] for i in range(batch_size)]
-        )
-        started = time.perf_counter()
-        loss = torch.mean((network(x, ternary_weight=1.0) - x) ** 2)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step >= warmup:
-            times.append(time.perf_counter() - started)
-    seconds = statistics.median(times)
+    t = config.train
+    shares = {0.0: t.real_steps, 0.5: t.anneal_steps, 1.0: 1 - t.real_steps - t.anneal_steps}
+    phases = {}
+    for weight in shares:
+        times = []
+        for step in range(steps + 2):  # two warm-up steps
+            x = torch.stack(
+                [dataset[(step * batch_size + i) % len(dataset)] for i in range(batch_size)]
+            )
+            started = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = torch.mean((network(x, ternary_weight=weight).float() - x) ** 2)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step >= 2:
+                times.append(time.perf_counter() - started)
+        phases[weight] = statistics.median(times)
+    seconds = sum(shares[w] * phases[w] for w in shares)
     pixels = batch_size * config.train.crop**2
     return {
         "crop": config.train.crop,
         "batch": batch_size,
-        "median_step_seconds": seconds,
+        "bfloat16_autocast": autocast,
+        "median_step_seconds": {"real": phases[0.0], "blend": phases[0.5], "ternary": phases[1.0]},
+        "schedule_step_seconds": seconds,
         "patches_per_second": batch_size / seconds,
         "patches64_per_second": pixels / 64**2 / seconds,
         "megapixels_per_second": pixels / 1e6 / seconds,
@@ -85,23 +99,30 @@ def main() -> None:
         "torch": torch.__version__,
         "throughput": {},
     }
+    precisions = [False]
+    if use_autocast(torch.device("cpu"), amp=True):
+        precisions.append(True)
     for name, config in (("default", RunConfig()), ("paper", PAPER)):
-        report["throughput"][name] = throughput(config, split["train"], args.steps)
-    print(f"training throughput ({report['machine']}), median of {args.steps} steps:")
+        for autocast in precisions:
+            row = throughput(config, split["train"], args.steps, autocast)
+            report["throughput"][f"{name}, {'bf16' if autocast else 'fp32'}"] = row
     print(
-        f"  {'config':8s} {'crop':>5s} {'batch':>5s} {'s/step':>8s} {'patches/s':>10s} "
-        f"{'64x64/s':>8s} {'Mpx/s':>7s}"
+        f"training throughput ({report['machine']}), median of {args.steps} steps per phase, "
+        "phases weighted by their share of the schedule:"
+    )
+    print(
+        f"  {'config':14s} {'crop':>4s} {'batch':>5s} {'real':>6s} {'blend':>6s} {'tern.':>6s} "
+        f"{'s/step':>7s} {'patches/s':>9s} {'64x64/s':>8s}"
     )
     for name, row in report["throughput"].items():
+        phase = row["median_step_seconds"]
         print(
-            f"  {name:8s} {row['crop']:5d} {row['batch']:5d} {row['median_step_seconds']:8.3f} "
-            f"{row['patches_per_second']:10.1f} {row['patches64_per_second']:8.1f} "
-            f"{row['megapixels_per_second']:7.2f}"
+            f"  {name:14s} {row['crop']:4d} {row['batch']:5d} {phase['real']:6.3f} "
+            f"{phase['blend']:6.3f} {phase['ternary']:6.3f} {row['schedule_step_seconds']:7.3f} "
+            f"{row['patches_per_second']:9.1f} {row['patches64_per_second']:8.1f}"
         )
 
     if args.time_to:
-        from primis.train import train
-
         config = RunConfig().model_dump()
         config["train"].update(
             max_minutes=args.minutes, steps=10**7, threads=args.threads, validate_every=50

@@ -98,7 +98,9 @@ class TrainConfig(Strict):
     gamma_jitter: float = Field(0.0, ge=0, lt=1, description="random gamma in [1-g, 1+g]")
     workers: int = Field(0, ge=0)
     nonfinite_patience: int = Field(10, ge=1, description="non-finite steps in a row before stop")
-    amp: bool = Field(True, description="bfloat16 autocast on CUDA")
+    amp: bool = Field(
+        True, description="bfloat16 autocast on CUDA and on CPUs with native bfloat16"
+    )
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"

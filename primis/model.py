@@ -21,6 +21,7 @@ and `decode` move between images and the integer ternary code used for sharing.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from primis.config import ModelConfig
@@ -72,6 +73,18 @@ class ResidualUp(nn.Module):
         return self.shortcut(x) + self.body(x)
 
 
+def _flat_index(x: Tensor, index: Tensor) -> Tensor:
+    """Positions in contiguous ``x`` of ``index`` taken along dim 2 (``put_`` is much faster
+    on CPU than ``scatter_`` with a source tensor)."""
+    shape = [1] * x.dim()
+    flat = index * x.stride(2)
+    for dim in (0, 1, 3, 4):
+        shape[dim] = -1
+        flat = flat + torch.arange(x.shape[dim], device=x.device).view(shape) * x.stride(dim)
+        shape[dim] = 1
+    return flat
+
+
 def _stage(channels: int, blocks: int) -> nn.Sequential:
     return nn.Sequential(*(ResidualBlock(channels) for _ in range(blocks)))
 
@@ -121,6 +134,37 @@ class SparseTernaryAutoEncoder(nn.Module):
         )
 
     # ----------------------------------------------------------------- analysis / synthesis
+    def _code_transform(self) -> tuple[Tensor, Tensor]:
+        """The sparsifying projection's weights, centred over the n atoms of each code map.
+
+        Centring the weights centres every score vector z exactly, with no pass over z. With a
+        1x1 projection, the encoder's 1x1 map is folded in: one (m*n, C) matrix in place of two
+        maps over every position (same function, about half of the paper configuration's work).
+        """
+        m, n = self.config.m, self.config.n
+        weight = self.projection.weight.view(m, n, -1)
+        bias = self.projection.bias.view(m, n)
+        if self.config.projection_kernel == 1:
+            to_code = self.to_code.weight.view(m, n, -1)
+            bias = bias + torch.einsum("gij,gj->gi", weight, self.to_code.bias.view(m, n))
+            weight = torch.einsum("gij,gjc->gic", weight, to_code)
+        weight = weight - weight.mean(dim=1, keepdim=True)
+        bias = bias - bias.mean(dim=1, keepdim=True)
+        shape = (m * n, -1, *self.projection.weight.shape[2:])
+        return weight.reshape(shape), bias.reshape(m * n)
+
+    def _inverse_transform(self, values: Tensor) -> Tensor:
+        """Transposed projection then the decoder's 1x1 map (folded into one for a 1x1 kernel)."""
+        b, m, n, h, w = values.shape
+        values = values.reshape(b, m * n, h, w)
+        if self.config.projection_kernel > 1:
+            return self.from_code(self.inverse_projection(values))
+        inverse = self.inverse_projection.weight.view(m, n, n)
+        from_code = self.from_code[0].weight.view(-1, m, n)
+        weight = torch.einsum("cgj,gij->cgi", from_code, inverse).reshape(-1, m * n, 1, 1)
+        bias = self.from_code[0].bias + from_code.reshape(-1, m * n) @ self.inverse_projection.bias
+        return self.from_code[1](F.conv2d(values, weight, bias))
+
     def analysis(self, x: Tensor) -> Tensor:
         """Image (B,1,H,W), H and W multiples of the downsampling -> scores z (B,m,n,h,w)."""
         feature = self.encoder_stages[0](self.stem(x - 0.5))
@@ -129,36 +173,42 @@ class SparseTernaryAutoEncoder(nn.Module):
             feature = stage(down(feature))
             features.append(feature)
         merged = torch.cat([skip(f) for skip, f in zip(self.skips, features, strict=True)], 1)
-        z = self.projection(self.to_code(merged))
+        weight, bias = self._code_transform()
+        if self.config.projection_kernel > 1:
+            merged = self.to_code(merged)
+        kernel, m = self.config.projection_kernel, self.config.m
+        z = F.conv2d(merged, weight, bias, padding=kernel // 2, groups=1 if kernel == 1 else m)
         b, _, h, w = z.shape
-        z = z.view(b, self.config.m, self.config.n, h, w)
-        z = z - z.mean(dim=2, keepdim=True)
+        z = z.view(b, m, self.config.n, h, w)
         # One scale per image and code map: selection stays scale-free, and flat regions (where
         # a per-vector scale would divide by ~0) cannot blow the gradients up.
-        return z / (z.pow(2).mean(dim=(2, 3, 4), keepdim=True).sqrt() + 1e-6)
+        rms = torch.linalg.vector_norm(z, dim=(2, 3, 4), keepdim=True) / (z[0, 0].numel() ** 0.5)
+        return z / (rms + 1e-6)
 
     def synthesis(self, values: Tensor) -> Tensor:
         """Decoder input (B,m,n,h,w) -> image (B,1,H,W), roughly in [0,1]."""
-        b, m, n, h, w = values.shape
-        y = self.from_code(self.inverse_projection(values.reshape(b, m * n, h, w)))
+        y = self._inverse_transform(values)
         for stage, up in zip(self.decoder_stages, self.ups, strict=False):
             y = up(stage(y))
         return self.head(self.decoder_stages[-1](y)) + 0.5
 
     # ---------------------------------------------------------------------------- the code
     @staticmethod
-    def ternarize(z: Tensor, k: int) -> Tensor:
-        """Exactly k entries +1 (largest scores) and k entries -1 (smallest) per vector.
+    def select(z: Tensor, k: int) -> Tensor:
+        """Atom indices (B,m,2k,h,w): the k largest scores of each vector, then the k smallest.
 
         The k largest are taken first and excluded from the k smallest, so even tied scores
         give disjoint sets.
         """
-        scores = z.detach().movedim(2, -1).contiguous()
-        top = scores.topk(k, dim=-1).indices
-        t = torch.zeros_like(scores, dtype=torch.int8).scatter_(-1, top, 1)
-        excluded = scores.scatter(-1, top, torch.finfo(scores.dtype).max)
-        bottom = excluded.topk(k, dim=-1, largest=False).indices
-        return t.scatter_(-1, bottom, -1).movedim(-1, 2)
+        top = z.topk(k, dim=2).indices
+        excluded = z.scatter(2, top, torch.finfo(z.dtype).max)
+        return torch.cat([top, excluded.topk(k, dim=2, largest=False).indices], 2)
+
+    def ternarize(self, z: Tensor, k: int) -> Tensor:
+        """Exactly k entries +1 (largest scores) and k entries -1 (smallest) per vector, int8."""
+        chosen = self.select(z.detach(), k)
+        t = torch.zeros(z.shape, dtype=torch.int8, device=z.device)
+        return t.scatter_(2, chosen[:, :, :k], 1).scatter_(2, chosen[:, :, k:], -1)
 
     def magnitudes(self, t: Tensor) -> Tensor:
         """Pure-ternary decoder input: +beta_pos where t=+1, -beta_neg where t=-1, else 0."""
@@ -166,6 +216,15 @@ class SparseTernaryAutoEncoder(nn.Module):
         pos = (t > 0).to(self.beta_pos.dtype) * self.beta_pos.view(shape)
         neg = (t < 0).to(self.beta_neg.dtype) * self.beta_neg.view(shape)
         return pos - neg
+
+    def _selected_magnitudes(self, chosen: Tensor, k: int) -> Tensor:
+        """`magnitudes` at the indices of `select` only: +beta_pos for the first k, -beta_neg for
+        the last k."""
+        m, n = self.config.m, self.config.n
+        negative = torch.arange(2 * k, device=chosen.device).view(1, 1, -1, 1, 1) >= k
+        offset = torch.arange(m, device=chosen.device).view(1, -1, 1, 1, 1) * n + negative * m * n
+        betas = torch.cat([self.beta_pos, self.beta_neg]).view(-1)
+        return betas[chosen + offset] * (1 - 2 * negative.to(betas.dtype))
 
     def forward(
         self,
@@ -182,21 +241,27 @@ class SparseTernaryAutoEncoder(nn.Module):
         that fraction of the ternary share's gradient to the selected scores (measured unstable
         at full strength, so off by default: pure-ternary steps then tune decoder and magnitudes).
         ``map_mask`` (B, m) of 0/1 zeroes code maps, as a key that opens only some maps does.
+
+        Only the 2k selected entries of each vector are computed on; the decoder gets them
+        scattered into zeros, exactly the dense code of `magnitudes` / the real sparse code.
         """
+        k = k or self.config.k
         z = self.analysis(x)
-        t = self.ternarize(z.detach(), k or self.config.k)
-        real = z * t.abs().to(z.dtype) if ternary_weight < 1 or straight_through else None
+        chosen = self.select(z.detach(), k)
+        flat = _flat_index(z, chosen)
+        real = z.take(flat) if ternary_weight < 1 or straight_through else None
         if ternary_weight <= 0:
             values = real
         else:
-            values = self.magnitudes(t)
+            values = self._selected_magnitudes(chosen, k)
             if straight_through:
                 values = values + straight_through * (real - real.detach())
             if ternary_weight < 1:
                 values = ternary_weight * values + (1 - ternary_weight) * real
         if map_mask is not None:
             values = values * map_mask.to(values.dtype)[:, :, None, None, None]
-        return self.synthesis(values)
+        dense = torch.zeros(z.shape, dtype=z.dtype, device=z.device)
+        return self.synthesis(dense.put_(flat, values.to(z.dtype)))
 
     @torch.no_grad()
     def encode(self, x: Tensor, k: int | None = None) -> Tensor:

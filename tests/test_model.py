@@ -63,6 +63,48 @@ def test_capacity_is_configurable():
     assert network.encode(torch.rand(1, 1, 16, 24)).shape == (1, 3, 16, 2, 3)
 
 
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_fused_code_transform_equals_the_two_layers(kernel):
+    """Encoder's 1x1 map, projection and centring over atoms (and the decoder's transposed
+    projection and 1x1 map) as separate layers give the same scores and features."""
+    torch.manual_seed(2)
+    config = ModelConfig(stem=2, channels=[4, 8], n=16, k=3, m=2, projection_kernel=kernel)
+    network = SparseTernaryAutoEncoder(config).double()
+    merged = torch.randn(2, 16, 3, 5, dtype=torch.float64)
+    weight, bias = network._code_transform()
+    if kernel > 1:
+        fused = torch.nn.functional.conv2d(
+            network.to_code(merged), weight, bias, padding=1, groups=2
+        )
+    else:
+        fused = torch.nn.functional.conv2d(merged, weight, bias)
+    z = network.projection(network.to_code(merged)).view(2, 2, 16, 3, 5)
+    assert torch.allclose(fused.view(2, 2, 16, 3, 5), z - z.mean(dim=2, keepdim=True))
+    values = torch.randn(2, 2, 16, 3, 5, dtype=torch.float64)
+    layered = network.from_code(network.inverse_projection(values.view(2, 32, 3, 5)))
+    assert torch.allclose(network._inverse_transform(values), layered)
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_training_forward_decodes_like_the_shared_code(kernel):
+    """The sparse training path (pure ternary, real values) matches encode/decode densely."""
+    torch.manual_seed(3)
+    config = ModelConfig(stem=2, channels=[4, 8], n=16, k=3, m=2, projection_kernel=kernel)
+    network = SparseTernaryAutoEncoder(config).double()
+    x = torch.rand(2, 1, 16, 24, dtype=torch.float64)
+    code = network.encode(x)
+    ternary = network.synthesis(network.magnitudes(code))
+    assert torch.allclose(network(x, ternary_weight=1.0), ternary)
+    real = network.synthesis(network.analysis(x) * code.abs())
+    assert torch.allclose(network(x, ternary_weight=0.0), real)
+    assert torch.allclose(
+        network(x, ternary_weight=0.25),
+        network.synthesis(
+            0.25 * network.magnitudes(code) + 0.75 * network.analysis(x) * code.abs()
+        ),
+    )
+
+
 def test_invalid_capacity_is_rejected():
     with pytest.raises(ValueError):
         ModelConfig(n=8, k=5)

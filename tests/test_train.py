@@ -296,3 +296,13 @@ def test_shipped_configs_validate():
     for path in configs:
         load_run_config(path)
     assert load_run_config(folder / "default.yaml") == RunConfig()
+
+
+def test_bfloat16_autocast_only_where_it_is_native_or_asked_for():
+    from primis.train import use_autocast
+
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert use_autocast(torch.device("cpu"), amp=True) == native
+    assert not use_autocast(torch.device("cpu"), amp=False)
+    assert use_autocast(torch.device("cuda"), amp=True)
+    assert not use_autocast(torch.device("mps"), amp=True)
