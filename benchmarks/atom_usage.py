@@ -11,7 +11,6 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 from primis.imageio import pad_to_multiple, read_image
 from primis.modelstore import load_model
+from primis.report import write_json
 
 try:
     from benchmarks.holdout import DATA, holdout_split
@@ -74,8 +74,7 @@ def main() -> None:
                 f"{row['entropy_bits']:6.2f} / {row['max_entropy_bits']:.0f} "
                 f"{row['top_2k_share']:12.2f}"
             )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+    write_json(args.json, report)
     print(f"JSON: {args.json}")
 
 

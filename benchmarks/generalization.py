@@ -9,7 +9,6 @@ For each variant: mean authorized PSNR/SSIM and key bits per pixel over the 25 h
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from skimage.transform import resize
 from primis.imageio import IntensityMapping, read_image
 from primis.metrics import psnr, ssim
 from primis.modelstore import load_model
+from primis.report import write_json
 from primis.sharing import reconstruct, share_image
 
 try:
@@ -77,8 +77,7 @@ def main() -> None:
     print(f"{'variant':34s} {'PSNR dB':>8s} {'SSIM':>6s} {'key bpp':>8s}  ({len(images)} images)")
     for name, row in report.items():
         print(f"{name:34s} {row['psnr']:8.2f} {row['ssim']:6.3f} {row['key_bpp']:8.3f}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+    write_json(args.json, report)
 
 
 if __name__ == "__main__":

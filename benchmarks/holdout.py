@@ -12,7 +12,6 @@ Prints a table of medians and writes JSON (default runs/holdout.json).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import time
@@ -23,6 +22,7 @@ import torch
 from primis.config import RunConfig, load_run_config, parse_config
 from primis.evaluation import measure_sharing, summarize
 from primis.modelstore import load_model
+from primis.report import write_json
 from primis.train import train
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cxr" / "images"
@@ -69,8 +69,7 @@ def main() -> None:
         "training": training,
         "test": summary,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+    write_json(args.json, report)
     rows = [
         ("authorized PSNR (dB)", summary["median_authorized_psnr"]),
         ("authorized SSIM", summary["median_authorized_ssim"]),

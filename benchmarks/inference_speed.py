@@ -27,6 +27,7 @@ from PIL import Image
 
 from primis.imageio import IntensityMapping
 from primis.modelstore import load_model
+from primis.report import write_json
 from primis.sharing import ImageToShare, reconstruct_many, share_images
 
 try:
@@ -175,8 +176,7 @@ def main() -> None:
         f"  folder of {folder['files']}: ambiguate {folder['ambiguate_files_per_second']:.1f} "
         f"files/s, disambiguate {folder['disambiguate_files_per_second']:.1f} files/s"
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+    write_json(args.json, report)
     print(f"JSON: {args.json}")
 
 

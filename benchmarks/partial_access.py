@@ -6,7 +6,6 @@ python benchmarks/partial_access.py --model cxr --model runs/partial-access
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import numpy as np
 from primis.imageio import read_image
 from primis.metrics import psnr
 from primis.modelstore import load_model
+from primis.report import write_json
 from primis.sharing import reconstruct, share_image
 
 try:
@@ -47,8 +47,7 @@ def main() -> None:
     print(f"mean PSNR (dB) on {len(paths)} held-out images by code maps the key opens:")
     for name, row in report.items():
         print(f"  {name:30s} " + "  ".join(f"{k} map(s): {v:6.2f}" for k, v in row.items()))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+    write_json(args.json, report)
 
 
 if __name__ == "__main__":

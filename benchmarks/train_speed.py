@@ -14,7 +14,6 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -25,6 +24,7 @@ import torch
 from primis.config import ModelConfig, RunConfig, TrainConfig
 from primis.data import RandomCropDataset
 from primis.model import SparseTernaryAutoEncoder
+from primis.report import write_json
 from primis.train import train, use_autocast
 
 try:
@@ -149,8 +149,7 @@ def main() -> None:
             )
         else:
             print(f"validation PSNR did not reach {args.time_to} dB in {args.minutes} min")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+    write_json(args.json, report)
     print(f"JSON: {args.json}")
 
 
