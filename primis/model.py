@@ -73,15 +73,21 @@ class ResidualUp(nn.Module):
         return self.shortcut(x) + self.body(x)
 
 
-def _flat_index(x: Tensor, index: Tensor) -> Tensor:
-    """Positions in contiguous ``x`` of ``index`` taken along dim 2 (``put_`` is much faster
-    on CPU than ``scatter_`` with a source tensor)."""
-    shape = [1] * x.dim()
-    flat = index * x.stride(2)
+def _flat_index(shape: torch.Size, index: Tensor) -> Tensor:
+    """Row-major positions, in a tensor of ``shape`` (B,m,n,h,w), of ``index`` along dim 2.
+
+    `take` and `put_` read and write through these (on CPU much faster than `gather` and
+    `scatter_` with a source tensor); both count positions in row-major order, whatever the
+    memory layout.
+    """
+    strides = torch.ones(len(shape), dtype=torch.long)
+    for dim in range(len(shape) - 2, -1, -1):
+        strides[dim] = strides[dim + 1] * shape[dim + 1]
+    flat = index * int(strides[2])
     for dim in (0, 1, 3, 4):
-        shape[dim] = -1
-        flat = flat + torch.arange(x.shape[dim], device=x.device).view(shape) * x.stride(dim)
-        shape[dim] = 1
+        view = [1] * len(shape)
+        view[dim] = -1
+        flat = flat + torch.arange(shape[dim], device=index.device).view(view) * int(strides[dim])
     return flat
 
 
@@ -248,7 +254,7 @@ class SparseTernaryAutoEncoder(nn.Module):
         k = k or self.config.k
         z = self.analysis(x)
         chosen = self.select(z.detach(), k)
-        flat = _flat_index(z, chosen)
+        flat = _flat_index(z.shape, chosen)
         real = z.take(flat) if ternary_weight < 1 or straight_through else None
         if ternary_weight <= 0:
             values = real

@@ -105,6 +105,15 @@ def test_training_forward_decodes_like_the_shared_code(kernel):
     )
 
 
+def test_flat_positions_follow_the_logical_order_in_any_memory_layout():
+    from primis.model import _flat_index
+
+    z = torch.randn(2, 3, 8, 4, 5).permute(0, 1, 2, 4, 3).contiguous().permute(0, 1, 2, 4, 3)
+    assert not z.is_contiguous()
+    index = torch.randint(0, 8, (2, 3, 4, 4, 5))
+    assert torch.equal(z.take(_flat_index(z.shape, index)), z.gather(2, index))
+
+
 def test_invalid_capacity_is_rejected():
     with pytest.raises(ValueError):
         ModelConfig(n=8, k=5)
