@@ -215,7 +215,9 @@ def learned_inversion(
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    network = copy.deepcopy(model.network).train()
+    # Evaluation mode throughout: the attacker encodes with the deployed encoder (running
+    # statistics, where the model has them) and tunes only what decoding uses.
+    network = copy.deepcopy(model.network).eval()
     cfg = network.config
     optimizer = torch.optim.Adam(network.parameters(), lr=3e-4)
     crop = max(cfg.downsampling, crop - crop % cfg.downsampling)
@@ -241,7 +243,6 @@ def learned_inversion(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    network.eval()
     views = []
     with torch.no_grad():
         for target in targets:

@@ -34,6 +34,11 @@ class ModelConfig(Strict):
     k: int = Field(4, ge=1, description="non-zeros of each sign per code vector")
     m: int = Field(2, ge=1, le=64, description="number of code maps")
     projection_kernel: int = Field(1, ge=1, le=7)
+    atom_norm: bool = Field(
+        True,
+        description="standardise each atom's score over the batch before selection (batch"
+        " statistics in training, running ones at inference), which keeps atom use balanced",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -48,6 +53,16 @@ class ModelConfig(Strict):
     @property
     def downsampling(self) -> int:
         return self.stem * 2 ** (len(self.channels) - 1)
+
+
+# Model options added after the first release, with the value that models and runs saved before
+# them have: a saved configuration without the option gets that value (`with_later_options`).
+LATER_MODEL_OPTIONS = {"atom_norm": False}
+
+
+def with_later_options(model: dict) -> dict:
+    """A saved model configuration, completed with the values older files imply."""
+    return LATER_MODEL_OPTIONS | model
 
 
 class ObfuscationConfig(Strict):
@@ -80,9 +95,11 @@ class TrainConfig(Strict):
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    real_steps: float = Field(0.25, ge=0, le=1, description="fraction of steps on real values")
-    anneal_steps: float = Field(0.5, ge=0, le=1, description="fraction spent blending to ternary")
-    straight_through: float = Field(0.0, ge=0, le=1, description="STE gradient share")
+    real_steps: float = Field(0.0, ge=0, le=1, description="fraction of steps on real values")
+    anneal_steps: float = Field(0.0, ge=0, le=1, description="fraction spent blending to ternary")
+    straight_through: float = Field(
+        1.0, ge=0, le=1, description="share of the decoder-input gradient passed to every score"
+    )
     map_dropout: float = Field(
         0.0,
         ge=0,

@@ -7,6 +7,7 @@ Data flow (D = stem * 2**(S-1) for S scales; h, w = H/D, W/D)::
       |  residual stride-2 blocks              -> scales 1..S-1
       |  skip branch from every scale to h x w, concatenated, 1x1 conv -> (B, m*n, h, w)
       |  grouped projection (one linear map per code map), standardised over n
+      |  (atom_norm: each atom's score first standardised over the batch)
       v
     z (B,m,n,h,w) --ternarize--> t in {-1,0,+1}: exactly k entries +1 and k entries -1 per vector
       |  values (real mode) or learned magnitudes +beta_pos / -beta_neg (ternary mode)
@@ -118,6 +119,10 @@ class SparseTernaryAutoEncoder(nn.Module):
         )
         self.to_code = nn.Conv2d(scales * c[-1], m * n, 1)
         self.projection = nn.Conv2d(m * n, m * n, config.projection_kernel, padding=pad, groups=m)
+        # Per-atom standardisation over the batch: without it training can settle on a few atoms
+        # (a seed-dependent collapse measured in MODEL_CARD.md); with it every atom is selected
+        # about equally often over the training data.
+        self.atom_norm = nn.BatchNorm2d(m * n, affine=False) if config.atom_norm else None
 
         # Magnitudes start at the mean of the k largest of n standard normal scores, so the
         # pure-ternary code starts on the scale of the real-valued one it replaces.
@@ -184,8 +189,12 @@ class SparseTernaryAutoEncoder(nn.Module):
             merged = self.to_code(merged)
         kernel, m = self.config.projection_kernel, self.config.m
         z = F.conv2d(merged, weight, bias, padding=kernel // 2, groups=1 if kernel == 1 else m)
+        if self.atom_norm is not None:
+            z = self.atom_norm(z)
         b, _, h, w = z.shape
         z = z.view(b, m, self.config.n, h, w)
+        if self.atom_norm is not None:
+            z = z - z.mean(dim=2, keepdim=True)  # standardising per atom undid the centring
         # One scale per image and code map: selection stays scale-free, and flat regions (where
         # a per-vector scale would divide by ~0) cannot blow the gradients up.
         rms = torch.linalg.vector_norm(z, dim=(2, 3, 4), keepdim=True) / (z[0, 0].numel() ** 0.5)
@@ -223,6 +232,30 @@ class SparseTernaryAutoEncoder(nn.Module):
         neg = (t < 0).to(self.beta_neg.dtype) * self.beta_neg.view(shape)
         return pos - neg
 
+    @torch.no_grad()
+    def selected_score_sums(self, x: Tensor, k: int | None = None) -> Tensor:
+        """(2, 2, m, n): for the +1 and the -1 selections, each atom's sum of |score| and its
+        count. Their ratio is the constant magnitude closest (least squares) to the real code."""
+        k = k or self.config.k
+        z = self.analysis(x).float()
+        chosen = self.select(z, k)
+        real = z.gather(2, chosen).abs()
+        m, n = self.config.m, self.config.n
+        sums = z.new_zeros(2, 2, m, n)
+        for sign, part in enumerate((slice(0, k), slice(k, 2 * k))):
+            atoms = chosen[:, :, part].transpose(0, 1).reshape(m, -1)
+            sums[sign, 0].scatter_add_(1, atoms, real[:, :, part].transpose(0, 1).reshape(m, -1))
+            sums[sign, 1].scatter_add_(1, atoms, torch.ones(atoms.shape, device=z.device))
+        return sums
+
+    @torch.no_grad()
+    def fit_magnitudes(self, sums: Tensor) -> None:
+        """Set each atom's magnitudes to its mean selected |score| from `selected_score_sums`
+        (atoms never selected keep theirs), so the ternary code starts where the real one is."""
+        for beta, (total, count) in zip((self.beta_pos, self.beta_neg), sums, strict=True):
+            seen = count > 0
+            beta[seen] = total[seen] / count[seen]
+
     def _selected_magnitudes(self, chosen: Tensor, k: int) -> Tensor:
         """`magnitudes` at the indices of `select` only: +beta_pos for the first k, -beta_neg for
         the last k."""
@@ -243,9 +276,10 @@ class SparseTernaryAutoEncoder(nn.Module):
         """Training reconstruction.
 
         ``ternary_weight`` blends the real-valued sparse code (0.0) into the pure-ternary code
-        (1.0). The encoder learns through the real share; ``straight_through`` > 0 also passes
-        that fraction of the ternary share's gradient to the selected scores (measured unstable
-        at full strength, so off by default: pure-ternary steps then tune decoder and magnitudes).
+        (1.0); the encoder learns through the real share. ``straight_through`` s > 0 passes the
+        gradient at every entry of the decoder's input, selected or not, times s to the scores
+        (the straight-through estimator of the whole ternary quantiser): it tells unselected atoms
+        whether they should enter the code, so pure-ternary training learns the selection itself.
         ``map_mask`` (B, m) of 0/1 zeroes code maps, as a key that opens only some maps does.
 
         Only the 2k selected entries of each vector are computed on; the decoder gets them
@@ -255,19 +289,19 @@ class SparseTernaryAutoEncoder(nn.Module):
         z = self.analysis(x)
         chosen = self.select(z.detach(), k)
         flat = _flat_index(z.shape, chosen)
-        real = z.take(flat) if ternary_weight < 1 or straight_through else None
+        real = z.take(flat) if ternary_weight < 1 else None
         if ternary_weight <= 0:
             values = real
         else:
             values = self._selected_magnitudes(chosen, k)
-            if straight_through:
-                values = values + straight_through * (real - real.detach())
             if ternary_weight < 1:
                 values = ternary_weight * values + (1 - ternary_weight) * real
+        dense = torch.zeros(z.shape, dtype=z.dtype, device=z.device).put_(flat, values.to(z.dtype))
+        if straight_through:
+            dense = dense + straight_through * (z - z.detach())  # zero, but carries gradient
         if map_mask is not None:
-            values = values * map_mask.to(values.dtype)[:, :, None, None, None]
-        dense = torch.zeros(z.shape, dtype=z.dtype, device=z.device)
-        return self.synthesis(dense.put_(flat, values.to(z.dtype)))
+            dense = dense * map_mask.to(dense.dtype)[:, :, None, None, None]
+        return self.synthesis(dense)
 
     @torch.no_grad()
     def encode(self, x: Tensor, k: int | None = None) -> Tensor:

@@ -15,7 +15,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from primis.config import ModelConfig, ObfuscationConfig, Strict, parse_config
+from primis.config import (
+    LATER_MODEL_OPTIONS,
+    ModelConfig,
+    ObfuscationConfig,
+    Strict,
+    parse_config,
+    with_later_options,
+)
 from primis.errors import PrimisError
 from primis.imageio import write_atomic
 from primis.model import SparseTernaryAutoEncoder
@@ -46,7 +53,13 @@ def _canonical(data: dict) -> bytes:
 
 
 def model_hash(config: ModelConfig, weights: bytes) -> str:
-    return hashlib.sha256(_canonical(config.model_dump()) + weights).hexdigest()
+    """SHA-256 of the canonical configuration and the weight file. Options added later enter
+    only when they differ from what older models have, so those keep their hash."""
+    fields = config.model_dump()
+    for name, before in LATER_MODEL_OPTIONS.items():
+        if fields[name] == before:
+            del fields[name]
+    return hashlib.sha256(_canonical(fields) + weights).hexdigest()
 
 
 def save_model(
@@ -58,9 +71,11 @@ def save_model(
     """Write model.safetensors and model.json into ``directory``; return the model hash.
 
     ``dtype`` float16 halves the file (for the bundled model); loading casts back to float32.
+    Integer buffers (batch counters) keep their type.
     """
     state = {
-        name: t.detach().to("cpu", dtype).contiguous() for name, t in network.state_dict().items()
+        name: t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
+        for name, t in network.state_dict().items()
     }
     weights = save(state)
     meta = ModelFile(format=FORMAT, version=VERSION, model=network.config, obfuscation=obfuscation)
@@ -102,6 +117,8 @@ def load_model(directory: str | Path | None, device: str = "cpu") -> LoadedModel
         data = json.loads((directory / CONFIG).read_text())
     except (OSError, ValueError) as err:
         raise PrimisError(f"{directory / CONFIG}: unreadable model config ({err})") from None
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        data["model"] = with_later_options(data["model"])
     meta = parse_config(ModelFile, data, str(directory / CONFIG))
     if meta.format != FORMAT or meta.version != VERSION:
         raise PrimisError(

@@ -336,6 +336,45 @@ def test_lower_k_at_ambiguate_gives_a_smaller_key_that_still_opens(
     assert_clean_failure(result, "k must lie in 1..2")
 
 
+def test_model_files_keep_running_statistics_and_older_hashes(tmp_path):
+    import hashlib
+    import json
+
+    import torch
+
+    from primis.config import ObfuscationConfig
+    from primis.model import SparseTernaryAutoEncoder
+    from primis.modelstore import load_model, save_model
+    from tests.conftest import TINY
+
+    # A model file from before the `atom_norm` option (no such key) loads without it and keeps
+    # the hash it had then: the hash of its JSON config as written and its weights.
+    old = tmp_path / "old"
+    save_model(
+        old,
+        SparseTernaryAutoEncoder(TINY.model_copy(update={"atom_norm": False})),
+        ObfuscationConfig(),
+    )
+    meta = json.loads((old / "model.json").read_text())
+    del meta["model"]["atom_norm"]
+    (old / "model.json").write_text(json.dumps(meta))
+    weights = (old / "model.safetensors").read_bytes()
+    canonical = json.dumps(meta["model"], sort_keys=True, separators=(",", ":")).encode()
+    loaded = load_model(old)
+    assert not loaded.network.config.atom_norm
+    assert loaded.hash == hashlib.sha256(canonical + weights).hexdigest()
+
+    network = SparseTernaryAutoEncoder(TINY.model_copy(update={"atom_norm": True}))
+    network(torch.rand(4, 1, 32, 32))  # one training pass fills the running statistics
+    network.eval()
+    save_model(tmp_path / "new", network, ObfuscationConfig(), dtype=torch.float16)
+    loaded = load_model(tmp_path / "new").network
+    assert loaded.atom_norm.num_batches_tracked.item() == 1
+    torch.testing.assert_close(
+        loaded.atom_norm.running_var, network.atom_norm.running_var, atol=0, rtol=1e-3
+    )
+
+
 def test_export_half_writes_a_smaller_loadable_model(tmp_path, tiny_model_dir):
     import torch
 

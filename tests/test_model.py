@@ -134,3 +134,54 @@ def test_map_masks_zero_whole_code_maps():
     with torch.no_grad():
         got = network(x, ternary_weight=1.0, map_mask=only_first).clamp(0, 1)
     torch.testing.assert_close(got, expected)
+
+
+def test_atom_norm_standardises_over_the_batch_in_training_and_is_per_image_at_inference():
+    torch.manual_seed(2)
+    network = SparseTernaryAutoEncoder(TINY.model_copy(update={"atom_norm": True}))
+    x = torch.rand(4, 1, 32, 32)
+    z = network.analysis(x)  # training mode: batch statistics, running ones updated
+    assert network.atom_norm.num_batches_tracked.item() == 1
+    assert network.atom_norm.running_mean.abs().sum() > 0
+    torch.testing.assert_close(z.mean(dim=2), torch.zeros_like(z.mean(dim=2)), atol=1e-5, rtol=0)
+    network.eval()
+    alone = network.encode(x[:1])
+    assert torch.equal(alone, network.encode(x)[:1])  # the code does not depend on the batch
+    assert network.atom_norm.num_batches_tracked.item() == 1
+
+
+def test_fitted_magnitudes_are_each_atoms_mean_selected_score():
+    torch.manual_seed(3)
+    network = SparseTernaryAutoEncoder(TINY)
+    x = torch.rand(3, 1, 32, 32)
+    network.fit_magnitudes(network.selected_score_sums(x))
+    z = network.analysis(x)
+    values = z.gather(2, network.select(z, TINY.k))
+    atoms = network.select(z, TINY.k)
+    for code_map in range(TINY.m):
+        for beta, part, sign in (
+            (network.beta_pos, slice(0, TINY.k), 1),
+            (network.beta_neg, slice(TINY.k, None), -1),
+        ):
+            chosen = atoms[:, code_map, part].flatten()
+            real = values[:, code_map, part].flatten()
+            for atom in chosen.unique():
+                expected = sign * real[chosen == atom].mean()
+                torch.testing.assert_close(beta[code_map, atom], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_straight_through_passes_the_decoder_input_gradient_to_every_score():
+    torch.manual_seed(4)
+    network = SparseTernaryAutoEncoder(TINY)
+    x = torch.rand(2, 1, 32, 32)
+    ((network(x, ternary_weight=1.0, straight_through=0.5) - x) ** 2).mean().backward()
+    got = {name: p.grad.clone() for name, p in network.named_parameters()}
+    network.zero_grad()
+    z = network.analysis(x)
+    decoder_input = network.magnitudes(network.ternarize(z, TINY.k))
+    decoder_input.retain_grad()
+    ((network.synthesis(decoder_input) - x) ** 2).mean().backward()
+    z.backward(0.5 * decoder_input.grad)  # reaches the selected and the unselected scores alike
+    assert decoder_input.grad.ne(0).float().mean() > 0.9
+    for name, p in network.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)

@@ -64,6 +64,8 @@ def test_train_command_writes_a_usable_run(tmp_path):
     assert load_model(run).network.config == TINY
     assert (run / "config.yaml").is_file() and (run / "checkpoint" / "state.json").is_file()
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    # The blend to ternary began (after 25 % of the steps) from magnitudes fitted to the code.
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["magnitudes_fitted"]
 
 
 def test_bad_configs_and_missing_data_fail_cleanly(tmp_path):
@@ -179,6 +181,7 @@ def test_split_command_keeps_groups_together(tmp_path):
 
 def test_torchrun_trains_with_two_processes_on_cpu(tmp_path):
     import shutil
+    import socket
     import subprocess
 
     torchrun = shutil.which("torchrun")
@@ -187,13 +190,16 @@ def test_torchrun_trains_with_two_processes_on_cpu(tmp_path):
     images = _tiny_training_folder(tmp_path)
     config_file = _tiny_config_file(tmp_path, steps=6, validate_every=3, checkpoint_every=3)
     run = tmp_path / "run"
+    with socket.socket() as probe:  # a free port, not a fixed one another job may hold
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     result = subprocess.run(
         [
             torchrun,
             "--nproc_per_node",
             "2",
             "--master_port",
-            "29517",
+            str(port),
             "-m",
             "primis",
             "train",
@@ -210,7 +216,7 @@ def test_torchrun_trains_with_two_processes_on_cpu(tmp_path):
         text=True,
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-2000:]
     assert result.stdout.count("done: step 6 ") == 2  # both ranks finish the same schedule
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 6
     assert load_model(run).network.config == TINY
