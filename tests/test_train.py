@@ -312,3 +312,19 @@ def test_bfloat16_autocast_only_where_it_is_native_or_asked_for():
     assert not use_autocast(torch.device("cpu"), amp=False)
     assert use_autocast(torch.device("cuda"), amp=True)
     assert not use_autocast(torch.device("mps"), amp=True)
+
+
+def test_runs_from_before_atom_norm_resume_without_it(tmp_path):
+    import yaml
+
+    from primis.train import load_run
+
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    config = RunConfig(model=TINY).model_dump()
+    del config["model"]["atom_norm"]  # as written before the option existed
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert load_run(run).model.atom_norm is False
+    config["model"]["atom_norm"] = True
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert load_run(run).model.atom_norm is True
