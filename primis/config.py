@@ -37,7 +37,7 @@ class ModelConfig(Strict):
     atom_norm: bool = Field(
         True,
         description="standardise each atom's score over the batch before selection (batch"
-        " statistics in training, running ones at inference), which keeps atom use balanced",
+        " statistics in training, running ones at inference), against collapse onto few atoms",
     )
 
     @model_validator(mode="after")
@@ -60,9 +60,12 @@ class ModelConfig(Strict):
 LATER_MODEL_OPTIONS = {"atom_norm": False}
 
 
-def with_later_options(model: dict) -> dict:
-    """A saved model configuration, completed with the values older files imply."""
-    return LATER_MODEL_OPTIONS | model
+def with_later_options(data: object) -> object:
+    """A saved file's data (model section under "model"), completed with the values older files
+    imply; anything else comes back unchanged, for validation to report."""
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        return data | {"model": LATER_MODEL_OPTIONS | data["model"]}
+    return data
 
 
 class ObfuscationConfig(Strict):

@@ -117,9 +117,7 @@ def load_model(directory: str | Path | None, device: str = "cpu") -> LoadedModel
         data = json.loads((directory / CONFIG).read_text())
     except (OSError, ValueError) as err:
         raise PrimisError(f"{directory / CONFIG}: unreadable model config ({err})") from None
-    if isinstance(data, dict) and isinstance(data.get("model"), dict):
-        data["model"] = with_later_options(data["model"])
-    meta = parse_config(ModelFile, data, str(directory / CONFIG))
+    meta = parse_config(ModelFile, with_later_options(data), str(directory / CONFIG))
     if meta.format != FORMAT or meta.version != VERSION:
         raise PrimisError(
             f"{directory / CONFIG}: unsupported model format {meta.format} v{meta.version}"

@@ -399,7 +399,5 @@ def load_run(out: Path) -> RunConfig:
     path = Path(out) / "config.yaml"
     if not path.is_file() or not (Path(out) / CHECKPOINT).exists():
         raise PrimisError(f"{out}: not a resumable run (needs config.yaml and {CHECKPOINT}/)")
-    data = yaml.safe_load(path.read_text())
-    if isinstance(data, dict) and isinstance(data.get("model"), dict):
-        data["model"] = with_later_options(data["model"])  # a run from before those options
+    data = with_later_options(yaml.safe_load(path.read_text()))  # runs from before those options
     return parse_config(RunConfig, data, str(path))
