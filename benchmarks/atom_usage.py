@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from primis.imageio import pad_to_multiple, read_image
+from primis.imageio import read_image
 from primis.modelstore import load_model
 from primis.report import write_json
+from primis.sharing import encode_images
 
 try:
     from benchmarks.holdout import DATA, holdout_split
@@ -27,13 +28,12 @@ except ModuleNotFoundError:  # run as a script from the repository root
 
 
 def atom_usage(model: str | Path, paths: list[Path]) -> list[dict]:
-    """Per code map: atoms used, usage entropy in bits, share of the 2k most used atoms."""
-    network = load_model(model).network
-    config = network.config
+    """Per code map: atoms used, usage entropy in bits, share of the 2k most used atoms, in the
+    codes as `primis ambiguate` makes them (refined)."""
+    loaded = load_model(model)
+    config = loaded.network.config
     counts = torch.zeros(config.m, config.n)
-    for path in paths:
-        image = pad_to_multiple(read_image(path)[0], config.downsampling)
-        code = network.encode(torch.from_numpy(image).float()[None, None])
+    for code in encode_images(loaded, [read_image(path)[0] for path in paths], config.k):
         counts += (code != 0).sum(dim=(0, 3, 4)).float()
     rows = []
     for frequencies in counts / counts.sum(dim=1, keepdim=True):

@@ -3,8 +3,9 @@
     python benchmarks/inference_speed.py --model runs/holdout
 
 Per image (median over images, 2 CPU threads): encode+ambiguate and disambiguate+decode at
-batch 1 and batch 16, each mode in its own process so its peak memory (max RSS) is its own;
-then files per second for `primis ambiguate` and `primis disambiguate` on a folder of 200
+batch 1 and batch 16, with the encoder's code (0 refinement steps) and with the default
+refinement, each mode in its own process so its peak memory (max RSS) is its own; then files
+per second for `primis ambiguate` (both ways) and `primis disambiguate` on a folder of 200
 images. Prints a table and writes JSON.
 """
 
@@ -28,7 +29,7 @@ from PIL import Image
 from primis.imageio import IntensityMapping
 from primis.modelstore import load_model
 from primis.report import write_json
-from primis.sharing import ImageToShare, reconstruct_many, share_images
+from primis.sharing import REFINE_STEPS, ImageToShare, reconstruct_many, share_images
 
 try:
     from benchmarks.holdout import DATA, holdout_split
@@ -43,19 +44,20 @@ def images_512(paths: list[Path], count: int) -> list[np.ndarray]:
     ]
 
 
-def measure_mode(model_dir: Path, data: Path, batch: int, rounds: int) -> dict:
+def measure_mode(model_dir: Path, data: Path, batch: int, refine_steps: int, rounds: int) -> dict:
     """Seconds per image for both halves of the round trip at one batch size."""
     model = load_model(model_dir)
     pixels = images_512(holdout_split(data)["test"], batch * rounds)
     items = [
         ImageToShare(IntensityMapping.of(p).forward(p), IntensityMapping.of(p)) for p in pixels
     ]
-    share_images(items[:batch], model, model.obfuscation, batch_size=batch)  # warm-up
+    options = {"batch_size": batch, "refine_steps": refine_steps}
+    share_images(items[:batch], model, model.obfuscation, **options)  # warm-up
     encode, decode = [], []
     for r in range(rounds):
         chunk = items[r * batch : (r + 1) * batch]
         started = time.perf_counter()
-        shared = share_images(chunk, model, model.obfuscation, batch_size=batch)
+        shared = share_images(chunk, model, model.obfuscation, **options)
         middle = time.perf_counter()
         reconstruct_many([(s.public, s.key) for s in shared], model, batch_size=batch)
         ended = time.perf_counter()
@@ -63,6 +65,7 @@ def measure_mode(model_dir: Path, data: Path, batch: int, rounds: int) -> dict:
         decode.append((ended - middle) / batch)
     return {
         "batch": batch,
+        "refine_steps": refine_steps,
         "images": batch * rounds,
         "encode_ambiguate_seconds": statistics.median(encode),
         "disambiguate_decode_seconds": statistics.median(decode),
@@ -85,6 +88,21 @@ def folder_throughput(model_dir: Path, data: Path, count: int, threads: int) -> 
         ]
         timings = {}
         for name, args in (
+            (
+                "ambiguate_unrefined",
+                [
+                    "ambiguate",
+                    root / "in",
+                    "--model",
+                    model_dir,
+                    "--public-dir",
+                    root / "public0",
+                    "--key-dir",
+                    root / "keys0",
+                    "--refine-steps",
+                    0,
+                ],
+            ),
             (
                 "ambiguate",
                 [
@@ -125,15 +143,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--folder", type=int, default=200, help="images in the folder test")
-    parser.add_argument("--mode", type=int, help=argparse.SUPPRESS)  # child process: one batch
+    parser.add_argument("--mode", type=int, nargs=2, help=argparse.SUPPRESS)  # child: batch, steps
     parser.add_argument("--json", type=Path, default=Path("runs/inference_speed.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.mode:
-        print(json.dumps(measure_mode(args.model, args.data, args.mode, args.rounds)))
+        print(json.dumps(measure_mode(args.model, args.data, *args.mode, args.rounds)))
         return
     rows = []
-    for batch in (1, 16):
+    for batch, refine_steps in ((1, 0), (1, REFINE_STEPS), (16, 0), (16, REFINE_STEPS)):
         child = subprocess.run(
             [
                 sys.executable,
@@ -148,6 +166,7 @@ def main() -> None:
                 str(args.rounds),
                 "--mode",
                 str(batch),
+                str(refine_steps),
             ],
             check=True,
             capture_output=True,
@@ -163,18 +182,19 @@ def main() -> None:
     }
     print(f"512x512 chest X-rays, {report['machine']}, medians per image:")
     print(
-        f"  {'batch':>5s} {'encode+amb s':>13s} {'disamb+decode s':>16s} {'round trip s':>13s} "
-        f"{'peak MB':>8s}"
+        f"  {'batch':>5s} {'refine':>6s} {'encode+amb s':>13s} {'disamb+decode s':>16s} "
+        f"{'round trip s':>13s} {'peak MB':>8s}"
     )
     for row in rows:
         print(
-            f"  {row['batch']:5d} {row['encode_ambiguate_seconds']:13.4f} "
+            f"  {row['batch']:5d} {row['refine_steps']:6d} {row['encode_ambiguate_seconds']:13.4f} "
             f"{row['disambiguate_decode_seconds']:16.4f} {row['round_trip_seconds']:13.4f} "
             f"{row['peak_rss_mb']:8.0f}"
         )
     print(
         f"  folder of {folder['files']}: ambiguate {folder['ambiguate_files_per_second']:.1f} "
-        f"files/s, disambiguate {folder['disambiguate_files_per_second']:.1f} files/s"
+        f"files/s ({folder['ambiguate_unrefined_files_per_second']:.1f} unrefined), "
+        f"disambiguate {folder['disambiguate_files_per_second']:.1f} files/s"
     )
     write_json(args.json, report)
     print(f"JSON: {args.json}")

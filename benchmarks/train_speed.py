@@ -23,9 +23,9 @@ import torch
 
 from primis.config import ModelConfig, RunConfig, TrainConfig
 from primis.data import RandomCropDataset
-from primis.model import SparseTernaryAutoEncoder
+from primis.model import SparseTernaryAutoEncoder, use_autocast
 from primis.report import write_json
-from primis.train import train, use_autocast
+from primis.train import train
 
 try:
     from benchmarks.holdout import DATA, holdout_split

@@ -26,11 +26,12 @@ from torch import nn
 from tqdm import tqdm
 
 from primis.config import ObfuscationConfig
+from primis.data import code_crops
 from primis.imageio import pad_to_multiple, read_image
 from primis.metrics import psnr, ssim
 from primis.modelstore import LoadedModel
 from primis.obfuscation import ambiguate_maps, image_key_bits, shuffle_atoms
-from primis.sharing import code_to_vectors, vectors_to_code
+from primis.sharing import REFINE_STEPS, code_to_vectors, encode_images, vectors_to_code
 
 
 @dataclass
@@ -44,19 +45,19 @@ class Target:
     grid: tuple[int, int]
 
 
-def _encode(model: LoadedModel, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-    padded = pad_to_multiple(image, model.network.config.downsampling)
-    code = model.network.encode(torch.from_numpy(padded)[None, None])
-    return code_to_vectors(code), tuple(code.shape[3:])
-
-
 def make_targets(
-    model: LoadedModel, images: list[np.ndarray], obf: ObfuscationConfig, k: int
+    model: LoadedModel,
+    images: list[np.ndarray],
+    obf: ObfuscationConfig,
+    k: int,
+    refine_steps: int = REFINE_STEPS,
 ) -> list[Target]:
+    """Each image's code and public vectors, made as `primis ambiguate` makes them."""
     targets = []
     maps = model.network.config.m
-    for image in images:
-        code, grid = _encode(model, image)
+    for image, code in zip(images, encode_images(model, images, k, refine_steps), strict=True):
+        grid = tuple(code.shape[3:])
+        code = code_to_vectors(code)
         public, perms = ambiguate_maps(code, maps, k, obf)
         truth = code != 0
         rows = len(code) // maps
@@ -200,7 +201,7 @@ def distinguisher(
 
 def learned_inversion(
     model: LoadedModel,
-    attacker_images: list[np.ndarray],
+    attackers: list[Target],
     targets: list[Target],
     obf: ObfuscationConfig,
     k: int,
@@ -209,37 +210,35 @@ def learned_inversion(
     batch: int = 8,
     seed: int = 0,
 ) -> list[np.ndarray]:
-    """Fine-tune a copy of the public decoder on the attacker's own (public code, image) pairs
-    (fresh noise every step), then apply it to the targets' public vectors."""
+    """Fine-tune a copy of the public decoder on the attacker's own (public code, image) pairs:
+    crops of the attacker images' codes, made public with fresh noise every step. Then apply it
+    to the targets' public vectors."""
     import copy
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    # Evaluation mode throughout: the attacker encodes with the deployed encoder (running
-    # statistics, where the model has them) and tunes only what decoding uses.
+    # Evaluation mode throughout: the codes come from the deployed encoder (running statistics,
+    # where the model has them); only what decoding uses is tuned.
     network = copy.deepcopy(model.network).eval()
     cfg = network.config
     optimizer = torch.optim.Adam(network.parameters(), lr=3e-4)
-    crop = max(cfg.downsampling, crop - crop % cfg.downsampling)
-    pools = [pad_to_multiple(i, crop) if min(i.shape) < crop else i for i in attacker_images]
+    cells = min([crop // cfg.downsampling] + [min(a.grid) for a in attackers])
+    pairs = [
+        (
+            pad_to_multiple(a.image, cfg.downsampling),
+            vectors_to_code(a.code, _Header(cfg.m, cfg.n, a.grid)),
+        )
+        for a in attackers
+    ]
+    header = _Header(cfg.m, cfg.n, (cells, cells))
     for _ in tqdm(range(steps), desc="learned inversion", leave=False, disable=None):
-        crops = []
-        for _ in range(batch):
-            image = rng.choice(pools)
-            top = rng.randrange(image.shape[0] - crop + 1)
-            left = rng.randrange(image.shape[1] - crop + 1)
-            crops.append(image[top : top + crop, left : left + crop])
-        x = torch.from_numpy(np.stack(crops))[:, None]
-        with torch.no_grad():
-            code = network.encode(x, k)
+        codes, truth = code_crops(pairs, cells, cfg.downsampling, batch, rng)
         publics = []
         for row in range(batch):
-            vectors = code_to_vectors(code[row : row + 1])
-            header = _Header(cfg.m, cfg.n, tuple(code.shape[3:]))
-            shown, _ = ambiguate_maps(vectors, cfg.m, k, obf)
+            shown, _ = ambiguate_maps(code_to_vectors(codes[row : row + 1]), cfg.m, k, obf)
             publics.append(vectors_to_code(shown, header))
         values = network.magnitudes(torch.cat(publics))
-        loss = torch.mean((network.synthesis(values) - x) ** 2)
+        loss = torch.mean((network.synthesis(values) - truth) ** 2)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -274,11 +273,13 @@ def run_attacks(
     quick: bool = False,
     seed: int = 0,
     masks: Path | None = None,
+    refine_steps: int = REFINE_STEPS,
 ) -> tuple[dict, dict]:
     """Every attack on the targets; returns (report, images for the figure).
 
-    With ``masks`` (a folder of lung masks named like the images) the report adds the lung
-    segmentation utility study of :mod:`primis.utility` for every view.
+    Codes are made as `primis ambiguate` makes them (``refine_steps`` as there). With ``masks``
+    (a folder of lung masks named like the images) the report adds the lung segmentation
+    utility study of :mod:`primis.utility` for every view.
     """
     if set(map(Path.resolve, attacker_paths)) & set(map(Path.resolve, target_paths)):
         from primis.errors import PrimisError
@@ -288,8 +289,8 @@ def run_attacks(
     attacker_images = [read_image(p)[0] for p in attacker_paths]
     target_images = [read_image(p)[0] for p in target_paths]
     with torch.no_grad():
-        targets = make_targets(model, target_images, obf, k)
-        attackers = make_targets(model, attacker_images, obf, k)
+        targets = make_targets(model, target_images, obf, k, refine_steps)
+        attackers = make_targets(model, attacker_images, obf, k, refine_steps)
         rng = np.random.default_rng(seed)
         views = {
             "authorized (with key)": [_decode(model, t.code, t) for t in targets],
@@ -300,7 +301,7 @@ def run_attacks(
             ],
         }
     views["learned inversion"] = learned_inversion(
-        model, attacker_images, targets, obf, k, steps=30 if quick else 400, seed=seed
+        model, attackers, targets, obf, k, steps=30 if quick else 400, seed=seed
     )
     views["prior only (mean image)"] = [prior_only(attacker_images, t.image.shape) for t in targets]
     rows = {name: _scores(images, targets) for name, images in views.items()}

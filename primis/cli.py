@@ -121,11 +121,51 @@ def train(
     )
 
 
+@cli.command()
+@click.option("--model", "model_dir", help="run directory or bundled name (default: 'cxr')")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="training images")
+@click.option("--valid", required=True, type=click.Path(path_type=Path), help="validation images")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="model directory")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML or JSON")
+@click.option("--max-minutes", type=float, help="time budget of all rounds")
+@click.option("--threads", type=int, help="CPU threads for torch")
+def finetune(model_dir, data, valid, out, config_file, max_minutes, threads) -> None:
+    """Adapt a trained model's decoder to refined codes (see `ambiguate --refine-steps`)."""
+    from primis.config import FinetuneConfig, load_config, parse_config
+    from primis.data import resolve_sources
+    from primis.finetune import finetune as run_finetune
+    from primis.modelstore import load_model
+
+    config = load_config(FinetuneConfig, config_file) if config_file else FinetuneConfig()
+    overrides = {"max_minutes": max_minutes, "threads": threads}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides:
+        config = parse_config(FinetuneConfig, config.model_dump() | overrides, "command line")
+    model = load_model(model_dir)
+    result = run_finetune(model, resolve_sources(data), resolve_sources(valid), out, config)
+    click.echo(
+        f"done: {result.steps} decoder steps; refined validation PSNR {result.start_psnr:.2f} -> "
+        f"{result.best_psnr:.2f} dB; model in {out}"
+    )
+
+
 def _model_option(func):
     return click.option(
         "--model",
         "model_dir",
         help="trained run directory or bundled model name (default: the bundled 'cxr')",
+    )(func)
+
+
+def _refine_option(func):
+    from primis.sharing import REFINE_STEPS
+
+    return click.option(
+        "--refine-steps",
+        type=click.IntRange(min=0),
+        default=REFINE_STEPS,
+        show_default=True,
+        help="optimisation steps that improve each image's code (0: the encoder's code, fastest)",
     )(func)
 
 
@@ -158,11 +198,23 @@ def _parse_ints(text: str | None, option: str) -> list[int] | None:
 @click.option("--fill", type=float, help="fraction of zero entries filled with noise")
 @click.option("--mask-signs/--no-mask-signs", default=None, help="hide the signs of true entries")
 @click.option("--maps", help="issue keys for these code maps only, e.g. 0 or 0,1")
+@_refine_option
 @click.option("--keep-header", is_flag=True, help="put the original DICOM header in the key")
 @click.option("--overwrite", is_flag=True, help="redo inputs whose outputs exist")
 @click.option("--shard", help="I/N: process every N-th input from the I-th (0-based)")
 def ambiguate(
-    inputs, model_dir, public_dir, key_dir, k, fill, mask_signs, maps, keep_header, overwrite, shard
+    inputs,
+    model_dir,
+    public_dir,
+    key_dir,
+    k,
+    fill,
+    mask_signs,
+    maps,
+    refine_steps,
+    keep_header,
+    overwrite,
+    shard,
 ) -> None:
     """Turn each image into PUBLIC_DIR/<stem>.primis and KEY_DIR/<stem>.primiskey.
 
@@ -216,6 +268,7 @@ def ambiguate(
             key_maps,
             image.details,
             dicom_header(path, image),
+            refine_steps,
         )
         write_atomic(key_path, shared.key, mode=0o600)
         write_atomic(public_path, shared.public)
@@ -413,7 +466,8 @@ def keys_wrap(keyfiles, recipients, use_passphrase) -> None:
 @click.option(
     "--out", type=click.Path(path_type=Path), default=Path("primis-demo"), show_default=True
 )
-def demo(image, model_dir, out) -> None:
+@_refine_option
+def demo(image, model_dir, out, refine_steps) -> None:
     """Share one image and show what the key holder and an attacker each get (no network)."""
     from primis.demo import run_demo, train_demo_model
     from primis.modelstore import bundled_models, load_model
@@ -423,7 +477,7 @@ def demo(image, model_dir, out) -> None:
         click.echo("no bundled model: training a small one on synthetic images (< 2 min)...")
         model_dir = train_demo_model(out / "model")
     model = load_model(model_dir)
-    report = run_demo(model, image, out)
+    report = run_demo(model, image, out, refine_steps)
     click.echo(f"input {report['input']} ({report['pixels'][0]}x{report['pixels'][1]})")
     click.echo(
         f"public file {report['public_bytes']} B, key {report['key_bytes']} B "
@@ -465,8 +519,11 @@ def demo(image, model_dir, out) -> None:
     type=click.Path(path_type=Path),
     help="lung masks named like the images: adds the segmentation utility study",
 )
+@_refine_option
 @click.option("--quick", is_flag=True, help="short attack training (for tests)")
-def attack(model_dir, attacker_data, target_data, fill, mask_signs, masks, out, quick) -> None:
+def attack(
+    model_dir, attacker_data, target_data, fill, mask_signs, masks, out, refine_steps, quick
+) -> None:
     """Run every attack of the threat model against public files; report vs prior-only."""
     from primis.attacks import run_attacks, target_checks
     from primis.data import resolve_sources
@@ -482,6 +539,7 @@ def attack(model_dir, attacker_data, target_data, fill, mask_signs, masks, out, 
         obfuscation,
         quick,
         masks=masks,
+        refine_steps=refine_steps,
     )
     report["model_hash"] = model.hash
     rows = [
@@ -543,8 +601,9 @@ def attack(model_dir, attacker_data, target_data, fill, mask_signs, masks, out, 
 @click.option(
     "--out", type=click.Path(path_type=Path), default=Path("primis-evaluate"), show_default=True
 )
+@_refine_option
 @click.option("--quick", is_flag=True, help="at most 4 images (for tests)")
-def evaluate(model_dir, data, ks, out, quick) -> None:
+def evaluate(model_dir, data, ks, out, refine_steps, quick) -> None:
     """Authorized quality, key size and speed per image; rate-distortion vs JPEG/JPEG 2000."""
     from primis.data import resolve_sources
     from primis.evaluation import measure_sharing, rate_distortion, rd_plot, summarize
@@ -557,7 +616,7 @@ def evaluate(model_dir, data, ks, out, quick) -> None:
     model_k = model.network.config.k
     k_values = _parse_ints(ks, "--ks") or list(range(1, model_k + 1))
     records_by_k = {
-        k: [measure_sharing(model, p, model.obfuscation, k) for p in paths]
+        k: [measure_sharing(model, p, model.obfuscation, k, refine_steps) for p in paths]
         for k in sorted(set(k_values) | {model_k})
     }
     summary = summarize(records_by_k[model_k])

@@ -132,6 +132,23 @@ class TrainConfig(Strict):
         return self
 
 
+class FinetuneConfig(Strict):
+    """Adapting a trained model's decoder to refined codes (`primis finetune`)."""
+
+    refine_steps: int = Field(25, ge=1, description="refinement steps per code (as ambiguate)")
+    rounds: int = Field(1, ge=1, description="refine the training codes anew for each round")
+    steps: int = Field(4000, ge=1, description="decoder training steps per round")
+    max_minutes: float | None = Field(None, gt=0, description="time budget of all rounds")
+    batch_size: int = Field(16, ge=1)
+    crop: int = Field(128, ge=16, description="crop side in pixels (whole code cells)")
+    lr: float = Field(1e-4, gt=0)
+    validate_every: int = Field(500, ge=1, description="validate with refined codes, keep best")
+    amp: bool = Field(True, description="bfloat16 autocast where the device has it natively")
+    seed: int = 0
+    threads: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
 class RunConfig(Strict):
     """Everything a training run needs; the file `primis train --config` reads."""
 
@@ -154,8 +171,11 @@ class RunConfig(Strict):
 
 def load_run_config(path: Path | None) -> RunConfig:
     """Read a YAML or JSON run configuration; ``None`` gives the documented defaults."""
-    if path is None:
-        return RunConfig()
+    return RunConfig() if path is None else load_config(RunConfig, path)
+
+
+def load_config(cls: type[Strict], path: Path):
+    """Read a YAML or JSON file and validate it as ``cls``."""
     try:
         text = Path(path).read_text()
     except OSError as err:
@@ -164,7 +184,7 @@ def load_run_config(path: Path | None) -> RunConfig:
         data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise PrimisError(f"config {path} is not valid YAML/JSON: {err}".splitlines()[0]) from None
-    return parse_config(RunConfig, data or {}, str(path))
+    return parse_config(cls, data or {}, str(path))
 
 
 def parse_config(cls: type[Strict], data: object, where: str):

@@ -147,3 +147,27 @@ class RandomCropDataset(Dataset):
             gamma = 1 + self.gamma_jitter * (2 * float(torch.rand(())) - 1)
             patch = patch.clamp(min=0) ** gamma
         return patch.unsqueeze(0)
+
+
+def code_crops(
+    pairs: list[tuple[np.ndarray, torch.Tensor]],
+    cells: int,
+    downsampling: int,
+    count: int,
+    rng: random.Random,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` random crops of ``cells`` x ``cells`` code positions and the pixels they cover.
+
+    ``pairs`` hold an image padded to the code grid and its code (1,m,n,h,w); returns codes
+    (count,m,n,cells,cells) and pixels (count,1,side,side) with side = cells * downsampling.
+    """
+    codes, pixels = [], []
+    side = cells * downsampling
+    for _ in range(count):
+        image, code = rng.choice(pairs)
+        rows, cols = code.shape[3:]
+        top, left = rng.randrange(rows - cells + 1), rng.randrange(cols - cells + 1)
+        codes.append(code[..., top : top + cells, left : left + cells])
+        y, x = top * downsampling, left * downsampling
+        pixels.append(image[y : y + side, x : x + side])
+    return torch.cat(codes), torch.from_numpy(np.stack(pixels))[:, None]

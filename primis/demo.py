@@ -12,7 +12,7 @@ from primis.formats import PublicFile
 from primis.imageio import IntensityMapping, encode_image, read_image, write_atomic
 from primis.metrics import psnr, ssim
 from primis.modelstore import LoadedModel
-from primis.sharing import attacker_view, reconstruct, share_image
+from primis.sharing import REFINE_STEPS, attacker_view, reconstruct, share_image
 
 
 def chest_phantom(size: int = 512, seed: int = 0) -> np.ndarray:
@@ -66,7 +66,9 @@ def figure(panels: list[tuple[str, np.ndarray]], path: Path) -> None:
     write_atomic(buffer_path, buffer.getvalue())
 
 
-def run_demo(model: LoadedModel, image_path: Path | None, out: Path) -> dict:
+def run_demo(
+    model: LoadedModel, image_path: Path | None, out: Path, refine_steps: int = REFINE_STEPS
+) -> dict:
     """Share one image, restore it with and without the key, write files and a figure."""
     if image_path is None:
         pixels = chest_phantom()
@@ -74,7 +76,7 @@ def run_demo(model: LoadedModel, image_path: Path | None, out: Path) -> dict:
         write_atomic(image_path, encode_image(pixels, ".png"))
     unit, mapping = read_image(image_path)
     started = time.perf_counter()
-    shared = share_image(unit, mapping, model, model.obfuscation)
+    shared = share_image(unit, mapping, model, model.obfuscation, refine_steps=refine_steps)
     encoded = time.perf_counter()
     restored, _ = reconstruct(shared.public, shared.key, model)
     decoded = time.perf_counter()

@@ -13,7 +13,7 @@ from primis.config import ObfuscationConfig
 from primis.imageio import read_image
 from primis.metrics import ms_ssim, psnr, ssim
 from primis.modelstore import LoadedModel
-from primis.sharing import attacker_view, reconstruct, share_image
+from primis.sharing import REFINE_STEPS, attacker_view, reconstruct, share_image
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,12 @@ def measure_sharing(
     path: Path,
     obfuscation: ObfuscationConfig,
     k: int | None = None,
+    refine_steps: int = REFINE_STEPS,
 ) -> SharingRecord:
     """Ambiguate and disambiguate one image; score both reconstructions against the input."""
     unit, mapping = read_image(path)
     started = time.perf_counter()
-    shared = share_image(unit, mapping, model, obfuscation, k)
+    shared = share_image(unit, mapping, model, obfuscation, k, refine_steps=refine_steps)
     encoded = time.perf_counter()
     restored, _ = reconstruct(shared.public, shared.key, model)
     decoded = time.perf_counter()

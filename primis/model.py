@@ -16,7 +16,8 @@ Data flow (D = stem * 2**(S-1) for S scales; h, w = H/D, W/D)::
     x_hat (B,1,H,W)
 
 `forward` serves training (it blends real values into ternary ones during warm-up); `encode`
-and `decode` move between images and the integer ternary code used for sharing.
+and `decode` move between images and the integer ternary code used for sharing; `refine`
+searches, per image, for a code the decoder reconstructs better than the encoder's.
 """
 
 from __future__ import annotations
@@ -26,6 +27,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from primis.config import ModelConfig
+
+
+def use_autocast(device: torch.device, amp: bool) -> bool:
+    """bfloat16 autocast: on CUDA, and on CPUs with native bfloat16 (AVX512-BF16 or AMX), where
+    it measured about 1.9x the float32 training speed; elsewhere it would be emulated (slower)."""
+    if not amp:
+        return False
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
 
 
 class ResidualBlock(nn.Module):
@@ -143,6 +156,12 @@ class SparseTernaryAutoEncoder(nn.Module):
         self.head = nn.Sequential(
             nn.Conv2d(c[0], config.stem**2, 3, padding=1), nn.PixelShuffle(config.stem)
         )
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """What decoding uses: magnitudes, inverse projection and synthesis (not the encoder)."""
+        modules = [self.inverse_projection, self.from_code, self.decoder_stages, self.ups]
+        parameters = [p for module in [*modules, self.head] for p in module.parameters()]
+        return [self.beta_pos, self.beta_neg, *parameters]
 
     # ----------------------------------------------------------------- analysis / synthesis
     def _code_transform(self) -> tuple[Tensor, Tensor]:
@@ -285,7 +304,15 @@ class SparseTernaryAutoEncoder(nn.Module):
         scattered into zeros, exactly the dense code of `magnitudes` / the real sparse code.
         """
         k = k or self.config.k
-        z = self.analysis(x)
+        dense = self._decoder_input(self.analysis(x), k, ternary_weight, straight_through)
+        if map_mask is not None:
+            dense = dense * map_mask.to(dense.dtype)[:, :, None, None, None]
+        return self.synthesis(dense)
+
+    def _decoder_input(
+        self, z: Tensor, k: int, ternary_weight: float = 1.0, straight_through: float = 0.0
+    ) -> Tensor:
+        """Scores (B,m,n,h,w) -> the dense sparse code the decoder reads (see `forward`)."""
         chosen = self.select(z.detach(), k)
         flat = _flat_index(z.shape, chosen)
         real = z.take(flat) if ternary_weight < 1 else None
@@ -298,17 +325,61 @@ class SparseTernaryAutoEncoder(nn.Module):
         dense = torch.zeros(z.shape, dtype=z.dtype, device=z.device).put_(flat, values.to(z.dtype))
         if straight_through:
             dense = dense + straight_through * (z - z.detach())  # zero, but carries gradient
-        if map_mask is not None:
-            dense = dense * map_mask.to(dense.dtype)[:, :, None, None, None]
-        return self.synthesis(dense)
+        return dense
+
+    def refine(
+        self, x: Tensor, k: int, steps: int, valid: Tensor | None = None, lr: float = 0.05
+    ) -> Tensor:
+        """Scores (B,m,n,h,w) whose ternary code reconstructs ``x`` at least as well as the
+        encoder's own: ``steps`` Adam steps on the scores through the straight-through code,
+        keeping for each image the scores of the best code seen (the encoder's included).
+
+        The decoder and the code format are untouched; only the choice of code improves (the
+        encoder's one pass leaves a gap). ``valid`` (B,1,H,W) of 0/1 marks the pixels that count
+        (not the padding). Images do not interact: each one's result is the same in any batch.
+        The decoder runs in bfloat16 where the device has it natively (`use_autocast`): same
+        gain as float32 on the bundled model, about half the time.
+        """
+        valid = torch.ones_like(x) if valid is None else valid.to(x.dtype)
+        area = valid.sum(dim=(1, 2, 3))
+        with torch.no_grad():
+            z = self.analysis(x).float()
+        best = z.clone()
+        best_error = torch.full((x.shape[0],), torch.inf, device=x.device)
+        z.requires_grad_(True)
+        optimizer = torch.optim.Adam([z], lr=lr)
+        low_precision = use_autocast(x.device, amp=True)
+        with torch.enable_grad():
+            for step in range(steps + 1):
+                dense = self._decoder_input(z, k, straight_through=1.0)
+                with torch.autocast(x.device.type, torch.bfloat16, enabled=low_precision):
+                    reconstruction = self.synthesis(dense)
+                squared = (reconstruction.float() - x) ** 2
+                error = (squared * valid).sum(dim=(1, 2, 3)) / area
+                improved = error.detach() < best_error
+                best[improved] = z.detach()[improved]
+                best_error = torch.where(improved, error.detach(), best_error)
+                if step == steps:
+                    break
+                (z.grad,) = torch.autograd.grad(error.sum(), z)
+                optimizer.step()
+        return best
 
     @torch.no_grad()
-    def encode(self, x: Tensor, k: int | None = None) -> Tensor:
-        """Images (B,1,H,W) -> ternary code (B,m,n,h,w), int8."""
+    def encode(
+        self,
+        x: Tensor,
+        k: int | None = None,
+        refine_steps: int = 0,
+        valid: Tensor | None = None,
+    ) -> Tensor:
+        """Images (B,1,H,W) -> ternary code (B,m,n,h,w), int8; with ``refine_steps`` the code
+        `refine` finds (``valid`` as there)."""
         k = k or self.config.k
         if not 1 <= k <= self.config.n // 2:
             raise ValueError(f"k={k} outside 1..{self.config.n // 2}")
-        return self.ternarize(self.analysis(x), k)
+        z = self.refine(x, k, refine_steps, valid) if refine_steps else self.analysis(x)
+        return self.ternarize(z, k)
 
     @torch.no_grad()
     def decode(self, t: Tensor) -> Tensor:

@@ -36,7 +36,7 @@ from primis.data import RandomCropDataset
 from primis.errors import PrimisError
 from primis.imageio import pad_to_multiple, read_image, write_atomic
 from primis.metrics import psnr, ssim
-from primis.model import SparseTernaryAutoEncoder
+from primis.model import SparseTernaryAutoEncoder, use_autocast
 from primis.modelstore import save_model
 from primis.obfuscation import ambiguate_maps, image_key_bits
 
@@ -57,18 +57,6 @@ def pick_device(name: str) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise PrimisError("--device mps: no MPS device is available")
     return torch.device(name)
-
-
-def use_autocast(device: torch.device, amp: bool) -> bool:
-    """bfloat16 autocast: on CUDA, and on CPUs with native bfloat16 (AVX512-BF16 or AMX), where
-    it measured about 1.9x the float32 training speed; elsewhere it would be emulated (slower)."""
-    if not amp:
-        return False
-    if device.type == "cuda":
-        return True
-    if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return False
 
 
 def learning_rate(config: RunConfig, progress: float, step: int) -> float:
@@ -114,8 +102,10 @@ def validate(
     device: torch.device,
     obfuscation: ObfuscationConfig,
     grid_rows: int = 2,
+    refine_steps: int = 0,
 ) -> Validation:
-    """Pure-ternary quality, key size and a picture of what sharing produces, on whole images."""
+    """Pure-ternary quality, key size and a picture of what sharing produces, on whole images
+    (codes refined by ``refine_steps``, as `primis ambiguate --refine-steps` does)."""
     was_training = network.training
     network.eval()
     scores, similarities, bits, pixels, rows = [], [], 0.0, 0, []
@@ -123,7 +113,9 @@ def validate(
     for index, image in enumerate(images):
         padded = pad_to_multiple(image, cfg.downsampling)
         x = torch.from_numpy(padded)[None, None].to(device)
-        code = network.encode(x)
+        valid = torch.zeros_like(x)
+        valid[..., : image.shape[0], : image.shape[1]] = 1
+        code = network.encode(x, refine_steps=refine_steps, valid=valid)
         out = network.decode(code)[0, 0, : image.shape[0], : image.shape[1]].float().cpu().numpy()
         scores.append(psnr(image, out))
         similarities.append(ssim(image, out))

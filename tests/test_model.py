@@ -185,3 +185,23 @@ def test_straight_through_passes_the_decoder_input_gradient_to_every_score():
     assert decoder_input.grad.ne(0).float().mean() > 0.9
     for name, p in network.named_parameters():
         torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_refined_codes_reconstruct_better_and_images_do_not_interact():
+    torch.manual_seed(2)
+    network = SparseTernaryAutoEncoder(TINY).eval()
+    # Images this decoder can make exactly, from codes the (untrained) encoder does not find.
+    x = network.decode(network.ternarize(torch.randn(2, TINY.m, TINY.n, 4, 4), TINY.k))
+    valid = torch.ones_like(x)
+    valid[1, :, 24:] = 0  # the second image's last rows are padding
+
+    def error(code: torch.Tensor, i: int) -> float:
+        return float(((network.decode(code) - x) ** 2 * valid)[i].sum())
+
+    plain = network.encode(x)
+    refined = network.encode(x, refine_steps=10, valid=valid)
+    assert (refined == 1).sum(2).eq(TINY.k).all() and (refined == -1).sum(2).eq(TINY.k).all()
+    for i in range(2):
+        assert error(refined, i) < 0.95 * error(plain, i)
+    alone = network.encode(x[1:], refine_steps=10, valid=valid[1:])
+    assert (alone == refined[1:]).float().mean() > 0.99

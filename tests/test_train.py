@@ -294,18 +294,18 @@ def test_crops_load_in_dataloader_workers(tmp_path):
 
 
 def test_shipped_configs_validate():
-    from primis.config import load_run_config
+    from primis.config import FinetuneConfig, load_config, load_run_config
 
     folder = Path(__file__).resolve().parents[1] / "configs"
     configs = sorted(folder.glob("*.yaml"))
     assert configs
     for path in configs:
-        load_run_config(path)
+        load_config(FinetuneConfig if path.stem.endswith("-finetune") else RunConfig, path)
     assert load_run_config(folder / "default.yaml") == RunConfig()
 
 
 def test_bfloat16_autocast_only_where_it_is_native_or_asked_for():
-    from primis.train import use_autocast
+    from primis.model import use_autocast
 
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert use_autocast(torch.device("cpu"), amp=True) == native
