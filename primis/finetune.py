@@ -105,6 +105,7 @@ def finetune(
             bar = tqdm(
                 range(config.steps),
                 desc=f"finetune round {round_index + 1}/{config.rounds}",
+                total=None if config.max_minutes else config.steps,  # a time budget ends it
                 disable=not show_progress,
                 mininterval=1.0,
             )
