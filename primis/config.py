@@ -124,6 +124,16 @@ class TrainConfig(Strict):
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    init: str | None = Field(
+        None,
+        description="start from this trained model (run directory or bundled name) instead of"
+        " random weights; the model section must equal its configuration",
+    )
+    trainable: Literal["all", "encoder", "decoder"] = Field(
+        "all",
+        description="parameters the optimizer updates: 'encoder' trains the analysis side"
+        " against a fixed decoder, so its one-pass code approaches the refined one",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -30,14 +30,16 @@ from primis.config import ModelConfig
 
 
 def use_autocast(device: torch.device, amp: bool) -> bool:
-    """bfloat16 autocast: on CUDA, and on CPUs with native bfloat16 (AVX512-BF16 or AMX), where
-    it measured about 1.9x the float32 training speed; elsewhere it would be emulated (slower)."""
+    """bfloat16 autocast: on CUDA, and on CPUs with native bfloat16 (AVX512-BF16 or AMX) whose
+    AVX512 kernels torch uses (`ATEN_CPU_CAPABILITY=avx2` turns it off, as on an AVX2 CPU);
+    elsewhere bfloat16 would be emulated, slower than float32."""
     if not amp:
         return False
     if device.type == "cuda":
         return True
     if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return native and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     return False
 
 
@@ -162,6 +164,11 @@ class SparseTernaryAutoEncoder(nn.Module):
         modules = [self.inverse_projection, self.from_code, self.decoder_stages, self.ups]
         parameters = [p for module in [*modules, self.head] for p in module.parameters()]
         return [self.beta_pos, self.beta_neg, *parameters]
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """What encoding uses: every parameter that `decoder_parameters` does not list."""
+        decoder = {id(p) for p in self.decoder_parameters()}
+        return [p for p in self.parameters() if id(p) not in decoder]
 
     # ----------------------------------------------------------------- analysis / synthesis
     def _code_transform(self) -> tuple[Tensor, Tensor]:

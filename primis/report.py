@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +43,43 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 def write_json(path: Path, data: dict) -> None:
     write_atomic(path, json.dumps(data, indent=2, default=float).encode())
+
+
+# CPU flags that decide which kernels run; benchmarks print them with every figure.
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def machine_info() -> dict:
+    """The CPU model, its speed-relevant flags, torch's kernel level and threads, and the numeric
+    type the inference and training paths use on this CPU (bfloat16 only where native)."""
+    import torch
+
+    from primis.model import use_autocast
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "model name":
+                model = value.strip()
+            elif name.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    low_precision = use_autocast(torch.device("cpu"), amp=True)
+    return {
+        "cpu": model,
+        "flags": [flag for flag in SPEED_FLAGS if flag in flags],
+        "kernels": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "dtype": "bfloat16 autocast" if low_precision else "float32",
+    }
+
+
+def describe_machine(info: dict) -> str:
+    """One line for a benchmark table's caption."""
+    return (
+        f"{info['cpu']} ({' '.join(info['flags'])}; torch kernels {info['kernels']}), "
+        f"{info['threads']} threads, torch {info['torch']}, {info['dtype']}"
+    )

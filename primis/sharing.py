@@ -18,14 +18,17 @@ import torch
 from primis.config import ObfuscationConfig
 from primis.errors import PrimisError
 from primis.formats import (
+    UNSEALED,
     KeyFile,
     KeyHeader,
     PublicFile,
     PublicHeader,
     new_file_id,
-    sha256,
+    open_pair,
+    seal_pair,
 )
 from primis.imageio import IntensityMapping, pad_to_multiple
+from primis.limits import MAX_PIXELS
 from primis.modelstore import LoadedModel
 from primis.obfuscation import (
     ambiguate_maps,
@@ -40,6 +43,52 @@ from primis.obfuscation import (
 # the bundled model gives 36.9 dB with them against 32.3 dB with the encoder's code (held-out
 # median, MODEL_CARD.md); 100 steps gained 0.25 dB more on validation images at twice the time.
 REFINE_STEPS = 50
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How images larger than one tile are encoded and decoded: in tiles of ``cells`` x ``cells``
+    code positions, each computed with ``halo`` positions of context on every side and only its
+    inner part kept. Peak memory then follows the tile, not the image, and time grows linearly
+    with the pixel count.
+
+    The bundled model's encoder sees 6 code positions to each side and its decoder 10, so with a
+    halo of 10 a tiled code and its tiled decoding equal the whole image's (up to rounding;
+    `benchmarks/tiling.py` measures it). An image whose grid fits in ``cells + 2 * halo``
+    positions each way is processed whole.
+    """
+
+    cells: int = 64
+    halo: int = 10
+
+    def __post_init__(self) -> None:
+        if self.cells < 1 or self.halo < 0:
+            raise PrimisError("tiles need at least 1 code position and a halo of 0 or more")
+
+    def fits(self, shape: tuple[int, ...], multiple: int) -> bool:
+        """Whether an image of padded ``shape`` goes whole."""
+        return max(shape) // multiple <= self.cells + 2 * self.halo
+
+    def tiles(self, grid: tuple[int, int]) -> list[tuple[tuple[slice, slice], tuple[slice, slice]]]:
+        """(outer, inner) code-position slices covering ``grid``; inner parts do not overlap."""
+        spans = [
+            [
+                (
+                    slice(max(0, a - self.halo), min(size, a + self.cells + self.halo)),
+                    slice(a, min(size, a + self.cells)),
+                )
+                for a in range(0, size, self.cells)
+            ]
+            for size in grid
+        ]
+        return [((rows[0], cols[0]), (rows[1], cols[1])) for rows in spans[0] for cols in spans[1]]
+
+    @staticmethod
+    def within(outer: tuple[slice, slice], inner: tuple[slice, slice]) -> tuple[slice, slice]:
+        """``inner`` counted from the start of ``outer``."""
+        return tuple(
+            slice(i.start - o.start, i.stop - o.start) for o, i in zip(outer, inner, strict=True)
+        )
 
 
 @dataclass(frozen=True)
@@ -106,23 +155,55 @@ def encode_images(
     k: int,
     refine_steps: int = REFINE_STEPS,
     batch_size: int = 16,
+    tiling: Tiling | None = None,
 ) -> list[torch.Tensor]:
     """Ternary code (1,m,n,h,w) of each image in [0,1], padded to the model's grid; images of
-    one padded size share a forward pass. With ``refine_steps`` each code is refined on the
-    image's own pixels (the padding does not count)."""
-    multiple = model.network.config.downsampling
+    one padded size share a forward pass, and images larger than one tile go tile by tile (see
+    `Tiling`). With ``refine_steps`` each code is refined on the image's own pixels (the
+    padding does not count)."""
+    tiling = tiling or Tiling()
+    network, device = model.network, _device(model)
+    multiple = network.config.downsampling
     padded = [pad_to_multiple(unit, multiple) for unit in units]
     codes: list[torch.Tensor | None] = [None] * len(units)
-    for indices in _batches([p.shape for p in padded], batch_size):
-        x = torch.from_numpy(np.stack([padded[i] for i in indices]))[:, None]
-        valid = torch.zeros_like(x)
-        for row, i in enumerate(indices):
-            valid[row, :, : units[i].shape[0], : units[i].shape[1]] = 1
-        device = _device(model)
-        code = model.network.encode(x.to(device), k, refine_steps, valid.to(device))
+
+    def encode(pixels: np.ndarray, valid: np.ndarray) -> torch.Tensor:
+        x, mask = (torch.from_numpy(a)[:, None].to(device) for a in (pixels, valid))
+        return network.encode(x, k, refine_steps, mask)
+
+    whole = [i for i, p in enumerate(padded) if tiling.fits(p.shape, multiple)]
+    for indices in _batches([padded[i].shape for i in whole], batch_size):
+        indices = [whole[i] for i in indices]
+        code = encode(
+            np.stack([padded[i] for i in indices]),
+            np.stack([_valid_mask(units[i].shape, padded[i].shape) for i in indices]),
+        )
         for row, i in enumerate(indices):
             codes[i] = code[row : row + 1]
+    for i in sorted(set(range(len(units))) - set(whole)):
+        valid = _valid_mask(units[i].shape, padded[i].shape)
+        grid = (padded[i].shape[0] // multiple, padded[i].shape[1] // multiple)
+        code = None
+        for outer, inner in tiling.tiles(grid):
+            pixels = _scaled(outer, multiple)
+            part = encode(padded[i][pixels][None], valid[pixels][None])
+            if code is None:
+                code = torch.zeros((1, *part.shape[1:3], *grid), dtype=part.dtype)
+            code[..., inner[0], inner[1]] = part[..., *tiling.within(outer, inner)].cpu()
+        codes[i] = code
     return codes
+
+
+def _scaled(cells: tuple[slice, ...], factor: int) -> tuple[slice, ...]:
+    """Code-position slices -> the pixel slices they cover."""
+    return tuple(slice(c.start * factor, c.stop * factor) for c in cells)
+
+
+def _valid_mask(shape: tuple[int, int], padded: tuple[int, int]) -> np.ndarray:
+    """1 on the image's own pixels, 0 on the padding."""
+    valid = np.zeros(padded, dtype=np.float32)
+    valid[: shape[0], : shape[1]] = 1
+    return valid
 
 
 def share_image(
@@ -177,7 +258,6 @@ def _package(
         mask_signs=obfuscation.mask_signs,
         permuted=obfuscation.permute_atoms,
     )
-    public = PublicFile(header, public_vectors).to_bytes()
     per_map = rows * cols
     payload = b""
     ideal = 0.0
@@ -189,7 +269,7 @@ def _package(
         ideal += key_size(shown, k, obfuscation.mask_signs, perm is not None)[0]
     key_header = KeyHeader(
         file_id=header.file_id,
-        public_sha256=sha256(public),
+        public_sha256=UNSEALED,
         model_hash=model.hash,
         maps=maps,
         shape=image.unit.shape,
@@ -197,23 +277,15 @@ def _package(
         source=image.source,
         dicom_header=image.dicom_header,
     )
-    key = KeyFile(key_header, payload).to_bytes()
+    public, key = seal_pair(PublicFile(header, public_vectors), KeyFile(key_header, payload))
     return SharedImage(header.file_id, public, key, ideal, image.unit.size)
 
 
 def read_pair(
     public_bytes: bytes, key_bytes: bytes, public_name: str = "public file", key_name: str = "key"
 ) -> tuple[PublicFile, KeyFile]:
-    """Parse a public file and its key, and check that they belong together."""
-    public = PublicFile.from_bytes(public_bytes, public_name)
-    key = KeyFile.from_bytes(key_bytes, key_name)
-    if key.header.file_id != public.header.file_id:
-        raise PrimisError(f"{key_name} belongs to another public file (file id mismatch)")
-    if key.header.public_sha256 != sha256(public_bytes):
-        raise PrimisError(f"{key_name} was made for a different version of {public_name}")
-    if key.header.model_hash != public.header.model_hash:
-        raise PrimisError(f"{key_name} and {public_name} name different models")
-    return public, key
+    """Parse a public file and its key, and check that they belong together (`open_pair`)."""
+    return open_pair(public_bytes, key_bytes, public_name, key_name)
 
 
 def _check_model(public: PublicFile, model: LoadedModel, name: str) -> None:
@@ -225,6 +297,8 @@ def _check_model(public: PublicFile, model: LoadedModel, name: str) -> None:
     cfg = model.network.config
     if (public.header.n, public.header.m) != (cfg.n, cfg.m) or public.header.k > cfg.n // 2:
         raise PrimisError(f"{name}: code parameters do not fit the model")
+    rows, cols = public.header.grid
+    MAX_PIXELS.check(rows * cols * cfg.downsampling**2, name)
 
 
 def recover_code(public: PublicFile, key: KeyFile) -> np.ndarray:
@@ -252,17 +326,32 @@ def _device(model: LoadedModel) -> torch.device:
     return next(model.network.parameters()).device
 
 
-def _decode_many(
-    model: LoadedModel, codes: list[tuple[np.ndarray, PublicHeader]], batch_size: int
+def decode_codes(
+    model: LoadedModel,
+    codes: list[torch.Tensor],
+    batch_size: int = 16,
+    tiling: Tiling | None = None,
 ) -> list[np.ndarray]:
-    """Decode code vectors to [0,1] images; codes with the same grid share a forward pass."""
+    """Decode ternary codes (1,m,n,h,w) to [0,1] images of the padded size; codes with the same
+    grid share a forward pass, and grids larger than one tile go tile by tile (see `Tiling`)."""
+    tiling = tiling or Tiling()
+    network, device = model.network, _device(model)
+    multiple = network.config.downsampling
     images: list[np.ndarray | None] = [None] * len(codes)
-    shapes = [(h.m, h.n, *h.grid) for _, h in codes]
-    for indices in _batches(shapes, batch_size):
-        code = torch.cat([vectors_to_code(*codes[i]) for i in indices]).to(_device(model))
-        decoded = model.network.decode(code)[:, 0].cpu().numpy()
+    whole = [i for i, code in enumerate(codes) if tiling.fits(code.shape[3:], 1)]
+    for indices in _batches([codes[i].shape for i in whole], batch_size):
+        indices = [whole[i] for i in indices]
+        decoded = network.decode(torch.cat([codes[i] for i in indices]).to(device))
         for row, i in enumerate(indices):
-            images[i] = decoded[row]
+            images[i] = decoded[row, 0].float().cpu().numpy()
+    for i in sorted(set(range(len(codes))) - set(whole)):
+        grid = codes[i].shape[3:]
+        image = np.zeros((grid[0] * multiple, grid[1] * multiple), dtype=np.float32)
+        for outer, inner in tiling.tiles(grid):
+            part = network.decode(codes[i][..., outer[0], outer[1]].to(device))[0, 0]
+            within = _scaled(tiling.within(outer, inner), multiple)
+            image[_scaled(inner, multiple)] = part[within].float().cpu().numpy()
+        images[i] = image
     return images
 
 
@@ -275,7 +364,8 @@ def reconstruct_many(
         public, key = read_pair(public_bytes, key_bytes)
         _check_model(public, model, "public file")
         opened.append((public, key, recover_code(public, key)))
-    units = _decode_many(model, [(code, public.header) for public, _, code in opened], batch_size)
+    codes = [vectors_to_code(code, public.header) for public, _, code in opened]
+    units = decode_codes(model, codes, batch_size)
     return [_restore(unit, key) for unit, (_, key, _) in zip(units, opened, strict=True)]
 
 
@@ -300,7 +390,7 @@ def reconstruct(
     """Authorized reconstruction in the input's own dtype and range, and the key it used."""
     public, key = read_pair(public_bytes, key_bytes, public_name, key_name)
     _check_model(public, model, public_name)
-    unit = _decode_many(model, [(recover_code(public, key), public.header)], 1)[0]
+    unit = decode_codes(model, [vectors_to_code(recover_code(public, key), public.header)])[0]
     return _restore(unit, key, key_name)
 
 
@@ -308,4 +398,4 @@ def attacker_view(public_bytes: bytes, model: LoadedModel, name: str = "public f
     """What anyone decodes from the public file alone: its vectors decoded as they are."""
     public = PublicFile.from_bytes(public_bytes, name)
     _check_model(public, model, name)
-    return _decode_many(model, [(public.vectors, public.header)], 1)[0]
+    return decode_codes(model, [vectors_to_code(public.vectors, public.header)])[0]

@@ -37,7 +37,7 @@ from primis.errors import PrimisError
 from primis.imageio import pad_to_multiple, read_image, write_atomic
 from primis.metrics import psnr, ssim
 from primis.model import SparseTernaryAutoEncoder, use_autocast
-from primis.modelstore import save_model
+from primis.modelstore import load_model, save_model
 from primis.obfuscation import ambiguate_maps, image_key_bits
 
 
@@ -201,13 +201,16 @@ def train(
     random.seed(t.seed)
 
     network = SparseTernaryAutoEncoder(config.model).to(device)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    if t.init and not resume:
+        _load_initial_weights(network, t.init)
+    parameters = _trainable_parameters(network, t.trainable)
+    optimizer = torch.optim.AdamW(parameters, lr=t.lr, weight_decay=t.weight_decay)
     state = {
         "step": 0,
         "elapsed": 0.0,
         "best_psnr": -math.inf,
         "nonfinite_total": 0,
-        "magnitudes_fitted": False,
+        "magnitudes_fitted": bool(t.init),  # a trained model's magnitudes fit its code already
     }
     if resume:
         saved = load_checkpoint(out, network, optimizer)
@@ -249,13 +252,13 @@ def train(
         mininterval=1.0,
         bar_format="{l_bar}{bar}| {n:.1f}/100% [{elapsed}<{remaining}{postfix}]",
     )
-    network.train()
     batches = iter(loader)
     try:
         while True:
             progress = _progress(config, step, time.monotonic() - start)
             if group.any(progress >= 1.0):
                 break
+            _training_mode(network, t.trainable)  # after each validation's eval mode too
             lr = learning_rate(config, progress, step)
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr
@@ -276,7 +279,7 @@ def train(
                 loss = torch.mean((y.float() - x) ** 2)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(network.parameters(), t.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(parameters, t.grad_clip)
             if group.any(not (torch.isfinite(loss) and torch.isfinite(norm))):
                 nonfinite += 1
                 state["nonfinite_total"] += 1
@@ -327,6 +330,36 @@ def train(
     if group.main and not (out / "model.json").exists():
         save_model(out, network, config.obfuscation)
     return TrainResult(step, time.monotonic() - start, state["best_psnr"], history)
+
+
+def _load_initial_weights(network: SparseTernaryAutoEncoder, init: str) -> None:
+    """Copy a trained model's weights (and running statistics) into ``network``."""
+    start = load_model(init)
+    if start.network.config != network.config:
+        raise PrimisError(
+            f"train.init {init}: its model configuration differs from the run's model section"
+        )
+    network.load_state_dict(start.network.state_dict())
+
+
+def _trainable_parameters(network: SparseTernaryAutoEncoder, which: str) -> list:
+    """The parameters ``train.trainable`` names; the others are frozen (no gradient)."""
+    if which == "all":
+        return list(network.parameters())
+    chosen = network.encoder_parameters() if which == "encoder" else network.decoder_parameters()
+    keep = {id(p) for p in chosen}
+    for parameter in network.parameters():
+        parameter.requires_grad_(id(parameter) in keep)
+    return chosen
+
+
+def _training_mode(network: SparseTernaryAutoEncoder, trainable: str) -> None:
+    """Train mode, except that a part that is not trained as a whole runs as deployed: the atom
+    standardisation keeps its running statistics unless everything trains, so an encoder
+    trained against a fixed decoder learns the code that inference will compute."""
+    network.train()
+    if trainable != "all" and network.atom_norm is not None:
+        network.atom_norm.eval()
 
 
 def _fit_magnitudes(network, batches, device, k: int, group: _Distributed, count: int = 8) -> None:

@@ -308,7 +308,8 @@ def test_bfloat16_autocast_only_where_it_is_native_or_asked_for():
     from primis.model import use_autocast
 
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert use_autocast(torch.device("cpu"), amp=True) == native
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert use_autocast(torch.device("cpu"), amp=True) == (native and avx512)
     assert not use_autocast(torch.device("cpu"), amp=False)
     assert use_autocast(torch.device("cuda"), amp=True)
     assert not use_autocast(torch.device("mps"), amp=True)
@@ -328,3 +329,63 @@ def test_runs_from_before_atom_norm_resume_without_it(tmp_path):
     config["model"]["atom_norm"] = True
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     assert load_run(run).model.atom_norm is True
+
+
+@pytest.mark.parametrize("trainable", ["encoder", "decoder"])
+def test_training_from_a_model_updates_only_the_trainable_part(tmp_path, tiny_model_dir, trainable):
+    from primis.train import train
+
+    images = sorted(_tiny_training_folder(tmp_path).iterdir())
+    start = load_model(tiny_model_dir).network
+    config = RunConfig(
+        model=TINY,
+        train=TrainConfig(
+            steps=3,
+            batch_size=2,
+            crop=32,
+            validate_every=3,
+            lr=1e-2,
+            warmup_steps=0,
+            init=str(tiny_model_dir),
+            trainable=trainable,
+        ),
+    )
+    train(config, images, images[:1], tmp_path / "run", show_progress=False)
+    trained = SparseTernaryAutoEncoder(TINY)
+    trained.load_state_dict(_checkpoint_weights(tmp_path / "run"))
+    names = {id(p): n for n, p in start.named_parameters()}
+    frozen = start.decoder_parameters() if trainable == "encoder" else start.encoder_parameters()
+    moving = start.encoder_parameters() if trainable == "encoder" else start.decoder_parameters()
+    after = dict(trained.named_parameters())
+    assert all(torch.equal(p, after[names[id(p)]]) for p in frozen)
+    assert any(not torch.equal(p, after[names[id(p)]]) for p in moving)
+    # The atom standardisation keeps the model's running statistics: the deployed code path.
+    assert torch.equal(start.atom_norm.running_mean, trained.atom_norm.running_mean)
+
+
+def test_an_init_model_of_another_shape_is_refused(tmp_path, tiny_model_dir):
+    images = _tiny_training_folder(tmp_path)
+    config = RunConfig(
+        model=TINY.model_copy(update={"n": 64}),
+        train=TrainConfig(steps=2, batch_size=2, crop=32, init=str(tiny_model_dir)),
+    )
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config.model_dump()))
+    result = run_cli(
+        "train",
+        "--config",
+        path,
+        "--data",
+        images,
+        "--valid",
+        images / "0.png",
+        "--out",
+        tmp_path / "run",
+    )
+    assert_clean_failure(result, "differs from the run's model section")
+
+
+def _checkpoint_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "checkpoint" / "model.safetensors")
