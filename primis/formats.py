@@ -8,39 +8,56 @@ Both files share one container::
 The public header holds only what decoding needs: model hash, code grid, code parameters and
 a random file id. The key header ties the key to one public file (file id and public digest)
 and carries the private side: original size, intensity mapping, the maps it opens.
-Readers check magic, version, lengths, digest and every header field before use.
+
+The two files are bound both ways (version 2): the key names the public file's digest, and
+the public file holds a commitment to the key, SHA-256 over a random 32-byte salt kept in the
+key, the key's header and its payload. A key edited after the fact (even with its checksum
+recomputed) no longer matches the genuine public file and is refused; the salt keeps the
+commitment from revealing anything about the key. Version 1 files (no commitment) still read.
+
+Readers check magic, version, lengths, digest and every header field before use, and the code
+geometry against the limits of `primis.limits` before inflating the payload.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from primis.config import Strict
 from primis.errors import PrimisError
+from primis.limits import MAX_CODE_ENTRIES, MAX_CODE_VECTORS, MAX_FILE_BYTES, MAX_PIXELS
 
 PUBLIC_MAGIC = b"PRIMIS\x00P"
 KEY_MAGIC = b"PRIMIS\x00K"
-VERSION = 1
-MAX_HEADER = 1 << 24
-MAX_ENTRIES = 1 << 32
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MAX_HEADER = 1 << 20
+UNSEALED = "0" * 64  # the key's public digest before `seal_pair` fills it in
+_COMMITMENT = b"primis key commitment v1\x00"
 _PREFIX = struct.Struct(">8sHI")
 _LENGTH = struct.Struct(">I")
 DIGEST = 32
 
 
+_HEX64 = r"^[0-9a-f]{64}$"
+_SIDE = 1 << 20  # rows or columns of an image or a code grid
+
+
 class PublicHeader(Strict):
     kind: Literal["public"] = "public"
     file_id: str = Field(pattern=r"^[0-9a-f]{32}$")
-    model_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+    model_hash: str = Field(pattern=_HEX64)
     grid: tuple[int, int] = Field(description="code positions (rows, columns)")
     n: int = Field(ge=2, le=4096)
     m: int = Field(ge=1, le=64)
@@ -48,18 +65,109 @@ class PublicHeader(Strict):
     noise: int = Field(ge=0, description="noise entries per vector")
     mask_signs: bool
     permuted: bool = Field(description="atoms shown in a secret per-map order")
+    key_commitment: str | None = Field(
+        None, pattern=_HEX64, description="SHA-256 of the key's salt, header and payload"
+    )
+
+    @model_validator(mode="after")
+    def _geometry(self) -> PublicHeader:
+        rows, cols = self.grid
+        if not (1 <= rows <= _SIDE and 1 <= cols <= _SIDE):
+            raise ValueError("invalid code grid")
+        if 2 * self.k > self.n or self.noise > self.n - 2 * self.k:
+            raise ValueError("invalid code parameters")
+        return self
+
+    @property
+    def vectors(self) -> int:
+        return self.m * self.grid[0] * self.grid[1]
+
+
+class Intensity(Strict):
+    """The affine map that restores the input's values (see `imageio.IntensityMapping`)."""
+
+    dtype: Literal[
+        "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float16",
+        "float32", "float64"
+    ]  # fmt: skip
+    low: Finite
+    high: Finite
+    invert: bool = False
+
+    @model_validator(mode="after")
+    def _range(self) -> Intensity:
+        if not (self.high > self.low and math.isfinite(self.high - self.low)):
+            raise ValueError("invalid intensity range")
+        return self
+
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class Source(Strict):
+    """Private facts about the input (`imageio.read_source`), kept in the key only."""
+
+    format: Literal["dicom", "npy", "tiff", "png", "jpg", "jpeg", "bmp"] | None = None
+    transfer_syntax: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)*$", max_length=64)
+    photometric: str | None = Field(None, pattern=r"^[A-Z0-9_]{1,16}$")
+    bits_allocated: int | None = Field(None, ge=1, le=64)
+    bits_stored: int | None = Field(None, ge=1, le=64)
+    pixel_representation: int | None = Field(None, ge=0, le=1)
+    rescale_slope: Finite | None = None
+    rescale_intercept: Finite | None = None
+    modality: str | None = Field(None, pattern=r"^[A-Z0-9_ ]{0,16}$")
+    window_center: Finite | list[Finite] | None = None
+    window_width: Finite | list[Finite] | None = None
+    burned_in_annotation: bool | None = None
+
+    @field_validator("window_center", "window_width")
+    @classmethod
+    def _few(cls, value):
+        if isinstance(value, list) and not 1 <= len(value) <= 16:
+            raise ValueError("expected 1 to 16 window values")
+        return value
 
 
 class KeyHeader(Strict):
     kind: Literal["key"] = "key"
     file_id: str = Field(pattern=r"^[0-9a-f]{32}$")
-    public_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    model_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
-    maps: list[int] = Field(min_length=1)
+    public_sha256: str = Field(pattern=_HEX64)
+    model_hash: str = Field(pattern=_HEX64)
+    maps: list[int] = Field(min_length=1, max_length=64)
     shape: tuple[int, int] = Field(description="original image (rows, columns)")
     intensity: dict
     source: dict = Field(default_factory=dict, description="private details of the input")
-    dicom_header: str | None = Field(None, description="original DICOM header (base64)")
+    dicom_header: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9+/]*={0,2}$",
+        max_length=1 << 22,
+        description="original DICOM header (base64)",
+    )
+    salt: str | None = Field(None, pattern=_HEX64, description="secret salt of the commitment")
+
+    @field_validator("maps")
+    @classmethod
+    def _maps(cls, maps: list[int]) -> list[int]:
+        if any(not 0 <= j < 64 for j in maps) or len(set(maps)) != len(maps):
+            raise ValueError("invalid code maps")
+        return maps
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, shape: tuple[int, int]) -> tuple[int, int]:
+        if not all(1 <= side <= _SIDE for side in shape):
+            raise ValueError("invalid image shape")
+        return shape
+
+    @field_validator("intensity")
+    @classmethod
+    def _intensity(cls, intensity: dict) -> dict:
+        return Intensity.model_validate(intensity).model_dump()
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, source: dict) -> dict:
+        return Source.model_validate(source).model_dump(exclude_none=True)
 
 
 @dataclass(frozen=True)
@@ -70,21 +178,16 @@ class PublicFile:
     def to_bytes(self) -> bytes:
         nonzero = np.packbits(self.vectors != 0)
         positive = np.packbits(self.vectors > 0)
-        return _container(
-            PUBLIC_MAGIC, self.header, zlib.compress(nonzero.tobytes() + positive.tobytes(), 6)
-        )
+        payload = zlib.compress(nonzero.tobytes() + positive.tobytes(), 6)
+        return _container(PUBLIC_MAGIC, self.header, payload, self.header.key_commitment)
 
     @classmethod
     def from_bytes(cls, data: bytes, name: str = "public file") -> PublicFile:
+        """Parse and validate; the geometry is checked against the limits before inflating."""
         header, payload = _open_container(data, PUBLIC_MAGIC, PublicHeader, name)
-        rows, cols = header.grid
-        if rows < 1 or cols < 1 or 2 * header.k > header.n:
-            raise PrimisError(f"{name}: invalid code geometry in header")
-        if header.noise > header.n - 2 * header.k:
-            raise PrimisError(f"{name}: invalid noise count in header")
-        count = header.m * rows * cols * header.n
-        if count > MAX_ENTRIES:
-            raise PrimisError(f"{name}: code too large ({count} entries)")
+        MAX_CODE_VECTORS.check(header.vectors, name)
+        count = header.vectors * header.n
+        MAX_CODE_ENTRIES.check(count, name)
         plane = (count + 7) // 8
         inflater = zlib.decompressobj()
         try:
@@ -94,16 +197,16 @@ class PublicFile:
         if len(raw) != 2 * plane or inflater.unconsumed_tail or not inflater.eof:
             raise PrimisError(f"{name}: payload size does not match the header")
         bits = np.frombuffer(raw, dtype=np.uint8)
-        nonzero = np.unpackbits(bits[:plane])[:count].astype(bool)
-        positive = np.unpackbits(bits[plane:])[:count].astype(bool)
-        if np.any(positive & ~nonzero):
+        nonzero = np.unpackbits(bits[:plane], count=count).view(bool)
+        positive = np.unpackbits(bits[plane:], count=count).view(bool)
+        if np.any(positive > nonzero):
             raise PrimisError(f"{name}: corrupted payload (sign without entry)")
-        vectors = np.where(positive, 1, np.where(nonzero, -1, 0)).astype(np.int8)
-        vectors = vectors.reshape(-1, header.n)
-        live = nonzero.reshape(-1, header.n).sum(axis=1)
+        live = np.count_nonzero(nonzero.reshape(-1, header.n), axis=1)
         if np.any(live != 2 * header.k + header.noise):
             raise PrimisError(f"{name}: public vectors do not match the code parameters")
-        return cls(header, vectors)
+        vectors = positive.view(np.int8) * np.int8(2)  # int8 throughout: 1 byte per entry
+        vectors -= nonzero.view(np.int8)
+        return cls(header, vectors.reshape(-1, header.n))
 
 
 @dataclass(frozen=True)
@@ -112,12 +215,58 @@ class KeyFile:
     payload: bytes
 
     def to_bytes(self) -> bytes:
-        return _container(KEY_MAGIC, self.header, self.payload)
+        return _container(KEY_MAGIC, self.header, self.payload, self.header.salt)
 
     @classmethod
     def from_bytes(cls, data: bytes, name: str = "key file") -> KeyFile:
         header, payload = _open_container(data, KEY_MAGIC, KeyHeader, name)
+        MAX_PIXELS.check(header.shape[0] * header.shape[1], name)
         return cls(header, payload)
+
+    def commitment(self) -> str:
+        """SHA-256 over the salt, the header (less the public digest) and the payload."""
+        fields = self.header.model_dump(mode="json", exclude={"public_sha256"})
+        text = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+        return sha256(_COMMITMENT + _LENGTH.pack(len(text)) + text + self.payload)
+
+
+def seal_pair(public: PublicFile, key: KeyFile) -> tuple[bytes, bytes]:
+    """The bytes of a public file and its key, bound both ways: a fresh salt (OS CSPRNG) goes
+    into the key, the key's commitment into the public header, the public digest into the key.
+    """
+    salted = KeyFile(key.header.model_copy(update={"salt": os.urandom(32).hex()}), key.payload)
+    header = public.header.model_copy(update={"key_commitment": salted.commitment()})
+    public_bytes = PublicFile(header, public.vectors).to_bytes()
+    digest = {"public_sha256": sha256(public_bytes)}
+    return public_bytes, KeyFile(salted.header.model_copy(update=digest), key.payload).to_bytes()
+
+
+def open_pair(
+    public_bytes: bytes, key_bytes: bytes, public_name: str, key_name: str
+) -> tuple[PublicFile, KeyFile]:
+    """Parse a public file and its key and check that they belong together. The key is read
+    first and the public file's digest checked on its raw bytes, so a public file that is not
+    the key's is refused before its payload is inflated."""
+    key = KeyFile.from_bytes(key_bytes, key_name)
+    if key.header.public_sha256 != sha256(public_bytes):
+        # Say why: a damaged file, another file's key, or an older version of this file.
+        header, _ = _open_container(public_bytes, PUBLIC_MAGIC, PublicHeader, public_name)
+        if header.file_id != key.header.file_id:
+            raise PrimisError(f"{key_name} belongs to another public file (file id mismatch)")
+        raise PrimisError(f"{key_name} was made for a different version of {public_name}")
+    public = PublicFile.from_bytes(public_bytes, public_name)
+    if key.header.file_id != public.header.file_id:
+        raise PrimisError(f"{key_name} belongs to another public file (file id mismatch)")
+    if key.header.model_hash != public.header.model_hash:
+        raise PrimisError(f"{key_name} and {public_name} name different models")
+    expected = public.header.key_commitment
+    if (expected is None) != (key.header.salt is None) or (
+        expected is not None and key.commitment() != expected
+    ):
+        raise PrimisError(
+            f"{key_name} does not match the commitment in {public_name}: the key was edited"
+        )
+    return public, key
 
 
 def new_file_id() -> str:
@@ -128,9 +277,11 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _container(magic: bytes, header: Strict, payload: bytes) -> bytes:
-    text = header.model_dump_json().encode()
-    body = _PREFIX.pack(magic, VERSION, len(text)) + text + _LENGTH.pack(len(payload)) + payload
+def _container(magic: bytes, header: Strict, payload: bytes, sealed: str | None = None) -> bytes:
+    """The file's bytes: version 2 when the pair is sealed (see `seal_pair`), else 1."""
+    text = header.model_dump_json(exclude_none=True).encode()
+    version = VERSION if sealed is not None else 1
+    body = _PREFIX.pack(magic, version, len(text)) + text + _LENGTH.pack(len(payload)) + payload
     return body + hashlib.sha256(body).digest()
 
 
@@ -143,9 +294,10 @@ def _open_container(data: bytes, magic: bytes, header_type: type[Strict], name: 
     if len(data) < _PREFIX.size or data[:8] != magic:
         raise PrimisError(f"{name}: not a PRIMIS {what} file")
     _, version, header_length = _PREFIX.unpack_from(data)
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
         raise PrimisError(
-            f"{name}: unsupported format version {version} (this PRIMIS reads {VERSION})"
+            f"{name}: unsupported format version {version} (this PRIMIS reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
         )
     if header_length > MAX_HEADER:
         raise PrimisError(f"{name}: header too large")
@@ -165,16 +317,26 @@ def _open_container(data: bytes, magic: bytes, header_type: type[Strict], name: 
     try:
         header = header_type.model_validate_json(data[_PREFIX.size : start])
     except ValidationError as err:
-        raise PrimisError(f"{name}: invalid header ({err.errors()[0]['msg']})") from None
+        raise PrimisError(f"{name}: invalid header ({validation_reason(err)})") from None
+    sealed = header.key_commitment if magic == PUBLIC_MAGIC else header.salt
+    if (version >= 2) != (sealed is not None):
+        raise PrimisError(f"{name}: invalid header (commitment does not fit version {version})")
     return header, data[start + _LENGTH.size : end]
 
 
-def read_file(path: Path, max_bytes: int = 1 << 31) -> bytes:
-    """File contents with a size cap, as a PrimisError on any OS failure."""
+def validation_reason(err: ValidationError) -> str:
+    """The first validation problem in one short line: where, and what."""
+    first = err.errors(include_url=False)[0]
+    where = ".".join(map(str, first["loc"]))
+    return (f"{where}: " if where else "") + first["msg"].splitlines()[0][:200]
+
+
+def read_file(path: Path) -> bytes:
+    """File contents with a size cap (`PRIMIS_MAX_FILE_BYTES`), as a PrimisError on any OS
+    failure."""
     path = Path(path)
     try:
-        if path.stat().st_size > max_bytes:
-            raise PrimisError(f"{path}: file too large")
+        MAX_FILE_BYTES.check(path.stat().st_size, str(path))
         return path.read_bytes()
     except FileNotFoundError:
         raise PrimisError(f"{path}: no such file") from None

@@ -8,15 +8,21 @@ The content (the plain key file) is sealed with ChaCha20-Poly1305 under a fresh 
 the header, which is authenticated as associated data, holds that data key wrapped for each
 recipient (ephemeral X25519 + HKDF-SHA256 + ChaCha20-Poly1305) or derived from a passphrase
 (scrypt). All primitives come from the `cryptography` library.
+
+The header is validated (types, sizes, base64) before use; the slot count, at most one
+passphrase slot, and scrypt's memory (128 * n * r * p bytes) are bounded by `primis.limits`
+before any key derivation runs, so a hostile file cannot make opening it slow or large.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import os
 import struct
 from pathlib import Path
+from typing import Annotated, Literal
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -24,13 +30,18 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from pydantic import BeforeValidator, Field, ValidationError
 
+from primis.config import Strict
 from primis.errors import PrimisError
+from primis.formats import validation_reason
+from primis.limits import MAX_KEY_SLOTS, MAX_SCRYPT_BYTES
 
 WRAPPED_MAGIC = b"PRIMIS\x00W"
 VERSION = 1
 _PREFIX = struct.Struct(">8sHI")
 SCRYPT = {"n": 2**15, "r": 8, "p": 1}
+MAX_HEADER = 1 << 16
 _INFO = b"primis key wrap v1"
 
 
@@ -38,8 +49,93 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text.encode(), validate=True)
+def _encoded(size: int):
+    """A base64 text field that must decode to exactly ``size`` bytes."""
+
+    def decode(text: object) -> bytes:
+        if not isinstance(text, str):
+            raise ValueError("expected base64 text")
+        try:
+            raw = base64.b64decode(text.encode(), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            raise ValueError("invalid base64") from None
+        if len(raw) != size:
+            raise ValueError(f"expected {size} bytes")
+        return raw
+
+    return Annotated[bytes, BeforeValidator(decode)]
+
+
+class _Slot(Strict):
+    nonce: _encoded(12)
+    wrapped: _encoded(32 + 16)
+
+
+class X25519Slot(_Slot):
+    type: Literal["x25519"]
+    recipient: _encoded(32)
+    ephemeral: _encoded(32)
+
+
+class ScryptParams(Strict):
+    n: int = Field(ge=2, le=1 << 30)
+    r: int = Field(ge=1, le=1 << 10)
+    p: int = Field(ge=1, le=1 << 10)
+
+
+class ScryptSlot(_Slot):
+    type: Literal["scrypt"]
+    salt: _encoded(16)
+    params: ScryptParams
+
+
+class WrappedHeader(Strict):
+    cipher: Literal["chacha20-poly1305"]
+    slots: list[Annotated[X25519Slot | ScryptSlot, Field(discriminator="type")]] = Field(
+        min_length=1
+    )
+
+
+def _header(data: bytes, name: str) -> tuple[WrappedHeader, int]:
+    """The validated header of a wrapped key and where it ends; limits checked."""
+    if len(data) < _PREFIX.size or not is_wrapped(data):
+        raise PrimisError(f"{name}: not a wrapped PRIMIS key")
+    _, version, length = _PREFIX.unpack_from(data)
+    if version != VERSION:
+        raise PrimisError(f"{name}: unsupported wrapped-key version {version}")
+    end = _PREFIX.size + length
+    if length > MAX_HEADER:
+        raise PrimisError(f"{name}: wrapped key header too large")
+    if len(data) < end + 12 + 16:
+        raise PrimisError(f"{name}: truncated wrapped key")
+    try:
+        header = WrappedHeader.model_validate_json(data[_PREFIX.size : end])
+    except ValidationError as err:
+        raise PrimisError(
+            f"{name}: corrupted wrapped key header ({validation_reason(err)})"
+        ) from None
+    MAX_KEY_SLOTS.check(len(header.slots), name)
+    scrypt = [slot for slot in header.slots if isinstance(slot, ScryptSlot)]
+    if len(scrypt) > 1:
+        raise PrimisError(f"{name}: more than one passphrase slot")
+    for slot in scrypt:
+        params = slot.params
+        if params.n & (params.n - 1):
+            raise PrimisError(f"{name}: invalid scrypt parameters (n is not a power of 2)")
+        MAX_SCRYPT_BYTES.check(128 * params.n * params.r * params.p, name)
+    return header, end
+
+
+def describe(data: bytes, name: str = "key") -> dict:
+    """What `primis info` shows of a wrapped key: its slots, never their secrets."""
+    header, _ = _header(data, name)
+    slots = [
+        {"type": "x25519", "recipient": _b64(slot.recipient)}
+        if isinstance(slot, X25519Slot)
+        else {"type": "scrypt", "params": slot.params.model_dump()}
+        for slot in header.slots
+    ]
+    return {"kind": "wrapped key", "cipher": header.cipher, "slots": slots, "bytes": len(data)}
 
 
 def generate_identity() -> tuple[bytes, bytes]:
@@ -86,7 +182,7 @@ def _raw(public: X25519PublicKey) -> bytes:
     return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def _scrypt(passphrase: str, salt: bytes, params: dict) -> bytes:
+def _scrypt(passphrase: str, salt: bytes, params: dict[str, int]) -> bytes:
     return Scrypt(salt=salt, length=32, **params).derive(passphrase.encode())
 
 
@@ -136,20 +232,10 @@ def unwrap(
     data: bytes, identity: X25519PrivateKey | None, passphrase: str | None, name: str = "key"
 ) -> bytes:
     """The plain key file inside a wrapped one; a wrong identity or passphrase is a PrimisError."""
-    if len(data) < _PREFIX.size or not is_wrapped(data):
-        raise PrimisError(f"{name}: not a wrapped PRIMIS key")
-    _, version, length = _PREFIX.unpack_from(data)
-    if version != VERSION:
-        raise PrimisError(f"{name}: unsupported wrapped-key version {version}")
-    end = _PREFIX.size + length
-    if length > 1 << 20 or len(data) < end + 12 + 16:
-        raise PrimisError(f"{name}: truncated wrapped key")
-    try:
-        slots = json.loads(data[_PREFIX.size : end])["slots"]
-    except (ValueError, KeyError, TypeError):
-        raise PrimisError(f"{name}: corrupted wrapped key header") from None
+    header, end = _header(data, name)
+    slots = header.slots
     if identity is None and passphrase is None:
-        kinds = sorted({slot.get("type") for slot in slots})
+        kinds = sorted({slot.type for slot in slots})
         raise PrimisError(
             f"{name} is wrapped ({', '.join(kinds)}): give --identity or a passphrase "
             "(prompt, or PRIMIS_PASSPHRASE)"
@@ -165,24 +251,22 @@ def unwrap(
         raise PrimisError(f"{name}: wrapped key is corrupted (authentication failed)") from None
 
 
-def _open_slots(slots: list, identity, passphrase) -> bytes | None:
+def _open_slots(
+    slots: list[X25519Slot | ScryptSlot],
+    identity: X25519PrivateKey | None,
+    passphrase: str | None,
+) -> bytes | None:
     mine = _raw(identity.public_key()) if identity is not None else None
     for slot in slots:
         try:
-            if slot["type"] == "x25519" and mine is not None and _unb64(slot["recipient"]) == mine:
-                ephemeral = _unb64(slot["ephemeral"])
-                shared = identity.exchange(X25519PublicKey.from_public_bytes(ephemeral))
-                kek = _kek_from_exchange(shared, ephemeral, mine)
-            elif slot["type"] == "scrypt" and passphrase is not None:
-                params = {k: int(slot["params"][k]) for k in ("n", "r", "p")}
-                if params["n"] > 2**20 or params["r"] > 32 or params["p"] > 16:
-                    continue
-                kek = _scrypt(passphrase, _unb64(slot["salt"]), params)
+            if isinstance(slot, X25519Slot) and slot.recipient == mine:
+                shared = identity.exchange(X25519PublicKey.from_public_bytes(slot.ephemeral))
+                kek = _kek_from_exchange(shared, slot.ephemeral, mine)
+            elif isinstance(slot, ScryptSlot) and passphrase is not None:
+                kek = _scrypt(passphrase, slot.salt, slot.params.model_dump())
             else:
                 continue
-            return ChaCha20Poly1305(kek).decrypt(
-                _unb64(slot["nonce"]), _unb64(slot["wrapped"]), None
-            )
-        except (InvalidTag, KeyError, ValueError, TypeError):
+            return ChaCha20Poly1305(kek).decrypt(slot.nonce, slot.wrapped, None)
+        except (InvalidTag, ValueError):
             continue
     return None

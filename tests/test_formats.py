@@ -58,7 +58,7 @@ def test_payload_that_contradicts_the_header_is_rejected():
     with pytest.raises(PrimisError, match="do not match"):
         PublicFile.from_bytes(lying.to_bytes())
     huge = PublicFile(public.header.model_copy(update={"grid": (100000, 100000)}), public.vectors)
-    with pytest.raises(PrimisError, match="too large"):
+    with pytest.raises(PrimisError, match="exceed the limit"):
         PublicFile.from_bytes(huge.to_bytes())
 
 
