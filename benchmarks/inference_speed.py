@@ -1,19 +1,21 @@
 """Inference speed on 512x512 chest X-rays: the sharing round trip per image, and whole folders.
 
-    python benchmarks/inference_speed.py --model runs/holdout
+    python benchmarks/inference_speed.py --model cxr [--actualmed 24]
 
 Per image (median over images, 2 CPU threads): encode+ambiguate and disambiguate+decode at
 batch 1 and batch 16, with the encoder's code (0 refinement steps) and with the default
-refinement, each mode in its own process so its peak memory (max RSS) is its own; then files
-per second for `primis ambiguate` (both ways) and `primis disambiguate` on a folder of 200
-images. Prints a table and writes JSON.
+refinement, each mode in its own process so its peak memory (max RSS) is its own, also per
+megapixel; then files and megapixels per second for `primis ambiguate` (both ways) and
+`primis disambiguate` on a folder of 512x512 images and, with --actualmed N, on the first N
+full-resolution radiographs of ../shared/data/cxr-multi/actualmed. Prints a table with the CPU
+model, its flags and the numeric type, and writes JSON. `ATEN_CPU_CAPABILITY=avx2` measures
+the float32 path of an AVX2 CPU on a newer one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -28,13 +30,16 @@ from PIL import Image
 
 from primis.imageio import IntensityMapping
 from primis.modelstore import load_model
-from primis.report import write_json
+from primis.report import describe_machine, machine_info, write_json
 from primis.sharing import REFINE_STEPS, ImageToShare, reconstruct_many, share_images
 
 try:
     from benchmarks.holdout import DATA, holdout_split
 except ModuleNotFoundError:  # run as a script from the repository root
     from holdout import DATA, holdout_split
+
+
+MP_512 = 512 * 512 / 1e6
 
 
 def images_512(paths: list[Path], count: int) -> list[np.ndarray]:
@@ -74,66 +79,75 @@ def measure_mode(model_dir: Path, data: Path, batch: int, refine_steps: int, rou
     }
 
 
-def folder_throughput(model_dir: Path, data: Path, count: int, threads: int) -> dict:
-    """Files per second through the command line on a folder of ``count`` 512x512 PNGs."""
+def folder_throughput(model_dir: Path, folder: Path, threads: int) -> dict:
+    """Files and megapixels per second through the command line on every image of ``folder``."""
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png")
+    megapixels = sum(np.prod(Image.open(p).size) for p in paths) / 1e6
+    command = [
+        sys.executable,
+        "-c",
+        f"import torch; torch.set_num_threads({threads}); from primis.cli import main; main()",
+    ]
+    timings = {"files": len(paths), "megapixels": megapixels}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "in").mkdir()
-        for i, pixels in enumerate(images_512(holdout_split(data)["test"], count)):
-            Image.fromarray(pixels).save(root / "in" / f"img{i:04d}.png")
-        env_cmd = [
-            sys.executable,
-            "-c",
-            f"import torch; torch.set_num_threads({threads}); from primis.cli import main; main()",
-        ]
-        timings = {}
+        model = ["--model", model_dir]
         for name, args in (
             (
                 "ambiguate_unrefined",
                 [
                     "ambiguate",
-                    root / "in",
-                    "--model",
-                    model_dir,
-                    "--public-dir",
-                    root / "public0",
-                    "--key-dir",
-                    root / "keys0",
+                    folder,
+                    *model,
                     "--refine-steps",
                     0,
+                    "--public-dir",
+                    root / "p0",
+                    "--key-dir",
+                    root / "k0",
                 ],
             ),
             (
                 "ambiguate",
-                [
-                    "ambiguate",
-                    root / "in",
-                    "--model",
-                    model_dir,
-                    "--public-dir",
-                    root / "public",
-                    "--key-dir",
-                    root / "keys",
-                ],
+                ["ambiguate", folder, *model, "--public-dir", root / "p", "--key-dir", root / "k"],
             ),
             (
                 "disambiguate",
                 [
                     "disambiguate",
-                    root / "public",
-                    "--model",
-                    model_dir,
+                    root / "p",
+                    *model,
                     "--key-dir",
-                    root / "keys",
+                    root / "k",
                     "--out-dir",
-                    root / "out",
+                    root / "o",
                 ],
             ),
         ):
             started = time.perf_counter()
-            subprocess.run([*env_cmd, *map(str, args)], check=True, capture_output=True)
-            timings[f"{name}_files_per_second"] = count / (time.perf_counter() - started)
-        return {"files": count} | timings
+            subprocess.run([*command, *map(str, args)], check=True, capture_output=True)
+            seconds = time.perf_counter() - started
+            timings[f"{name}_files_per_second"] = len(paths) / seconds
+            timings[f"{name}_megapixels_per_second"] = megapixels / seconds
+    return timings
+
+
+def folder_of_512(data: Path, count: int, root: Path) -> Path:
+    folder = root / "in512"
+    folder.mkdir()
+    for i, pixels in enumerate(images_512(holdout_split(data)["test"], count)):
+        Image.fromarray(pixels).save(folder / f"img{i:04d}.png")
+    return folder
+
+
+def folder_of_actualmed(count: int, root: Path) -> Path:
+    """Links to the first ``count`` full-resolution radiographs of the held-out source."""
+    source = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cxr-multi"
+    folder = root / "actualmed"
+    folder.mkdir()
+    for path in sorted((source / "actualmed").glob("*.png"))[:count]:
+        (folder / path.name).symlink_to(path.resolve())
+    return folder
 
 
 def main() -> None:
@@ -143,6 +157,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--folder", type=int, default=200, help="images in the folder test")
+    parser.add_argument("--actualmed", type=int, default=0, help="full-resolution folder test")
     parser.add_argument("--mode", type=int, nargs=2, help=argparse.SUPPRESS)  # child: batch, steps
     parser.add_argument("--json", type=Path, default=Path("runs/inference_speed.json"))
     args = parser.parse_args()
@@ -173,29 +188,43 @@ def main() -> None:
             text=True,
         )
         rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
-    folder = folder_throughput(args.model, args.data, args.folder, args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {"512x512": folder_of_512(args.data, args.folder, Path(tmp))}
+        if args.actualmed:
+            folders["actualmed"] = folder_of_actualmed(args.actualmed, Path(tmp))
+        throughput = {
+            name: folder_throughput(args.model, folder, args.threads)
+            for name, folder in folders.items()
+        }
+    machine = machine_info()
     report = {
-        "machine": f"{platform.machine()}, {args.threads} CPU threads",
+        "machine": machine,
         "model": str(args.model),
         "per_image": rows,
-        "folder": folder,
+        "folders": throughput,
     }
-    print(f"512x512 chest X-rays, {report['machine']}, medians per image:")
+    print(f"512x512 chest X-rays, {describe_machine(machine)}; medians per image:")
     print(
-        f"  {'batch':>5s} {'refine':>6s} {'encode+amb s':>13s} {'disamb+decode s':>16s} "
-        f"{'round trip s':>13s} {'peak MB':>8s}"
+        f"  {'batch':>5s} {'refine':>6s} {'encode+amb s':>13s} {'s/MP':>7s} "
+        f"{'disamb+decode s':>16s} {'s/MP':>7s} {'peak MB':>8s}"
     )
     for row in rows:
         print(
             f"  {row['batch']:5d} {row['refine_steps']:6d} {row['encode_ambiguate_seconds']:13.4f} "
-            f"{row['disambiguate_decode_seconds']:16.4f} {row['round_trip_seconds']:13.4f} "
-            f"{row['peak_rss_mb']:8.0f}"
+            f"{row['encode_ambiguate_seconds'] / MP_512:7.3f} "
+            f"{row['disambiguate_decode_seconds']:16.4f} "
+            f"{row['disambiguate_decode_seconds'] / MP_512:7.3f} {row['peak_rss_mb']:8.0f}"
         )
-    print(
-        f"  folder of {folder['files']}: ambiguate {folder['ambiguate_files_per_second']:.1f} "
-        f"files/s ({folder['ambiguate_unrefined_files_per_second']:.1f} unrefined), "
-        f"disambiguate {folder['disambiguate_files_per_second']:.1f} files/s"
-    )
+    for name, folder in throughput.items():
+        print(
+            f"  folder {name} ({folder['files']} files, {folder['megapixels']:.1f} MP): ambiguate "
+            f"{folder['ambiguate_files_per_second']:.2f} files/s "
+            f"({folder['ambiguate_megapixels_per_second']:.2f} MP/s; unrefined "
+            f"{folder['ambiguate_unrefined_files_per_second']:.2f} files/s, "
+            f"{folder['ambiguate_unrefined_megapixels_per_second']:.2f} MP/s), disambiguate "
+            f"{folder['disambiguate_files_per_second']:.2f} files/s "
+            f"({folder['disambiguate_megapixels_per_second']:.2f} MP/s)"
+        )
     write_json(args.json, report)
     print(f"JSON: {args.json}")
 

@@ -116,6 +116,16 @@ class TrainConfig(Strict):
     max_minutes: float | None = Field(None, gt=0, description="time budget; the schedule fits it")
     hflip: bool = True
     gamma_jitter: float = Field(0.0, ge=0, lt=1, description="random gamma in [1-g, 1+g]")
+    scale_jitter: float = Field(
+        0.0, ge=0, le=2, description="crops of crop * 2**u pixels, u in [-s, s], resized to crop"
+    )
+    invert: float = Field(0.0, ge=0, le=1, description="chance to invert a crop (MONOCHROME1)")
+    noise: float = Field(
+        0.0, ge=0, lt=0.5, description="Gaussian noise of a random std in [0, noise] per crop"
+    )
+    bit_depths: list[int] = Field(
+        default_factory=list, description="quantise each crop to one of these bit depths"
+    )
     workers: int = Field(0, ge=0)
     nonfinite_patience: int = Field(10, ge=1, description="non-finite steps in a row before stop")
     amp: bool = Field(
@@ -137,6 +147,8 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if any(not 1 <= bits <= 16 for bits in self.bit_depths):
+            raise ValueError("bit_depths must lie in 1..16")
         if self.real_steps + self.anneal_steps > 1:
             raise ValueError("real_steps + anneal_steps must not exceed 1")
         return self

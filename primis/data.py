@@ -105,20 +105,36 @@ def scan_images(paths: list[Path], strict: bool) -> tuple[list[Path], list[str]]
 
 
 class RandomCropDataset(Dataset):
-    """Random square crops in [0, 1] (float32, shape (1, crop, crop)) from a list of images.
+    """Random square crops in [0, 1] (float32, shape (1, crop, crop)) from a list of images, at
+    the images' own resolution.
 
     Images are decoded on first use and kept in memory (per DataLoader worker); smaller images
-    are reflect-padded. Crops, flips and gamma jitter draw from torch's generator, which
-    DataLoader seeds per worker.
+    are reflect-padded. Augmentations for radiographs, each drawn per crop from torch's
+    generator (which DataLoader seeds per worker): horizontal flip; scale (a region of
+    ``crop * 2**u`` pixels, u uniform in [-scale_jitter, scale_jitter], resized to ``crop``);
+    exposure (gamma in [1-g, 1+g]); inversion (as MONOCHROME1 stores it); sensor noise (std
+    uniform in [0, noise]); and quantisation to one of ``bit_depths``.
     """
 
     def __init__(
-        self, paths: list[Path], crop: int, hflip: bool = True, gamma_jitter: float = 0.0
+        self,
+        paths: list[Path],
+        crop: int,
+        hflip: bool = True,
+        gamma_jitter: float = 0.0,
+        scale_jitter: float = 0.0,
+        invert: float = 0.0,
+        noise: float = 0.0,
+        bit_depths: list[int] | None = None,
     ) -> None:
         self.paths = list(paths)
         self.crop = crop
         self.hflip = hflip
         self.gamma_jitter = gamma_jitter
+        self.scale_jitter = scale_jitter
+        self.invert = invert
+        self.noise = noise
+        self.bit_depths = list(bit_depths or [])
         self._cache: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -131,21 +147,36 @@ class RandomCropDataset(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         image = self.image(index)
+        side = self.crop
+        if self.scale_jitter:
+            side = round(self.crop * 2 ** (self.scale_jitter * (2 * float(torch.rand(())) - 1)))
         h, w = image.shape
-        if h < self.crop or w < self.crop:
-            ph, pw = max(0, self.crop - h), max(0, self.crop - w)
+        if h < side or w < side:
+            ph, pw = max(0, side - h), max(0, side - w)
             mode = "reflect" if ph < h and pw < w else "edge"
             image = np.pad(image, ((0, ph), (0, pw)), mode=mode)
             h, w = image.shape
-        top = int(torch.randint(0, h - self.crop + 1, ()))
-        left = int(torch.randint(0, w - self.crop + 1, ()))
-        crop = image[top : top + self.crop, left : left + self.crop]
-        patch = torch.from_numpy(np.ascontiguousarray(crop))
+        top = int(torch.randint(0, h - side + 1, ()))
+        left = int(torch.randint(0, w - side + 1, ()))
+        patch = torch.from_numpy(np.ascontiguousarray(image[top : top + side, left : left + side]))
+        if side != self.crop:
+            patch = torch.nn.functional.interpolate(
+                patch[None, None], size=(self.crop, self.crop), mode="bilinear", antialias=True
+            )[0, 0].clamp(0, 1)
         if self.hflip and torch.rand(()) < 0.5:
             patch = patch.flip(1)
         if self.gamma_jitter:
             gamma = 1 + self.gamma_jitter * (2 * float(torch.rand(())) - 1)
             patch = patch.clamp(min=0) ** gamma
+        if self.invert and torch.rand(()) < self.invert:
+            patch = 1 - patch
+        if self.noise:
+            patch = (patch + self.noise * float(torch.rand(())) * torch.randn_like(patch)).clamp(
+                0, 1
+            )
+        if self.bit_depths:
+            levels = 2 ** self.bit_depths[int(torch.randint(0, len(self.bit_depths), ()))] - 1
+            patch = torch.round(patch * levels) / levels
         return patch.unsqueeze(0)
 
 

@@ -225,7 +225,16 @@ def train(
         if group.world > 1
         else network
     )
-    dataset = RandomCropDataset(train_paths, t.crop, t.hflip, t.gamma_jitter)
+    dataset = RandomCropDataset(
+        train_paths,
+        t.crop,
+        t.hflip,
+        t.gamma_jitter,
+        t.scale_jitter,
+        t.invert,
+        t.noise,
+        t.bit_depths,
+    )
     sampler = RandomSampler(dataset, replacement=True, num_samples=10**9)
     loader = DataLoader(
         dataset,

@@ -46,6 +46,27 @@ def test_crops_have_the_requested_shape_even_from_small_images(tmp_path):
     assert crop.min() >= 0 and crop.max() <= 1
 
 
+def test_radiograph_augmentations(tmp_path):
+    path = tmp_path / "image.png"
+    Image.fromarray((smooth_image(90, 120) * 255).astype(np.uint8)).save(path)
+
+    def crop(seed: int, **options) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return RandomCropDataset([path], crop=32, hflip=False, **options)[0]
+
+    plain = crop(1)
+    assert torch.allclose(crop(1, invert=1.0), 1 - plain)
+    levels = torch.unique(crop(2, bit_depths=[2]))
+    assert len(levels) <= 4 and torch.allclose(levels * 3, torch.round(levels * 3))
+    noisy = crop(1, noise=0.2)
+    assert not torch.equal(noisy, plain) and noisy.min() >= 0 and noisy.max() <= 1
+    scaled = [crop(seed, scale_jitter=1.0) for seed in range(6)]
+    assert all(c.shape == (1, 32, 32) and 0 <= c.min() and c.max() <= 1 for c in scaled)
+    # A crop of a larger region resized down is smoother than a crop at the image's scale.
+    roughness = [float(c.diff(dim=2).abs().mean()) for c in scaled]
+    assert max(roughness) > 1.2 * min(roughness)
+
+
 def test_split_is_reproducible_and_disjoint(tmp_path):
     paths = [tmp_path / f"{i:03d}.png" for i in range(40)]
     first = split_paths(paths, (0.8, 0.1, 0.1), seed=3)
