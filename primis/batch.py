@@ -1,25 +1,38 @@
 """Batch plumbing shared by `ambiguate` and `disambiguate`: inputs, shards, manifests, the loop.
 
 A batch expands files, folders (recursively) and glob patterns; `--shard I/N` keeps every N-th
-item from the I-th (0-based), for job arrays; each item runs on its own, so one failure is
-reported (path and reason) and the batch goes on; a summary closes it.
+item from the I-th (0-based), for job arrays; each item runs on its own, so one failure (bad
+input, a name too long, any OS error) is reported (path and reason) and the batch goes on,
+while a full or read-only disk stops it with one message; a summary closes it.
+
+Manifests are JSON lines, one record per key (the input, or the file id), the last one
+winning; every change happens under an exclusive lock beside the file, so concurrent shards
+lose nothing, and :meth:`Manifest.compact` rewrites the file with each key once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import glob
 import json
 import os
+import re
 import sys
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import click
 from tqdm import tqdm
 
 from primis.errors import PrimisError
+from primis.imageio import default_mode, write_temporary
 
 SKIPPED = "skipped"
+# OS errors after which no later file of the batch can succeed: stop with one message.
+FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 def expand(items: Iterable[Path | str], wanted: Callable[[Path], bool]) -> list[Path]:
@@ -70,32 +83,147 @@ def duplicate_stems(items: list[Path]) -> dict[Path, str]:
     return clashes
 
 
-def append_jsonl(path: Path, record: dict, mode: int = 0o644) -> None:
-    """Append one JSON line in a single write (safe with concurrent shards)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
+def _open_private(path: Path, flags: int, mode: int) -> int:
+    """os.open that never follows a symbolic link and leaves the file with ``mode``."""
     try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise PrimisError(f"{path}: is a symbolic link; refusing to write through it") from None
+        raise
+    if flags & os.O_CREAT and os.fstat(fd).st_mode & 0o7777 != mode:
+        os.fchmod(fd, mode)
+    return fd
+
+
+class Manifest:
+    """A JSON-lines file of records, one per value of ``key``; see the module docstring."""
+
+    def __init__(self, path: Path, key: str, mode: int | None = None) -> None:
+        self.path, self.key = Path(path), key
+        self.mode = default_mode() if mode is None else mode
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the manifest's lock (``.NAME.lock`` beside it) for a read-modify-write."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = self.path.with_name(f".{self.path.name}.lock")
+        fd = _open_private(lock, os.O_RDWR | os.O_CREAT, self.mode)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def records(self) -> dict[str, dict]:
+        """The last record of every key (lines that are not JSON objects are ignored)."""
+        try:
+            fd = _open_private(self.path, os.O_RDONLY, self.mode)
+        except FileNotFoundError:
+            return {}
+        with os.fdopen(fd, "rb") as handle:
+            lines = handle.read().splitlines()
+        found: dict[str, dict] = {}
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict) and isinstance(record.get(self.key), str):
+                    found.pop(record[self.key], None)
+                    found[record[self.key]] = record
+        return found
+
+    def append(self, record: dict) -> None:
+        """Append one record in a single write."""
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        with self.locked():
+            fd = _open_private(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, self.mode)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+
+    def replace(self, records: Iterable[dict]) -> None:
+        """Rewrite the file atomically with these records (caller holds :meth:`locked`)."""
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
+        os.replace(write_temporary(self.path, text, self.mode), self.path)
+
+    def compact(self) -> dict[str, dict]:
+        """Rewrite the file with each key once (its last record); return the records."""
+        with self.locked():
+            records = self.records()
+            self.replace(records.values())
+        return records
+
+
+_PART = re.compile(r"^\..*\.(\d+)\.[A-Za-z0-9_]{8}\.part$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def clean_stale_parts(folder: Path, max_age_seconds: float = 600.0) -> int:
-    """Remove temporary files a killed writer left in ``folder`` (older than the age limit,
-    so a concurrent shard's write in progress is never touched)."""
-    import time
-
+    """Remove temporary files a killed writer left in ``folder``: at once when the process that
+    wrote one (its id is in the name) is gone, otherwise after the age limit, so a concurrent
+    shard's write in progress is never touched."""
     removed = 0
     if folder.is_dir():
         for part in folder.glob(".*.part"):
+            owner = _PART.match(part.name)
             try:
-                if time.time() - part.stat().st_mtime > max_age_seconds:
+                dead = owner is not None and not _alive(int(owner.group(1)))
+                if dead or time.time() - part.stat().st_mtime > max_age_seconds:
                     part.unlink()
                     removed += 1
             except FileNotFoundError:
                 continue
     return removed
+
+
+def output_folders(*folders: Path) -> None:
+    """Create the output folders; one that is a file (or cannot be made) stops the batch."""
+    for folder in folders:
+        if folder.exists() and not folder.is_dir():
+            raise PrimisError(f"{folder}: exists and is not a folder")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PrimisError(f"{folder}: cannot create the folder ({err.strerror})") from None
+
+
+def write_together(files: list[tuple[Path, bytes, int | None]], before: Callable[[], None]) -> None:
+    """Write files that belong together (a key and its public file) so that none is left alone:
+    each goes to a temporary name first (see `write_temporary`), then ``before`` runs (e.g. the
+    manifest line), then each is renamed into place. On a failure the temporaries go, and once
+    a file was placed, every destination of the group goes too."""
+    temps: list[Path] = []
+    placed = False
+    try:
+        for path, data, mode in files:
+            temps.append(write_temporary(path, data, mode))
+        before()
+        for (path, _, _), temp in zip(files, temps, strict=True):
+            os.replace(temp, path)
+            placed = True
+    except BaseException:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+        for path, _, _ in files if placed else []:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        raise
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an OS error: the reason, and the file it concerned."""
+    where = f" ({err.filename})" if err.filename else ""
+    return f"{err.strerror or type(err).__name__}{where}"
 
 
 def run_batch(
@@ -116,15 +244,26 @@ def run_batch(
                 continue
             try:
                 report = work(path)
+            except OSError as err:
+                if err.errno in FATAL_ERRNOS:
+                    raise PrimisError(
+                        f"{path}: {describe_os_error(err)}; batch stopped after {done} done "
+                        f"(rerun to go on)"
+                    ) from None
+                report = f"{path}: {describe_os_error(err)}"
             except PrimisError as err:
-                failures[path] = str(err)
-                tqdm.write(f"error: {err}", file=sys.stderr)
-                continue
-            if report == SKIPPED:
-                skipped += 1
+                report = str(err)
+            except Exception as err:  # a bug must not stop the batch; say what it was
+                report = f"{path}: unexpected {type(err).__name__}: {err}".splitlines()[0]
             else:
-                done += 1
-                tqdm.write(report)
+                if report == SKIPPED:
+                    skipped += 1
+                else:
+                    done += 1
+                    tqdm.write(report)
+                continue
+            failures[path] = report
+            tqdm.write(f"error: {report}", file=sys.stderr)
     click.echo(
         f"{label}: {done} done, {skipped} skipped (outputs exist; --overwrite to redo), "
         f"{len(failures)} failed"

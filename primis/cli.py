@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -202,6 +203,14 @@ def _parse_ints(text: str | None, option: str) -> list[int] | None:
 @click.option("--keep-header", is_flag=True, help="put the original DICOM header in the key")
 @click.option("--overwrite", is_flag=True, help="redo inputs whose outputs exist")
 @click.option("--shard", help="I/N: process every N-th input from the I-th (0-based)")
+@click.option(
+    "--names",
+    type=click.Choice(["auto", "stem", "id"]),
+    default="auto",
+    show_default=True,
+    help="output names: the input's stem, or its random file id (the mapping stays in the "
+    "private manifest); auto: file id for DICOM inputs, whose names often hold UIDs",
+)
 def ambiguate(
     inputs,
     model_dir,
@@ -215,27 +224,32 @@ def ambiguate(
     keep_header,
     overwrite,
     shard,
+    names,
 ) -> None:
-    """Turn each image into PUBLIC_DIR/<stem>.primis and KEY_DIR/<stem>.primiskey.
+    """Turn each image into PUBLIC_DIR/NAME.primis and KEY_DIR/NAME.primiskey, where NAME is
+    the input's stem or its random file id (--names).
 
     INPUTS are files, folders (searched recursively) or glob patterns. KEY_DIR/manifest.jsonl
-    maps each input to its file id and key (private); PUBLIC_DIR/manifest.jsonl lists only
-    file ids and digests, and may travel with the public files.
+    (0600) maps each input to its file id, public file and key, once per input;
+    PUBLIC_DIR/manifest.jsonl lists only file ids, digests and sizes, and may travel with the
+    public files. A rerun after an interruption completes what is missing.
     """
     import base64
 
     from primis.batch import (
         SKIPPED,
-        append_jsonl,
+        Manifest,
         clean_stale_parts,
         duplicate_stems,
         expand,
+        output_folders,
         run_batch,
         select_shard,
+        write_together,
     )
     from primis.dicomio import original_header
     from primis.formats import sha256
-    from primis.imageio import is_image_file, read_source, write_atomic
+    from primis.imageio import is_dicom, is_image_file, read_source
     from primis.modelstore import load_model
     from primis.sharing import share_image
 
@@ -243,8 +257,17 @@ def ambiguate(
     obfuscation = _obfuscation(model, fill, mask_signs)
     key_maps = _parse_ints(maps, "--maps")
     items = select_shard(expand(inputs, is_image_file), shard)
+    output_folders(public_dir, key_dir)
     for folder in (public_dir, key_dir):
         clean_stale_parts(folder)
+    private = Manifest(key_dir / "manifest.jsonl", "input", mode=0o600)
+    # One folder for both: the private manifest alone (it holds everything the public one does).
+    same_folder = public_dir.resolve() == key_dir.resolve()
+    public_manifest = None if same_folder else Manifest(public_dir / "manifest.jsonl", "file_id")
+    known = private.records()
+
+    def by_id(path: Path) -> bool:
+        return names == "id" or (names == "auto" and is_dicom(path))
 
     def dicom_header(path: Path, image) -> str | None:
         if not keep_header or image.details.get("format") != "dicom":
@@ -252,9 +275,14 @@ def ambiguate(
         return base64.b64encode(original_header(path)).decode()
 
     def work(path: Path) -> str:
-        public_path = public_dir / f"{path.stem}.primis"
-        key_path = key_dir / f"{path.stem}.primiskey"
-        if not overwrite and public_path.exists() and key_path.exists():
+        source = str(path.absolute())
+        record = known.get(source) or (
+            None if by_id(path) else _existing_pair(source, public_dir, key_dir, path.stem)
+        )
+        if not overwrite and record is not None and _pair_complete(record):
+            if source not in known:  # a pair from before manifests were written first
+                private.append(record)
+                known[source] = record
             return SKIPPED
         started = time.perf_counter()
         image = read_source(path)
@@ -270,28 +298,24 @@ def ambiguate(
             dicom_header(path, image),
             refine_steps,
         )
-        write_atomic(key_path, shared.key, mode=0o600)
-        write_atomic(public_path, shared.public)
-        digest = sha256(shared.public)
-        append_jsonl(
-            key_dir / "manifest.jsonl",
-            {
-                "input": str(path),
-                "file_id": shared.file_id,
-                "public": str(public_path),
-                "key": str(key_path),
-                "public_sha256": digest,
-            },
-            mode=0o600,
+        name = shared.file_id if by_id(path) else path.stem
+        public_path = (public_dir / f"{name}.primis").absolute()
+        key_path = (key_dir / f"{name}.primiskey").absolute()
+        new = {
+            "input": source,
+            "file_id": shared.file_id,
+            "public": str(public_path),
+            "key": str(key_path),
+            "public_sha256": sha256(shared.public),
+        }
+        write_together(
+            [(key_path, shared.key, 0o600), (public_path, shared.public, None)],
+            lambda: private.append(new),
         )
-        append_jsonl(
-            public_dir / "manifest.jsonl",
-            {
-                "file_id": shared.file_id,
-                "public_sha256": digest,
-                "bytes": len(shared.public),
-            },
-        )
+        known[source] = new
+        _remove_replaced(record, new)
+        if public_manifest is not None:
+            public_manifest.append(_public_entry(new, len(shared.public)))
         return (
             f"{path.name}: public {len(shared.public)} B, key {len(shared.key)} B "
             f"({8 * len(shared.key) / shared.pixels:.3f} bpp; "
@@ -299,7 +323,75 @@ def ambiguate(
             f"in {time.perf_counter() - started:.2f} s"
         )
 
-    run_batch(items, work, "ambiguate", duplicate_stems(items))
+    def finish() -> None:
+        records = private.compact()
+        if public_manifest is not None:
+            with public_manifest.locked():
+                public_manifest.replace(
+                    _public_entry(r, Path(r["public"]).stat().st_size)
+                    for r in records.values()
+                    if isinstance(r.get("public"), str) and Path(r["public"]).is_file()
+                )
+
+    try:
+        run_batch(items, work, "ambiguate", duplicate_stems([p for p in items if not by_id(p)]))
+    except BaseException:
+        with contextlib.suppress(OSError, PrimisError):
+            finish()  # best effort: the rerun compacts what this one could not
+        raise
+    finish()
+
+
+def _public_entry(record: dict, size: int) -> dict:
+    """A public manifest line: file id, digest and size, nothing about the input."""
+    return {"file_id": record["file_id"], "public_sha256": record["public_sha256"], "bytes": size}
+
+
+def _existing_pair(source: str, public_dir: Path, key_dir: Path, stem: str) -> dict | None:
+    """The manifest record of a stem-named pair already on disk (written by a run that had no
+    manifest line for it), or None."""
+    from primis.formats import KeyFile, read_file, sha256
+
+    try:
+        public_path, key_path = public_dir / f"{stem}.primis", key_dir / f"{stem}.primiskey"
+        public, key = read_file(public_path), KeyFile.from_bytes(read_file(key_path))
+    except PrimisError:
+        return None
+    return {
+        "input": source,
+        "file_id": key.header.file_id,
+        "public": str(public_path.absolute()),
+        "key": str(key_path.absolute()),
+        "public_sha256": sha256(public),
+    }
+
+
+def _remove_replaced(old: dict | None, new: dict) -> None:
+    """Delete the outputs an input had before it was redone under other names (file-id names
+    change on every run); only files beside the new ones, of the same kind, are touched."""
+    for field in ("public", "key"):
+        before = old.get(field) if old else None
+        if not isinstance(before, str):
+            continue
+        before, after = Path(before), Path(new[field])
+        beside = (before.parent, before.suffix) == (after.parent, after.suffix)
+        if before.is_absolute() and beside and before != after:
+            before.unlink(missing_ok=True)
+
+
+def _pair_complete(record: dict) -> bool:
+    """Whether a manifest record's public file and key are both in place and belong together
+    (a wrapped key counts as its key)."""
+    from primis.formats import KeyFile, read_file, sha256
+    from primis.keywrap import is_wrapped
+
+    try:
+        public, key = read_file(Path(record["public"])), read_file(Path(record["key"]))
+        if sha256(public) != record.get("public_sha256"):
+            return False
+        return is_wrapped(key) or KeyFile.from_bytes(key).header.public_sha256 == sha256(public)
+    except (PrimisError, KeyError, TypeError):
+        return False
 
 
 @cli.command()
@@ -317,16 +409,32 @@ def ambiguate(
 )
 @click.option("--overwrite", is_flag=True, help="redo files whose output exists")
 @click.option("--shard", help="I/N: process every N-th file from the I-th (0-based)")
+@click.option(
+    "--output-mode",
+    default="600",
+    show_default=True,
+    help="octal permissions of authorized reconstructions (patient images); the attacker's "
+    "view follows the umask",
+)
 def disambiguate(
-    publics, model_dir, key_dir, out_dir, without_key, identity, ask_passphrase, overwrite, shard
+    publics,
+    model_dir,
+    key_dir,
+    out_dir,
+    without_key,
+    identity,
+    ask_passphrase,
+    overwrite,
+    shard,
+    output_mode,
 ) -> None:
     """Reconstruct each PUBLIC file with its key (or, --without-key, show the attacker's view).
 
     PUBLICS are .primis files, folders or glob patterns. DICOM inputs come back as DICOM,
-    others in their own type (PNG, TIFF or .npy) with their size, dtype and range.
+    others in their own type (PNG, TIFF or .npy) with their size, dtype and range, as
+    OUT_DIR/<public file's name>.<type>.
     """
     import base64
-    import glob
 
     import numpy as np
 
@@ -335,12 +443,13 @@ def disambiguate(
         clean_stale_parts,
         duplicate_stems,
         expand,
+        output_folders,
         run_batch,
         select_shard,
     )
     from primis.dicomio import encode_dicom
     from primis.formats import read_file
-    from primis.imageio import encode_image, output_suffix, write_atomic
+    from primis.imageio import OUTPUT_SUFFIXES, encode_image, output_suffix, write_atomic
     from primis.keywrap import is_wrapped, load_identity, unwrap
     from primis.modelstore import load_model
     from primis.sharing import attacker_view, reconstruct
@@ -350,12 +459,19 @@ def disambiguate(
     model = load_model(model_dir)
     secret = load_identity(identity) if identity else None
     passphrase = _passphrase(confirm=False) if ask_passphrase else None
+    try:
+        mode = int(output_mode, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise PrimisError(f"--output-mode {output_mode}: expected octal permissions like 600")
     items = select_shard(expand(publics, lambda p: p.suffix == ".primis"), shard)
+    output_folders(out_dir)
     clean_stale_parts(out_dir)
+    suffixes = (".png",) if without_key else OUTPUT_SUFFIXES
 
     def work(path: Path) -> str:
-        existing = list(out_dir.glob(f"{glob.escape(path.stem)}.*"))
-        if not overwrite and existing:
+        if not overwrite and any((out_dir / f"{path.stem}{s}").exists() for s in suffixes):
             return SKIPPED
         public = read_file(path)
         if without_key:
@@ -376,7 +492,7 @@ def disambiguate(
         else:
             target = out_dir / f"{path.stem}{output_suffix(details, pixels.dtype)}"
             data = encode_image(pixels, target.suffix)
-        write_atomic(target, data)
+        write_atomic(target, data, mode)
         return f"{path.name} -> {target}"
 
     run_batch(items, work, "disambiguate", duplicate_stems(items))
@@ -672,8 +788,9 @@ def export(run: Path, out: Path, half: bool) -> None:
 @cli.command()
 @click.argument("file", type=click.Path(path_type=Path))
 def info(file: Path) -> None:
-    """Describe a public file, a key file or a model directory (as JSON)."""
+    """Describe a public file, a key file, a wrapped key or a model directory (as JSON)."""
     from primis.formats import KEY_MAGIC, PUBLIC_MAGIC, KeyFile, PublicFile, read_file
+    from primis.keywrap import describe, is_wrapped
     from primis.modelstore import bundled_models
 
     if file.is_dir() or str(file) in bundled_models():
@@ -708,8 +825,10 @@ def info(file: Path) -> None:
                 "ideal_key_bits": round(ideal, 1),
                 "key_payload_bytes": packed,
             }
+        elif is_wrapped(data):
+            report = describe(data, str(file))
         else:
-            raise PrimisError(f"{file}: not a PRIMIS public or key file")
+            raise PrimisError(f"{file}: not a PRIMIS public, key or wrapped key file")
     click.echo(json.dumps(report, indent=2))
 
 
@@ -720,6 +839,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(result if isinstance(result, int) else 0)
     except PrimisError as err:
         _fail(str(err))
+        sys.exit(1)
+    except OSError as err:
+        from primis.batch import describe_os_error
+
+        _fail(describe_os_error(err))
         sys.exit(1)
     except click.exceptions.Abort:
         _fail("aborted")

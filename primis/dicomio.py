@@ -15,10 +15,9 @@ import numpy as np
 
 from primis.errors import PrimisError
 
-DEIDENTIFICATION_METHOD = (
-    "PRIMIS reconstruction; new header per DICOM PS3.15 Annex E Basic Application Level "
-    "Confidentiality Profile"
-)
+# At most 64 characters: DeidentificationMethod is an LO element.
+DEIDENTIFICATION_METHOD = "PRIMIS reconstruction; new header, PS3.15 Annex E basic profile"
+BURNED_IN_METHOD = "PRIMIS reconstruction; new header; burned-in text kept"
 
 
 def original_header(path: Path) -> bytes:
@@ -57,6 +56,25 @@ def _set_pixels(ds, pixels: np.ndarray, details: dict) -> None:
     ds["PixelData"].VR = "OW" if allocated == 16 else "OB"
 
 
+def _deidentified(ds, burned_in: bool | None) -> None:
+    """The de-identification attributes of a new header. Pixels with burned-in annotation may
+    show identifying text, so such an output says so instead of claiming identity removed."""
+    import pydicom
+
+    if burned_in is not None:
+        ds.BurnedInAnnotation = "YES" if burned_in else "NO"
+    if burned_in:
+        ds.PatientIdentityRemoved = "NO"
+        ds.DeidentificationMethod = BURNED_IN_METHOD
+        return
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = DEIDENTIFICATION_METHOD
+    code = pydicom.Dataset()
+    code.CodeValue, code.CodingSchemeDesignator = "113100", "DCM"
+    code.CodeMeaning = "Basic Application Confidentiality Profile"
+    ds.DeidentificationMethodCodeSequence = [code]
+
+
 def encode_dicom(pixels: np.ndarray, details: dict, header: bytes | None, file_id: str) -> bytes:
     """A DICOM file (Explicit VR Little Endian) holding ``pixels``.
 
@@ -69,7 +87,12 @@ def encode_dicom(pixels: np.ndarray, details: dict, header: bytes | None, file_i
     from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
     if header is not None:
-        ds = pydicom.dcmread(io.BytesIO(header), force=True)
+        try:
+            ds = pydicom.dcmread(io.BytesIO(header), force=True)
+        except Exception:  # pydicom raises many types; all mean "not a usable header"
+            ds = None
+        if ds is None or "SOPClassUID" not in ds:
+            raise PrimisError("the key's stored DICOM header is unreadable")
         ds.ImageType = ["DERIVED", "SECONDARY"]
         ds.DerivationDescription = "PRIMIS authorized reconstruction"
     else:
@@ -84,12 +107,7 @@ def encode_dicom(pixels: np.ndarray, details: dict, header: bytes | None, file_i
         ds.ConversionType = "WSD"
         ds.SeriesNumber, ds.InstanceNumber = 1, 1
         ds.ImageType = ["DERIVED", "SECONDARY"]
-        ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = DEIDENTIFICATION_METHOD
-        code = pydicom.Dataset()
-        code.CodeValue, code.CodingSchemeDesignator = "113100", "DCM"
-        code.CodeMeaning = "Basic Application Confidentiality Profile"
-        ds.DeidentificationMethodCodeSequence = [code]
+        _deidentified(ds, details.get("burned_in_annotation"))
         for keyword, name in (("WindowCenter", "window_center"), ("WindowWidth", "window_width")):
             if name in details:
                 ds.__setattr__(keyword, details[name])
@@ -99,5 +117,9 @@ def encode_dicom(pixels: np.ndarray, details: dict, header: bytes | None, file_i
     ds.InstanceCreationDate = datetime.date.today().strftime("%Y%m%d")
     _set_pixels(ds, pixels, details)
     buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
+    try:
+        ds.save_as(buffer, enforce_file_format=True)
+    except Exception as err:  # a stored header with values pydicom cannot write back
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise PrimisError(f"cannot write the DICOM output ({reason})") from None
     return buffer.getvalue()

@@ -21,6 +21,8 @@ geometry against the limits of `primis.limits` before inflating the payload.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import math
@@ -98,6 +100,11 @@ class Intensity(Strict):
     def _range(self) -> Intensity:
         if not (self.high > self.low and math.isfinite(self.high - self.low)):
             raise ValueError("invalid intensity range")
+        dtype = np.dtype(self.dtype)
+        if dtype.kind in "ui" and not (
+            np.iinfo(dtype).min <= self.low and self.high <= np.iinfo(dtype).max + 1
+        ):
+            raise ValueError(f"intensity range outside {self.dtype}")
         return self
 
 
@@ -138,10 +145,7 @@ class KeyHeader(Strict):
     intensity: dict
     source: dict = Field(default_factory=dict, description="private details of the input")
     dicom_header: str | None = Field(
-        None,
-        pattern=r"^[A-Za-z0-9+/]*={0,2}$",
-        max_length=1 << 22,
-        description="original DICOM header (base64)",
+        None, max_length=1 << 22, description="original DICOM header (base64)"
     )
     salt: str | None = Field(None, pattern=_HEX64, description="secret salt of the commitment")
 
@@ -158,6 +162,16 @@ class KeyHeader(Strict):
         if not all(1 <= side <= _SIDE for side in shape):
             raise ValueError("invalid image shape")
         return shape
+
+    @field_validator("dicom_header")
+    @classmethod
+    def _base64(cls, text: str | None) -> str | None:
+        if text is not None:
+            try:
+                base64.b64decode(text.encode("ascii"), validate=True)
+            except (binascii.Error, UnicodeEncodeError):
+                raise ValueError("invalid base64") from None
+        return text
 
     @field_validator("intensity")
     @classmethod

@@ -3,13 +3,18 @@
 :func:`read_source` decodes any supported input into a 2-D array plus private details;
 :class:`IntensityMapping` takes it to [0, 1] and back, and is what the key records so the
 authorized output gets the input's dtype, range and orientation.
+
+Inputs are checked against `primis.limits` from their headers (file size, then rows x columns)
+before any pixel is decoded, so a small file that declares a huge image is refused cheaply.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +22,13 @@ import numpy as np
 from PIL import Image
 
 from primis.errors import PrimisError
+from primis.limits import MAX_FILE_BYTES, MAX_PIXELS
 
-PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 INPUT_SUFFIXES = PIL_SUFFIXES | DICOM_SUFFIXES | {".tif", ".tiff", ".npy"}
-MAX_PIXELS = 1 << 28
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+Image.MAX_IMAGE_PIXELS = None  # checked against MAX_PIXELS before decoding (`_read_pil`)
+DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"
 
 
 @dataclass(frozen=True)
@@ -91,8 +97,15 @@ def _gray(pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
+def _check_size(pixels: int, path: Path) -> None:
+    """Refuse an image whose header declares more than MAX_PIXELS pixels (all pages or frames
+    together), before it is decoded."""
+    MAX_PIXELS.check(pixels, str(path))
+
+
 def _read_pil(path: Path) -> np.ndarray:
     with Image.open(path) as image:
+        _check_size(image.height * image.width * getattr(image, "n_frames", 1), path)
         image.load()
         if image.mode.startswith("I;16"):
             return np.asarray(image).astype(np.uint16)
@@ -104,7 +117,11 @@ def _read_pil(path: Path) -> np.ndarray:
 def _read_tiff(path: Path) -> np.ndarray:
     import tifffile
 
-    pixels = np.squeeze(tifffile.imread(path))
+    with tifffile.TiffFile(path) as tiff:
+        series = tiff.series[0]
+        axes = zip(series.axes, series.shape, strict=True)
+        _check_size(math.prod(size for axis, size in axes if axis != "S"), path)
+        pixels = np.squeeze(tiff.asarray())
     if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4):
         raise PrimisError(f"{path}: multi-page TIFF ({pixels.shape[0]} pages) is not supported")
     return _gray(pixels)
@@ -122,6 +139,7 @@ def _read_dicom(path: Path) -> SourceImage:
     import warnings
 
     import pydicom
+    from pydantic import ValidationError
     from pydicom.errors import InvalidDicomError
 
     # Decoder failures come back as one PrimisError line; pydicom's own log would repeat them.
@@ -129,6 +147,10 @@ def _read_dicom(path: Path) -> SourceImage:
     warnings.filterwarnings("ignore", module="pydicom")
 
     try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        syntax = str(meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
+        if syntax == DEFLATED_DICOM:
+            _check_inflated(path, 132 + 12 + int(meta.FileMetaInformationGroupLength))
         ds = pydicom.dcmread(path)
     except InvalidDicomError:
         raise PrimisError(f"{path}: not a DICOM file") from None
@@ -137,7 +159,7 @@ def _read_dicom(path: Path) -> SourceImage:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise PrimisError(f"{path}: multi-frame DICOM ({frames} frames) is not supported")
-    syntax = str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
+    _check_size(int(ds.Rows) * int(ds.Columns), path)
     try:
         pixels = ds.pixel_array
     except Exception as err:  # decoders raise many types; all mean "cannot decode"
@@ -152,6 +174,10 @@ def _read_dicom(path: Path) -> SourceImage:
 
             pixels = convert_color_space(pixels, photometric, "RGB")
         pixels = _gray(pixels)
+    from primis.formats import Source, validation_reason
+
+    modality = "".join(c for c in str(ds.get("Modality", "") or "").upper() if c.isalnum())
+    burned_in = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
     details = {
         "format": "dicom",
         "transfer_syntax": syntax,
@@ -161,17 +187,53 @@ def _read_dicom(path: Path) -> SourceImage:
         "pixel_representation": int(ds.get("PixelRepresentation", 0)),
         "rescale_slope": float(ds.get("RescaleSlope", 1.0) or 1.0),
         "rescale_intercept": float(ds.get("RescaleIntercept", 0.0) or 0.0),
-        "modality": str(ds.get("Modality", "") or ""),
+        "modality": modality[:16],
     }
+    if burned_in in ("YES", "NO"):
+        details["burned_in_annotation"] = burned_in == "YES"
     for keyword, name in (("WindowCenter", "window_center"), ("WindowWidth", "window_width")):
         if ds.get(keyword) is not None:
             details[name] = _numbers(ds.get(keyword))
+    try:
+        details = Source.model_validate(details).model_dump(exclude_none=True)
+    except ValidationError as err:
+        reason = validation_reason(err)
+        raise PrimisError(f"{path}: unusable DICOM attributes ({reason})") from None
     return SourceImage(pixels, details, invert=photometric == "MONOCHROME1")
+
+
+def _check_inflated(path: Path, start: int) -> None:
+    """Refuse a deflated DICOM data set that inflates beyond what MAX_PIXELS allows, counting
+    in bounded chunks (pydicom would inflate it whole)."""
+    cap = 8 * MAX_PIXELS.value() + (1 << 24)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        while chunk := handle.read(1 << 16):
+            while chunk:
+                total += len(inflater.decompress(chunk, 1 << 20))
+                chunk = inflater.unconsumed_tail
+                if total > cap:
+                    raise PrimisError(
+                        f"{path}: deflated DICOM data set inflates beyond {cap} bytes "
+                        f"(set {MAX_PIXELS.variable} to change it)"
+                    )
 
 
 def _looks_like_dicom(path: Path) -> bool:
     with open(path, "rb") as handle:
         return handle.read(132)[128:132] == b"DICM"
+
+
+def is_dicom(path: Path) -> bool:
+    """A DICOM file by its suffix or, whatever its suffix, by the DICM marker."""
+    try:
+        return Path(path).suffix.lower() in DICOM_SUFFIXES or (
+            path.is_file() and _looks_like_dicom(path)
+        )
+    except OSError:
+        return False
 
 
 def is_image_file(path: Path) -> bool:
@@ -195,10 +257,11 @@ def read_source(path: Path) -> SourceImage:
     path = Path(path)
     suffix = path.suffix.lower()
     try:
-        if suffix in DICOM_SUFFIXES or (path.is_file() and _looks_like_dicom(path)):
+        MAX_FILE_BYTES.check(path.stat().st_size, str(path))
+        if is_dicom(path):
             image = _read_dicom(path)
         elif suffix == ".npy":
-            image = SourceImage(_gray(np.load(path, allow_pickle=False)), {"format": "npy"})
+            image = SourceImage(_read_npy(path), {"format": "npy"})
         elif suffix in (".tif", ".tiff"):
             image = SourceImage(_read_tiff(path), {"format": "tiff"})
         elif suffix in PIL_SUFFIXES:
@@ -219,13 +282,31 @@ def read_source(path: Path) -> SourceImage:
         raise PrimisError(f"{path}: expected a 2-D grayscale image, got shape {pixels.shape}")
     if pixels.size == 0 or pixels.dtype.kind not in "uifb":
         raise PrimisError(f"{path}: empty or non-numeric image")
-    if pixels.size > MAX_PIXELS:
-        raise PrimisError(f"{path}: image too large ({pixels.shape[0]}x{pixels.shape[1]})")
+    _check_size(pixels.size, path)
     if pixels.dtype.kind == "b":
         pixels = pixels.astype(np.uint8)
     if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
         raise PrimisError(f"{path}: image contains NaN or infinite values")
+    if not math.isfinite(float(pixels.max()) - float(pixels.min())):
+        raise PrimisError(f"{path}: values span more than the floating-point range")
     return SourceImage(pixels, image.details, image.invert)
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    """A NumPy array, its shape checked from the header first; never a pickle."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, _, dtype = read_header(handle)
+    if dtype.hasobject:
+        raise PrimisError(f"{path}: .npy holds Python objects, not pixels")
+    colour = len(shape) == 3 and shape[-1] in (3, 4)
+    _check_size(math.prod(shape[:2] if colour else shape), path)
+    return _gray(np.load(path, allow_pickle=False))
 
 
 def read_pixels(path: Path) -> np.ndarray:
@@ -240,20 +321,41 @@ def read_image(path: Path) -> tuple[np.ndarray, IntensityMapping]:
     return mapping.forward(image.pixels), mapping
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it into place."""
+def default_mode() -> int:
+    """0666 less the process umask: the mode of a new file that holds nothing secret."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_temporary(path: Path, data: bytes, mode: int | None = None) -> Path:
+    """Write ``data`` durably to a temporary file beside ``path`` (named
+    ``.NAME.PID.XXXXXXXX.part``, so a rerun can tell a dead writer's leftovers) and return it.
+    ``mode`` defaults to :func:`default_mode`; secrets pass 0o600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".part"
+    )
     try:
-        os.fchmod(fd, mode)
+        os.fchmod(fd, default_mode() if mode is None else mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it into place."""
+    tmp = write_temporary(path, data, mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -271,6 +373,9 @@ def encode_image(pixels: np.ndarray, suffix: str) -> bytes:
     else:
         Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+OUTPUT_SUFFIXES = (".dcm", ".png", ".tif", ".npy")  # what `disambiguate` may write
 
 
 def output_suffix(details: dict, dtype: np.dtype) -> str:

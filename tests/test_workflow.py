@@ -114,12 +114,14 @@ def test_dicom_round_trip_with_and_without_the_original_header(tmp_path, tiny_mo
     for keep, out in ((True, tmp_path / "kept"), (False, tmp_path / "anon")):
         extra = ["--keep-header"] if keep else []
         _ambiguate(tiny_model_dir, source, out=out, extra=extra)
-        public = (out / "public" / "cxr.primis").read_bytes()
-        for secret in (b"Doe", b"PID-12345", b"CHEST", b"MONOCHROME"):
-            assert secret not in public
+        # DICOM outputs are named by their random file id (names often hold UIDs).
+        (public_path,) = (out / "public").glob("*.primis")
+        public = public_path.read_bytes()
+        for secret in (b"Doe", b"PID-12345", b"CHEST", b"MONOCHROME", b"cxr"):
+            assert secret not in public and secret.decode() not in public_path.name
         run_cli(
             "disambiguate",
-            out / "public" / "cxr.primis",
+            public_path,
             "--model",
             tiny_model_dir,
             "--key-dir",
@@ -128,7 +130,7 @@ def test_dicom_round_trip_with_and_without_the_original_header(tmp_path, tiny_mo
             out / "restored",
             check=True,
         )
-        ds = pydicom.dcmread(out / "restored" / "cxr.dcm")
+        ds = pydicom.dcmread(out / "restored" / f"{public_path.stem}.dcm")
         assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
         assert ds.PhotometricInterpretation == "MONOCHROME1" and ds.BitsStored == 12
         assert ds.pixel_array.shape == pixels.shape and ds.pixel_array.dtype == np.uint16
@@ -259,5 +261,7 @@ def test_extensionless_dicom_files_in_folders_are_found(tmp_path, tiny_model_dir
     (export / "DICOMDIR.txt").write_text("not an image")
     result = _ambiguate(tiny_model_dir, tmp_path / "pacs", out=tmp_path / "out")
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "out" / "public" / "IM0001.primis").is_file()
+    (public,) = (tmp_path / "out" / "public").glob("*.primis")  # named by its file id
+    manifest = (tmp_path / "out" / "keys" / "manifest.jsonl").read_text()
+    assert str(export / "IM0001") in manifest and public.stem in manifest
     assert "1 done" in result.stdout
