@@ -36,7 +36,7 @@ from primis.report import describe_machine, machine_info, write_json
 from primis.sharing import REFINE_STEPS, Tiling, decode_codes, encode_images
 
 MULTI = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cxr-multi"
-WHOLE = Tiling(cells=10**6)
+WHOLE = Tiling(cells=10**6, region=10**6)
 
 
 def seams(model_name: str, images: int, refine_steps: int) -> list[dict]:

@@ -30,8 +30,14 @@ from primis.data import code_crops
 from primis.imageio import pad_to_multiple, read_image
 from primis.metrics import psnr, ssim
 from primis.modelstore import LoadedModel
-from primis.obfuscation import ambiguate_maps, image_key_bits, shuffle_atoms
-from primis.sharing import REFINE_STEPS, code_to_vectors, encode_images, vectors_to_code
+from primis.obfuscation import (
+    ambiguate_maps,
+    code_to_vectors,
+    image_key_bits,
+    shuffle_atoms,
+    vectors_to_code,
+)
+from primis.sharing import REFINE_STEPS, encode_images
 
 
 @dataclass
@@ -72,16 +78,9 @@ def make_targets(
 
 def _decode(model: LoadedModel, vectors: np.ndarray, target: Target) -> np.ndarray:
     cfg = model.network.config
-    code = vectors_to_code(vectors, _Header(cfg.m, cfg.n, target.grid))
+    code = vectors_to_code(vectors, cfg.m, target.grid)
     out = model.network.decode(code)[0, 0].numpy()
     return out[: target.image.shape[0], : target.image.shape[1]]
-
-
-@dataclass(frozen=True)
-class _Header:
-    m: int
-    n: int
-    grid: tuple[int, int]
 
 
 def naive_view(model: LoadedModel, target: Target) -> np.ndarray:
@@ -226,17 +225,16 @@ def learned_inversion(
     pairs = [
         (
             pad_to_multiple(a.image, cfg.downsampling),
-            vectors_to_code(a.code, _Header(cfg.m, cfg.n, a.grid)),
+            vectors_to_code(a.code, cfg.m, a.grid),
         )
         for a in attackers
     ]
-    header = _Header(cfg.m, cfg.n, (cells, cells))
     for _ in tqdm(range(steps), desc="learned inversion", leave=False, disable=None):
         codes, truth = code_crops(pairs, cells, cfg.downsampling, batch, rng)
         publics = []
         for row in range(batch):
             shown, _ = ambiguate_maps(code_to_vectors(codes[row : row + 1]), cfg.m, k, obf)
-            publics.append(vectors_to_code(shown, header))
+            publics.append(vectors_to_code(shown, cfg.m, (cells, cells)))
         values = network.magnitudes(torch.cat(publics))
         loss = torch.mean((network.synthesis(values) - truth) ** 2)
         optimizer.zero_grad()
@@ -245,7 +243,7 @@ def learned_inversion(
     views = []
     with torch.no_grad():
         for target in targets:
-            code = vectors_to_code(target.public, _Header(cfg.m, cfg.n, target.grid))
+            code = vectors_to_code(target.public, cfg.m, target.grid)
             out = network.synthesis(network.magnitudes(code)).clamp(0, 1)[0, 0].numpy()
             views.append(out[: target.image.shape[0], : target.image.shape[1]])
     return views

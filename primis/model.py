@@ -22,6 +22,8 @@ searches, per image, for a code the decoder reconstructs better than the encoder
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -105,6 +107,31 @@ def _flat_index(shape: torch.Size, index: Tensor) -> Tensor:
         view[dim] = -1
         flat = flat + torch.arange(shape[dim], device=index.device).view(view) * int(strides[dim])
     return flat
+
+
+def refine_scores(
+    z: Tensor,
+    steps: int,
+    error_and_gradient: Callable[[Tensor], tuple[Tensor, Tensor]],
+    lr: float = 0.05,
+) -> Tensor:
+    """``steps`` Adam steps on scores ``z`` (B,m,n,h,w), where ``error_and_gradient(z)`` gives
+    each image's reconstruction error (B,) and its gradient through the straight-through code;
+    returns, for each image, the scores of the best code seen (the starting one included)."""
+    best = z.clone()
+    best_error = torch.full((z.shape[0],), torch.inf, device=z.device)
+    z = z.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([z], lr=lr)
+    for step in range(steps + 1):
+        error, gradient = error_and_gradient(z.detach())
+        improved = error < best_error
+        best[improved] = z.detach()[improved]
+        best_error = torch.where(improved, error, best_error)
+        if step == steps:
+            break
+        z.grad = gradient
+        optimizer.step()
+    return best
 
 
 def _stage(channels: int, blocks: int) -> nn.Sequential:
@@ -202,8 +229,9 @@ class SparseTernaryAutoEncoder(nn.Module):
         bias = self.from_code[0].bias + from_code.reshape(-1, m * n) @ self.inverse_projection.bias
         return self.from_code[1](F.conv2d(values, weight, bias))
 
-    def analysis(self, x: Tensor) -> Tensor:
-        """Image (B,1,H,W), H and W multiples of the downsampling -> scores z (B,m,n,h,w)."""
+    def analysis(self, x: Tensor, normalize: bool = True) -> Tensor:
+        """Image (B,1,H,W), H and W multiples of the downsampling -> scores z (B,m,n,h,w);
+        without ``normalize``, before `normalize_scores` (for scores computed tile by tile)."""
         feature = self.encoder_stages[0](self.stem(x - 0.5))
         features = [feature]
         for down, stage in zip(self.downs, self.encoder_stages[1:], strict=True):
@@ -220,8 +248,13 @@ class SparseTernaryAutoEncoder(nn.Module):
         if self.atom_norm is not None:
             z = self.atom_norm(z.flatten(1, 2)).view_as(z)
             z = z - z.mean(dim=2, keepdim=True)  # standardising per atom undid the centring
-        # One scale per image and code map: selection stays scale-free, and flat regions (where
-        # a per-vector scale would divide by ~0) cannot blow the gradients up.
+        return self.normalize_scores(z) if normalize else z
+
+    @staticmethod
+    def normalize_scores(z: Tensor) -> Tensor:
+        """Scores divided by their root mean square per image and code map: selection stays
+        scale-free, and flat regions (where a per-vector scale would divide by ~0) cannot blow
+        the gradients up."""
         rms = torch.linalg.vector_norm(z, dim=(2, 3, 4), keepdim=True) / (z[0, 0].numel() ** 0.5)
         return z / (rms + 1e-6)
 
@@ -334,43 +367,40 @@ class SparseTernaryAutoEncoder(nn.Module):
             dense = dense + straight_through * (z - z.detach())  # zero, but carries gradient
         return dense
 
+    def squared_error(self, z: Tensor, x: Tensor, valid: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Per image, the squared error of the ternary code of scores ``z`` summed over the
+        pixels where ``valid`` (B,1,H,W) is 1, and its straight-through gradient with respect to
+        ``z``. The decoder runs in bfloat16 where the device has it natively (`use_autocast`)."""
+        z = z.detach().requires_grad_(True)
+        low_precision = use_autocast(x.device, amp=True)
+        with torch.enable_grad():
+            dense = self._decoder_input(z, k, straight_through=1.0)
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=low_precision):
+                reconstruction = self.synthesis(dense)
+            error = (((reconstruction.float() - x) ** 2) * valid).sum(dim=(1, 2, 3))
+            (gradient,) = torch.autograd.grad(error.sum(), z)
+        return error.detach(), gradient
+
     def refine(
         self, x: Tensor, k: int, steps: int, valid: Tensor | None = None, lr: float = 0.05
     ) -> Tensor:
         """Scores (B,m,n,h,w) whose ternary code reconstructs ``x`` at least as well as the
-        encoder's own: ``steps`` Adam steps on the scores through the straight-through code,
-        keeping for each image the scores of the best code seen (the encoder's included).
+        encoder's own (see `refine_scores`).
 
         The decoder and the code format are untouched; only the choice of code improves (the
         encoder's one pass leaves a gap). ``valid`` (B,1,H,W) of 0/1 marks the pixels that count
         (not the padding). Images do not interact: each one's result is the same in any batch.
-        The decoder runs in bfloat16 where the device has it natively (`use_autocast`): same
-        gain as float32 on the bundled model, about half the time.
         """
         valid = torch.ones_like(x) if valid is None else valid.to(x.dtype)
         area = valid.sum(dim=(1, 2, 3))
         with torch.no_grad():
             z = self.analysis(x).float()
-        best = z.clone()
-        best_error = torch.full((x.shape[0],), torch.inf, device=x.device)
-        z.requires_grad_(True)
-        optimizer = torch.optim.Adam([z], lr=lr)
-        low_precision = use_autocast(x.device, amp=True)
-        with torch.enable_grad():
-            for step in range(steps + 1):
-                dense = self._decoder_input(z, k, straight_through=1.0)
-                with torch.autocast(x.device.type, torch.bfloat16, enabled=low_precision):
-                    reconstruction = self.synthesis(dense)
-                squared = (reconstruction.float() - x) ** 2
-                error = (squared * valid).sum(dim=(1, 2, 3)) / area
-                improved = error.detach() < best_error
-                best[improved] = z.detach()[improved]
-                best_error = torch.where(improved, error.detach(), best_error)
-                if step == steps:
-                    break
-                (z.grad,) = torch.autograd.grad(error.sum(), z)
-                optimizer.step()
-        return best
+
+        def mean_error(scores: Tensor) -> tuple[Tensor, Tensor]:
+            error, gradient = self.squared_error(scores, x, valid, k)
+            return error / area, gradient / area.view(-1, 1, 1, 1, 1)
+
+        return refine_scores(z, steps, mean_error, lr)
 
     @torch.no_grad()
     def encode(

@@ -1,9 +1,10 @@
 """Ambiguation and disambiguation of ternary code vectors, and the key as packed supports.
 
 Codes here are int8 arrays of shape (V, n): V code vectors, each with exactly k entries +1 and
-k entries -1. The public vector keeps the true support S and fills a fraction of the other
-positions with noise entries of the same alphabet; the key is S (with its signs when signs are
-masked), coded enumeratively. All randomness comes from the operating system's CSPRNG.
+k entries -1, in the order `code_to_vectors` gives (map-major, then rows, then columns). The
+public vector keeps the true support S and fills a fraction of the other positions with noise
+entries of the same alphabet; the key is S (with its signs when signs are masked), coded
+enumeratively. All randomness comes from the operating system's CSPRNG.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import os
 
 import numpy as np
+import torch
 
 from primis.config import ObfuscationConfig
 from primis.enumerative import (
@@ -23,6 +25,20 @@ from primis.enumerative import (
     unrank_subsets,
 )
 from primis.errors import PrimisError
+
+
+def code_to_vectors(code: torch.Tensor) -> np.ndarray:
+    """The model's code (1, m, n, h, w) -> vectors (m*h*w, n), map-major: the layout of public
+    files, keys and everything here."""
+    _, m, n, h, w = code.shape
+    return code[0].permute(0, 2, 3, 1).reshape(m * h * w, n).cpu().numpy()
+
+
+def vectors_to_code(vectors: np.ndarray, m: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Vectors (m*h*w, n) in `code_to_vectors` order -> the model's code (1, m, n, h, w)."""
+    rows, cols = grid
+    code = torch.from_numpy(np.ascontiguousarray(vectors)).view(m, rows, cols, -1)
+    return code.permute(0, 3, 1, 2).unsqueeze(0).contiguous()
 
 
 def secure_uniform_bits(shape: tuple[int, ...]) -> np.ndarray:

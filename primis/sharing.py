@@ -29,14 +29,17 @@ from primis.formats import (
 )
 from primis.imageio import IntensityMapping, pad_to_multiple
 from primis.limits import MAX_PIXELS
+from primis.model import SparseTernaryAutoEncoder, refine_scores
 from primis.modelstore import LoadedModel
 from primis.obfuscation import (
     ambiguate_maps,
+    code_to_vectors,
     key_size,
     make_key,
     noise_count,
     read_key,
     unshuffle_atoms,
+    vectors_to_code,
 )
 
 # Adam steps that improve each image's code before it is shared (`SparseTernaryAutoEncoder.refine`):
@@ -53,17 +56,23 @@ class Tiling:
     with the pixel count.
 
     The bundled model's encoder sees 6 code positions to each side and its decoder 10, so with a
-    halo of 10 a tiled code and its tiled decoding equal the whole image's (up to rounding;
-    `benchmarks/tiling.py` measures it). An image whose grid fits in ``cells + 2 * halo``
-    positions each way is processed whole.
+    halo of 10 a tiled code, its refinement and its tiled decoding equal the whole image's (up
+    to rounding; `benchmarks/tiling.py` measures it). An image whose grid fits in
+    ``cells + 2 * halo`` positions each way is processed whole. Refinement keeps the scores of a
+    whole ``region`` x ``region`` positions in memory (about 0.7 GB at 256, 4096 px a side);
+    larger images are refined region by region, with the same halo.
     """
 
     cells: int = 64
     halo: int = 10
+    region: int = 256
 
     def __post_init__(self) -> None:
-        if self.cells < 1 or self.halo < 0:
-            raise PrimisError("tiles need at least 1 code position and a halo of 0 or more")
+        if self.cells < 1 or self.halo < 0 or self.region < self.cells:
+            raise PrimisError(
+                "tiles need 1 or more code positions, a halo of 0 or more and a"
+                " region of at least one tile"
+            )
 
     def fits(self, shape: tuple[int, ...], multiple: int) -> bool:
         """Whether an image of padded ``shape`` goes whole."""
@@ -98,18 +107,6 @@ class SharedImage:
     key: bytes
     ideal_key_bits: float
     pixels: int
-
-
-def code_to_vectors(code: torch.Tensor) -> np.ndarray:
-    """Code (1, m, n, h, w) -> vectors (m*h*w, n), map-major: the public file's layout."""
-    _, m, n, h, w = code.shape
-    return code[0].permute(0, 2, 3, 1).reshape(m * h * w, n).cpu().numpy()
-
-
-def vectors_to_code(vectors: np.ndarray, header: PublicHeader) -> torch.Tensor:
-    rows, cols = header.grid
-    code = torch.from_numpy(vectors).view(header.m, rows, cols, header.n)
-    return code.permute(0, 3, 1, 2).unsqueeze(0).contiguous()
 
 
 @dataclass(frozen=True)
@@ -174,24 +171,77 @@ def encode_images(
     whole = [i for i, p in enumerate(padded) if tiling.fits(p.shape, multiple)]
     for indices in _batches([padded[i].shape for i in whole], batch_size):
         indices = [whole[i] for i in indices]
+        everything = (slice(0, padded[indices[0]].shape[0]), slice(0, padded[indices[0]].shape[1]))
         code = encode(
             np.stack([padded[i] for i in indices]),
-            np.stack([_valid_mask(units[i].shape, padded[i].shape) for i in indices]),
+            np.stack([_valid_mask(units[i].shape, everything) for i in indices]),
         )
         for row, i in enumerate(indices):
             codes[i] = code[row : row + 1]
     for i in sorted(set(range(len(units))) - set(whole)):
-        valid = _valid_mask(units[i].shape, padded[i].shape)
         grid = (padded[i].shape[0] // multiple, padded[i].shape[1] // multiple)
-        code = None
-        for outer, inner in tiling.tiles(grid):
+        code = torch.zeros((1, network.config.m, network.config.n, *grid), dtype=torch.int8)
+        for outer, inner in Tiling(tiling.region, tiling.halo).tiles(grid):
             pixels = _scaled(outer, multiple)
-            part = encode(padded[i][pixels][None], valid[pixels][None])
-            if code is None:
-                code = torch.zeros((1, *part.shape[1:3], *grid), dtype=part.dtype)
-            code[..., inner[0], inner[1]] = part[..., *tiling.within(outer, inner)].cpu()
+            part = _encode_region(
+                network,
+                padded[i][pixels],
+                _valid_mask(units[i].shape, pixels),
+                k,
+                refine_steps,
+                tiling,
+            )
+            code[..., inner[0], inner[1]] = part[..., *tiling.within(outer, inner)]
         codes[i] = code
     return codes
+
+
+def _encode_region(
+    network: SparseTernaryAutoEncoder,
+    pixels: np.ndarray,
+    valid: np.ndarray,
+    k: int,
+    refine_steps: int,
+    tiling: Tiling,
+) -> torch.Tensor:
+    """Ternary code (1,m,n,h,w) of one padded region, computed tile by tile: the scores as the
+    whole region's analysis gives them, and refinement steps whose error and gradient are summed
+    over the tiles' inner parts, which is the whole region's refinement (the decoder sees less
+    than the halo); memory follows the tile."""
+    device = next(network.parameters()).device
+    multiple = network.config.downsampling
+    grid = (pixels.shape[0] // multiple, pixels.shape[1] // multiple)
+    x = torch.from_numpy(pixels)[None, None].to(device)
+    mask = torch.from_numpy(valid)[None, None].to(device)
+    tiles = [(outer, inner, tiling.within(outer, inner)) for outer, inner in tiling.tiles(grid)]
+    z = None
+    with torch.no_grad():
+        for outer, inner, within in tiles:
+            part = network.analysis(x[..., *_scaled(outer, multiple)], normalize=False).float()
+            if z is None:
+                z = torch.zeros((1, *part.shape[1:3], *grid), device=device)
+            z[..., inner[0], inner[1]] = part[..., *within]
+    z = network.normalize_scores(z)
+    area = mask.sum()
+
+    def mean_error(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        error, gradient = scores.new_zeros(1), torch.zeros_like(scores)
+        for outer, _, within in tiles:
+            region = _scaled(outer, multiple)
+            counted = torch.zeros_like(mask[..., *region])
+            counted[..., *_scaled(within, multiple)] = mask[..., *region][
+                ..., *_scaled(within, multiple)
+            ]
+            part_error, part_gradient = network.squared_error(
+                scores[..., outer[0], outer[1]], x[..., *region], counted, k
+            )
+            error += part_error
+            gradient[..., outer[0], outer[1]] += part_gradient
+        return error / area, gradient / area
+
+    if refine_steps:
+        z = refine_scores(z, refine_steps, mean_error)
+    return network.ternarize(z, k).cpu()
 
 
 def _scaled(cells: tuple[slice, ...], factor: int) -> tuple[slice, ...]:
@@ -199,10 +249,12 @@ def _scaled(cells: tuple[slice, ...], factor: int) -> tuple[slice, ...]:
     return tuple(slice(c.start * factor, c.stop * factor) for c in cells)
 
 
-def _valid_mask(shape: tuple[int, int], padded: tuple[int, int]) -> np.ndarray:
-    """1 on the image's own pixels, 0 on the padding."""
-    valid = np.zeros(padded, dtype=np.float32)
-    valid[: shape[0], : shape[1]] = 1
+def _valid_mask(shape: tuple[int, int], region: tuple[slice, slice]) -> np.ndarray:
+    """Over ``region`` of the padded image: 1 on the image's own pixels (``shape``), 0 on the
+    padding."""
+    rows, cols = region
+    valid = np.zeros((rows.stop - rows.start, cols.stop - cols.start), dtype=np.float32)
+    valid[: max(0, shape[0] - rows.start), : max(0, shape[1] - cols.start)] = 1
     return valid
 
 
@@ -322,6 +374,11 @@ def recover_code(public: PublicFile, key: KeyFile) -> np.ndarray:
     return vectors
 
 
+def _as_code(vectors: np.ndarray, header: PublicHeader) -> torch.Tensor:
+    """A public file's vectors (or the true ones) as the model's code."""
+    return vectors_to_code(vectors, header.m, header.grid)
+
+
 def _device(model: LoadedModel) -> torch.device:
     return next(model.network.parameters()).device
 
@@ -364,7 +421,9 @@ def reconstruct_many(
         public, key = read_pair(public_bytes, key_bytes)
         _check_model(public, model, "public file")
         opened.append((public, key, recover_code(public, key)))
-    codes = [vectors_to_code(code, public.header) for public, _, code in opened]
+    codes = [
+        vectors_to_code(code, public.header.m, public.header.grid) for public, _, code in opened
+    ]
     units = decode_codes(model, codes, batch_size)
     return [_restore(unit, key) for unit, (_, key, _) in zip(units, opened, strict=True)]
 
@@ -390,7 +449,9 @@ def reconstruct(
     """Authorized reconstruction in the input's own dtype and range, and the key it used."""
     public, key = read_pair(public_bytes, key_bytes, public_name, key_name)
     _check_model(public, model, public_name)
-    unit = decode_codes(model, [vectors_to_code(recover_code(public, key), public.header)])[0]
+    unit = decode_codes(
+        model, [vectors_to_code(recover_code(public, key), public.header.m, public.header.grid)]
+    )[0]
     return _restore(unit, key, key_name)
 
 
@@ -398,4 +459,6 @@ def attacker_view(public_bytes: bytes, model: LoadedModel, name: str = "public f
     """What anyone decodes from the public file alone: its vectors decoded as they are."""
     public = PublicFile.from_bytes(public_bytes, name)
     _check_model(public, model, name)
-    return decode_codes(model, [vectors_to_code(public.vectors, public.header)])[0]
+    return decode_codes(
+        model, [vectors_to_code(public.vectors, public.header.m, public.header.grid)]
+    )[0]

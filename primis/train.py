@@ -38,7 +38,7 @@ from primis.imageio import pad_to_multiple, read_image, write_atomic
 from primis.metrics import psnr, ssim
 from primis.model import SparseTernaryAutoEncoder, use_autocast
 from primis.modelstore import load_model, save_model
-from primis.obfuscation import ambiguate_maps, image_key_bits
+from primis.obfuscation import ambiguate_maps, code_to_vectors, image_key_bits, vectors_to_code
 
 
 def pick_device(name: str) -> torch.device:
@@ -119,13 +119,12 @@ def validate(
         out = network.decode(code)[0, 0, : image.shape[0], : image.shape[1]].float().cpu().numpy()
         scores.append(psnr(image, out))
         similarities.append(ssim(image, out))
-        vectors = code[0].permute(0, 2, 3, 1).reshape(-1, cfg.n).cpu().numpy()
+        vectors = code_to_vectors(code)
         public, _ = ambiguate_maps(vectors, cfg.m, cfg.k, obfuscation)
         bits += image_key_bits(public, cfg.m, cfg.k, obfuscation)
         pixels += image.size
         if index < grid_rows:
-            shape = (1, cfg.m, *code.shape[3:], cfg.n)
-            public_code = torch.from_numpy(public).view(shape).permute(0, 1, 4, 2, 3).to(device)
+            public_code = vectors_to_code(public, cfg.m, tuple(code.shape[3:])).to(device)
             attacker = network.decode(public_code)[0, 0, : image.shape[0], : image.shape[1]]
             rows.append(np.concatenate([image, out, attacker.float().cpu().numpy()], axis=1))
     network.train(was_training)
