@@ -7,8 +7,9 @@
    (`primis.sharing.Tiling`; images up to 1344 px a side go whole anyway): the PSNR of each
    against the original and the largest pixel difference between the two restorations.
 2. Memory and time: `primis ambiguate` and `primis disambiguate`, each in its own process, on a
-   real radiograph resized to 1500x1250, 3000x2500 and 6000x5000 16-bit (the peak resident
-   memory of that process, seconds, seconds per megapixel).
+   real radiograph resized to 16-bit images of --sizes (default refinement) and of --unrefined
+   sizes (`--refine-steps 0`, e.g. the input limit): the peak resident memory of that process,
+   seconds, seconds per megapixel.
 
 Prints tables with the machine (CPU model, flags, numeric type) and writes JSON.
 """
@@ -88,24 +89,27 @@ def run_child(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def memory_and_time(model_name: str, sizes: list[tuple[int, int]]) -> list[dict]:
+def memory_and_time(model_name: str, sizes: list[tuple[int, int, int | None]]) -> list[dict]:
+    """``sizes``: width, height and refinement steps (None: the default)."""
     source = sorted((MULTI / "actualmed").glob("*.png"))[0]
     base = Image.open(source).convert("L")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for width, height in sizes:
+        for width, height, steps in sizes:
             pixels = np.asarray(base.resize((width, height), Image.BICUBIC), dtype=np.float32)
             image = (pixels * 257).astype(np.uint16)  # 16-bit, full range
             folder = root / f"{width}x{height}"
             folder.mkdir()
             Image.fromarray(image).save(folder / "image.png")
             common = ["--model", model_name]
+            refine = [] if steps is None else ["--refine-steps", steps]
             share = run_child(
                 [
                     "ambiguate",
                     folder / "image.png",
                     *common,
+                    *refine,
                     "--public-dir",
                     folder / "p",
                     "--key-dir",
@@ -127,6 +131,7 @@ def memory_and_time(model_name: str, sizes: list[tuple[int, int]]) -> list[dict]
             rows.append(
                 {
                     "size": f"{width}x{height}",
+                    "refine_steps": REFINE_STEPS if steps is None else steps,
                     "megapixels": megapixels,
                     "ambiguate_seconds": share["seconds"],
                     "ambiguate_seconds_per_mp": share["seconds"] / megapixels,
@@ -140,6 +145,10 @@ def memory_and_time(model_name: str, sizes: list[tuple[int, int]]) -> list[dict]
     return rows
 
 
+def _sizes(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in size.split("x")) for size in text.split(",") if size]
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[2:])
@@ -149,12 +158,15 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=3, help="images for the seam check")
     parser.add_argument("--refine-steps", type=int, default=REFINE_STEPS)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sizes", type=_sizes, default="1500x1250,3000x2500,4096x4096")
+    parser.add_argument("--unrefined", type=_sizes, default="8192x8192", help="sizes, 0 steps")
     parser.add_argument("--json", type=Path, default=Path("runs/tiling.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     machine = machine_info()
     seam_rows = seams(args.model, args.images, args.refine_steps)
-    size_rows = memory_and_time(args.model, [(1500, 1250), (3000, 2500), (6000, 5000)])
+    sizes = [(*size, None) for size in args.sizes] + [(*size, 0) for size in args.unrefined]
+    size_rows = memory_and_time(args.model, sizes)
     print(f"\n{describe_machine(machine)}; refine steps {args.refine_steps}")
     print(f"{'image':60s} {'whole dB':>9s} {'tiled dB':>9s} {'max diff':>9s}")
     for row in seam_rows:
@@ -165,12 +177,12 @@ def main() -> None:
     loss = [r["whole_psnr"] - r["tiled_psnr"] for r in seam_rows]
     print(f"PSNR loss of tiling: median {statistics.median(loss):.4f} dB, worst {max(loss):.4f} dB")
     print(
-        f"\n{'size':>10s} {'amb s':>8s} {'s/MP':>7s} {'peak MB':>8s} {'disamb s':>9s} "
-        f"{'s/MP':>7s} {'peak MB':>8s}"
+        f"\n{'size':>10s} {'refine':>6s} {'amb s':>8s} {'s/MP':>7s} {'peak MB':>8s} "
+        f"{'disamb s':>9s} {'s/MP':>7s} {'peak MB':>8s}"
     )
     for row in size_rows:
         print(
-            f"{row['size']:>10s} {row['ambiguate_seconds']:8.2f} "
+            f"{row['size']:>10s} {row['refine_steps']:6d} {row['ambiguate_seconds']:8.2f} "
             f"{row['ambiguate_seconds_per_mp']:7.3f} {row['ambiguate_peak_rss_mb']:8.0f} "
             f"{row['disambiguate_seconds']:9.2f} {row['disambiguate_seconds_per_mp']:7.3f} "
             f"{row['disambiguate_peak_rss_mb']:8.0f}"

@@ -159,7 +159,7 @@ def _model_option(func):
 
 
 def _refine_option(func):
-    from primis.sharing import REFINE_STEPS
+    from primis.config import REFINE_STEPS
 
     return click.option(
         "--refine-steps",

@@ -14,6 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from primis.errors import PrimisError
 
+# Adam steps that improve each image's code before it is shared (`SparseTernaryAutoEncoder.refine`,
+# `primis ambiguate --refine-steps`): where the quality gained per step flattens on the bundled
+# model's validation images, at a time per image users accept (MODEL_CARD.md has the figures).
+REFINE_STEPS = 50
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

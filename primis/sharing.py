@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from primis.config import ObfuscationConfig
+from primis.config import REFINE_STEPS, ObfuscationConfig
 from primis.errors import PrimisError
 from primis.formats import (
     UNSEALED,
@@ -41,11 +41,6 @@ from primis.obfuscation import (
     unshuffle_atoms,
     vectors_to_code,
 )
-
-# Adam steps that improve each image's code before it is shared (`SparseTernaryAutoEncoder.refine`):
-# the bundled model gives 36.9 dB with them against 32.3 dB with the encoder's code (held-out
-# median, MODEL_CARD.md); 100 steps gained 0.25 dB more on validation images at twice the time.
-REFINE_STEPS = 50
 
 
 @dataclass(frozen=True)
