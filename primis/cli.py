@@ -348,22 +348,24 @@ def _public_entry(record: dict, size: int) -> dict:
 
 
 def _existing_pair(source: str, public_dir: Path, key_dir: Path, stem: str) -> dict | None:
-    """The manifest record of a stem-named pair already on disk (written by a run that had no
-    manifest line for it), or None."""
-    from primis.formats import KeyFile, read_file, sha256
+    """The manifest record of a complete stem-named pair already on disk (written by a run that
+    left no manifest line for it), or None."""
+    from primis.formats import PublicFile, read_file, sha256
 
+    public_path, key_path = public_dir / f"{stem}.primis", key_dir / f"{stem}.primiskey"
     try:
-        public_path, key_path = public_dir / f"{stem}.primis", key_dir / f"{stem}.primiskey"
-        public, key = read_file(public_path), KeyFile.from_bytes(read_file(key_path))
+        public = read_file(public_path)
+        file_id = PublicFile.from_bytes(public).header.file_id
     except PrimisError:
         return None
-    return {
+    record = {
         "input": source,
-        "file_id": key.header.file_id,
+        "file_id": file_id,
         "public": str(public_path.absolute()),
         "key": str(key_path.absolute()),
         "public_sha256": sha256(public),
     }
+    return record if _pair_complete(record) else None
 
 
 def _remove_replaced(old: dict | None, new: dict) -> None:

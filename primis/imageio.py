@@ -115,7 +115,12 @@ def _read_pil(path: Path) -> np.ndarray:
 
 
 def _read_tiff(path: Path) -> np.ndarray:
+    import logging
+
     import tifffile
+
+    # A damaged file comes back as one PrimisError line; tifffile's own log would add more.
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
     with tifffile.TiffFile(path) as tiff:
         series = tiff.series[0]

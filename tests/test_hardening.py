@@ -548,3 +548,37 @@ def test_info_describes_wrapped_keys(tmp_path, pair, monkeypatch):
     assert report["kind"] == "wrapped key"
     assert [slot["type"] for slot in report["slots"]] == ["x25519", "scrypt"]
     assert "wrapped" not in json.dumps(report["slots"])
+
+
+# Findings 6 and 8: kill -9 at several points, then rerun.
+_KILLER = """
+import os, signal, sys
+target, calls = int(sys.argv[1]), [0]
+def hooked(call):
+    def run(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == target:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return call(*args, **kwargs)
+    return run
+os.replace, os.write = hooked(os.replace), hooked(os.write)
+from primis.cli import main
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("names", ["stem", "id"])
+def test_kill_at_any_point_then_rerun(tmp_path, tiny_model_dir, names):
+    """Per input: manifest line, key placed, public placed, public manifest line (os.write or
+    os.replace each); then the two manifest rewrites. Kill at a spread of those points."""
+    inputs = [_png(tmp_path / "in" / f"img{i}.png", i) for i in range(3)]
+    for point in (1, 2, 3, 4, 13):
+        out = tmp_path / f"out{point}"
+        args = ["ambiguate", *inputs, "--model", tiny_model_dir, "--public-dir", out / "public"]
+        args += ["--key-dir", out / "keys", "--refine-steps", "0", "--names", names]
+        killed = subprocess.run(
+            [sys.executable, "-c", _KILLER, str(point), *map(str, args)], capture_output=True
+        )
+        assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+        _ambiguate(tiny_model_dir, *inputs, out=out, extra=["--names", names]).check_returncode()
+        _check_outputs(out, inputs)
