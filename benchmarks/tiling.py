@@ -72,7 +72,10 @@ def child(args: list[str]) -> None:
 
     started = time.perf_counter()
     try:
-        main(args, standalone_mode=False)
+        main(args)
+    except SystemExit as exit_:
+        if exit_.code:
+            raise
     finally:
         seconds = time.perf_counter() - started
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -164,8 +167,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     machine = machine_info()
-    seam_rows = seams(args.model, args.images, args.refine_steps)
     sizes = [(*size, None) for size in args.sizes] + [(*size, 0) for size in args.unrefined]
+    seam_rows = seams(args.model, args.images, args.refine_steps) if args.images else []
     size_rows = memory_and_time(args.model, sizes)
     print(f"\n{describe_machine(machine)}; refine steps {args.refine_steps}")
     print(f"{'image':60s} {'whole dB':>9s} {'tiled dB':>9s} {'max diff':>9s}")
@@ -175,7 +178,11 @@ def main() -> None:
             f"{row['max_pixel_difference']:9.5f}"
         )
     loss = [r["whole_psnr"] - r["tiled_psnr"] for r in seam_rows]
-    print(f"PSNR loss of tiling: median {statistics.median(loss):.4f} dB, worst {max(loss):.4f} dB")
+    if loss:
+        print(
+            f"PSNR loss of tiling: median {statistics.median(loss):.4f} dB, "
+            f"worst {max(loss):.4f} dB"
+        )
     print(
         f"\n{'size':>10s} {'refine':>6s} {'amb s':>8s} {'s/MP':>7s} {'peak MB':>8s} "
         f"{'disamb s':>9s} {'s/MP':>7s} {'peak MB':>8s}"

@@ -151,11 +151,29 @@ def finetune(model_dir, data, valid, out, config_file, max_minutes, threads) -> 
 
 
 def _model_option(func):
+    """--model, and --device for where it runs (read by `_load_model`)."""
+    func = click.option(
+        "--device",
+        type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+        default="auto",
+        show_default=True,
+        expose_value=False,
+        callback=lambda ctx, _, value: ctx.meta.__setitem__("primis.device", value),
+        help="where the model runs (auto: CUDA, then MPS, then CPU)",
+    )(func)
     return click.option(
         "--model",
         "model_dir",
         help="trained run directory or bundled model name (default: the bundled 'cxr')",
     )(func)
+
+
+def _load_model(model_dir):
+    """The model of --model on the device of --device."""
+    from primis.modelstore import load_model, pick_device
+
+    device = click.get_current_context().meta.get("primis.device", "auto")
+    return load_model(model_dir, pick_device(device))
 
 
 def _refine_option(func):
@@ -250,10 +268,9 @@ def ambiguate(
     from primis.dicomio import original_header
     from primis.formats import sha256
     from primis.imageio import is_dicom, is_image_file, read_source
-    from primis.modelstore import load_model
     from primis.sharing import share_image
 
-    model = load_model(model_dir)
+    model = _load_model(model_dir)
     obfuscation = _obfuscation(model, fill, mask_signs)
     key_maps = _parse_ints(maps, "--maps")
     items = select_shard(expand(inputs, is_image_file), shard)
@@ -453,12 +470,11 @@ def disambiguate(
     from primis.formats import read_file
     from primis.imageio import OUTPUT_SUFFIXES, encode_image, output_suffix, write_atomic
     from primis.keywrap import is_wrapped, load_identity, unwrap
-    from primis.modelstore import load_model
     from primis.sharing import attacker_view, reconstruct
 
     if key_dir is None and not without_key:
         raise PrimisError("--key-dir is required (or --without-key for the attacker's view)")
-    model = load_model(model_dir)
+    model = _load_model(model_dir)
     secret = load_identity(identity) if identity else None
     passphrase = _passphrase(confirm=False) if ask_passphrase else None
     try:
@@ -588,13 +604,13 @@ def keys_wrap(keyfiles, recipients, use_passphrase) -> None:
 def demo(image, model_dir, out, refine_steps) -> None:
     """Share one image and show what the key holder and an attacker each get (no network)."""
     from primis.demo import run_demo, train_demo_model
-    from primis.modelstore import bundled_models, load_model
+    from primis.modelstore import bundled_models
 
     started = time.perf_counter()
     if model_dir is None and "cxr" not in bundled_models():
         click.echo("no bundled model: training a small one on synthetic images (< 2 min)...")
         model_dir = train_demo_model(out / "model")
-    model = load_model(model_dir)
+    model = _load_model(model_dir)
     report = run_demo(model, image, out, refine_steps)
     click.echo(f"input {report['input']} ({report['pixels'][0]}x{report['pixels'][1]})")
     click.echo(
@@ -645,10 +661,9 @@ def attack(
     """Run every attack of the threat model against public files; report vs prior-only."""
     from primis.attacks import run_attacks, target_checks
     from primis.data import resolve_sources
-    from primis.modelstore import load_model
     from primis.report import image_rows, markdown_table, write_json
 
-    model = load_model(model_dir)
+    model = _load_model(model_dir)
     obfuscation = _obfuscation(model, fill, mask_signs)
     report, views = run_attacks(
         model,
@@ -726,10 +741,9 @@ def evaluate(model_dir, data, ks, out, refine_steps, quick) -> None:
     from primis.data import resolve_sources
     from primis.evaluation import measure_sharing, rate_distortion, rd_plot, summarize
     from primis.imageio import write_atomic
-    from primis.modelstore import load_model
     from primis.report import markdown_table, write_json
 
-    model = load_model(model_dir)
+    model = _load_model(model_dir)
     paths = resolve_sources(data)[: 4 if quick else None]
     model_k = model.network.config.k
     k_values = _parse_ints(ks, "--ks") or list(range(1, model_k + 1))

@@ -28,9 +28,9 @@ from primis.config import FinetuneConfig
 from primis.data import code_crops
 from primis.imageio import pad_to_multiple, read_image, write_atomic
 from primis.model import use_autocast
-from primis.modelstore import LoadedModel, save_model
+from primis.modelstore import LoadedModel, pick_device, save_model
 from primis.sharing import encode_images
-from primis.train import _tensorboard, pick_device, validate
+from primis.train import _tensorboard, validate
 
 
 @dataclass

@@ -158,7 +158,8 @@ def _read_dicom(path: Path) -> SourceImage:
             _check_inflated(path, 132 + 12 + int(meta.FileMetaInformationGroupLength))
         ds = pydicom.dcmread(path)
     except InvalidDicomError:
-        raise PrimisError(f"{path}: not a DICOM file") from None
+        ds = _read_bare_dataset(path)
+        syntax = str(ds.file_meta.TransferSyntaxUID)
     if "PixelData" not in ds:
         raise PrimisError(f"{path}: DICOM file has no pixel data")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -224,6 +225,29 @@ def _check_inflated(path: Path, start: int) -> None:
                         f"{path}: deflated DICOM data set inflates beyond {cap} bytes "
                         f"(set {MAX_PIXELS.variable} to change it)"
                     )
+
+
+def _read_bare_dataset(path: Path):
+    """An old-style DICOM file without preamble and file meta (ACR-NEMA style), which starts
+    with an element of group 0008 in little-endian byte order; its transfer syntax is the one
+    pydicom finds the data set in."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    with open(path, "rb") as handle:
+        start = handle.read(8)
+    if len(start) < 8 or start[:2] != b"\x08\x00":
+        raise PrimisError(f"{path}: not a DICOM file")
+    try:
+        ds = pydicom.dcmread(path, force=True)
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if ds.is_implicit_VR else ExplicitVRLittleEndian
+        )
+    except Exception:  # pydicom raises many types on arbitrary bytes
+        raise PrimisError(f"{path}: not a DICOM file") from None
+    return ds
 
 
 def _looks_like_dicom(path: Path) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,7 +109,25 @@ def resolve_model(name_or_path: str | Path | None) -> Path:
     raise PrimisError(f"--model {name_or_path}: no such run directory or bundled model ({names})")
 
 
-def load_model(directory: str | Path | None, device: str = "cpu") -> LoadedModel:
+def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA, then MPS, then CPU; a named device that is absent is an error."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local % torch.cuda.device_count())
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise PrimisError("--device cuda: no CUDA device is available")
+        return torch.device("cuda", local % torch.cuda.device_count())
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise PrimisError("--device mps: no MPS device is available")
+    return torch.device(name)
+
+
+def load_model(directory: str | Path | None, device: str | torch.device = "cpu") -> LoadedModel:
     """Load and validate a model: a run directory, a bundled model's name, or the default."""
     directory = resolve_model(directory)
     if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():

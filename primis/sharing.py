@@ -11,6 +11,7 @@ zeros), and the attacker's view decodes the public vectors as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -74,17 +75,19 @@ class Tiling:
         return max(shape) // multiple <= self.cells + 2 * self.halo
 
     def tiles(self, grid: tuple[int, int]) -> list[tuple[tuple[slice, slice], tuple[slice, slice]]]:
-        """(outer, inner) code-position slices covering ``grid``; inner parts do not overlap."""
-        spans = [
-            [
-                (
-                    slice(max(0, a - self.halo), min(size, a + self.cells + self.halo)),
-                    slice(a, min(size, a + self.cells)),
-                )
-                for a in range(0, size, self.cells)
-            ]
-            for size in grid
-        ]
+        """(outer, inner) code-position slices covering ``grid``; inner parts do not overlap and
+        are of equal size (within one position) of at most ``cells``, so no thin tile pays a
+        whole halo."""
+        spans = []
+        for size in grid:
+            count = -(-size // self.cells)
+            bounds = [round(i * size / count) for i in range(count + 1)]
+            spans.append(
+                [
+                    (slice(max(0, a - self.halo), min(size, b + self.halo)), slice(a, b))
+                    for a, b in pairwise(bounds)
+                ]
+            )
         return [((rows[0], cols[0]), (rows[1], cols[1])) for rows in spans[0] for cols in spans[1]]
 
     @staticmethod

@@ -37,26 +37,8 @@ from primis.errors import PrimisError
 from primis.imageio import pad_to_multiple, read_image, write_atomic
 from primis.metrics import psnr, ssim
 from primis.model import SparseTernaryAutoEncoder, use_autocast
-from primis.modelstore import load_model, save_model
+from primis.modelstore import load_model, pick_device, save_model
 from primis.obfuscation import ambiguate_maps, code_to_vectors, image_key_bits, vectors_to_code
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto``: CUDA, then MPS, then CPU; a named device that is absent is an error."""
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local % torch.cuda.device_count())
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise PrimisError("--device cuda: no CUDA device is available")
-        return torch.device("cuda", local % torch.cuda.device_count())
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise PrimisError("--device mps: no MPS device is available")
-    return torch.device(name)
 
 
 def learning_rate(config: RunConfig, progress: float, step: int) -> float:

@@ -119,3 +119,21 @@ def test_multi_frame_and_broken_dicom_are_rejected_clearly(tmp_path):
     fake.write_bytes(b"not dicom at all")
     with pytest.raises(PrimisError, match="not a DICOM"):
         read_source(fake)
+
+
+def test_old_files_without_preamble_or_file_meta_are_read(tmp_path):
+    pixels = np.tile(np.arange(0, 1000, 25, dtype=np.uint16), (12, 1))
+    path = _write_dicom(tmp_path / "new.dcm", pixels, "MONOCHROME2", Modality="CR")
+    ds = pydicom.dcmread(path)
+    ds.StudyDate = "19950101"  # a group 0008 element first, as such files begin
+    del ds.file_meta
+    ds.preamble = None
+    bare = tmp_path / "old.dcm"
+    ds.save_as(bare, implicit_vr=True, little_endian=True)
+    assert bare.read_bytes()[:2] == b"\x08\x00" and b"DICM" not in bare.read_bytes()[:132]
+    unit, mapping = read_image(bare)
+    assert np.array_equal(mapping.inverse(unit), pixels)
+    assert read_source(bare).details["transfer_syntax"] == "1.2.840.10008.1.2"
+    (tmp_path / "junk.dcm").write_bytes(b"\x08\x00" + bytes(30))
+    with pytest.raises(PrimisError, match="DICOM"):
+        read_image(tmp_path / "junk.dcm")
