@@ -232,15 +232,17 @@ def run_batch(
     """Run ``work`` on every item with a progress bar; raise PrimisError at the end if any failed.
 
     ``work`` returns a one-line report, or :data:`SKIPPED` when the outputs already exist.
-    ``failed`` holds items that failed before the batch (e.g. name clashes).
+    ``failed`` holds items that failed before the batch (e.g. name clashes). Skipped items leave
+    the bar's total, so its rate and time left count only the work done.
     """
     done = skipped = 0
     failures = dict(failed)
     show = sys.stderr.isatty()
-    with tqdm(items, desc=label, unit="file", disable=not show, file=sys.stderr) as bar:
-        for path in bar:
+    with tqdm(total=len(items), desc=label, unit="file", disable=not show, file=sys.stderr) as bar:
+        for path in items:
             if path in failures:
                 tqdm.write(f"error: {failures[path]}", file=sys.stderr)
+                bar.update(1)
                 continue
             try:
                 report = work(path)
@@ -258,15 +260,17 @@ def run_batch(
             else:
                 if report == SKIPPED:
                     skipped += 1
+                    bar.total -= 1
+                    bar.refresh()
                 else:
                     done += 1
                     tqdm.write(report)
+                    bar.update(1)
                 continue
             failures[path] = report
             tqdm.write(f"error: {report}", file=sys.stderr)
-    click.echo(
-        f"{label}: {done} done, {skipped} skipped (outputs exist; --overwrite to redo), "
-        f"{len(failures)} failed"
-    )
+            bar.update(1)
+    reuse = " (outputs exist; --overwrite to redo)" if skipped else ""
+    click.echo(f"{label}: {done} done, {skipped} skipped{reuse}, {len(failures)} failed")
     if failures:
         raise PrimisError(f"{len(failures)} of {len(items)} file(s) failed")

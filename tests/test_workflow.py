@@ -265,3 +265,13 @@ def test_extensionless_dicom_files_in_folders_are_found(tmp_path, tiny_model_dir
     manifest = (tmp_path / "out" / "keys" / "manifest.jsonl").read_text()
     assert str(export / "IM0001") in manifest and public.stem in manifest
     assert "1 done" in result.stdout
+
+
+def test_batch_summary_names_skips_only_when_there_are_some(capsys, tmp_path):
+    from primis.batch import SKIPPED, run_batch
+
+    items = [tmp_path / "a.png", tmp_path / "b.png"]
+    run_batch(items, lambda path: f"{path.name}: done", "ambiguate", {})
+    assert "ambiguate: 2 done, 0 skipped, 0 failed" in capsys.readouterr().out
+    run_batch(items, lambda path: SKIPPED, "ambiguate", {})
+    assert "2 skipped (outputs exist; --overwrite to redo)" in capsys.readouterr().out
