@@ -102,7 +102,7 @@ def memory_and_time(model_name: str, sizes: list[tuple[int, int, int | None]]) -
         for width, height, steps in sizes:
             pixels = np.asarray(base.resize((width, height), Image.BICUBIC), dtype=np.float32)
             image = (pixels * 257).astype(np.uint16)  # 16-bit, full range
-            folder = root / f"{width}x{height}"
+            folder = root / f"{width}x{height}-{steps}"
             folder.mkdir()
             Image.fromarray(image).save(folder / "image.png")
             common = ["--model", model_name]
