@@ -82,6 +82,21 @@ def run_cli(*args: object, check: bool = False) -> subprocess.CompletedProcess:
     return result
 
 
+def ambiguate_cli(model: Path, *inputs: Path, out: Path, extra=()) -> subprocess.CompletedProcess:
+    """`primis ambiguate INPUTS` into OUT/public and OUT/keys with the given model."""
+    return run_cli(
+        "ambiguate",
+        *inputs,
+        "--model",
+        model,
+        "--public-dir",
+        out / "public",
+        "--key-dir",
+        out / "keys",
+        *extra,
+    )
+
+
 def assert_clean_failure(result: subprocess.CompletedProcess, fragment: str) -> None:
     """Non-zero exit, no traceback, and an 'error:' line that mentions ``fragment``."""
     assert result.returncode != 0, result.stdout

@@ -34,7 +34,7 @@ from primis.formats import (
     sha256,
 )
 from primis.keywrap import WRAPPED_MAGIC, unwrap, wrap
-from tests.conftest import assert_clean_failure, run_cli, smooth_image
+from tests.conftest import ambiguate_cli, assert_clean_failure, run_cli, smooth_image
 from tests.test_dicom import _write_dicom
 
 
@@ -45,19 +45,7 @@ def _png(path: Path, seed: int = 0, size: tuple[int, int] = (40, 48)) -> Path:
 
 
 def _ambiguate(model: Path, *inputs: Path, out: Path, extra=()):
-    return run_cli(
-        "ambiguate",
-        *inputs,
-        "--model",
-        model,
-        "--public-dir",
-        out / "public",
-        "--key-dir",
-        out / "keys",
-        "--refine-steps",
-        "0",
-        *extra,
-    )
+    return ambiguate_cli(model, *inputs, out=out, extra=("--refine-steps", "0", *extra))
 
 
 def _disambiguate(model: Path, public: Path, key_dir: Path, out: Path, *extra):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from primis.errors import PrimisError
 from primis.formats import KeyFile
-from tests.conftest import assert_clean_failure, run_cli, smooth_image
+from tests.conftest import ambiguate_cli, assert_clean_failure, run_cli, smooth_image
 from tests.test_dicom import _write_dicom
 
 
@@ -27,28 +27,14 @@ def folder(tmp_path) -> Path:
     return root
 
 
-def _ambiguate(model, *inputs, out: Path, extra=()):
-    return run_cli(
-        "ambiguate",
-        *inputs,
-        "--model",
-        model,
-        "--public-dir",
-        out / "public",
-        "--key-dir",
-        out / "keys",
-        *extra,
-    )
-
-
 def test_folders_and_globs_with_manifests_and_skips(tmp_path, folder, tiny_model_dir):
     out = tmp_path / "out"
-    first = _ambiguate(tiny_model_dir, folder / "a", out=out)
+    first = ambiguate_cli(tiny_model_dir, folder / "a", out=out)
     assert first.returncode == 0, first.stderr
     assert "4 done, 0 skipped" in first.stdout
-    again = _ambiguate(tiny_model_dir, str(folder / "**" / "*.png"), out=out)
+    again = ambiguate_cli(tiny_model_dir, str(folder / "**" / "*.png"), out=out)
     assert "1 done, 4 skipped" in again.stdout
-    redo = _ambiguate(tiny_model_dir, folder, out=out, extra=["--overwrite"])
+    redo = ambiguate_cli(tiny_model_dir, folder, out=out, extra=["--overwrite"])
     assert "5 done, 0 skipped" in redo.stdout
     private = [json.loads(x) for x in (out / "keys" / "manifest.jsonl").read_text().splitlines()]
     assert {Path(r["input"]).name for r in private} == {f"img{i}.png" for i in range(5)}
@@ -63,12 +49,13 @@ def test_shards_split_the_batch(tmp_path, folder, tiny_model_dir):
     outs = []
     for index in range(2):
         out = tmp_path / f"shard{index}"
-        result = _ambiguate(tiny_model_dir, folder, out=out, extra=["--shard", f"{index}/2"])
+        result = ambiguate_cli(tiny_model_dir, folder, out=out, extra=["--shard", f"{index}/2"])
         assert result.returncode == 0, result.stderr
         outs.append({p.stem for p in (out / "public").glob("*.primis")})
     assert not outs[0] & outs[1] and len(outs[0] | outs[1]) == 5
     assert_clean_failure(
-        _ambiguate(tiny_model_dir, folder, out=tmp_path / "x", extra=["--shard", "2/2"]), "--shard"
+        ambiguate_cli(tiny_model_dir, folder, out=tmp_path / "x", extra=["--shard", "2/2"]),
+        "--shard",
     )
 
 
@@ -76,14 +63,14 @@ def test_name_clashes_fail_without_overwriting(tmp_path, tiny_model_dir):
     for where in ("x", "y"):
         (tmp_path / where).mkdir()
         Image.fromarray(np.full((20, 20), 9, np.uint8)).save(tmp_path / where / "same.png")
-    result = _ambiguate(tiny_model_dir, tmp_path / "x", tmp_path / "y", out=tmp_path / "o")
+    result = ambiguate_cli(tiny_model_dir, tmp_path / "x", tmp_path / "y", out=tmp_path / "o")
     assert_clean_failure(result, "same output name")
     assert "1 done" in result.stdout
 
 
 def test_disambiguate_batch_skips_existing_outputs(tmp_path, folder, tiny_model_dir):
     out = tmp_path / "out"
-    _ambiguate(tiny_model_dir, folder, out=out)
+    ambiguate_cli(tiny_model_dir, folder, out=out)
     args = [
         "disambiguate",
         out / "public",
@@ -113,7 +100,7 @@ def test_dicom_round_trip_with_and_without_the_original_header(tmp_path, tiny_mo
     )
     for keep, out in ((True, tmp_path / "kept"), (False, tmp_path / "anon")):
         extra = ["--keep-header"] if keep else []
-        _ambiguate(tiny_model_dir, source, out=out, extra=extra)
+        ambiguate_cli(tiny_model_dir, source, out=out, extra=extra)
         # DICOM outputs are named by their random file id (names often hold UIDs).
         (public_path,) = (out / "public").glob("*.primis")
         public = public_path.read_bytes()
@@ -145,7 +132,7 @@ def test_wrapped_keys_open_only_for_their_recipient_or_passphrase(
     tmp_path, folder, tiny_model_dir, monkeypatch
 ):
     out = tmp_path / "out"
-    _ambiguate(tiny_model_dir, folder / "img4.png", out=out)
+    ambiguate_cli(tiny_model_dir, folder / "img4.png", out=out)
     key = out / "keys" / "img4.primiskey"
     run_cli("keys", "gen", "--out", tmp_path / "alice", check=True)
     run_cli("keys", "gen", "--out", tmp_path / "bob", check=True)
@@ -183,7 +170,7 @@ def test_wrapped_keys_open_only_for_their_recipient_or_passphrase(
 
 def test_partial_keys_open_only_their_maps(tmp_path, folder, tiny_model_dir):
     out = tmp_path / "out"
-    _ambiguate(tiny_model_dir, folder / "img4.png", out=out, extra=["--maps", "0"])
+    ambiguate_cli(tiny_model_dir, folder / "img4.png", out=out, extra=["--maps", "0"])
     key = KeyFile.from_bytes((out / "keys" / "img4.primiskey").read_bytes())
     assert key.header.maps == [0]
     run_cli(
@@ -198,7 +185,7 @@ def test_partial_keys_open_only_their_maps(tmp_path, folder, tiny_model_dir):
         check=True,
     )
     assert_clean_failure(
-        _ambiguate(
+        ambiguate_cli(
             tiny_model_dir, folder / "img4.png", out=tmp_path / "bad", extra=["--maps", "7"]
         ),
         "maps",
@@ -259,7 +246,7 @@ def test_extensionless_dicom_files_in_folders_are_found(tmp_path, tiny_model_dir
         export / "IM0001", (smooth_image(32, 32, 1) * 4000).astype(np.uint16), "MONOCHROME2"
     )
     (export / "DICOMDIR.txt").write_text("not an image")
-    result = _ambiguate(tiny_model_dir, tmp_path / "pacs", out=tmp_path / "out")
+    result = ambiguate_cli(tiny_model_dir, tmp_path / "pacs", out=tmp_path / "out")
     assert result.returncode == 0, result.stderr
     (public,) = (tmp_path / "out" / "public").glob("*.primis")  # named by its file id
     manifest = (tmp_path / "out" / "keys" / "manifest.jsonl").read_text()
