@@ -178,18 +178,21 @@ def key_digits(
     """The key digits in the order of :func:`key_radices`: the atom order (if shuffled), then
     the ranks of the true supports within the (unshuffled) public vectors."""
     n = code.shape[1]
-    columns = []
-    if mask_signs:
-        true = code != 0
-        members = _index_within(public != 0, true, 2 * k)
-        columns.append(rank_subsets(members, n))
-        signs_of_true = code[true].reshape(-1, 2 * k) == 1
-        columns.append(rank_subsets(np.nonzero(signs_of_true)[1].reshape(-1, k), 2 * k))
-    else:
-        for sign in (1, -1):
-            members = _index_within(public == sign, code == sign, k)
+    support = []
+    for rows in _chunks(len(code)):
+        chunk, shown, columns = code[rows], public[rows], []
+        if mask_signs:
+            true = chunk != 0
+            members = _index_within(shown != 0, true, 2 * k)
             columns.append(rank_subsets(members, n))
-    support = np.array(columns, dtype=object).T.reshape(-1)
+            signs_of_true = chunk[true].reshape(-1, 2 * k) == 1
+            columns.append(rank_subsets(np.nonzero(signs_of_true)[1].reshape(-1, k), 2 * k))
+        else:
+            for sign in (1, -1):
+                members = _index_within(shown == sign, chunk == sign, k)
+                columns.append(rank_subsets(members, n))
+        support.append(np.array(columns, dtype=object).T.reshape(-1))
+    support = np.concatenate(support) if support else np.array([], dtype=object)
     if perm is None:
         return support
     return np.concatenate([np.array(permutation_digits(perm), dtype=object), support])
@@ -256,7 +259,15 @@ def read_key(
     per_vector = len(parts) + (1 if mask_signs else 0)
     digits = digits.reshape(v, per_vector)
     code = np.zeros((v, n), dtype=np.int8)
-    rows = np.repeat(np.arange(v), k)
+    for rows in _chunks(v):
+        code[rows] = _true_code(public[rows], digits[rows], k, mask_signs)
+    return code, used
+
+
+def _true_code(public: np.ndarray, digits: np.ndarray, k: int, mask_signs: bool) -> np.ndarray:
+    """The true vectors of these public vectors (unshuffled) from their key digits."""
+    v, n = public.shape
+    code = np.zeros((v, n), dtype=np.int8)
     if mask_signs:
         order, _ = _positions(public != 0)
         members = unrank_subsets(digits[:, 0], 2 * k, n)
@@ -267,8 +278,15 @@ def read_key(
             positive.reshape(-1), 1, -1
         )
     else:
+        rows = np.repeat(np.arange(v), k)
         for part, sign in enumerate((1, -1)):
             order, _ = _positions(public == sign)
             members = unrank_subsets(digits[:, part], k, n)
             code[rows, np.take_along_axis(order, members, axis=1).reshape(-1)] = sign
-    return code, used
+    return code
+
+
+def _chunks(count: int, size: int = 1 << 15) -> list[slice]:
+    """Row ranges of at most ``size`` vectors: the (vectors, n) int64 work arrays of key coding
+    stay near 64 MB for n = 256, whatever the image size."""
+    return [slice(start, min(count, start + size)) for start in range(0, count, size)]

@@ -111,3 +111,16 @@ def test_shuffled_atoms_round_trip_and_cost_log2_n_factorial_per_map():
         assert len(key) == packed and packed * 8 <= 1.01 * ideal
     assert not np.array_equal(perms[0], perms[1])
     assert not ambiguate_maps(code, maps, k, ObfuscationConfig(permute_atoms=False))[1][0]
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_keys_coded_in_chunks_equal_keys_coded_at_once(monkeypatch, mask):
+    import primis.obfuscation as obfuscation
+
+    code = random_code(100, 32, 2, seed=5)
+    public = ambiguate(code, 2, ObfuscationConfig(fill=0.5, mask_signs=mask))
+    whole = make_key(code, public, 2, mask)
+    chunks = obfuscation._chunks
+    monkeypatch.setattr(obfuscation, "_chunks", lambda count: chunks(count, 7))
+    assert make_key(code, public, 2, mask) == whole
+    assert np.array_equal(disambiguate(public, whole, 2, mask), code)
