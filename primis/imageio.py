@@ -54,12 +54,18 @@ class IntensityMapping:
         return (1.0 - unit if self.invert else unit).astype(np.float32)
 
     def inverse(self, unit: np.ndarray) -> np.ndarray:
-        unit = np.clip(unit.astype(np.float64), 0.0, 1.0)
-        values = (1.0 - unit if self.invert else unit) * (self.high - self.low) + self.low
+        """[0,1] pixels back to the input's dtype and range (in float64, a band of rows at a
+        time, so a large image needs no full-size float64 copies)."""
         dtype = np.dtype(self.dtype)
-        if dtype.kind in "ui":
-            values = np.clip(np.rint(values), self.low, self.high)
-        return values.astype(dtype)
+        out = np.empty(unit.shape, dtype=dtype)
+        step = max(1, (1 << 20) // max(1, unit[0].size)) if unit.ndim > 1 else max(1, len(unit))
+        for start in range(0, len(unit), step):
+            band = np.clip(unit[start : start + step].astype(np.float64), 0.0, 1.0)
+            values = (1.0 - band if self.invert else band) * (self.high - self.low) + self.low
+            if dtype.kind in "ui":
+                values = np.clip(np.rint(values), self.low, self.high)
+            out[start : start + step] = values
+        return out
 
     def to_dict(self) -> dict:
         return {"dtype": self.dtype, "low": self.low, "high": self.high, "invert": self.invert}
