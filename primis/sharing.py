@@ -220,26 +220,29 @@ def _encode_region(
                 z = torch.zeros((1, *part.shape[1:3], *grid), device=device)
             z[..., inner[0], inner[1]] = part[..., *within]
     z = network.normalize_scores(z)
+    if not refine_steps:
+        return network.ternarize(z, k).cpu()
+    # Each tile's error counts the image pixels of its inner part only, so they add up once.
+    parts = []
+    for outer, _, within in tiles:
+        region = _scaled(outer, multiple)
+        counted = torch.zeros_like(mask[..., *region])
+        inner = _scaled(within, multiple)
+        counted[..., *inner] = mask[..., *region][..., *inner]
+        parts.append((outer, x[..., *region], counted))
     area = mask.sum()
 
     def mean_error(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         error, gradient = scores.new_zeros(1), torch.zeros_like(scores)
-        for outer, _, within in tiles:
-            region = _scaled(outer, multiple)
-            counted = torch.zeros_like(mask[..., *region])
-            counted[..., *_scaled(within, multiple)] = mask[..., *region][
-                ..., *_scaled(within, multiple)
-            ]
+        for outer, pixels_of_tile, counted in parts:
             part_error, part_gradient = network.squared_error(
-                scores[..., outer[0], outer[1]], x[..., *region], counted, k
+                scores[..., outer[0], outer[1]], pixels_of_tile, counted, k
             )
             error += part_error
             gradient[..., outer[0], outer[1]] += part_gradient
         return error / area, gradient / area
 
-    if refine_steps:
-        z = refine_scores(z, refine_steps, mean_error)
-    return network.ternarize(z, k).cpu()
+    return network.ternarize(refine_scores(z, refine_steps, mean_error), k).cpu()
 
 
 def _scaled(cells: tuple[slice, ...], factor: int) -> tuple[slice, ...]:
