@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from primis.formats import PUBLIC_MAGIC
@@ -390,3 +391,13 @@ def test_export_half_writes_a_smaller_loadable_model(tmp_path, tiny_model_dir):
     torch.testing.assert_close(
         half.network.decode(code), full.network.decode(code), atol=2e-2, rtol=0
     )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_option_names_where_the_model_runs(tmp_path, tiny_model_dir, image_files):
+    common = [image_files[0], "--model", tiny_model_dir, "--refine-steps", "0"]
+    out = ["--public-dir", tmp_path / "p", "--key-dir", tmp_path / "k"]
+    assert_clean_failure(run_cli("ambiguate", *common, *out, "--device", "cuda"), "no CUDA")
+    assert not (tmp_path / "p").exists()
+    run_cli("ambiguate", *common, *out, "--device", "cpu", check=True)
+    assert len(list((tmp_path / "p").glob("*.primis"))) == 1
