@@ -243,12 +243,12 @@ def train(
         bar_format="{l_bar}{bar}| {n:.1f}/100% [{elapsed}<{remaining}{postfix}]",
     )
     batches = iter(loader)
+    _training_mode(network, t.trainable)
     try:
         while True:
             progress = _progress(config, step, time.monotonic() - start)
             if group.any(progress >= 1.0):
                 break
-            _training_mode(network, t.trainable)  # after each validation's eval mode too
             lr = learning_rate(config, progress, step)
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr
@@ -307,6 +307,7 @@ def train(
                         writer,
                         bar,
                     )
+                    _training_mode(network, t.trainable)  # validation left every module training
                 group.barrier()
             if step % t.checkpoint_every == 0 or done:
                 state.update(step=step, elapsed=time.monotonic() - start)

@@ -251,6 +251,14 @@ def _tiny_training_folder(tmp_path: Path, count: int = 4) -> Path:
     return images
 
 
+def _train_cli(config: Path, images: Path, run: Path, *extra, check: bool = False):
+    """`primis train` on a folder of images, validating on its first image."""
+    return run_cli(
+        "train", "--config", config, "--data", images, "--valid", images / "0.png",
+        "--out", run, *extra, check=check,
+    )  # fmt: skip
+
+
 def _tiny_config_file(tmp_path: Path, **train) -> Path:
     settings = {"steps": 4, "batch_size": 2, "crop": 32, "validate_every": 2} | train
     config = RunConfig(model=TINY, train=TrainConfig(**settings))
@@ -264,32 +272,10 @@ def test_unreadable_training_images_are_reported_and_skipped_or_stop_strict_runs
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(10))
     (images / "empty.jpg").write_bytes(b"")
     config = _tiny_config_file(tmp_path)
-    result = run_cli(
-        "train",
-        "--config",
-        config,
-        "--data",
-        images,
-        "--valid",
-        images / "0.png",
-        "--out",
-        tmp_path / "run",
-        check=True,
-    )
+    result = _train_cli(config, images, tmp_path / "run", check=True)
     assert result.stderr.count("skipped:") == 2 and "broken.png" in result.stderr
     assert "2 unreadable file(s) skipped" in result.stdout
-    strict = run_cli(
-        "train",
-        "--config",
-        config,
-        "--data",
-        images,
-        "--valid",
-        images / "0.png",
-        "--out",
-        tmp_path / "run2",
-        "--strict",
-    )
+    strict = _train_cli(config, images, tmp_path / "run2", "--strict")
     assert_clean_failure(strict, "broken.png")
 
 
@@ -361,10 +347,10 @@ def test_training_from_a_model_updates_only_the_trainable_part(tmp_path, tiny_mo
     config = RunConfig(
         model=TINY,
         train=TrainConfig(
-            steps=3,
+            steps=4,
             batch_size=2,
             crop=32,
-            validate_every=3,
+            validate_every=2,  # steps after a validation must keep the deployed statistics
             lr=1e-2,
             warmup_steps=0,
             init=str(tiny_model_dir),
@@ -392,17 +378,7 @@ def test_an_init_model_of_another_shape_is_refused(tmp_path, tiny_model_dir):
     )
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config.model_dump()))
-    result = run_cli(
-        "train",
-        "--config",
-        path,
-        "--data",
-        images,
-        "--valid",
-        images / "0.png",
-        "--out",
-        tmp_path / "run",
-    )
+    result = _train_cli(path, images, tmp_path / "run")
     assert_clean_failure(result, "differs from the run's model section")
 
 
@@ -410,3 +386,15 @@ def _checkpoint_weights(run: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(run / "checkpoint" / "model.safetensors")
+
+
+def test_machine_info_names_the_cpu_its_flags_and_the_numeric_type_used():
+    from primis.model import use_autocast
+    from primis.report import SPEED_FLAGS, describe_machine, machine_info
+
+    info = machine_info()
+    assert info["cpu"] and set(info["flags"]) <= set(SPEED_FLAGS)
+    assert info["threads"] == torch.get_num_threads()
+    native = use_autocast(torch.device("cpu"), amp=True)
+    assert info["dtype"] == ("bfloat16 autocast" if native else "float32")
+    assert info["dtype"] in describe_machine(info) and info["cpu"] in describe_machine(info)
