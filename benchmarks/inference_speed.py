@@ -218,12 +218,12 @@ def main() -> None:
     for name, folder in throughput.items():
         print(
             f"  folder {name} ({folder['files']} files, {folder['megapixels']:.1f} MP): ambiguate "
-            f"{folder['ambiguate_files_per_second']:.2f} files/s "
-            f"({folder['ambiguate_megapixels_per_second']:.2f} MP/s; unrefined "
-            f"{folder['ambiguate_unrefined_files_per_second']:.2f} files/s, "
-            f"{folder['ambiguate_unrefined_megapixels_per_second']:.2f} MP/s), disambiguate "
-            f"{folder['disambiguate_files_per_second']:.2f} files/s "
-            f"({folder['disambiguate_megapixels_per_second']:.2f} MP/s)"
+            f"{folder['ambiguate_files_per_second']:.3g} files/s "
+            f"({folder['ambiguate_megapixels_per_second']:.3g} MP/s; unrefined "
+            f"{folder['ambiguate_unrefined_files_per_second']:.3g} files/s, "
+            f"{folder['ambiguate_unrefined_megapixels_per_second']:.3g} MP/s), disambiguate "
+            f"{folder['disambiguate_files_per_second']:.3g} files/s "
+            f"({folder['disambiguate_megapixels_per_second']:.3g} MP/s)"
         )
     write_json(args.json, report)
     print(f"JSON: {args.json}")
