@@ -13,7 +13,9 @@ The two files are bound both ways (version 2): the key names the public file's d
 the public file holds a commitment to the key, SHA-256 over a random 32-byte salt kept in the
 key, the key's header and its payload. A key edited after the fact (even with its checksum
 recomputed) no longer matches the genuine public file and is refused; the salt keeps the
-commitment from revealing anything about the key. Version 1 files (no commitment) still read.
+commitment from revealing anything about the key. Version 3 adds the key's coding (`coding`,
+`variable_rate`: supports range coded under the model's context model, `primis.keycoding`).
+Versions 1 (no commitment) and 2 still read.
 
 Readers check magic, version, lengths, digest and every header field before use, and the code
 geometry against the limits of `primis.limits` before inflating the payload.
@@ -42,8 +44,8 @@ from primis.limits import MAX_CODE_ENTRIES, MAX_CODE_VECTORS, MAX_FILE_BYTES, MA
 
 PUBLIC_MAGIC = b"PRIMIS\x00P"
 KEY_MAGIC = b"PRIMIS\x00K"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MAX_HEADER = 1 << 20
 UNSEALED = "0" * 64  # the key's public digest before `seal_pair` fills it in
 _COMMITMENT = b"primis key commitment v1\x00"
@@ -53,6 +55,7 @@ DIGEST = 32
 
 
 _HEX64 = r"^[0-9a-f]{64}$"
+_LATER_KEY_FIELDS = ("coding", "variable_rate")
 _SIDE = 1 << 20  # rows or columns of an image or a code grid
 
 
@@ -148,6 +151,16 @@ class KeyHeader(Strict):
         None, max_length=1 << 22, description="original DICOM header (base64)"
     )
     salt: str | None = Field(None, pattern=_HEX64, description="secret salt of the commitment")
+    coding: Literal["enumerative", "context"] = Field(
+        "enumerative", description="how the payload codes the supports (version 3)"
+    )
+    variable_rate: bool = Field(False, description="each vector's count is coded (version 3)")
+
+    @model_validator(mode="after")
+    def _coding(self) -> KeyHeader:
+        if self.variable_rate and self.coding != "context":
+            raise ValueError("a variable rate needs context coding")
+        return self
 
     @field_validator("maps")
     @classmethod
@@ -240,6 +253,9 @@ class KeyFile:
     def commitment(self) -> str:
         """SHA-256 over the salt, the header (less the public digest) and the payload."""
         fields = self.header.model_dump(mode="json", exclude={"public_sha256"})
+        for name in _LATER_KEY_FIELDS:  # absent from older keys' commitments while at default
+            if fields[name] == KeyHeader.model_fields[name].default:
+                del fields[name]
         text = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
         return sha256(_COMMITMENT + _LENGTH.pack(len(text)) + text + self.payload)
 
@@ -292,7 +308,7 @@ def sha256(data: bytes) -> str:
 
 
 def _container(magic: bytes, header: Strict, payload: bytes, sealed: str | None = None) -> bytes:
-    """The file's bytes: version 2 when the pair is sealed (see `seal_pair`), else 1."""
+    """The file's bytes: the current version when the pair is sealed (see `seal_pair`), else 1."""
     text = header.model_dump_json(exclude_none=True).encode()
     version = VERSION if sealed is not None else 1
     body = _PREFIX.pack(magic, version, len(text)) + text + _LENGTH.pack(len(payload)) + payload

@@ -26,6 +26,8 @@ from primis.config import (
 )
 from primis.errors import PrimisError
 from primis.imageio import write_atomic
+from primis.keycoding import TENSORS as KEY_MODEL_TENSORS
+from primis.keycoding import KeyModel
 from primis.model import SparseTernaryAutoEncoder
 
 WEIGHTS = "model.safetensors"
@@ -47,6 +49,7 @@ class LoadedModel:
     obfuscation: ObfuscationConfig
     hash: str
     directory: Path
+    key_model: KeyModel | None = None  # entropy model of its keys, where the model has one
 
 
 def _canonical(data: dict) -> bytes:
@@ -68,16 +71,20 @@ def save_model(
     network: SparseTernaryAutoEncoder,
     obfuscation: ObfuscationConfig,
     dtype: torch.dtype = torch.float32,
+    key_model: KeyModel | None = None,
 ) -> str:
     """Write model.safetensors and model.json into ``directory``; return the model hash.
 
     ``dtype`` float16 halves the file (for the bundled model); loading casts back to float32.
-    Integer buffers (batch counters) keep their type.
+    Integer buffers (batch counters) keep their type. A ``key_model`` (the entropy model of
+    keys, `primis.keycoding`) is stored with the weights, in float32, so the hash covers it.
     """
     state = {
         name: t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
         for name, t in network.state_dict().items()
     }
+    if key_model is not None:
+        state |= {name: torch.from_numpy(t.copy()) for name, t in key_model.tensors().items()}
     weights = save(state)
     meta = ModelFile(format=FORMAT, version=VERSION, model=network.config, obfuscation=obfuscation)
     write_atomic(Path(directory) / WEIGHTS, weights)
@@ -144,11 +151,18 @@ def load_model(directory: str | Path | None, device: str | torch.device = "cpu")
     weights = (directory / WEIGHTS).read_bytes()
     network = SparseTernaryAutoEncoder(meta.model)
     try:
-        network.load_state_dict(load(weights), strict=True)
-    except (SafetensorError, RuntimeError, ValueError) as err:
+        state = load(weights)
+        key_tensors = {name: state.pop(name).numpy() for name in KEY_MODEL_TENSORS if name in state}
+        network.load_state_dict(state, strict=True)
+        key_model = KeyModel.from_tensors(key_tensors) if key_tensors else None
+    except (SafetensorError, RuntimeError, ValueError, KeyError, PrimisError) as err:
         first = str(err).strip().splitlines()[0]
         raise PrimisError(
             f"{directory / WEIGHTS}: weights do not fit the config ({first})"
         ) from None
+    cfg = meta.model
+    if key_model is not None and not key_model.fits(cfg.m, cfg.n, cfg.k):
+        raise PrimisError(f"{directory / WEIGHTS}: the key model does not fit the config")
     network.eval().to(device)
-    return LoadedModel(network, meta.obfuscation, model_hash(meta.model, weights), directory)
+    digest = model_hash(meta.model, weights)
+    return LoadedModel(network, meta.obfuscation, digest, directory, key_model)

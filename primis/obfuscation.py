@@ -25,6 +25,7 @@ from primis.enumerative import (
     unrank_subsets,
 )
 from primis.errors import PrimisError
+from primis.keycoding import KeyModel, decode_code, encode_code
 
 
 def code_to_vectors(code: torch.Tensor) -> np.ndarray:
@@ -58,10 +59,21 @@ def noise_count(n: int, k: int, fill: float) -> int:
     return round(fill * (n - 2 * k))
 
 
+def reveals_nothing(obfuscation: ObfuscationConfig) -> bool:
+    """Whether public vectors are independent of the code: every entry non-zero (fill 1) with
+    a random sign (mask_signs). Shuffling atoms then hides nothing more, and each vector may
+    hold fewer than k pairs (a rate that follows the content) without the public file showing
+    it."""
+    return obfuscation.fill == 1.0 and obfuscation.mask_signs
+
+
 def ambiguate(code: np.ndarray, k: int, obfuscation: ObfuscationConfig) -> np.ndarray:
-    """The public vectors: true support kept, noise entries added, signs masked if configured."""
-    check_code(code, k)
+    """The public vectors: true support kept, noise entries added, signs masked if configured.
+    Where the public vectors reveal nothing, vectors may hold any s <= k pairs."""
+    check_code(code, k, variable=reveals_nothing(obfuscation))
     v, n = code.shape
+    if reveals_nothing(obfuscation):
+        return (secure_uniform_bits((v, n)).astype(np.int8) * 2 - 1).astype(np.int8)
     support = code != 0
     public = np.where(support, code, 0).astype(np.int8)
     noise = noise_count(n, k, obfuscation.fill)
@@ -80,10 +92,15 @@ def ambiguate(code: np.ndarray, k: int, obfuscation: ObfuscationConfig) -> np.nd
     return public
 
 
-def check_code(code: np.ndarray, k: int) -> None:
+def check_code(code: np.ndarray, k: int, variable: bool = False) -> None:
+    """Every vector holds exactly k entries +1 and k entries -1 (``variable``: s <= k of each)."""
     if code.ndim != 2 or code.dtype != np.int8:
         raise ValueError("codes are int8 arrays of shape (vectors, n)")
-    if not (np.all((code == 1).sum(1) == k) and np.all((code == -1).sum(1) == k)):
+    positive, negative = (code == 1).sum(1), (code == -1).sum(1)
+    if variable:
+        if np.any(positive != negative) or np.any(positive > k):
+            raise ValueError(f"every code vector must hold s <= {k} entries +1 and s entries -1")
+    elif not (np.all(positive == k) and np.all(negative == k)):
         raise ValueError(f"every code vector must hold exactly {k} entries +1 and {k} entries -1")
 
 
@@ -138,14 +155,16 @@ def ambiguate_maps(
     """Public vectors of every code map (map-major rows) and each map's secret atom order.
 
     With ``permute_atoms`` the columns of each map are shuffled by a fresh random permutation,
-    so how often the model uses each atom says nothing about where the true entries are.
+    so how often the model uses each atom says nothing about where the true entries are (not
+    needed, and not done, where the public vectors reveal nothing).
     """
     public = ambiguate(vectors, k, obfuscation)
     rows = len(vectors) // maps
+    shuffle = obfuscation.permute_atoms and not reveals_nothing(obfuscation)
     perms: list[np.ndarray | None] = []
     for j in range(maps):
         part = slice(j * rows, (j + 1) * rows)
-        perm = secure_permutation(vectors.shape[1]) if obfuscation.permute_atoms else None
+        perm = secure_permutation(vectors.shape[1]) if shuffle else None
         if perm is not None:
             public[part] = shuffle_atoms(public[part], perm)
         perms.append(perm)
@@ -290,3 +309,63 @@ def _chunks(count: int, size: int = 1 << 15) -> list[slice]:
     """Row ranges of at most ``size`` vectors: the (vectors, n) int64 work arrays of key coding
     stay near 64 MB for n = 256, whatever the image size."""
     return [slice(start, min(count, start + size)) for start in range(0, count, size)]
+
+
+def _allowed(public: np.ndarray, mask_signs: bool) -> np.ndarray:
+    """(V, 2, n): where each vector's +1 and -1 entries may lie, given its public vector."""
+    if mask_signs:
+        live = public != 0
+        return np.stack([live, live], axis=1)
+    return np.stack([public == 1, public == -1], axis=1)
+
+
+def make_context_key(
+    code: np.ndarray,
+    public: list[np.ndarray],
+    perms: list[np.ndarray | None],
+    maps: list[int],
+    grid: tuple[int, int],
+    k: int,
+    mask_signs: bool,
+    key_model: KeyModel,
+    variable: bool,
+) -> bytes:
+    """The key of the maps ``maps`` coded under the model's context model: the atom order of
+    each shuffled map (as in `make_key`), then the range-coded true vectors ``code`` (their
+    rows, map-major) given the (unshuffled) ``public`` vectors of each map."""
+    n = code.shape[1]
+    digits = [permutation_digits(perm) for perm in perms if perm is not None]
+    order = pack_digits(
+        np.array([d for ds in digits for d in ds], dtype=object),
+        np.array(list(range(n, 0, -1)) * len(digits), dtype=object),
+    )
+    allowed = _allowed(np.concatenate(public), mask_signs)
+    return order + encode_code(code, maps, grid, k, key_model, allowed, variable)
+
+
+def read_context_key(
+    shown: list[np.ndarray],
+    payload: bytes,
+    maps: list[int],
+    grid: tuple[int, int],
+    k: int,
+    mask_signs: bool,
+    permuted: bool,
+    key_model: KeyModel,
+    variable: bool,
+) -> np.ndarray:
+    """Inverse of :func:`make_context_key` given the public vectors of each map as shown."""
+    n = shown[0].shape[1]
+    radices = np.array(list(range(n, 0, -1)) * (len(maps) if permuted else 0), dtype=object)
+    used = packed_size(radices)
+    if len(payload) < used:
+        raise PrimisError(f"key payload has {len(payload)} bytes, expected at least {used}")
+    digits = unpack_digits(payload[:used], radices)
+    public = [
+        unshuffle_atoms(vectors, permutation_from_digits(digits[i * n : (i + 1) * n]))
+        if permuted
+        else vectors
+        for i, vectors in enumerate(shown)
+    ]
+    allowed = _allowed(np.concatenate(public), mask_signs)
+    return decode_code(payload[used:], maps, grid, n, k, key_model, allowed, variable)

@@ -29,6 +29,7 @@ from primis.formats import (
     seal_pair,
 )
 from primis.imageio import IntensityMapping, pad_to_multiple
+from primis.keycoding import KeyModel
 from primis.limits import MAX_PIXELS
 from primis.model import SparseTernaryAutoEncoder, refine_scores
 from primis.modelstore import LoadedModel
@@ -36,9 +37,12 @@ from primis.obfuscation import (
     ambiguate_maps,
     code_to_vectors,
     key_size,
+    make_context_key,
     make_key,
     noise_count,
+    read_context_key,
     read_key,
+    reveals_nothing,
     unshuffle_atoms,
     vectors_to_code,
 )
@@ -309,17 +313,37 @@ def _package(
         k=k,
         noise=noise_count(cfg.n, k, obfuscation.fill),
         mask_signs=obfuscation.mask_signs,
-        permuted=obfuscation.permute_atoms,
+        permuted=any(perm is not None for perm in perms),
     )
     per_map = rows * cols
-    payload = b""
-    ideal = 0.0
-    for j in maps:
-        part, perm = slice(j * per_map, (j + 1) * per_map), perms[j]
-        shown = public_vectors[part]
-        original = shown if perm is None else unshuffle_atoms(shown, perm)
-        payload += make_key(vectors[part], original, k, obfuscation.mask_signs, perm)
-        ideal += key_size(shown, k, obfuscation.mask_signs, perm is not None)[0]
+    parts = [slice(j * per_map, (j + 1) * per_map) for j in maps]
+    originals = [
+        public_vectors[part]
+        if perms[j] is None
+        else unshuffle_atoms(public_vectors[part], perms[j])
+        for j, part in zip(maps, parts, strict=True)
+    ]
+    variable = reveals_nothing(obfuscation)
+    if model.key_model is not None:
+        payload = make_context_key(
+            np.concatenate([vectors[part] for part in parts]),
+            originals,
+            [perms[j] for j in maps],
+            maps,
+            (rows, cols),
+            k,
+            obfuscation.mask_signs,
+            model.key_model,
+            variable,
+        )
+        ideal = 8.0 * len(payload)
+    else:
+        payload, ideal = b"", 0.0
+        for j, part, original in zip(maps, parts, originals, strict=True):
+            payload += make_key(vectors[part], original, k, obfuscation.mask_signs, perms[j])
+            ideal += key_size(
+                public_vectors[part], k, obfuscation.mask_signs, perms[j] is not None
+            )[0]
     key_header = KeyHeader(
         file_id=header.file_id,
         public_sha256=UNSEALED,
@@ -329,6 +353,8 @@ def _package(
         intensity=image.mapping.to_dict(),
         source=image.source,
         dicom_header=image.dicom_header,
+        coding="context" if model.key_model is not None else "enumerative",
+        variable_rate=model.key_model is not None and variable,
     )
     public, key = seal_pair(PublicFile(header, public_vectors), KeyFile(key_header, payload))
     return SharedImage(header.file_id, public, key, ideal, image.unit.size)
@@ -354,8 +380,9 @@ def _check_model(public: PublicFile, model: LoadedModel, name: str) -> None:
     MAX_PIXELS.check(rows * cols * cfg.downsampling**2, name)
 
 
-def recover_code(public: PublicFile, key: KeyFile) -> np.ndarray:
-    """The true code vectors of the maps the key opens (other maps are zero)."""
+def recover_code(public: PublicFile, key: KeyFile, key_model: KeyModel | None = None) -> np.ndarray:
+    """The true code vectors of the maps the key opens (other maps are zero); a context-coded
+    key needs the model's ``key_model``."""
     h = public.header
     per_map = h.grid[0] * h.grid[1]
     if any(not 0 <= j < h.m for j in key.header.maps) or len(set(key.header.maps)) != len(
@@ -363,6 +390,24 @@ def recover_code(public: PublicFile, key: KeyFile) -> np.ndarray:
     ):
         raise PrimisError("key names code maps the public file does not have")
     vectors = np.zeros_like(public.vectors)
+    parts = [slice(j * per_map, (j + 1) * per_map) for j in key.header.maps]
+    if key.header.coding == "context":
+        if key_model is None:
+            raise PrimisError("the key is context coded, but the model has no key model")
+        opened = read_context_key(
+            [public.vectors[part] for part in parts],
+            key.payload,
+            key.header.maps,
+            h.grid,
+            h.k,
+            h.mask_signs,
+            h.permuted,
+            key_model,
+            key.header.variable_rate,
+        )
+        for i, part in enumerate(parts):
+            vectors[part] = opened[i * per_map : (i + 1) * per_map]
+        return vectors
     offset = 0
     for j in key.header.maps:
         part = slice(j * per_map, (j + 1) * per_map)
@@ -421,7 +466,7 @@ def reconstruct_many(
     for public_bytes, key_bytes in pairs:
         public, key = read_pair(public_bytes, key_bytes)
         _check_model(public, model, "public file")
-        opened.append((public, key, recover_code(public, key)))
+        opened.append((public, key, recover_code(public, key, model.key_model)))
     codes = [
         vectors_to_code(code, public.header.m, public.header.grid) for public, _, code in opened
     ]
@@ -451,7 +496,12 @@ def reconstruct(
     public, key = read_pair(public_bytes, key_bytes, public_name, key_name)
     _check_model(public, model, public_name)
     unit = decode_codes(
-        model, [vectors_to_code(recover_code(public, key), public.header.m, public.header.grid)]
+        model,
+        [
+            vectors_to_code(
+                recover_code(public, key, model.key_model), public.header.m, public.header.grid
+            )
+        ],
     )[0]
     return _restore(unit, key, key_name)
 

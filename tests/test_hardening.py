@@ -22,6 +22,7 @@ import pydicom
 import pytest
 from PIL import Image
 
+from primis import formats
 from primis.errors import PrimisError
 from primis.formats import (
     PUBLIC_MAGIC,
@@ -268,7 +269,32 @@ def test_version_1_pairs_still_decode(tmp_path, tiny_model_dir, pair):
     new = _disambiguate(tiny_model_dir, public, key.parent, tmp_path / "o2")
     assert new.returncode == 0, new.stderr
     assert (tmp_path / "o" / "scan.png").read_bytes() == (tmp_path / "o2" / "scan.png").read_bytes()
-    assert struct.unpack_from(">H", public.read_bytes(), 8)[0] == 2
+    assert struct.unpack_from(">H", public.read_bytes(), 8)[0] == formats.VERSION
+
+
+def test_version_2_pairs_still_decode(tmp_path, tiny_model_dir, pair, monkeypatch):
+    """Version 2 files: sealed, with no key-coding fields (the supports coded enumeratively)."""
+    public, key = pair
+    parsed_public = PublicFile.from_bytes(public.read_bytes())
+    parsed_key = KeyFile.from_bytes(key.read_bytes())
+    assert parsed_key.header.coding == "enumerative"
+    monkeypatch.setattr(formats, "VERSION", 2)
+    old_public = parsed_public.to_bytes()
+    header = parsed_key.header.model_copy(update={"public_sha256": sha256(old_public)})
+    text = header.model_dump_json(exclude_none=True, exclude={"coding", "variable_rate"}).encode()
+    payload = parsed_key.payload
+    body = struct.pack(">8sHI", formats.KEY_MAGIC, 2, len(text)) + text
+    body += struct.pack(">I", len(payload)) + payload
+    case = tmp_path / "v2"
+    (case / "keys").mkdir(parents=True)
+    (case / "scan.primis").write_bytes(old_public)
+    (case / "keys" / "scan.primiskey").write_bytes(body + hashlib.sha256(body).digest())
+    monkeypatch.undo()
+    result = _disambiguate(tiny_model_dir, case / "scan.primis", case / "keys", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    new = _disambiguate(tiny_model_dir, public, key.parent, tmp_path / "o2")
+    assert new.returncode == 0, new.stderr
+    assert (tmp_path / "o" / "scan.png").read_bytes() == (tmp_path / "o2" / "scan.png").read_bytes()
 
 
 # Finding 6: OS errors in batches.

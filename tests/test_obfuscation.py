@@ -97,7 +97,7 @@ def test_shuffled_atoms_round_trip_and_cost_log2_n_factorial_per_map():
 
     n, k, maps = 64, 3, 2
     code = random_code(2 * 150, n, k, seed=5)
-    shown, perms = ambiguate_maps(code, maps, k, ObfuscationConfig())
+    shown, perms = ambiguate_maps(code, maps, k, ObfuscationConfig(fill=0.5))
     for j, perm in enumerate(perms):
         assert sorted(perm) == list(range(n))
         assert np.array_equal(permutation_from_digits(permutation_digits(perm)), perm)
@@ -111,6 +111,22 @@ def test_shuffled_atoms_round_trip_and_cost_log2_n_factorial_per_map():
         assert len(key) == packed and packed * 8 <= 1.01 * ideal
     assert not np.array_equal(perms[0], perms[1])
     assert not ambiguate_maps(code, maps, k, ObfuscationConfig(permute_atoms=False))[1][0]
+
+
+def test_public_vectors_that_reveal_nothing_are_not_shuffled_and_allow_variable_counts():
+    from primis.obfuscation import ambiguate_maps, reveals_nothing
+
+    n, k = 32, 3
+    code = random_code(40, n, k, seed=8)
+    code[:10] = 0  # vectors with fewer pairs: s = 0 here
+    code[10:20][code[10:20] == 1] = 0
+    code[10:20][code[10:20] == -1] = 0
+    assert reveals_nothing(ObfuscationConfig())
+    shown, perms = ambiguate_maps(code, 2, k, ObfuscationConfig())
+    assert perms == [None, None] and np.all(np.abs(shown) == 1)
+    assert not reveals_nothing(ObfuscationConfig(fill=0.9))
+    with pytest.raises(ValueError, match="exactly"):
+        ambiguate_maps(code, 2, k, ObfuscationConfig(fill=0.9))
 
 
 @pytest.mark.parametrize("mask", [True, False])

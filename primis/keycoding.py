@@ -1,0 +1,333 @@
+"""Entropy-coded keys: the true code vectors range coded under a fitted context model.
+
+A code is coded vector by vector in order of anti-diagonals of its grid (all vectors with
+row + column = d, of every map, form one stage; everything a stage's model looks at lies on
+earlier stages, so a stage decodes as one batch). For each vector (map j, row r, column c):
+
+1. with a variable rate, its count s in 0..k (it holds s entries +1 and s entries -1) under
+   P(s | count of the vector above, count of the vector to the left);
+2. its +1 atoms, then its -1 atoms, each set as ascending atom indices under the fixed-size
+   product model P(S) ~ prod_{a in S} w[j, sign, ctx(a), a], where ctx(a) = 3 * sym(above, a)
+   + sym(left, a) with sym 0, 1, 2 for an entry 0, +1, -1 (outside the grid: 0). Atoms the
+   public vector rules out (``allowed``) get weight 0, and the -1 set excludes the +1 atoms.
+
+Slot t of a set of size s takes atom a > (previous member) with probability proportional to
+w_a * e_{s-t}(w_{a+1}, ..., w_{n-1}), e_i the elementary symmetric polynomial: exactly the
+conditional of the product model. Only + and * of float64 enter the tables (no exp or log), so
+encoder and decoder compute bit-identical probabilities on any CPU, and constriction quantises
+them the same way everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import constriction
+import numpy as np
+
+from primis.errors import PrimisError
+
+CONTEXTS = 9  # 3 symbols above x 3 symbols to the left
+TENSORS = ("key_model.atom_weights", "key_model.count_weights")
+_FAMILY = constriction.stream.model.Categorical(perfect=False)
+
+
+@dataclass(frozen=True)
+class KeyModel:
+    """Weights of the context model: ``atom_weights`` (m, 2 signs, 9 contexts, n) and
+    ``count_weights`` (m, (k+1)**2 contexts, k+1), all positive and finite."""
+
+    atom_weights: np.ndarray
+    count_weights: np.ndarray
+
+    def __post_init__(self) -> None:
+        a, c = self.atom_weights, self.count_weights
+        if a.ndim != 4 or a.shape[1:3] != (2, CONTEXTS) or c.ndim != 3 or c.shape[0] != a.shape[0]:
+            raise PrimisError("key model: tables of the wrong shape")
+        if c.shape[1] != c.shape[2] ** 2:
+            raise PrimisError("key model: count table of the wrong shape")
+        for table in (a, c):
+            if not (np.all(np.isfinite(table)) and np.all(table > 0)):
+                raise PrimisError("key model: weights must be positive and finite")
+
+    @property
+    def k(self) -> int:
+        return self.count_weights.shape[2] - 1
+
+    def fits(self, m: int, n: int, k: int) -> bool:
+        """Whether it models codes of ``m`` maps of ``n`` atoms with up to ``k`` pairs."""
+        return self.atom_weights.shape[0] == m and self.atom_weights.shape[3] == n and self.k == k
+
+    def widened(self) -> KeyModel:
+        """The same model in float64 (exact), as the coder computes in."""
+        return KeyModel(self.atom_weights.astype(np.float64), self.count_weights.astype(np.float64))
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return dict(zip(TENSORS, (self.atom_weights, self.count_weights), strict=True))
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, np.ndarray]) -> KeyModel:
+        return cls(*(np.asarray(tensors[name], dtype=np.float32) for name in TENSORS))
+
+
+def _symbols(vectors: np.ndarray) -> np.ndarray:
+    """Entries -1, 0, +1 as the context symbols 2, 0, 1."""
+    return np.where(vectors < 0, 2, vectors).astype(np.int64)
+
+
+def _neighbours(m: int, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """For each vector (map-major, then rows, then columns): the index of the vector above and
+    of the one to the left, -1 outside the grid."""
+    rows, cols = grid
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    index = np.arange(m * rows * cols)
+    above = np.where(np.tile(r, m) > 0, index - cols, -1)
+    left = np.where(np.tile(c, m) > 0, index - 1, -1)
+    return above, left
+
+
+def _stages(m: int, grid: tuple[int, int]) -> list[np.ndarray]:
+    """Vector indices per anti-diagonal stage, maps together, rows ascending."""
+    rows, cols = grid
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    index = np.arange(m * rows * cols).reshape(m, rows * cols)
+    order = np.argsort(r + c, kind="stable")
+    bounds = np.cumsum(np.bincount((r + c)[order], minlength=rows + cols - 1))[:-1]
+    return [index[:, part].reshape(-1) for part in np.split(order, bounds)]
+
+
+def _gather(values: np.ndarray, index: np.ndarray, outside) -> np.ndarray:
+    """``values[index]`` with ``outside`` where index is -1."""
+    picked = values[np.maximum(index, 0)]
+    mask = (index < 0).reshape((-1,) + (1,) * (values.ndim - 1))
+    return np.where(mask, outside, picked)
+
+
+def _suffix_polynomials(weights: np.ndarray, size: int) -> np.ndarray:
+    """E (V, size+1, n+1): E[:, i, a] = e_i(weights[:, a:]), the elementary symmetric
+    polynomial of degree i of the weights from atom a on."""
+    v, n = weights.shape
+    table = np.zeros((v, size + 1, n + 1))
+    table[:, 0] = 1.0
+    for degree in range(1, size + 1):
+        terms = weights * table[:, degree - 1, 1:]
+        table[:, degree, :n] = np.cumsum(terms[:, ::-1], axis=1)[:, ::-1]
+    return table
+
+
+def _check_k(k: int, model: KeyModel) -> None:
+    if not 1 <= k <= model.k:
+        raise PrimisError(f"the key model codes up to {model.k} pairs per vector, not {k}")
+
+
+class _Stage:
+    """The model's tables for one stage's vectors, given what earlier stages hold."""
+
+    def __init__(self, model: KeyModel, done: np.ndarray, counts: np.ndarray, index, maps, ctx):
+        above, left = ctx
+        self.atom_context = 3 * _symbols(_gather(done, above[index], 0)) + _symbols(
+            _gather(done, left[index], 0)
+        )
+        top = model.k
+        count_context = _gather(counts, above[index], top) * (top + 1) + _gather(
+            counts, left[index], top
+        )
+        self.count_table = model.count_weights[maps[index], count_context]
+        self.atom_table = model.atom_weights
+        self.map_of = maps[index]
+
+    def weights(self, sign: int, allowed: np.ndarray) -> np.ndarray:
+        table = self.atom_table[self.map_of, sign]  # (V, 9, n)
+        w = np.take_along_axis(table, self.atom_context[:, None, :], axis=1)[:, 0]
+        return w * allowed
+
+
+def _slot_probabilities(
+    weights: np.ndarray, table: np.ndarray, sizes: np.ndarray, slot: int, previous: np.ndarray
+) -> np.ndarray:
+    """P(member ``slot`` (1-based) = a | the previous member) for the vectors whose set has at
+    least ``slot`` members (rows of the arguments), up to a factor."""
+    n = weights.shape[1]
+    rest = np.take_along_axis(table, (sizes - slot)[:, None, None], axis=1)[:, 0, 1:]
+    later = np.arange(n)[None, :] > previous[:, None]
+    return weights * rest * later
+
+
+def _members(vectors: np.ndarray, sign: int, sizes: np.ndarray, k: int) -> np.ndarray:
+    """(V, k): the atoms holding ``sign`` in ascending order, padded with -1."""
+    hit = vectors == sign
+    order = np.argsort(~hit, axis=1, kind="stable")[:, :k]
+    return np.where(np.arange(k)[None, :] < sizes[:, None], order, -1)
+
+
+def _layout(m_of: list[int], grid: tuple[int, int]):
+    rows, cols = grid
+    maps = np.repeat(np.asarray(m_of, dtype=np.int64), rows * cols)
+    return maps, _neighbours(len(m_of), grid), _stages(len(m_of), grid)
+
+
+class _Encoder:
+    """Writes the symbols of a known code (see `_walk`)."""
+
+    def __init__(self, vectors: np.ndarray, sizes: np.ndarray, k: int) -> None:
+        self.coder = constriction.stream.queue.RangeEncoder()
+        self.members = [_members(vectors, sign, sizes, k) for sign in (1, -1)]
+        self.sizes = sizes
+
+    def counts(self, index: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+        self.coder.encode(self.sizes[index].astype(np.int32), _FAMILY, probabilities)
+        return self.sizes[index]
+
+    def atoms(self, index, part: int, slot: int, probabilities: np.ndarray) -> np.ndarray:
+        chosen = self.members[part][index, slot - 1]
+        if np.any(probabilities[np.arange(len(index)), chosen] <= 0):
+            raise ValueError("a code entry lies where the public vector rules it out")
+        self.coder.encode(chosen.astype(np.int32), _FAMILY, probabilities)
+        return chosen
+
+
+class _Decoder:
+    """Reads the symbols back (see `_walk`); data the model cannot have produced raises
+    PrimisError (constriction reports it as an AssertionError)."""
+
+    def __init__(self, data: bytes) -> None:
+        if len(data) % 4:
+            raise PrimisError("key payload is corrupted (not whole 32-bit words)")
+        words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
+        self.coder = constriction.stream.queue.RangeDecoder(words)
+
+    def _read(self, probabilities: np.ndarray) -> np.ndarray:
+        try:
+            return self.coder.decode(_FAMILY, probabilities).astype(np.int64)
+        except (AssertionError, ValueError, RuntimeError):
+            raise PrimisError("key payload is corrupted (invalid range code)") from None
+
+    def counts(self, index: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+        return self._read(probabilities)
+
+    def atoms(self, index, part: int, slot: int, probabilities: np.ndarray) -> np.ndarray:
+        chosen = self._read(probabilities)
+        if np.any(probabilities[np.arange(len(index)), chosen] <= 0):
+            raise PrimisError("key payload is corrupted (impossible code entry)")
+        return chosen
+
+
+def _walk(
+    coder: _Encoder | _Decoder,
+    vectors: np.ndarray,
+    sizes: np.ndarray,
+    maps: list[int],
+    grid: tuple[int, int],
+    k: int,
+    model: KeyModel,
+    allowed: np.ndarray | None,
+    variable: bool,
+) -> None:
+    """Visit every symbol of the code in coding order, the coder writing it (from ``vectors``
+    and ``sizes``) or reading it (into them)."""
+    _check_k(k, model)
+    v, n = vectors.shape
+    allowed = np.ones((v, 2, n), dtype=bool) if allowed is None else allowed
+    map_of, ctx, stages = _layout(maps, grid)
+    wide = model.widened()
+    for index in stages:
+        stage = _Stage(wide, vectors, sizes, index, map_of, ctx)
+        if variable:
+            sizes[index] = coder.counts(index, stage.count_table[:, : k + 1])
+        taken = np.zeros((len(index), n), dtype=bool)
+        for part, sign in enumerate((1, -1)):
+            weights = stage.weights(part, allowed[index, part] & ~taken)
+            table = _suffix_polynomials(weights, k)
+            previous = np.full(len(index), -1)
+            for slot in range(1, k + 1):
+                rows = np.nonzero(sizes[index] >= slot)[0]
+                if len(rows) == 0:
+                    break
+                p = _slot_probabilities(
+                    weights[rows], table[rows], sizes[index[rows]], slot, previous[rows]
+                )
+                chosen = coder.atoms(index[rows], part, slot, p)
+                previous[rows] = chosen
+                taken[rows, chosen] = True
+                vectors[index[rows], chosen] = sign
+
+
+def encode_code(
+    vectors: np.ndarray,
+    maps: list[int],
+    grid: tuple[int, int],
+    k: int,
+    model: KeyModel,
+    allowed: np.ndarray | None = None,
+    variable: bool = True,
+) -> bytes:
+    """Range-code the code vectors (len(maps) * rows * cols, n) of the maps ``maps`` (each
+    vector s entries +1 and s entries -1, s <= k <= the model's k; s = k unless ``variable``).
+    ``allowed`` (V, 2, n) marks the atoms each vector's +1 and -1 entries may take (all if
+    None)."""
+    sizes = np.count_nonzero(vectors > 0, axis=1)
+    if np.any(sizes != np.count_nonzero(vectors < 0, axis=1)) or np.any(sizes > k):
+        raise ValueError(f"every vector must hold s <= {k} entries +1 and as many -1")
+    if not variable and np.any(sizes != k):
+        raise ValueError(f"every vector must hold exactly {k} entries +1 and {k} entries -1")
+    encoder = _Encoder(vectors, sizes, k)
+    _walk(encoder, vectors.copy(), sizes, maps, grid, k, model, allowed, variable)
+    return encoder.coder.get_compressed().astype("<u4").tobytes()
+
+
+def decode_code(
+    data: bytes,
+    maps: list[int],
+    grid: tuple[int, int],
+    n: int,
+    k: int,
+    model: KeyModel,
+    allowed: np.ndarray | None = None,
+    variable: bool = True,
+) -> np.ndarray:
+    """Inverse of :func:`encode_code`: the vectors (len(maps) * rows * cols, n), int8. A key
+    that does not decode to a valid code raises PrimisError."""
+    decoder = _Decoder(data)
+    v = len(maps) * grid[0] * grid[1]
+    vectors = np.zeros((v, n), dtype=np.int8)
+    sizes = np.full(v, k, dtype=np.int64)
+    _walk(decoder, vectors, sizes, maps, grid, k, model, allowed, variable)
+    if not decoder.coder.maybe_exhausted():
+        raise PrimisError("key payload is corrupted (data left after the code)")
+    return vectors
+
+
+def fit_key_model(codes: Iterable[np.ndarray], k: int, prior: float = 1.0) -> KeyModel:
+    """The context model fitted to ternary codes, each (m, n, rows, cols) int8, by counting:
+    an atom's weight in a context is its odds of holding each sign there (counts plus
+    ``prior``), and the count table is the frequency of each count given its neighbours'."""
+    atom_hits = atom_totals = count_hits = None
+    for code in codes:
+        m, n, rows, cols = code.shape
+        vectors = code.transpose(0, 2, 3, 1).reshape(-1, n)
+        maps = np.repeat(np.arange(m), rows * cols)
+        above, left = _neighbours(m, (rows, cols))
+        sym = _symbols(vectors)
+        context = 3 * _gather(sym, above, 0) + _gather(sym, left, 0)  # (V, n)
+        cell = (maps[:, None] * CONTEXTS + context) * n + np.arange(n)[None, :]
+        sizes = np.count_nonzero(vectors > 0, axis=1)
+        count_context = _gather(sizes, above, k) * (k + 1) + _gather(sizes, left, k)
+        if atom_hits is None:
+            atom_hits = np.zeros((2, m * CONTEXTS * n))
+            atom_totals = np.zeros(m * CONTEXTS * n)
+            count_hits = np.zeros((m, (k + 1) ** 2, k + 1))
+        atom_totals += np.bincount(cell.ravel(), minlength=atom_totals.size)
+        for part, sign in enumerate((1, -1)):
+            atom_hits[part] += np.bincount(cell[vectors == sign], minlength=atom_totals.size)
+        np.add.at(count_hits, (maps, count_context, sizes), 1)
+    if atom_hits is None:
+        raise PrimisError("no codes to fit a key model to")
+    m = count_hits.shape[0]
+    hits = atom_hits + prior
+    odds = hits / (atom_totals - atom_hits + prior)
+    atom_weights = odds.reshape(2, m, CONTEXTS, -1).transpose(1, 0, 2, 3)
+    return KeyModel(
+        np.ascontiguousarray(atom_weights, dtype=np.float32),
+        (count_hits + prior).astype(np.float32),
+    )

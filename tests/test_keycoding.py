@@ -1,0 +1,146 @@
+"""Entropy-coded keys: exact round trips, the fitted model pays off, corruption is refused."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from primis.config import ObfuscationConfig
+from primis.errors import PrimisError
+from primis.formats import KeyFile
+from primis.imageio import IntensityMapping
+from primis.keycoding import KeyModel, decode_code, encode_code, fit_key_model
+from primis.modelstore import load_model, save_model
+from primis.sharing import encode_images, reconstruct, share_image
+from tests.conftest import smooth_image
+
+
+def smooth_code(m: int, n: int, grid: tuple[int, int], k: int, seed: int, variable: bool):
+    """(m, n, rows, cols) codes whose neighbouring vectors share atoms, as a trained model's do;
+    with ``variable`` each vector holds a random s <= k pairs."""
+    rng = np.random.default_rng(seed)
+    rows, cols = grid
+    code = np.zeros((m, n, rows, cols), dtype=np.int8)
+    favourite = np.random.default_rng(0).permutation(n)[: 4 * k]  # the same for every seed
+    for j in range(m):
+        for r in range(rows):
+            for c in range(cols):
+                s = int(rng.integers(0, k + 1)) if variable else k
+                pool = favourite if rng.random() < 0.7 else rng.permutation(n)
+                atoms = rng.choice(pool, 2 * s, replace=False)
+                code[j, atoms[:s], r, c] = 1
+                code[j, atoms[s:], r, c] = -1
+    return code
+
+
+def as_vectors(code: np.ndarray) -> np.ndarray:
+    return code.transpose(0, 2, 3, 1).reshape(-1, code.shape[1])
+
+
+@pytest.mark.parametrize("variable", [False, True])
+def test_round_trip_is_exact_and_the_fitted_model_beats_uniform(variable):
+    m, n, k, grid = 2, 64, 3, (9, 7)
+    model = fit_key_model([smooth_code(m, n, grid, k, s, variable) for s in range(4)], k)
+    code = smooth_code(m, n, grid, k, 99, variable)
+    vectors = as_vectors(code)
+    data = encode_code(vectors, [0, 1], grid, k, model, variable=variable)
+    assert np.array_equal(decode_code(data, [0, 1], grid, n, k, model, variable=variable), vectors)
+    uniform = len(vectors) * math.log2(math.comb(n, k) * math.comb(n - k, k))
+    if not variable:
+        assert 8 * len(data) < 0.9 * uniform
+
+
+def test_a_subset_of_maps_and_allowed_atoms_round_trip():
+    m, n, k, grid = 3, 32, 2, (5, 6)
+    code = smooth_code(m, n, grid, k, 1, False)
+    model = fit_key_model([code], k)
+    vectors = as_vectors(code)[: 2 * 30]  # maps 0 and 1 of 3
+    rng = np.random.default_rng(2)
+    allowed = rng.random((len(vectors), 2, n)) < 0.5
+    allowed[:, 0] |= vectors == 1
+    allowed[:, 1] |= vectors == -1
+    data = encode_code(vectors, [0, 2], grid, k, model, allowed, variable=False)
+    back = decode_code(data, [0, 2], grid, n, k, model, allowed, variable=False)
+    assert np.array_equal(back, vectors)
+    with pytest.raises(ValueError, match="rules it out"):
+        encode_code(vectors, [0, 2], grid, k, model, ~allowed, variable=False)
+
+
+def test_lower_k_than_the_model_round_trips():
+    n, grid = 32, (4, 4)
+    model = fit_key_model([smooth_code(1, n, grid, 4, 0, True)], 4)
+    vectors = as_vectors(smooth_code(1, n, grid, 2, 3, False))
+    data = encode_code(vectors, [0], grid, 2, model, variable=False)
+    assert np.array_equal(decode_code(data, [0], grid, n, 2, model, variable=False), vectors)
+    with pytest.raises(PrimisError, match="up to 4 pairs"):
+        encode_code(vectors, [0], grid, 5, model)
+
+
+def test_corrupted_payloads_fail_cleanly_or_differ():
+    """(Whole key files are guarded by their checksum and the public file's commitment, see
+    test_formats; this is the coder's own line of defence.)"""
+    n, k, grid = 64, 3, (6, 6)
+    code = smooth_code(2, n, grid, k, 4, True)
+    model = fit_key_model([code], k)
+    vectors = as_vectors(code)
+    data = encode_code(vectors, [0, 1], grid, k, model)
+    with pytest.raises(PrimisError, match="32-bit words"):
+        decode_code(data[:-1], [0, 1], grid, n, k, model)
+    for flip in range(0, len(data) // 2, 7):
+        damaged = bytearray(data)
+        damaged[flip] ^= 0x5A
+        try:
+            back = decode_code(bytes(damaged), [0, 1], grid, n, k, model)
+        except PrimisError as err:
+            assert "corrupted" in str(err)
+        else:
+            assert not np.array_equal(back, vectors)
+
+
+def test_the_key_model_validates_its_tables():
+    with pytest.raises(PrimisError, match="positive"):
+        KeyModel(np.zeros((1, 2, 9, 8), np.float32), np.ones((1, 25, 5), np.float32))
+    with pytest.raises(PrimisError, match="shape"):
+        KeyModel(np.ones((1, 2, 8, 8), np.float32), np.ones((1, 25, 5), np.float32))
+    model = KeyModel(np.ones((2, 2, 9, 16), np.float32), np.ones((2, 16, 4), np.float32))
+    assert model.k == 3 and model.fits(2, 16, 3) and not model.fits(2, 16, 4)
+    assert KeyModel.from_tensors(model.tensors()).fits(2, 16, 3)
+
+
+@pytest.fixture(scope="module")
+def context_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with a key model fitted to the codes of a few synthetic images."""
+    model = load_model(tiny_model_dir)
+    units = [smooth_image(64, 80, seed).astype(np.float32) for seed in range(6)]
+    codes = encode_images(model, units, model.network.config.k, refine_steps=0)
+    key_model = fit_key_model([code[0].numpy() for code in codes], model.network.config.k)
+    directory = tmp_path_factory.mktemp("context-model")
+    save_model(directory, model.network, model.obfuscation, key_model=key_model)
+    return directory
+
+
+@pytest.mark.parametrize(
+    "obfuscation, maps",
+    [
+        (ObfuscationConfig(), None),
+        (ObfuscationConfig(fill=0.5), [1]),
+        (ObfuscationConfig(fill=0.3, mask_signs=False), None),
+    ],
+)
+def test_context_coded_keys_restore_what_enumerative_keys_restore(
+    tiny_model_dir, context_model_dir, obfuscation, maps
+):
+    plain, context = load_model(tiny_model_dir), load_model(context_model_dir)
+    assert plain.key_model is None and context.key_model is not None
+    pixels = (smooth_image(70, 90, 11) * 255).astype(np.uint8)
+    mapping = IntensityMapping.of(pixels)
+    unit = mapping.forward(pixels)
+    restored = []
+    for model in (plain, context):
+        shared = share_image(unit, mapping, model, obfuscation, maps=maps, refine_steps=2)
+        key = KeyFile.from_bytes(shared.key)
+        assert key.header.coding == ("context" if model is context else "enumerative")
+        assert key.header.variable_rate == (model is context and obfuscation.fill == 1.0)
+        restored.append(reconstruct(shared.public, shared.key, model)[0])
+    assert np.array_equal(restored[0], restored[1])
