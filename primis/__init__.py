@@ -1,15 +1,36 @@
 """PRIMIS: privacy-preserving medical image sharing with sparse ternary codes and private keys.
 
+The Python API (see `primis.api` and the README's "Python API")::
+
+    import primis
+
+    model = primis.load_model("cxr")
+    shared = primis.share("chest.png", model=model)  # .public and .key bytes
+    image = primis.restore(shared.public, shared.key, model=model)
+
 Names are imported on first use, so the command line answers `--help` without loading torch.
 """
 
 from importlib import import_module
 
 _EXPORTS = {
+    "AttackConfig": "primis.config",
+    "FinetuneConfig": "primis.config",
     "ModelConfig": "primis.config",
     "ObfuscationConfig": "primis.config",
+    "PrimisError": "primis.errors",
+    "RestoredDataset": "primis.api",
     "RunConfig": "primis.config",
+    "SharedFile": "primis.api",
+    "SharedImage": "primis.api",
     "SparseTernaryAutoEncoder": "primis.model",
+    "attacker_view": "primis.api",
+    "attacker_view_file": "primis.api",
+    "load_model": "primis.api",
+    "restore": "primis.api",
+    "restore_file": "primis.api",
+    "share": "primis.api",
+    "share_file": "primis.api",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -19,3 +40,7 @@ def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'primis' has no attribute {name!r}")
     return getattr(import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

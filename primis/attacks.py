@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from primis.config import ObfuscationConfig
+from primis.config import AttackConfig, ObfuscationConfig
 from primis.data import code_crops
 from primis.imageio import pad_to_multiple, read_image
 from primis.metrics import psnr, ssim
@@ -268,17 +268,20 @@ def run_attacks(
     attacker_paths: list[Path],
     target_paths: list[Path],
     obf: ObfuscationConfig,
-    quick: bool = False,
-    seed: int = 0,
+    config: AttackConfig | None = None,
     masks: Path | None = None,
     refine_steps: int = REFINE_STEPS,
 ) -> tuple[dict, dict]:
-    """Every attack on the targets; returns (report, images for the figure).
+    """Every attack on the targets, trained as ``config`` says (default: `AttackConfig()`);
+    returns (report, images for the figure). The report names the model and checks the
+    targets (`target_checks`).
 
     Codes are made as `primis ambiguate` makes them (``refine_steps`` as there). With ``masks``
     (a folder of lung masks named like the images) the report adds the lung segmentation
     utility study of :mod:`primis.utility` for every view.
     """
+    config = config or AttackConfig()
+    seed = config.seed
     if set(map(Path.resolve, attacker_paths)) & set(map(Path.resolve, target_paths)):
         from primis.errors import PrimisError
 
@@ -299,7 +302,15 @@ def run_attacks(
             ],
         }
     views["learned inversion"] = learned_inversion(
-        model, attackers, targets, obf, k, steps=30 if quick else 400, seed=seed
+        model,
+        attackers,
+        targets,
+        obf,
+        k,
+        config.inversion_steps,
+        config.inversion_crop,
+        config.inversion_batch,
+        seed,
     )
     views["prior only (mean image)"] = [prior_only(attacker_images, t.image.shape) for t in targets]
     rows = {name: _scores(images, targets) for name, images in views.items()}
@@ -314,14 +325,14 @@ def run_attacks(
         "obfuscation": obf.model_dump(),
         "attacks": rows,
         "distinguisher": distinguisher(
-            attackers, targets, model.network.config.m, steps=50 if quick else 600, seed=seed
+            attackers, targets, model.network.config.m, config.distinguisher_steps, seed
         ),
         "distinguisher_prior_only": distinguisher(
             attackers,
             targets,
             model.network.config.m,
-            steps=50 if quick else 600,
-            seed=seed,
+            config.distinguisher_steps,
+            seed,
             columns=slice(2, 4),
         ),
         "key_space_bits_per_image": {
@@ -342,8 +353,10 @@ def run_attacks(
             authorized,
             {"original": target_images, **views},
             [load_mask(mask_for(p, masks)) for p in target_paths],
-            steps=20 if quick else 400,
+            steps=config.utility_steps,
         )
+    report["model_hash"] = model.hash
+    report["targets"] = target_checks(report)
     return report, {"originals": target_images, **views}
 
 
@@ -391,3 +404,56 @@ def target_checks(report: dict) -> list[dict]:
             }
         )
     return checks
+
+
+def write_report(report: dict, views: dict, out: Path) -> str:
+    """Write OUT/attack.json, OUT/attack.md (tables of every attack, the distinguisher, the key
+    space, the utility study and the targets) and OUT/attacks.png (``views`` of the first
+    four targets); return the summary to print."""
+    from primis.imageio import write_atomic
+    from primis.report import image_rows, markdown_table, write_json
+
+    rows = [
+        [name, r["psnr"], r["ssim"], r["psnr_above_prior"], r["ssim_above_prior"]]
+        for name, r in report["attacks"].items()
+    ]
+    table = markdown_table(["image", "PSNR dB", "SSIM", "PSNR - prior", "SSIM - prior"], rows)
+    d = report["distinguisher"]
+    key_space = report["key_space_bits_per_image"]
+    text = (
+        f"# PRIMIS attack report\n\nModel `{report['model_hash'][:16]}`, obfuscation "
+        f"{report['obfuscation']}; {report['attacker_images']} attacker images, "
+        f"{report['target_images']} targets (disjoint).\n\n{table}\n\n"
+        f"Distinguisher (true vs noise entries): ROC AUC {d['auc']:.3f}, balanced accuracy "
+        f"{d['balanced_accuracy']:.3f} on {d['test_entries']} target entries; the same "
+        f"classifier on atom and map index alone (prior only, no public data): ROC AUC "
+        f"{report['distinguisher_prior_only']['auc']:.3f}.\n\n"
+        f"Key space: median {key_space['median']:.0f} bits per image "
+        f"(minimum {key_space['min']:.0f}).\n\n![attacks](attacks.png)\n"
+    )
+    summary = []
+    if "utility_dice" in report:
+        dice_table = markdown_table(
+            ["image", "Dice (U-Net on originals)", "Dice (U-Net on reconstructions)"],
+            [
+                [name, r["trained_on_originals"], r["trained_on_reconstructions"]]
+                for name, r in report["utility_dice"].items()
+            ],
+        )
+        text += f"\n## Lung segmentation utility\n\n{dice_table}\n"
+        summary.append(dice_table)
+    targets = markdown_table(
+        ["target", "measured", "holds"],
+        [[c["target"], c["value"], "yes" if c["holds"] else "NO"] for c in report["targets"]],
+    )
+    text += f"\n## Targets\n\n{targets}\n"
+    write_json(out / "attack.json", report)
+    write_atomic(out / "attack.md", text.encode())
+    columns = {"original" if name == "originals" else name: v for name, v in views.items()}
+    image_rows(columns, 4, out / "attacks.png")
+    summary += [
+        targets,
+        table,
+        f"distinguisher AUC {d['auc']:.3f}; key space median {key_space['median']:.0f} bits/image",
+    ]
+    return "\n".join(summary)

@@ -1,4 +1,5 @@
-"""Batch plumbing shared by `ambiguate` and `disambiguate`: inputs, shards, manifests, the loop.
+"""Batch plumbing shared by `ambiguate` and `disambiguate`: inputs, shards, manifests, the
+output folders of a sharing batch, the loop.
 
 A batch expands files, folders (recursively) and glob patterns; `--shard I/N` keeps every N-th
 item from the I-th (0-based), for job arrays; each item runs on its own, so one failure (bad
@@ -28,7 +29,9 @@ import click
 from tqdm import tqdm
 
 from primis.errors import PrimisError
+from primis.formats import KeyFile, PublicFile, read_file, sha256
 from primis.imageio import default_mode, write_temporary
+from primis.keywrap import is_wrapped
 
 SKIPPED = "skipped"
 # OS errors after which no later file of the batch can succeed: stop with one message.
@@ -218,6 +221,138 @@ def write_together(files: list[tuple[Path, bytes, int | None]], before: Callable
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
         raise
+
+
+class SharingOutputs:
+    """The output side of `primis ambiguate`: public files and keys in two folders, with their
+    manifests. KEY_DIR/manifest.jsonl (0600) maps each input to its file id, public file and
+    key; PUBLIC_DIR/manifest.jsonl lists only file ids, digests and sizes (none when both
+    folders are one: the private manifest holds all it would).
+
+    Opening it creates the folders and removes a killed writer's temporary files; closing it
+    (the end of a ``with`` block) rewrites both manifests with each entry once.
+    """
+
+    def __init__(self, public_dir: Path, key_dir: Path) -> None:
+        self.public_dir, self.key_dir = Path(public_dir), Path(key_dir)
+        output_folders(self.public_dir, self.key_dir)
+        for folder in (self.public_dir, self.key_dir):
+            clean_stale_parts(folder)
+        self.private = Manifest(self.key_dir / "manifest.jsonl", "input", mode=0o600)
+        same_folder = self.public_dir.resolve() == self.key_dir.resolve()
+        self.public = (
+            None if same_folder else Manifest(self.public_dir / "manifest.jsonl", "file_id")
+        )
+        self.known = self.private.records()
+
+    def __enter__(self) -> SharingOutputs:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None:
+            self.close()
+        else:
+            with contextlib.suppress(OSError, PrimisError):
+                self.close()  # best effort: the rerun compacts what this one could not
+
+    def previous(self, source: str, stem: str | None) -> dict | None:
+        """The record of an input's earlier outputs: its manifest line or, for a ``stem``-named
+        input, a complete pair already on disk (from a run that wrote no manifest line)."""
+        if source in self.known or stem is None:
+            return self.known.get(source)
+        public_path, key_path = (
+            self.public_dir / f"{stem}.primis",
+            self.key_dir / f"{stem}.primiskey",
+        )
+        try:
+            public = read_file(public_path)
+            file_id = PublicFile.from_bytes(public).header.file_id
+        except PrimisError:
+            return None
+        record = {
+            "input": source,
+            "file_id": file_id,
+            "public": str(public_path.absolute()),
+            "key": str(key_path.absolute()),
+            "public_sha256": sha256(public),
+        }
+        return record if _pair_complete(record) else None
+
+    def done(self, source: str, record: dict | None) -> bool:
+        """Whether ``record``'s public file and key are in place and belong together; a pair
+        from before manifests were written first then gets its manifest line."""
+        if record is None or not _pair_complete(record):
+            return False
+        if source not in self.known:
+            self.private.append(record)
+            self.known[source] = record
+        return True
+
+    def write(
+        self, source: str, name: str, file_id: str, public: bytes, key: bytes, previous: dict | None
+    ) -> dict:
+        """Write NAME.primis and NAME.primiskey together with the private manifest line (see
+        `write_together`), remove the input's outputs under other names, and return the
+        record."""
+        public_path = (self.public_dir / f"{name}.primis").absolute()
+        key_path = (self.key_dir / f"{name}.primiskey").absolute()
+        record = {
+            "input": source,
+            "file_id": file_id,
+            "public": str(public_path),
+            "key": str(key_path),
+            "public_sha256": sha256(public),
+        }
+        write_together(
+            [(key_path, key, 0o600), (public_path, public, None)],
+            lambda: self.private.append(record),
+        )
+        self.known[source] = record
+        _remove_replaced(previous, record)
+        if self.public is not None:
+            self.public.append(_public_entry(record, len(public)))
+        return record
+
+    def close(self) -> None:
+        """Rewrite the manifests with each entry once; the public one from the private one."""
+        records = self.private.compact()
+        if self.public is not None:
+            with self.public.locked():
+                self.public.replace(
+                    _public_entry(r, Path(r["public"]).stat().st_size)
+                    for r in records.values()
+                    if isinstance(r.get("public"), str) and Path(r["public"]).is_file()
+                )
+
+
+def _public_entry(record: dict, size: int) -> dict:
+    """A public manifest line: file id, digest and size, nothing about the input."""
+    return {"file_id": record["file_id"], "public_sha256": record["public_sha256"], "bytes": size}
+
+
+def _remove_replaced(old: dict | None, new: dict) -> None:
+    """Delete the outputs an input had before it was redone under other names (file-id names
+    change on every run); only files beside the new ones, of the same kind, are touched."""
+    for field in ("public", "key"):
+        before = old.get(field) if old else None
+        if not isinstance(before, str):
+            continue
+        before, after = Path(before), Path(new[field])
+        beside = (before.parent, before.suffix) == (after.parent, after.suffix)
+        if before.is_absolute() and beside and before != after:
+            before.unlink(missing_ok=True)
+
+
+def _pair_complete(record: dict) -> bool:
+    """Whether a manifest record's public file and key are both in place and belong together
+    (a wrapped key counts as its key)."""
+    try:
+        public, key = read_file(Path(record["public"])), read_file(Path(record["key"]))
+        if sha256(public) != record.get("public_sha256"):
+            return False
+        return is_wrapped(key) or KeyFile.from_bytes(key).header.public_sha256 == sha256(public)
+    except (PrimisError, KeyError, TypeError):
+        return False
 
 
 def describe_os_error(err: OSError) -> str:

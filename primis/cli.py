@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -65,10 +64,8 @@ def train(
     config_file, data, valid, out, resume, max_steps, max_minutes, device, threads, strict
 ) -> None:
     """Train a Sparse Ternary AutoEncoder; the run directory then serves as --model."""
-    from primis.config import RunConfig, load_run_config, parse_config
-    from primis.data import resolve_sources, scan_images, split_paths
-    from primis.imageio import write_atomic
-    from primis.train import load_run
+    from primis.config import load_run_config, with_overrides
+    from primis.train import new_run, resumed_run
     from primis.train import train as run_training
 
     if resume is not None:
@@ -77,8 +74,7 @@ def train(
             raise PrimisError("--resume needs the run directory (--resume RUN or --out RUN)")
         if config_file or data or valid:
             raise PrimisError("--resume takes its config and data from the run directory")
-        config = load_run(out)
-        data, valid = out / "train.txt", out / "valid.txt"
+        config, inputs = resumed_run(out)
     else:
         if data is None or out is None:
             raise PrimisError("train needs --data and --out (or --resume RUN)")
@@ -89,36 +85,19 @@ def train(
         "device": device,
         "threads": threads,
     }
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if overrides:
-        merged = config.model_dump()
-        merged["train"].update(overrides)
-        config = parse_config(RunConfig, merged, "command line")
-    paths = resolve_sources(data)
+    config = with_overrides(config, overrides, "train")
     if resume is None:
-        if valid is not None:
-            valid_paths = resolve_sources(valid)
-        else:
-            parts = split_paths(paths, (0.95, 0.05, 0.0), config.train.seed)
-            paths, valid_paths = parts["train"], parts["valid"] or parts["train"][:1]
-        paths, problems = scan_images(paths, strict)
-        valid_paths, valid_problems = scan_images(valid_paths, strict)
-        problems += valid_problems
-        for problem in problems:
+        inputs = new_run(out, config, data, valid, strict)
+        for problem in inputs.skipped:
             click.echo(f"skipped: {problem}", err=True)
-        if not paths or not valid_paths:
-            raise PrimisError("no readable training or validation images")
-        out.mkdir(parents=True, exist_ok=True)
-        for name, part in (("train.txt", paths), ("valid.txt", valid_paths)):
-            write_atomic(out / name, "".join(f"{p.resolve()}\n" for p in part).encode())
-    else:
-        valid_paths, problems = resolve_sources(valid), []
-    click.echo(f"training on {len(paths)} images, validating on {len(valid_paths)}; run: {out}")
-    result = run_training(config, paths, valid_paths, out, resume=resume is not None)
+    click.echo(
+        f"training on {len(inputs.train)} images, validating on {len(inputs.valid)}; run: {out}"
+    )
+    result = run_training(config, inputs.train, inputs.valid, out, resume=resume is not None)
     click.echo(
         f"done: step {result.steps} after {result.seconds / 60:.1f} min; best pure-ternary "
         f"validation PSNR {result.best_psnr:.2f} dB; model in {out}"
-        + (f"; {len(problems)} unreadable file(s) skipped" if problems else "")
+        + (f"; {len(inputs.skipped)} unreadable file(s) skipped" if inputs.skipped else "")
     )
 
 
@@ -132,16 +111,13 @@ def train(
 @click.option("--threads", type=int, help="CPU threads for torch")
 def finetune(model_dir, data, valid, out, config_file, max_minutes, threads) -> None:
     """Adapt a trained model's decoder to refined codes (see `ambiguate --refine-steps`)."""
-    from primis.config import FinetuneConfig, load_config, parse_config
+    from primis.config import FinetuneConfig, load_config, with_overrides
     from primis.data import resolve_sources
     from primis.finetune import finetune as run_finetune
     from primis.modelstore import load_model
 
     config = load_config(FinetuneConfig, config_file) if config_file else FinetuneConfig()
-    overrides = {"max_minutes": max_minutes, "threads": threads}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if overrides:
-        config = parse_config(FinetuneConfig, config.model_dump() | overrides, "command line")
+    config = with_overrides(config, {"max_minutes": max_minutes, "threads": threads})
     model = load_model(model_dir)
     result = run_finetune(model, resolve_sources(data), resolve_sources(valid), out, config)
     click.echo(
@@ -190,12 +166,10 @@ def _refine_option(func):
 
 def _obfuscation(model, fill: float | None, mask_signs: bool | None):
     """The model's obfuscation settings with the command line's overrides, validated."""
-    from primis.config import ObfuscationConfig, parse_config
+    from primis.api import obfuscation_for
 
-    settings = model.obfuscation.model_dump()
     chosen = {"fill": fill, "mask_signs": mask_signs}
-    settings.update({name: v for name, v in chosen.items() if v is not None})
-    return parse_config(ObfuscationConfig, settings, "obfuscation options")
+    return obfuscation_for(model, {name: v for name, v in chosen.items() if v is not None})
 
 
 def _parse_ints(text: str | None, option: str) -> list[int] | None:
@@ -252,165 +226,49 @@ def ambiguate(
     PUBLIC_DIR/manifest.jsonl lists only file ids, digests and sizes, and may travel with the
     public files. A rerun after an interruption completes what is missing.
     """
-    import base64
-
+    from primis.api import ShareOptions, named_by_id, share_file
     from primis.batch import (
         SKIPPED,
-        Manifest,
-        clean_stale_parts,
+        SharingOutputs,
         duplicate_stems,
         expand,
-        output_folders,
         run_batch,
         select_shard,
-        write_together,
     )
-    from primis.dicomio import original_header
-    from primis.formats import sha256
-    from primis.imageio import is_dicom, is_image_file, read_source
-    from primis.sharing import share_image
+    from primis.imageio import is_image_file
 
     model = _load_model(model_dir)
-    obfuscation = _obfuscation(model, fill, mask_signs)
-    key_maps = _parse_ints(maps, "--maps")
+    options: ShareOptions = {
+        "k": k,
+        "maps": _parse_ints(maps, "--maps"),
+        "refine_steps": refine_steps,
+        "obfuscation": _obfuscation(model, fill, mask_signs),
+        "keep_header": keep_header,
+    }
     items = select_shard(expand(inputs, is_image_file), shard)
-    output_folders(public_dir, key_dir)
-    for folder in (public_dir, key_dir):
-        clean_stale_parts(folder)
-    private = Manifest(key_dir / "manifest.jsonl", "input", mode=0o600)
-    # One folder for both: the private manifest alone (it holds everything the public one does).
-    same_folder = public_dir.resolve() == key_dir.resolve()
-    public_manifest = None if same_folder else Manifest(public_dir / "manifest.jsonl", "file_id")
-    known = private.records()
-
-    def by_id(path: Path) -> bool:
-        return names == "id" or (names == "auto" and is_dicom(path))
-
-    def dicom_header(path: Path, image) -> str | None:
-        if not keep_header or image.details.get("format") != "dicom":
-            return None
-        return base64.b64encode(original_header(path)).decode()
 
     def work(path: Path) -> str:
-        source = str(path.absolute())
-        record = known.get(source) or (
-            None if by_id(path) else _existing_pair(source, public_dir, key_dir, path.stem)
-        )
-        if not overwrite and record is not None and _pair_complete(record):
-            if source not in known:  # a pair from before manifests were written first
-                private.append(record)
-                known[source] = record
-            return SKIPPED
-        started = time.perf_counter()
-        image = read_source(path)
-        mapping = image.mapping
-        shared = share_image(
-            mapping.forward(image.pixels),
-            mapping,
+        done = share_file(
+            path,
+            public_dir,
+            key_dir,
             model,
-            obfuscation,
-            k,
-            key_maps,
-            image.details,
-            dicom_header(path, image),
-            refine_steps,
+            names=names,
+            overwrite=overwrite,
+            outputs=outputs,
+            **options,
         )
-        name = shared.file_id if by_id(path) else path.stem
-        public_path = (public_dir / f"{name}.primis").absolute()
-        key_path = (key_dir / f"{name}.primiskey").absolute()
-        new = {
-            "input": source,
-            "file_id": shared.file_id,
-            "public": str(public_path),
-            "key": str(key_path),
-            "public_sha256": sha256(shared.public),
-        }
-        write_together(
-            [(key_path, shared.key, 0o600), (public_path, shared.public, None)],
-            lambda: private.append(new),
-        )
-        known[source] = new
-        _remove_replaced(record, new)
-        if public_manifest is not None:
-            public_manifest.append(_public_entry(new, len(shared.public)))
+        if done is None:
+            return SKIPPED
         return (
-            f"{path.name}: public {len(shared.public)} B, key {len(shared.key)} B "
-            f"({8 * len(shared.key) / shared.pixels:.3f} bpp; "
-            f"ideal support {shared.ideal_key_bits / 8:.0f} B) "
-            f"in {time.perf_counter() - started:.2f} s"
+            f"{path.name}: public {done.public_bytes} B, key {done.key_bytes} B "
+            f"({done.key_bits_per_pixel:.3f} bpp; "
+            f"ideal support {done.ideal_key_bits / 8:.0f} B) in {done.seconds:.2f} s"
         )
 
-    def finish() -> None:
-        records = private.compact()
-        if public_manifest is not None:
-            with public_manifest.locked():
-                public_manifest.replace(
-                    _public_entry(r, Path(r["public"]).stat().st_size)
-                    for r in records.values()
-                    if isinstance(r.get("public"), str) and Path(r["public"]).is_file()
-                )
-
-    try:
-        run_batch(items, work, "ambiguate", duplicate_stems([p for p in items if not by_id(p)]))
-    except BaseException:
-        with contextlib.suppress(OSError, PrimisError):
-            finish()  # best effort: the rerun compacts what this one could not
-        raise
-    finish()
-
-
-def _public_entry(record: dict, size: int) -> dict:
-    """A public manifest line: file id, digest and size, nothing about the input."""
-    return {"file_id": record["file_id"], "public_sha256": record["public_sha256"], "bytes": size}
-
-
-def _existing_pair(source: str, public_dir: Path, key_dir: Path, stem: str) -> dict | None:
-    """The manifest record of a complete stem-named pair already on disk (written by a run that
-    left no manifest line for it), or None."""
-    from primis.formats import PublicFile, read_file, sha256
-
-    public_path, key_path = public_dir / f"{stem}.primis", key_dir / f"{stem}.primiskey"
-    try:
-        public = read_file(public_path)
-        file_id = PublicFile.from_bytes(public).header.file_id
-    except PrimisError:
-        return None
-    record = {
-        "input": source,
-        "file_id": file_id,
-        "public": str(public_path.absolute()),
-        "key": str(key_path.absolute()),
-        "public_sha256": sha256(public),
-    }
-    return record if _pair_complete(record) else None
-
-
-def _remove_replaced(old: dict | None, new: dict) -> None:
-    """Delete the outputs an input had before it was redone under other names (file-id names
-    change on every run); only files beside the new ones, of the same kind, are touched."""
-    for field in ("public", "key"):
-        before = old.get(field) if old else None
-        if not isinstance(before, str):
-            continue
-        before, after = Path(before), Path(new[field])
-        beside = (before.parent, before.suffix) == (after.parent, after.suffix)
-        if before.is_absolute() and beside and before != after:
-            before.unlink(missing_ok=True)
-
-
-def _pair_complete(record: dict) -> bool:
-    """Whether a manifest record's public file and key are both in place and belong together
-    (a wrapped key counts as its key)."""
-    from primis.formats import KeyFile, read_file, sha256
-    from primis.keywrap import is_wrapped
-
-    try:
-        public, key = read_file(Path(record["public"])), read_file(Path(record["key"]))
-        if sha256(public) != record.get("public_sha256"):
-            return False
-        return is_wrapped(key) or KeyFile.from_bytes(key).header.public_sha256 == sha256(public)
-    except (PrimisError, KeyError, TypeError):
-        return False
+    clashes = duplicate_stems([p for p in items if not named_by_id(p, names)])
+    with SharingOutputs(public_dir, key_dir) as outputs:
+        run_batch(items, work, "ambiguate", clashes)
 
 
 @cli.command()
@@ -453,10 +311,7 @@ def disambiguate(
     others in their own type (PNG, TIFF or .npy) with their size, dtype and range, as
     OUT_DIR/<public file's name>.<type>.
     """
-    import base64
-
-    import numpy as np
-
+    from primis.api import attacker_view_file, restore_file
     from primis.batch import (
         SKIPPED,
         clean_stale_parts,
@@ -466,11 +321,7 @@ def disambiguate(
         run_batch,
         select_shard,
     )
-    from primis.dicomio import encode_dicom
-    from primis.formats import read_file
-    from primis.imageio import OUTPUT_SUFFIXES, encode_image, output_suffix, write_atomic
-    from primis.keywrap import is_wrapped, load_identity, unwrap
-    from primis.sharing import attacker_view, reconstruct
+    from primis.keywrap import load_identity
 
     if key_dir is None and not without_key:
         raise PrimisError("--key-dir is required (or --without-key for the attacker's view)")
@@ -486,32 +337,22 @@ def disambiguate(
     items = select_shard(expand(publics, lambda p: p.suffix == ".primis"), shard)
     output_folders(out_dir)
     clean_stale_parts(out_dir)
-    suffixes = (".png",) if without_key else OUTPUT_SUFFIXES
 
     def work(path: Path) -> str:
-        if not overwrite and any((out_dir / f"{path.stem}{s}").exists() for s in suffixes):
-            return SKIPPED
-        public = read_file(path)
         if without_key:
-            view = attacker_view(public, model, str(path))
-            target = out_dir / f"{path.stem}.png"
-            write_atomic(target, encode_image(np.rint(view * 255).astype(np.uint8), ".png"))
-            return f"{path.name} -> {target} (attacker's view)"
-        key_path = key_dir / f"{path.stem}.primiskey"
-        key_bytes = read_file(key_path)
-        if is_wrapped(key_bytes):
-            key_bytes = unwrap(key_bytes, secret, passphrase, str(key_path))
-        pixels, key = reconstruct(public, key_bytes, model, str(path), str(key_path))
-        details = key.header.source
-        if details.get("format") == "dicom":
-            target = out_dir / f"{path.stem}.dcm"
-            header = base64.b64decode(key.header.dicom_header) if key.header.dicom_header else None
-            data = encode_dicom(pixels, details, header, key.header.file_id)
-        else:
-            target = out_dir / f"{path.stem}{output_suffix(details, pixels.dtype)}"
-            data = encode_image(pixels, target.suffix)
-        write_atomic(target, data, mode)
-        return f"{path.name} -> {target}"
+            target = attacker_view_file(path, out_dir, model, overwrite=overwrite)
+            return SKIPPED if target is None else f"{path.name} -> {target} (attacker's view)"
+        target = restore_file(
+            path,
+            key_dir,
+            out_dir,
+            model,
+            identity=secret,
+            passphrase=passphrase,
+            mode=mode,
+            overwrite=overwrite,
+        )
+        return SKIPPED if target is None else f"{path.name} -> {target}"
 
     run_batch(items, work, "disambiguate", duplicate_stems(items))
 
@@ -654,71 +495,44 @@ def demo(image, model_dir, out, refine_steps) -> None:
     help="lung masks named like the images: adds the segmentation utility study",
 )
 @_refine_option
-@click.option("--quick", is_flag=True, help="short attack training (for tests)")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    help="YAML or JSON: how long the learned attacks train, and the seed (see AttackConfig)",
+)
+@click.option("--quick", is_flag=True, help="every attack, trained briefly (a smoke test)")
 def attack(
-    model_dir, attacker_data, target_data, fill, mask_signs, masks, out, refine_steps, quick
+    model_dir,
+    attacker_data,
+    target_data,
+    fill,
+    mask_signs,
+    masks,
+    out,
+    refine_steps,
+    config_file,
+    quick,
 ) -> None:
     """Run every attack of the threat model against public files; report vs prior-only."""
-    from primis.attacks import run_attacks, target_checks
+    from primis.attacks import run_attacks, write_report
+    from primis.config import QUICK_ATTACKS, AttackConfig, load_config
     from primis.data import resolve_sources
-    from primis.report import image_rows, markdown_table, write_json
 
+    if quick and config_file:
+        raise PrimisError("--quick and --config exclude each other")
+    config = load_config(AttackConfig, config_file) if config_file else AttackConfig()
     model = _load_model(model_dir)
-    obfuscation = _obfuscation(model, fill, mask_signs)
     report, views = run_attacks(
         model,
         resolve_sources(attacker_data),
         resolve_sources(target_data),
-        obfuscation,
-        quick,
+        _obfuscation(model, fill, mask_signs),
+        QUICK_ATTACKS if quick else config,
         masks=masks,
         refine_steps=refine_steps,
     )
-    report["model_hash"] = model.hash
-    rows = [
-        [name, r["psnr"], r["ssim"], r["psnr_above_prior"], r["ssim_above_prior"]]
-        for name, r in report["attacks"].items()
-    ]
-    table = markdown_table(["image", "PSNR dB", "SSIM", "PSNR - prior", "SSIM - prior"], rows)
-    d = report["distinguisher"]
-    text = (
-        f"# PRIMIS attack report\n\nModel `{model.hash[:16]}`, obfuscation "
-        f"{obfuscation.model_dump()}; {report['attacker_images']} attacker images, "
-        f"{report['target_images']} targets (disjoint).\n\n{table}\n\n"
-        f"Distinguisher (true vs noise entries): ROC AUC {d['auc']:.3f}, balanced accuracy "
-        f"{d['balanced_accuracy']:.3f} on {d['test_entries']} target entries; the same "
-        f"classifier on atom and map index alone (prior only, no public data): ROC AUC "
-        f"{report['distinguisher_prior_only']['auc']:.3f}.\n\n"
-        f"Key space: median {report['key_space_bits_per_image']['median']:.0f} bits per image "
-        f"(minimum {report['key_space_bits_per_image']['min']:.0f}).\n\n![attacks](attacks.png)\n"
-    )
-    report["targets"] = target_checks(report)
-    if "utility_dice" in report:
-        dice_table = markdown_table(
-            ["image", "Dice (U-Net on originals)", "Dice (U-Net on reconstructions)"],
-            [
-                [name, d["trained_on_originals"], d["trained_on_reconstructions"]]
-                for name, d in report["utility_dice"].items()
-            ],
-        )
-        text += f"\n## Lung segmentation utility\n\n{dice_table}\n"
-        click.echo(dice_table)
-    targets = markdown_table(
-        ["target", "measured", "holds"],
-        [[c["target"], c["value"], "yes" if c["holds"] else "NO"] for c in report["targets"]],
-    )
-    text += f"\n## Targets\n\n{targets}\n"
-    click.echo(targets)
-    write_json(out / "attack.json", report)
-    from primis.imageio import write_atomic
-
-    write_atomic(out / "attack.md", text.encode())
-    image_rows({"original": views.pop("originals"), **views}, 4, out / "attacks.png")
-    click.echo(table)
-    click.echo(
-        f"distinguisher AUC {d['auc']:.3f}; key space median "
-        f"{report['key_space_bits_per_image']['median']:.0f} bits/image"
-    )
+    click.echo(write_report(report, views, out))
     click.echo(f"report: {out / 'attack.md'}, {out / 'attack.json'}, {out / 'attacks.png'}")
 
 
@@ -739,49 +553,13 @@ def attack(
 def evaluate(model_dir, data, ks, out, refine_steps, quick) -> None:
     """Authorized quality, key size and speed per image; rate-distortion vs JPEG/JPEG 2000."""
     from primis.data import resolve_sources
-    from primis.evaluation import measure_sharing, rate_distortion, rd_plot, summarize
-    from primis.imageio import write_atomic
-    from primis.report import markdown_table, write_json
+    from primis.evaluation import evaluate as measure
+    from primis.evaluation import write_report
 
     model = _load_model(model_dir)
     paths = resolve_sources(data)[: 4 if quick else None]
-    model_k = model.network.config.k
-    k_values = _parse_ints(ks, "--ks") or list(range(1, model_k + 1))
-    records_by_k = {
-        k: [measure_sharing(model, p, model.obfuscation, k, refine_steps) for p in paths]
-        for k in sorted(set(k_values) | {model_k})
-    }
-    summary = summarize(records_by_k[model_k])
-    rows = rate_distortion(paths, {k: records_by_k[k] for k in k_values})
-    report = {"model_hash": model.hash, "images": len(paths), "summary": summary, "rd": rows}
-    write_json(out / "evaluate.json", report)
-    rd_plot(rows, out / "rate_distortion.png")
-    table = markdown_table(
-        ["k", "key bpp", "PRIMIS PSNR", "JPEG bpp", "JPEG PSNR", "JPEG2000 bpp", "JPEG2000 PSNR"],
-        [
-            [
-                r["k"],
-                r["key_bpp"],
-                r["primis_psnr"],
-                r["jpeg_bpp"],
-                r["jpeg_psnr"],
-                r["jpeg2000_bpp"],
-                r["jpeg2000_psnr"],
-            ]
-            for r in rows
-        ],
-    )
-    text = (
-        f"# PRIMIS evaluation\n\nModel `{model.hash[:16]}` on {len(paths)} images.\n\n"
-        f"Authorized PSNR {summary['mean_authorized_psnr']:.2f} dB (mean), SSIM "
-        f"{summary['mean_authorized_ssim']:.4f}, MS-SSIM "
-        f"{summary['mean_authorized_ms_ssim'] or float('nan'):.4f}; "
-        f"key {summary['median_key_bytes']:.0f} B per "
-        f"image, {summary['median_key_bits_per_pixel']:.3f} bits per pixel (medians).\n\n"
-        f"{table}\n\n![rate-distortion](rate_distortion.png)\n"
-    )
-    write_atomic(out / "evaluate.md", text.encode())
-    click.echo(text)
+    report = measure(model, paths, _parse_ints(ks, "--ks"), refine_steps)
+    click.echo(write_report(report, out))
     click.echo(f"report: {out / 'evaluate.md'}, {out / 'evaluate.json'}")
 
 

@@ -176,6 +176,26 @@ class FinetuneConfig(Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
 
+class AttackConfig(Strict):
+    """How hard `primis attack` tries (DESIGN §3): the training of the attacks that learn, and
+    the seed of every random choice. The defaults make the measurement the README reports."""
+
+    inversion_steps: int = Field(400, ge=1, description="training steps of the learned inversion")
+    inversion_crop: int = Field(128, ge=16, description="its crop side in pixels")
+    inversion_batch: int = Field(8, ge=1, description="its crops per step")
+    distinguisher_steps: int = Field(
+        600, ge=1, description="training steps of each true-vs-noise classifier"
+    )
+    utility_steps: int = Field(
+        400, ge=1, description="U-Net training steps of the segmentation study (--masks)"
+    )
+    seed: int = 0
+
+
+# `primis attack --quick`: every attack runs, briefly; a smoke test, not a measurement.
+QUICK_ATTACKS = AttackConfig(inversion_steps=30, distinguisher_steps=50, utility_steps=20)
+
+
 class RunConfig(Strict):
     """Everything a training run needs; the file `primis train --config` reads."""
 
@@ -199,6 +219,24 @@ class RunConfig(Strict):
 def load_run_config(path: Path | None) -> RunConfig:
     """Read a YAML or JSON run configuration; ``None`` gives the documented defaults."""
     return RunConfig() if path is None else load_config(RunConfig, path)
+
+
+def save_config(path: Path, config: Strict) -> None:
+    """Write ``config`` as YAML (atomically), as `load_config` reads it."""
+    from primis.imageio import write_atomic
+
+    write_atomic(path, yaml.safe_dump(config.model_dump(), sort_keys=False).encode())
+
+
+def with_overrides(config: Strict, values: dict, section: str | None = None) -> Strict:
+    """``config`` with the fields of ``values`` that are not None changed (those of
+    ``section``, e.g. "train", when given), validated as command-line settings."""
+    changes = {name: value for name, value in values.items() if value is not None}
+    if not changes:
+        return config
+    data = config.model_dump()
+    (data[section] if section else data).update(changes)
+    return parse_config(type(config), data, "command line")
 
 
 def load_config(cls: type[Strict], path: Path):

@@ -196,3 +196,58 @@ def rd_plot(rows: list[dict], path: Path) -> None:
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     write_atomic(path, buffer.getvalue())
+
+
+def evaluate(
+    model: LoadedModel,
+    paths: list[Path],
+    ks: list[int] | None = None,
+    refine_steps: int = REFINE_STEPS,
+) -> dict:
+    """Every image shared and restored at the model's k (the summary) and at each of ``ks``
+    (default 1..k; the rate-distortion rows, against JPEG and JPEG 2000)."""
+    model_k = model.network.config.k
+    k_values = ks or list(range(1, model_k + 1))
+    records_by_k = {
+        k: [measure_sharing(model, p, model.obfuscation, k, refine_steps) for p in paths]
+        for k in sorted(set(k_values) | {model_k})
+    }
+    return {
+        "model_hash": model.hash,
+        "images": len(paths),
+        "summary": summarize(records_by_k[model_k]),
+        "rd": rate_distortion(paths, {k: records_by_k[k] for k in k_values}),
+    }
+
+
+def write_report(report: dict, out: Path) -> str:
+    """Write OUT/evaluate.json, OUT/evaluate.md and OUT/rate_distortion.png for an `evaluate`
+    report; return the Markdown."""
+    from primis.imageio import write_atomic
+    from primis.report import markdown_table, write_json
+
+    rows, summary = report["rd"], report["summary"]
+    write_json(out / "evaluate.json", report)
+    rd_plot(rows, out / "rate_distortion.png")
+    columns = {
+        "k": "k",
+        "key_bpp": "key bpp",
+        "primis_psnr": "PRIMIS PSNR",
+        "jpeg_bpp": "JPEG bpp",
+        "jpeg_psnr": "JPEG PSNR",
+        "jpeg2000_bpp": "JPEG2000 bpp",
+        "jpeg2000_psnr": "JPEG2000 PSNR",
+    }
+    table = markdown_table(list(columns.values()), [[r[c] for c in columns] for r in rows])
+    text = (
+        f"# PRIMIS evaluation\n\nModel `{report['model_hash'][:16]}` on {report['images']} "
+        f"images.\n\n"
+        f"Authorized PSNR {summary['mean_authorized_psnr']:.2f} dB (mean), SSIM "
+        f"{summary['mean_authorized_ssim']:.4f}, MS-SSIM "
+        f"{summary['mean_authorized_ms_ssim'] or float('nan'):.4f}; "
+        f"key {summary['median_key_bytes']:.0f} B per "
+        f"image, {summary['median_key_bits_per_pixel']:.3f} bits per pixel (medians).\n\n"
+        f"{table}\n\n![rate-distortion](rate_distortion.png)\n"
+    )
+    write_atomic(out / "evaluate.md", text.encode())
+    return text

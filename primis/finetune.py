@@ -13,24 +13,22 @@ training codes anew with the decoder as it then is. Validation uses refined code
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
-from tqdm import tqdm
 
-from primis.config import FinetuneConfig
+from primis.config import FinetuneConfig, save_config
 from primis.data import code_crops
-from primis.imageio import pad_to_multiple, read_image, write_atomic
+from primis.imageio import pad_to_multiple, read_image
 from primis.model import use_autocast
-from primis.modelstore import LoadedModel, pick_device, save_model
+from primis.modelstore import LoadedModel, pick_device
 from primis.sharing import encode_images
-from primis.train import _tensorboard, validate
+from primis.train import RunLog, fit
 
 
 @dataclass
@@ -51,8 +49,7 @@ def finetune(
 ) -> FinetuneResult:
     """Adapt ``model``'s decoder to refined codes; write the best model to directory ``out``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "finetune.yaml", yaml.safe_dump(config.model_dump()).encode())
+    save_config(out / "finetune.yaml", config)
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -68,67 +65,55 @@ def finetune(
     cells = min([config.crop // cfg.downsampling, *grids])
     optimizer = torch.optim.Adam(network.decoder_parameters(), lr=config.lr)
     autocast = use_autocast(device, config.amp)
-    writer = _tensorboard(out)
-    history: list[dict] = []
+    log = RunLog(out, model.obfuscation, valid_images, device, config.refine_steps)
     started = time.monotonic()
 
-    def keep_if_best(step: int, best: float) -> float:
-        result = validate(network, valid_images, device, model.obfuscation, 2, config.refine_steps)
-        record = {
-            "step": step,
-            "seconds": round(time.monotonic() - started, 1),
-            "psnr": round(result.psnr, 3),
-            "ssim": round(result.ssim, 4),
-        }
-        history.append(record)
-        with open(out / "history.jsonl", "a") as log:
-            log.write(json.dumps(record) + "\n")
-        writer.add_scalar("finetune/valid_psnr", result.psnr, step)
-        writer.add_scalar("finetune/valid_ssim", result.ssim, step)
-        grid = result.grid.clip(0, 1)[None]
-        writer.add_image("finetune/original|authorized|attacker", grid, step)
-        tqdm.write(f"step {step}: refined valid PSNR {result.psnr:.2f} dB, SSIM {result.ssim:.4f}")
-        if result.psnr > best:
-            save_model(out, network, model.obfuscation)
-            return result.psnr
-        return best
+    def validation(step: int, _: dict[str, float]) -> None:
+        log.validate(network, step, time.monotonic() - started)
 
-    start_psnr = best = keep_if_best(0, -math.inf)
+    def train_step(_: int) -> dict[str, float]:
+        code, x = code_crops(pairs, cells, cfg.downsampling, config.batch_size, rng)
+        x = x.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            y = network.synthesis(network.magnitudes(code))
+        loss = torch.mean((y.float() - x) ** 2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.item()}
+
     step = 0
     budget = 60 * config.max_minutes if config.max_minutes else math.inf
     try:
+        start_psnr = log.validate(network, 0, 0.0).psnr  # the starting model may stay the best
         for round_index in range(config.rounds):
-            round_started = time.monotonic()
+            share = (budget - (time.monotonic() - started)) / (config.rounds - round_index)
+            progress = _round_progress(step, config.steps, share)
             codes = encode_images(model, images, cfg.k, config.refine_steps)
             pairs = list(zip(padded, [code.to(device) for code in codes], strict=True))
-            share = (budget - (round_started - started)) / (config.rounds - round_index)
-            bar = tqdm(
-                range(config.steps),
+            step = fit(
+                train_step,
+                progress,
+                validation,
+                config.validate_every,
+                log,
+                step,
                 desc=f"finetune round {round_index + 1}/{config.rounds}",
-                total=None if config.max_minutes else config.steps,  # a time budget ends it
-                disable=not show_progress,
-                mininterval=1.0,
+                show_progress=show_progress,
             )
-            for index in bar:
-                code, x = code_crops(pairs, cells, cfg.downsampling, config.batch_size, rng)
-                x = x.to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    y = network.synthesis(network.magnitudes(code))
-                loss = torch.mean((y.float() - x) ** 2)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                bar.set_postfix(loss=f"{loss.item():.2e}")
-                if step % 10 == 0:
-                    writer.add_scalar("finetune/loss", loss.item(), step)
-                out_of_time = time.monotonic() - round_started >= share
-                last = out_of_time or index == config.steps - 1
-                if step % config.validate_every == 0 or last:
-                    best = keep_if_best(step, best)
-                if out_of_time:
-                    break
-            bar.close()
     finally:
-        writer.close()
-    return FinetuneResult(step, start_psnr, best, history)
+        log.close()
+    return FinetuneResult(step, start_psnr, log.best, log.history)
+
+
+def _round_progress(first: int, steps: int, seconds: float) -> Callable[[int], float]:
+    """Progress through a round that ends after ``steps`` steps from step ``first`` or after
+    ``seconds`` from now (its share of the time budget; re-encoding the codes counts),
+    whichever comes first."""
+    started = time.monotonic()
+
+    def progress(step: int) -> float:
+        spent = (time.monotonic() - started) / seconds if seconds > 0 else math.inf
+        return max((step - first) / steps, spent)
+
+    return progress

@@ -312,6 +312,20 @@ def read_source(path: Path) -> SourceImage:
     except Exception as err:  # any decoder failure is a bad input, reported in one line
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise PrimisError(f"{path}: cannot read image ({reason})") from None
+    return _checked(image, path)
+
+
+def source_from_array(pixels: np.ndarray, name: str = "image") -> SourceImage:
+    """An image given as an array, checked as a decoded file is (colour becomes luminance)."""
+    pixels = np.asarray(pixels)
+    if pixels.dtype.kind in "uif":
+        pixels = _gray(pixels)
+    return _checked(SourceImage(pixels, {}), Path(name))
+
+
+def _checked(image: SourceImage, path: Path) -> SourceImage:
+    """A decoded image that is 2-D, numeric, finite and within the pixel limit (booleans
+    become uint8), or a PrimisError that names ``path``."""
     pixels = image.pixels
     if pixels.ndim != 2:
         raise PrimisError(f"{path}: expected a 2-D grayscale image, got shape {pixels.shape}")

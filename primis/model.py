@@ -161,9 +161,8 @@ class SparseTernaryAutoEncoder(nn.Module):
         )
         self.to_code = nn.Conv2d(scales * c[-1], m * n, 1)
         self.projection = nn.Conv2d(m * n, m * n, config.projection_kernel, padding=pad, groups=m)
-        # Per-atom standardisation over the batch: without it training settled on 22-28 of 256
-        # atoms in one seed of the old recipe (MODEL_CARD.md); with it, and the straight-through
-        # recipe, the bundled model uses all 256 atoms of both maps about evenly.
+        # Per-atom standardisation over the batch: without it training can collapse onto a few
+        # of the n atoms (MODEL_CARD.md has the measurement); with it every atom stays in use.
         self.atom_norm = nn.BatchNorm2d(m * n, affine=False) if config.atom_norm else None
 
         # Magnitudes start at the mean of the k largest of n standard normal scores, so the

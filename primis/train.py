@@ -3,6 +3,7 @@
 A run directory holds everything::
 
     RUN/config.yaml                 the resolved configuration
+    RUN/train.txt, valid.txt        the images it trains and validates on (`new_run`)
     RUN/model.safetensors, .json    the best pure-ternary model so far (use it as --model)
     RUN/checkpoint/                 the resumable state (see primis.checkpoint)
     RUN/history.jsonl               one line per validation
@@ -10,6 +11,10 @@ A run directory holds everything::
 
 Runs on CUDA, MPS or CPU; under `torchrun` each process trains on its own crops with
 DistributedDataParallel (gloo on CPU, NCCL on CUDA) and rank 0 writes the run directory.
+
+`fit` is the loop of every training stage (this one and `primis.finetune`): steps until the
+budget is spent, the loss logged, validation with keep-best (`RunLog`) and checkpoints at their
+intervals and at the end.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +37,14 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
 from primis.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from primis.config import ObfuscationConfig, RunConfig, parse_config, with_later_options
-from primis.data import RandomCropDataset
+from primis.config import (
+    ObfuscationConfig,
+    RunConfig,
+    parse_config,
+    save_config,
+    with_later_options,
+)
+from primis.data import RandomCropDataset, resolve_sources, scan_images, split_paths
 from primis.errors import PrimisError
 from primis.imageio import pad_to_multiple, read_image, write_atomic
 from primis.metrics import psnr, ssim
@@ -119,22 +131,89 @@ def validate(
     return Validation(float(np.mean(scores)), float(np.mean(similarities)), bits / pixels, grid)
 
 
-@dataclass
-class TrainResult:
-    steps: int
-    seconds: float
-    best_psnr: float
-    history: list[dict]
+class RunLog:
+    """What a training stage writes to its directory as it goes: the training scalars and, per
+    validation, a line of ``history.jsonl``, TensorBoard scalars and images, and the model
+    (`save_model`) whenever it beats the best so far (``best``)."""
+
+    def __init__(
+        self,
+        out: Path,
+        obfuscation: ObfuscationConfig,
+        valid_images: list[np.ndarray],
+        device: torch.device,
+        refine_steps: int = 0,
+        best: float = -math.inf,
+    ) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.out, self.obfuscation, self.valid_images = Path(out), obfuscation, valid_images
+        self.device, self.refine_steps, self.best = device, refine_steps, best
+        self.history: list[dict] = []
+        self.writer = SummaryWriter(log_dir=str(self.out / "tensorboard"))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """Training scalars as ``train/NAME`` (with the PSNR of a ``loss``)."""
+        if "loss" in values:
+            values = values | {"psnr": -10 * math.log10(max(values["loss"], 1e-12))}
+        for name, value in values.items():
+            self.writer.add_scalar(f"train/{name}", value, step)
+
+    def validate(
+        self,
+        network: SparseTernaryAutoEncoder,
+        step: int,
+        seconds: float,
+        keep: bool = True,
+        **fields,
+    ) -> Validation:
+        """Validate, log (``fields`` join the history line and the message), and save the model
+        when ``keep`` allows and it is the best so far."""
+        result = validate(
+            network, self.valid_images, self.device, self.obfuscation, 2, self.refine_steps
+        )
+        record = {
+            "step": step,
+            "seconds": round(seconds, 1),
+            **fields,
+            "psnr": round(result.psnr, 3),
+            "ssim": round(result.ssim, 4),
+            "key_bpp": round(result.key_bits_per_pixel, 4),
+        }
+        self.history.append(record)
+        with open(self.out / "history.jsonl", "a") as log:
+            log.write(json.dumps(record) + "\n")
+        self.writer.add_scalar("valid/psnr", result.psnr, step)
+        self.writer.add_scalar("valid/ssim", result.ssim, step)
+        self.writer.add_scalar("valid/key_bits_per_pixel", result.key_bits_per_pixel, step)
+        image = result.grid.clip(0, 1)[None]
+        self.writer.add_image("valid/original|authorized|attacker", image, step)
+        tqdm.write(
+            f"step {step}: valid PSNR {result.psnr:.2f} dB, SSIM {result.ssim:.4f}, key "
+            f"{result.key_bits_per_pixel:.3f} bpp"
+            + "".join(f", {name.replace('_', ' ')} {value}" for name, value in fields.items())
+        )
+        if keep and result.psnr > self.best:
+            self.best = result.psnr
+            save_model(self.out, network, self.obfuscation)
+        return result
+
+    def close(self) -> None:
+        self.writer.close()
 
 
-class _Distributed:
-    """torchrun's environment, or a single process."""
+class ProcessGroup:
+    """The processes that train together: torchrun's (`from_environment`), or this one alone."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        if self.world > 1 and not dist.is_initialized():
+    def __init__(self, world: int = 1, rank: int = 0) -> None:
+        self.world, self.rank = world, rank
+
+    @classmethod
+    def from_environment(cls, device: torch.device) -> ProcessGroup:
+        group = cls(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")))
+        if group.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return group
 
     @property
     def main(self) -> bool:
@@ -159,6 +238,68 @@ class _Distributed:
         return bool(value.item())
 
 
+def fit(
+    step: Callable[[int], dict[str, float] | None],
+    progress: Callable[[int], float],
+    validation: Callable[[int, dict[str, float]], object],
+    validate_every: int,
+    log: RunLog | None,
+    start: int = 0,
+    desc: str = "train",
+    show_progress: bool = True,
+    group: ProcessGroup | None = None,
+    checkpoint: Callable[[int], None] | None = None,
+    checkpoint_every: int = 1,
+) -> int:
+    """The training loop: call ``step(n)`` (one optimisation step; its scalars, or None for a
+    skipped step) until ``progress(n)`` (the fraction of the budget spent after n steps)
+    reaches 1. Every 10 steps the scalars go to ``log``; every ``validate_every`` steps and at
+    the end ``validation(n, scalars)`` runs on the main process, and so does ``checkpoint(n)``
+    every ``checkpoint_every`` steps and at the end. Returns the step count reached."""
+    group = group or ProcessGroup()
+    # The bar counts percent of the budget (steps or time), so its ETA is honest either way.
+    bar = tqdm(
+        total=100.0,
+        disable=not (show_progress and group.main),
+        desc=desc,
+        unit="%",
+        dynamic_ncols=True,
+        mininterval=1.0,
+        bar_format="{l_bar}{bar}| {n:.1f}/100% [{elapsed}<{remaining}{postfix}]",
+    )
+    try:
+        while not group.any(progress(start) >= 1.0):
+            values = step(start)
+            if values is None:
+                continue
+            start += 1
+            fraction = progress(start)
+            done = fraction >= 1.0
+            bar.update(100 * min(fraction, 1.0) - bar.n)
+            bar.set_postfix(step=start, **{name: f"{v:.3g}" for name, v in values.items()})
+            if log and start % 10 == 0:
+                log.scalars(start, values)
+            if start % validate_every == 0 or done:
+                if group.main:
+                    validation(start, values)
+                group.barrier()
+            if checkpoint is not None and (start % checkpoint_every == 0 or done):
+                if group.main:
+                    checkpoint(start)
+                group.barrier()
+    finally:
+        bar.close()
+    return start
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    best_psnr: float
+    history: list[dict]
+
+
 def train(
     config: RunConfig,
     train_paths: list[Path],
@@ -171,13 +312,11 @@ def train(
     t = config.train
     out = Path(out)
     device = pick_device(t.device)
-    group = _Distributed(device)
+    group = ProcessGroup.from_environment(device)
     if t.threads:
         torch.set_num_threads(t.threads)
     if group.main:
-        out.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(config.model_dump(), sort_keys=False).encode()
-        write_atomic(out / "config.yaml", text)
+        save_config(out / "config.yaml", config)
     torch.manual_seed(t.seed + group.rank)
     random.seed(t.seed)
 
@@ -224,103 +363,143 @@ def train(
         num_workers=t.workers,
         persistent_workers=t.workers > 0,
     )
-    valid_images = [read_image(p)[0] for p in valid_paths] if group.main else []
-    writer = _tensorboard(out) if group.main else None
+    log = (
+        RunLog(
+            out,
+            config.obfuscation,
+            [read_image(p)[0] for p in valid_paths],
+            device,
+            best=state["best_psnr"],
+        )
+        if group.main
+        else None
+    )
     autocast = use_autocast(device, t.amp)
-
-    history: list[dict] = []
-    step = state["step"]
     start = time.monotonic() - state["elapsed"]
     nonfinite = 0
-    # The bar counts percent of the run (steps or time budget), so its ETA is honest either way.
-    bar = tqdm(
-        total=100.0,
-        disable=not (show_progress and group.main),
-        desc="train",
-        unit="%",
-        dynamic_ncols=True,
-        mininterval=1.0,
-        bar_format="{l_bar}{bar}| {n:.1f}/100% [{elapsed}<{remaining}{postfix}]",
-    )
     batches = iter(loader)
+
+    def progress(step: int) -> float:
+        return _progress(config, step, time.monotonic() - start)
+
+    def train_step(step: int) -> dict[str, float] | None:
+        nonlocal nonfinite
+        done = progress(step)
+        lr = learning_rate(config, done, step)
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
+        weight = ternary_weight(config, done)
+        if weight > 0 and not state["magnitudes_fitted"]:
+            _fit_magnitudes(network, batches, device, config.model.k, group)
+            state["magnitudes_fitted"] = True
+        k = random.Random(t.seed * 1_000_003 + step).choice(t.k_choices or [config.model.k])
+        x = next(batches).to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            y = model(
+                x,
+                k=k,
+                ternary_weight=weight,
+                straight_through=t.straight_through,
+                map_mask=random_map_mask(len(x), config.model.m, t.map_dropout, x.device),
+            )
+            loss = torch.mean((y.float() - x) ** 2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(parameters, t.grad_clip)
+        if group.any(not (torch.isfinite(loss) and torch.isfinite(norm))):
+            nonfinite += 1
+            state["nonfinite_total"] += 1
+            tqdm.write(f"step {step}: non-finite loss or gradient, step skipped")
+            if nonfinite >= t.nonfinite_patience:
+                raise PrimisError(
+                    f"training diverged: {nonfinite} non-finite steps in a row at step {step}; "
+                    "lower train.lr or raise train.grad_clip, then --resume"
+                )
+            return None
+        nonfinite = 0
+        optimizer.step()
+        return {"loss": loss.item(), "lr": lr, "ternary_weight": weight, "k": k}
+
+    def validate_and_keep(step: int, values: dict[str, float]) -> None:
+        weight = values["ternary_weight"]
+        seconds = time.monotonic() - start
+        log.validate(network, step, seconds, weight >= 1.0, ternary_weight=round(weight, 4))
+        _training_mode(network, t.trainable)  # validation left every module training
+
+    def checkpoint(step: int) -> None:
+        state.update(step=step, elapsed=time.monotonic() - start, best_psnr=log.best)
+        save_checkpoint(out, network, optimizer, state)
+
     _training_mode(network, t.trainable)
     try:
-        while True:
-            progress = _progress(config, step, time.monotonic() - start)
-            if group.any(progress >= 1.0):
-                break
-            lr = learning_rate(config, progress, step)
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
-            weight = ternary_weight(config, progress)
-            if weight > 0 and not state["magnitudes_fitted"]:
-                _fit_magnitudes(network, batches, device, config.model.k, group)
-                state["magnitudes_fitted"] = True
-            k = random.Random(t.seed * 1_000_003 + step).choice(t.k_choices or [config.model.k])
-            x = next(batches).to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                y = model(
-                    x,
-                    k=k,
-                    ternary_weight=weight,
-                    straight_through=t.straight_through,
-                    map_mask=random_map_mask(len(x), config.model.m, t.map_dropout, x.device),
-                )
-                loss = torch.mean((y.float() - x) ** 2)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(parameters, t.grad_clip)
-            if group.any(not (torch.isfinite(loss) and torch.isfinite(norm))):
-                nonfinite += 1
-                state["nonfinite_total"] += 1
-                bar.write(f"step {step}: non-finite loss or gradient, step skipped")
-                if nonfinite >= t.nonfinite_patience:
-                    raise PrimisError(
-                        f"training diverged: {nonfinite} non-finite steps in a row at step {step}; "
-                        "lower train.lr or raise train.grad_clip, then --resume"
-                    )
-                continue
-            nonfinite = 0
-            optimizer.step()
-            step += 1
-            bar.update(100 * min(progress, 1.0) - bar.n)
-            bar.set_postfix(step=step, loss=f"{loss.item():.2e}", ternary=f"{weight:.2f}", k=k)
-            if writer and step % 10 == 0:
-                writer.add_scalar("train/loss", loss.item(), step)
-                writer.add_scalar("train/psnr", -10 * math.log10(max(loss.item(), 1e-12)), step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/ternary_weight", weight, step)
-            done = _progress(config, step, time.monotonic() - start) >= 1.0
-            if step % t.validate_every == 0 or done:
-                if group.main:
-                    _validate_and_keep(
-                        network,
-                        valid_images,
-                        device,
-                        config,
-                        out,
-                        state,
-                        step,
-                        weight,
-                        time.monotonic() - start,
-                        history,
-                        writer,
-                        bar,
-                    )
-                    _training_mode(network, t.trainable)  # validation left every module training
-                group.barrier()
-            if step % t.checkpoint_every == 0 or done:
-                state.update(step=step, elapsed=time.monotonic() - start)
-                if group.main:
-                    save_checkpoint(out, network, optimizer, state)
-                group.barrier()
+        step = fit(
+            train_step,
+            progress,
+            validate_and_keep,
+            t.validate_every,
+            log,
+            state["step"],
+            show_progress=show_progress,
+            group=group,
+            checkpoint=checkpoint,
+            checkpoint_every=t.checkpoint_every,
+        )
     finally:
-        bar.close()
-        if writer:
-            writer.close()
+        if log:
+            log.close()
     if group.main and not (out / "model.json").exists():
         save_model(out, network, config.obfuscation)
-    return TrainResult(step, time.monotonic() - start, state["best_psnr"], history)
+    best, history = (log.best, log.history) if log else (state["best_psnr"], [])
+    return TrainResult(step, time.monotonic() - start, best, history)
+
+
+@dataclass
+class RunInputs:
+    """The images a run trains and validates on, and the unreadable ones left out."""
+
+    train: list[Path]
+    valid: list[Path]
+    skipped: list[str]
+
+
+def new_run(
+    out: Path, config: RunConfig, data: Path, valid: Path | None = None, strict: bool = False
+) -> RunInputs:
+    """Set up run directory ``out``: the readable images of ``data`` (folder or list) to train
+    on, and of ``valid`` or else a 5 % split of ``data`` to validate on, written to
+    ``train.txt`` and ``valid.txt``. Unreadable images are left out (``strict``: an error)."""
+    paths = resolve_sources(data)
+    if valid is not None:
+        valid_paths = resolve_sources(valid)
+    else:
+        parts = split_paths(paths, (0.95, 0.05, 0.0), config.train.seed)
+        paths, valid_paths = parts["train"], parts["valid"] or parts["train"][:1]
+    paths, problems = scan_images(paths, strict)
+    valid_paths, valid_problems = scan_images(valid_paths, strict)
+    problems += valid_problems
+    if not paths or not valid_paths:
+        unreadable = f" ({len(problems)} unreadable, e.g. {problems[0]})" if problems else ""
+        raise PrimisError(f"no readable training or validation images{unreadable}")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for name, part in (("train.txt", paths), ("valid.txt", valid_paths)):
+        write_atomic(Path(out) / name, "".join(f"{p.resolve()}\n" for p in part).encode())
+    return RunInputs(paths, valid_paths, problems)
+
+
+def load_run(out: Path) -> RunConfig:
+    """The resolved configuration a run directory was started with."""
+    path = Path(out) / "config.yaml"
+    if not path.is_file() or not (Path(out) / CHECKPOINT).exists():
+        raise PrimisError(f"{out}: not a resumable run (needs config.yaml and {CHECKPOINT}/)")
+    data = with_later_options(yaml.safe_load(path.read_text()))  # runs from before those options
+    return parse_config(RunConfig, data, str(path))
+
+
+def resumed_run(out: Path) -> tuple[RunConfig, RunInputs]:
+    """The configuration and the images of the run in directory ``out``, to go on with it."""
+    config = load_run(out)
+    train_paths, valid_paths = (resolve_sources(Path(out) / n) for n in ("train.txt", "valid.txt"))
+    return config, RunInputs(train_paths, valid_paths, [])
 
 
 def _load_initial_weights(network: SparseTernaryAutoEncoder, init: str) -> None:
@@ -353,13 +532,13 @@ def _training_mode(network: SparseTernaryAutoEncoder, trainable: str) -> None:
         network.atom_norm.eval()
 
 
-def _fit_magnitudes(network, batches, device, k: int, group: _Distributed, count: int = 8) -> None:
+def _fit_magnitudes(network, batches, device, k: int, group: ProcessGroup, count: int = 8) -> None:
     """Before the first ternary step: magnitudes from the real code on ``count`` batches.
 
-    A real-valued phase trains the encoder while the magnitudes stay where they started (a
-    35-minute run of that schedule ended with selected scores near 0.9 against magnitudes of
-    2.4, and its training loss jumped when the blend began); starting the blend from
-    matching magnitudes keeps the decoder's input where it was.
+    A real-valued phase trains the encoder while the magnitudes stay where they started, so by
+    the time the blend to ternary begins the selected scores and the magnitudes no longer
+    match, and the decoder's input would jump; starting the blend from magnitudes fitted to
+    the code keeps it where it was.
     """
     sums = sum(network.selected_score_sums(next(batches).to(device), k) for _ in range(count))
     network.fit_magnitudes(group.sum(sums))
@@ -372,48 +551,3 @@ def _progress(config: RunConfig, step: int, elapsed: float) -> float:
     if t.max_minutes:
         progress = max(progress, elapsed / (60 * t.max_minutes))
     return progress
-
-
-def _validate_and_keep(
-    network, valid_images, device, config, out, state, step, weight, elapsed, history, writer, bar
-) -> None:
-    """Validate, log, and save the run's model when pure-ternary and the best so far."""
-    result = validate(network, valid_images, device, config.obfuscation)
-    record = {
-        "step": step,
-        "seconds": round(elapsed, 1),
-        "ternary_weight": round(weight, 4),
-        "psnr": round(result.psnr, 3),
-        "ssim": round(result.ssim, 4),
-        "key_bpp": round(result.key_bits_per_pixel, 4),
-    }
-    history.append(record)
-    with open(Path(out) / "history.jsonl", "a") as log:
-        log.write(json.dumps(record) + "\n")
-    if writer:
-        writer.add_scalar("valid/psnr", result.psnr, step)
-        writer.add_scalar("valid/ssim", result.ssim, step)
-        writer.add_scalar("valid/key_bits_per_pixel", result.key_bits_per_pixel, step)
-        writer.add_image("valid/original|authorized|attacker", result.grid.clip(0, 1)[None], step)
-    bar.write(
-        f"step {step}: valid PSNR {result.psnr:.2f} dB, SSIM {result.ssim:.4f}, "
-        f"key {result.key_bits_per_pixel:.3f} bpp (ternary weight {weight:.2f})"
-    )
-    if weight >= 1.0 and result.psnr > state["best_psnr"]:
-        state["best_psnr"] = result.psnr
-        save_model(out, network, config.obfuscation)
-
-
-def _tensorboard(out: Path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(Path(out) / "tensorboard"))
-
-
-def load_run(out: Path) -> RunConfig:
-    """The resolved configuration a run directory was started with."""
-    path = Path(out) / "config.yaml"
-    if not path.is_file() or not (Path(out) / CHECKPOINT).exists():
-        raise PrimisError(f"{out}: not a resumable run (needs config.yaml and {CHECKPOINT}/)")
-    data = with_later_options(yaml.safe_load(path.read_text()))  # runs from before those options
-    return parse_config(RunConfig, data, str(path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from primis.attacks import Target, distinguisher, roc_auc
@@ -33,6 +34,7 @@ def test_roc_auc_matches_its_definition():
     assert roc_auc(np.array([0.5, 0.5, 0.5, 0.5]), labels) == 0.5
 
 
+@pytest.mark.slow
 def test_the_distinguisher_finds_structure_that_leaks():
     attacker = [_constant_code_target(s, mask=False) for s in range(6)]
     targets = [_constant_code_target(s, mask=False) for s in range(6, 9)]
@@ -40,6 +42,7 @@ def test_the_distinguisher_finds_structure_that_leaks():
     assert result["auc"] > 0.75, result
 
 
+@pytest.mark.slow
 def test_attack_command_reports_every_attack_against_prior_only(tmp_path, tiny_model_dir):
     for name, seeds in (("attacker", range(4)), ("targets", range(10, 13))):
         (tmp_path / name).mkdir()
@@ -116,6 +119,7 @@ def test_evaluate_command_writes_rate_distortion(tmp_path, tiny_model_dir):
     assert (out / "rate_distortion.png").is_file() and (out / "evaluate.md").is_file()
 
 
+@pytest.mark.slow
 def test_dice_and_the_small_unet_learn_a_simple_segmentation():
     from primis.utility import dice, segment, train_unet
 
@@ -133,3 +137,15 @@ def test_dice_and_the_small_unet_learn_a_simple_segmentation():
     net = train_unet(images[:20], masks[:20], steps=60)
     scores = [dice(p, t) for p, t in zip(segment(net, images[20:]), masks[20:], strict=True)]
     assert np.mean(scores) > 0.8, scores
+
+
+def test_attack_settings_are_a_validated_config(tmp_path, tiny_model_dir):
+    from primis.config import QUICK_ATTACKS, AttackConfig
+
+    config = tmp_path / "attack.yaml"
+    config.write_text("inversion_step: 5\n")
+    args = ["attack", "--model", tiny_model_dir, "--attacker-data", tmp_path]
+    args += ["--target-data", tmp_path, "--config", config]
+    assert_clean_failure(run_cli(*args), "inversion_step")
+    assert_clean_failure(run_cli(*args, "--quick"), "exclude each other")
+    assert QUICK_ATTACKS.inversion_steps < AttackConfig().inversion_steps

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from PIL import Image
 
 from primis.demo import chest_phantom, train_demo_model
@@ -6,6 +7,7 @@ from primis.modelstore import load_model
 from tests.conftest import assert_clean_failure, run_cli
 
 
+@pytest.mark.slow
 def test_demo_writes_the_figure_and_reports(tmp_path, tiny_model_dir):
     result = run_cli("demo", "--model", tiny_model_dir, "--out", tmp_path / "demo", check=True)
     assert "with the key:" in result.stdout and "without the key:" in result.stdout
@@ -15,6 +17,7 @@ def test_demo_writes_the_figure_and_reports(tmp_path, tiny_model_dir):
         assert (tmp_path / "demo" / name).is_file()
 
 
+@pytest.mark.slow
 def test_demo_on_the_users_image(tmp_path, tiny_model_dir):
     Image.fromarray(chest_phantom(96, seed=3)).convert("RGB").save(tmp_path / "mine.jpg")
     result = run_cli(
@@ -34,6 +37,7 @@ def test_demo_on_the_users_image(tmp_path, tiny_model_dir):
     )
 
 
+@pytest.mark.slow
 def test_the_fallback_demo_model_trains_on_phantoms(tmp_path):
     run = train_demo_model(tmp_path / "model", minutes=0.05)
     assert load_model(run).network.config.n == 128

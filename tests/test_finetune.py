@@ -26,6 +26,7 @@ def _images(folder, count: int) -> list:
     return sorted(folder.iterdir())
 
 
+@pytest.mark.slow
 def test_finetune_trains_the_decoder_only_and_keeps_the_best(tmp_path, tiny_model_dir):
     paths = _images(tmp_path / "images", 4)
     config = FinetuneConfig(

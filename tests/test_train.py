@@ -14,6 +14,7 @@ from primis.modelstore import load_model
 from tests.conftest import TINY, assert_clean_failure, cxr_images, run_cli, smooth_image
 
 
+@pytest.mark.slow
 def test_a_few_steps_on_real_images_lower_the_loss():
     paths = cxr_images()[:16]
     torch.manual_seed(0)
@@ -110,6 +111,7 @@ def test_resolve_sources_reads_lists_relative_to_the_list(tmp_path):
         resolve_sources(tmp_path / "empty")
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_where_its_checkpoint_stopped(tmp_path):
     import os
     import signal
@@ -200,6 +202,7 @@ def test_split_command_keeps_groups_together(tmp_path):
     assert (again / "test.txt").read_text() == (out / "test.txt").read_text()
 
 
+@pytest.mark.slow
 def test_torchrun_trains_with_two_processes_on_cpu(tmp_path):
     import shutil
     import socket

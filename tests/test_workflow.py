@@ -192,6 +192,7 @@ def test_partial_keys_open_only_their_maps(tmp_path, folder, tiny_model_dir):
     )
 
 
+@pytest.mark.slow
 def test_a_killed_batch_leaves_no_partial_output_and_reruns_to_completion(tmp_path, tiny_model_dir):
     import os
     import signal
