@@ -101,6 +101,19 @@ def bundled_models() -> list[str]:
     return sorted(p.name for p in ZOO.iterdir() if (p / CONFIG).is_file()) if ZOO.is_dir() else []
 
 
+def bundled_model_with_hash(digest: str) -> str | None:
+    """The name of the bundled model whose hash is ``digest``, if one is."""
+    for name in bundled_models():
+        try:
+            data = json.loads((ZOO / name / CONFIG).read_text())
+            meta = parse_config(ModelFile, with_later_options(data), name)
+            if model_hash(meta.model, (ZOO / name / WEIGHTS).read_bytes()) == digest:
+                return name
+        except (OSError, ValueError, PrimisError):
+            continue
+    return None
+
+
 def resolve_model(name_or_path: str | Path | None) -> Path:
     """A model directory from a path, a bundled model's name, or (None) the default model."""
     if name_or_path is None:

@@ -10,6 +10,7 @@ zeros), and the attacker's view decodes the public vectors as they are.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -29,10 +30,10 @@ from primis.formats import (
     seal_pair,
 )
 from primis.imageio import IntensityMapping, pad_to_multiple
-from primis.keycoding import KeyModel
+from primis.keycoding import KeyModel, fit_key_model
 from primis.limits import MAX_PIXELS
 from primis.model import SparseTernaryAutoEncoder, refine_scores
-from primis.modelstore import LoadedModel
+from primis.modelstore import LoadedModel, bundled_model_with_hash
 from primis.obfuscation import (
     ambiguate_maps,
     code_to_vectors,
@@ -59,8 +60,8 @@ class Tiling:
     halo of 10 a tiled code, its refinement and its tiled decoding equal the whole image's (up
     to rounding; `benchmarks/tiling.py` measures it). An image whose grid fits in
     ``cells + 2 * halo`` positions each way is processed whole. Refinement keeps the scores of a
-    whole ``region`` x ``region`` positions in memory (about 0.7 GB at 256, 4096 px a side);
-    larger images are refined region by region, with the same halo.
+    whole ``region`` x ``region`` positions in memory (m * n floats per position, with the
+    optimiser's state); larger images are refined region by region, with the same halo.
     """
 
     cells: int = 64
@@ -102,8 +103,14 @@ class Tiling:
         )
 
 
+MIN_KEY_BITS = 128  # a key's information (coded size) below this could be guessed
+
+
 @dataclass(frozen=True)
 class SharedImage:
+    """One shared image: its public file and key (bytes), the file id both carry, the key's
+    ideal support size in bits, and the image's pixel count."""
+
     file_id: str
     public: bytes
     key: bytes
@@ -279,6 +286,16 @@ def share_image(
     return share_images([image], model, obfuscation, k, maps, refine_steps=refine_steps)[0]
 
 
+def fit_image_keys(
+    model: LoadedModel, units: Iterable[np.ndarray], refine_steps: int = 0
+) -> KeyModel:
+    """A key model (see `primis.keycoding`) fitted to the codes this model gives images in
+    [0, 1] at its own k, one image at a time (so any number and size fits in memory)."""
+    k = model.network.config.k
+    codes = (encode_images(model, [unit], k, refine_steps)[0][0].numpy() for unit in units)
+    return fit_key_model(codes, k)
+
+
 def _batches(shapes: list[tuple], batch_size: int) -> list[list[int]]:
     """Indices grouped by equal shape, in chunks of at most ``batch_size``."""
     groups: dict[tuple, list[int]] = {}
@@ -344,6 +361,11 @@ def _package(
             ideal += key_size(
                 public_vectors[part], k, obfuscation.mask_signs, perms[j] is not None
             )[0]
+    if ideal < MIN_KEY_BITS:
+        raise PrimisError(
+            f"image too small to share: its key would hold {ideal:.0f} bits, fewer than the "
+            f"{MIN_KEY_BITS} that keep guessing it out of reach (use a larger image)"
+        )
     key_header = KeyHeader(
         file_id=header.file_id,
         public_sha256=UNSEALED,
@@ -369,8 +391,10 @@ def read_pair(
 
 def _check_model(public: PublicFile, model: LoadedModel, name: str) -> None:
     if public.header.model_hash != model.hash:
+        bundled = bundled_model_with_hash(public.header.model_hash)
+        hint = f" (the bundled model {bundled}: use --model {bundled})" if bundled else ""
         raise PrimisError(
-            f"{name} was made with model {public.header.model_hash[:12]}, "
+            f"{name} was made with model {public.header.model_hash[:12]}{hint}, "
             f"not the loaded model {model.hash[:12]}"
         )
     cfg = model.network.config

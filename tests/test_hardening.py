@@ -582,6 +582,7 @@ main(sys.argv[2:])
 
 
 @pytest.mark.parametrize("names", ["stem", "id"])
+@pytest.mark.slow
 def test_kill_at_any_point_then_rerun(tmp_path, tiny_model_dir, names):
     """Per input: manifest line, key placed, public placed, public manifest line (os.write or
     os.replace each); then the two manifest rewrites. Kill at a spread of those points."""

@@ -12,7 +12,7 @@ from primis.formats import KeyFile
 from primis.imageio import IntensityMapping
 from primis.keycoding import KeyModel, decode_code, encode_code, fit_key_model
 from primis.modelstore import load_model, save_model
-from primis.sharing import encode_images, reconstruct, share_image
+from primis.sharing import fit_image_keys, reconstruct, share_image
 from tests.conftest import smooth_image
 
 
@@ -113,8 +113,8 @@ def context_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny model with a key model fitted to the codes of a few synthetic images."""
     model = load_model(tiny_model_dir)
     units = [smooth_image(64, 80, seed).astype(np.float32) for seed in range(6)]
-    codes = encode_images(model, units, model.network.config.k, refine_steps=0)
-    key_model = fit_key_model([code[0].numpy() for code in codes], model.network.config.k)
+    key_model = fit_image_keys(model, iter(units))
+    assert key_model.fits(model.network.config.m, model.network.config.n, model.network.config.k)
     directory = tmp_path_factory.mktemp("context-model")
     save_model(directory, model.network, model.obfuscation, key_model=key_model)
     return directory
@@ -144,3 +144,11 @@ def test_context_coded_keys_restore_what_enumerative_keys_restore(
         assert key.header.variable_rate == (model is context and obfuscation.fill == 1.0)
         restored.append(reconstruct(shared.public, shared.key, model)[0])
     assert np.array_equal(restored[0], restored[1])
+
+
+def test_an_image_too_small_for_a_key_of_128_bits_is_refused(context_model_dir):
+    model = load_model(context_model_dir)
+    pixels = (smooth_image(8, 8, 1) * 255).astype(np.uint8)  # one code vector per map
+    mapping = IntensityMapping.of(pixels)
+    with pytest.raises(PrimisError, match="too small to share"):
+        share_image(mapping.forward(pixels), mapping, model, ObfuscationConfig())

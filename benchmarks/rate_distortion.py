@@ -1,0 +1,285 @@
+"""Rate-distortion of PRIMIS keys against JPEG, JPEG 2000 and JPEG XL, per data source.
+
+For every image of every source: the key of each model (bytes of the whole key file, and of
+its payload) and the authorized PSNR / MS-SSIM; each codec swept over its quality settings on
+the image's stored values (JPEG and JPEG XL at 8 bits, JPEG 2000 at 8 or 16 bits as stored);
+and, per image, the bits per pixel each codec needs for the PSNR the key gives (interpolated
+on the codec's curve in log-rate). With several k per model (--ks), BD-rate of the key against
+JPEG 2000 (bjontegaard, Akima) on the sources' mean curves.
+
+    pip install -e ".[bench]"
+    python benchmarks/rate_distortion.py --models cxr cxr-v1 --json runs/rd.json
+
+PSNR and MS-SSIM are on the image's own intensity range (the [0, 1] scale PRIMIS maps it to).
+Prints one table per source (medians) and writes JSON with every per-image figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pillow_jxl  # noqa: F401  (registers JPEG XL with Pillow; the bench extra)
+import torch
+from PIL import Image
+
+from primis.config import REFINE_STEPS
+from primis.data import resolve_sources
+from primis.formats import KeyFile
+from primis.imageio import IntensityMapping, read_image
+from primis.metrics import ms_ssim, psnr
+from primis.modelstore import load_model
+from primis.report import describe_machine, machine_info, write_json
+from primis.sharing import reconstruct, share_image
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = {
+    "cxr-test": (ROOT / "splits/cxr/test.txt", 25),
+    "figure1_covid": (ROOT / "splits/heldout/figure1_covid.txt", 10),
+    "actualmed": (ROOT / "splits/heldout/actualmed.txt", 3),
+    "dicom": (ROOT / "splits/heldout/dicom.txt", 3),
+}
+SWEEPS = {
+    "jpeg": [5, 10, 20, 30, 50, 70, 85, 95],
+    "jpeg2000": [0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 0.8],
+    "jpegxl": [1, 3, 5, 10, 20, 35, 50, 70, 90],
+}
+
+
+def _stored(unit: np.ndarray, mapping: IntensityMapping) -> tuple[np.ndarray, int]:
+    """The image as the codecs get it: 8-bit, or 16-bit for deeper data; and its peak value."""
+    if np.dtype(mapping.dtype).itemsize == 1:
+        return np.rint(unit * 255).astype(np.uint8), 255
+    return np.rint(unit * 65535).astype(np.uint16), 65535
+
+
+def codec_curve(unit: np.ndarray, mapping: IntensityMapping, codec: str) -> list[dict]:
+    """(bpp, PSNR, MS-SSIM) of one image at each setting of ``codec``."""
+    stored, peak = _stored(unit, mapping)
+    if codec != "jpeg2000" and peak > 255:
+        stored, peak = np.rint(unit * 255).astype(np.uint8), 255
+    picture = Image.fromarray(stored)
+    points = []
+    for setting in SWEEPS[codec]:
+        buffer = io.BytesIO()
+        if codec == "jpeg":
+            picture.save(buffer, format="JPEG", quality=setting)
+        elif codec == "jpegxl":
+            picture.save(buffer, format="JXL", quality=setting)
+        else:
+            ratio = 8 * stored.itemsize / setting
+            picture.save(buffer, format="JPEG2000", quality_mode="rates", quality_layers=[ratio])
+        decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue()))).astype(np.float32) / peak
+        points.append(
+            {
+                "setting": setting,
+                "bpp": 8 * buffer.tell() / unit.size,
+                "psnr": psnr(unit, decoded),
+                "ms_ssim": ms_ssim(unit, decoded),
+            }
+        )
+    return points
+
+
+def bpp_at(points: list[dict], target: float) -> tuple[float | None, bool]:
+    """The bits per pixel a codec's curve needs for PSNR ``target`` (log-rate interpolation on
+    the curve's upper hull in PSNR), and whether that is only an upper bound (the codec's
+    lowest setting already exceeds the target); None above the curve."""
+    ordered = sorted(points, key=lambda p: p["bpp"])
+    best, hull = -np.inf, []
+    for point in ordered:
+        if point["psnr"] > best:
+            hull.append(point)
+            best = point["psnr"]
+    psnrs = [p["psnr"] for p in hull]
+    if not psnrs or target > psnrs[-1]:
+        return None, False
+    if target < psnrs[0]:
+        return hull[0]["bpp"], True
+    return float(np.exp(np.interp(target, psnrs, [np.log(p["bpp"]) for p in hull]))), False
+
+
+def primis_point(model, unit, mapping, k: int, refine_steps: int) -> dict:
+    started = time.perf_counter()
+    shared = share_image(unit, mapping, model, model.obfuscation, k, refine_steps=refine_steps)
+    seconds = time.perf_counter() - started
+    restored = mapping.forward(reconstruct(shared.public, shared.key, model)[0])
+    return {
+        "k": k,
+        "bpp": 8 * len(shared.key) / unit.size,
+        "payload_bpp": 8 * len(KeyFile.from_bytes(shared.key).payload) / unit.size,
+        "key_bytes": len(shared.key),
+        "psnr": psnr(unit, restored),
+        "ms_ssim": ms_ssim(unit, restored),
+        "seconds": seconds,
+    }
+
+
+def bd_rate(primis_points: list[dict], anchor_points: list[dict]) -> float | None:
+    """BD-rate (%) of the key's mean curve against the anchor's; None without at least four
+    key points or with too little PSNR overlap."""
+    if len(primis_points) < 4:
+        return None
+    import bjontegaard
+
+    try:
+        return float(
+            bjontegaard.bd_rate(
+                [p["bpp"] for p in anchor_points],
+                [p["psnr"] for p in anchor_points],
+                [p["bpp"] for p in primis_points],
+                [p["psnr"] for p in primis_points],
+                method="akima",
+                require_matching_points=False,
+            )
+        )
+    except ValueError:
+        return None
+
+
+def _mean_curve(curves: list[list[dict]]) -> list[dict]:
+    """Point-wise mean over images of curves with the same settings."""
+    return [
+        {key: float(np.mean([c[i][key] for c in curves])) for key in ("bpp", "psnr")}
+        for i in range(len(curves[0]))
+    ]
+
+
+def measure_source(paths: list[Path], models: dict, ks: list[int], refine_steps: int) -> dict:
+    images = []
+    for path in paths:
+        unit, mapping = read_image(path)
+        curves = {codec: codec_curve(unit, mapping, codec) for codec in SWEEPS}
+        row = {"image": path.name, "shape": list(unit.shape), "codecs": curves, "primis": {}}
+        for name, model in models.items():
+            row["primis"][name] = [primis_point(model, unit, mapping, k, refine_steps) for k in ks]
+        images.append(row)
+        print(f"  {path.name} {unit.shape}", flush=True)
+    return {"images": images, "summary": summarize(images)}
+
+
+def summarize(images: list[dict]) -> dict:
+    """Per key (model and k): medians over the images, the key's bytes over each codec's at
+    equal PSNR (a lower bound, marked, where a codec's lowest setting beats the key), and
+    BD-rate against JPEG 2000."""
+    summary = {}
+    for name, first in images[0]["primis"].items():
+        ks = [point["k"] for point in first]
+        for index, k in enumerate(ks):
+            points = [row["primis"][name][index] for row in images]
+            entry = {
+                "median_key_bpp": statistics.median(p["bpp"] for p in points),
+                "median_payload_bpp": statistics.median(p["payload_bpp"] for p in points),
+                "median_key_bytes": statistics.median(p["key_bytes"] for p in points),
+                "mean_psnr": float(np.mean([p["psnr"] for p in points])),
+                "median_psnr": statistics.median(p["psnr"] for p in points),
+                "worst_psnr": min(p["psnr"] for p in points),
+                "median_seconds": statistics.median(p["seconds"] for p in points),
+            }
+            multi = [p["ms_ssim"] for p in points if p["ms_ssim"] is not None]
+            entry["mean_ms_ssim"] = float(np.mean(multi)) if multi else None
+            for codec in SWEEPS:
+                needed = [
+                    bpp_at(row["codecs"][codec], p["psnr"])
+                    for row, p in zip(images, points, strict=True)
+                ]
+                ratios = [p["bpp"] / b for p, (b, _) in zip(points, needed, strict=True) if b]
+                entry[f"key_over_{codec}_at_equal_psnr"] = (
+                    statistics.median(ratios) if ratios else None
+                )
+                entry[f"{codec}_lower_bounds"] = sum(bound for _, bound in needed)
+                entry[f"{codec}_above_curve"] = sum(b is None for b, _ in needed)
+            summary[f"{name} k={k}"] = entry
+        mean_key = [
+            {
+                key: float(np.mean([row["primis"][name][i][key] for row in images]))
+                for key in ("bpp", "psnr")
+            }
+            for i in range(len(ks))
+        ]
+        anchor = _mean_curve([row["codecs"]["jpeg2000"] for row in images])
+        summary[f"{name} bd_rate_vs_jpeg2000_percent"] = bd_rate(mean_key, anchor)
+    return summary
+
+
+def print_report(report: dict) -> None:
+    print(describe_machine(report["machine"]), f"refine steps {report['refine_steps']}")
+    for name, result in report["sources"].items():
+        print(f"\n{name} ({len(result['images'])} images), medians:")
+        print(
+            f"  {'key':16s} {'key bpp':>8s} {'payload':>8s} {'PSNR':>6s} {'worst':>6s} "
+            f"{'MS-SSIM':>7s} {'/J2K':>7s} {'/JPEG':>7s} {'/JXL':>7s}"
+        )
+        for key, entry in result["summary"].items():
+            if "bd_rate" in key:
+                print(f"  {key}: {'n/a' if entry is None else f'{entry:+.1f} %'}")
+                continue
+            cells = []
+            for codec in ("jpeg2000", "jpeg", "jpegxl"):
+                ratio = entry[f"key_over_{codec}_at_equal_psnr"]
+                bound = ">" if entry[f"{codec}_lower_bounds"] else " "
+                cells.append("    n/a" if ratio is None else f"{bound}{ratio:6.2f}")
+            ms = entry["mean_ms_ssim"]
+            print(
+                f"  {key:16s} {entry['median_key_bpp']:8.3f} {entry['median_payload_bpp']:8.3f} "
+                f"{entry['median_psnr']:6.2f} {entry['worst_psnr']:6.2f} "
+                f"{'n/a' if ms is None else f'{ms:.4f}':>7s} {' '.join(cells)}"
+            )
+    print(
+        "\n/J2K etc.: the key's bytes over the codec's at the key's PSNR (median over images; "
+        "'>' where the codec's lowest setting already beats the key on some images)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["cxr"])
+    parser.add_argument("--ks", type=int, nargs="+", default=[4], help="k per key (default 4)")
+    parser.add_argument(
+        "--source",
+        action="append",
+        help=f"NAME or NAME=LIST[:LIMIT] (default: {', '.join(SOURCES)})",
+    )
+    parser.add_argument("--limit", type=int, help="images per source (default per source)")
+    parser.add_argument("--refine-steps", type=int, default=REFINE_STEPS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=Path("runs/rate_distortion.json"))
+    parser.add_argument("--summarize", type=Path, help="print (and re-summarize) a saved JSON")
+    args = parser.parse_args()
+    if args.summarize:
+        report = json.loads(args.summarize.read_text())
+        for result in report["sources"].values():
+            result["summary"] = summarize(result["images"])
+        print_report(report)
+        return
+    torch.set_num_threads(args.threads)
+
+    sources = {}
+    for text in args.source or list(SOURCES):
+        name, _, spec = text.partition("=")
+        listing, _, limit = spec.partition(":") if spec else ("", "", "")
+        path, default_limit = (Path(listing), int(limit or 10**9)) if spec else SOURCES[name]
+        sources[name] = resolve_sources(path)[: args.limit or default_limit]
+    models = {name: load_model(name) for name in args.models}
+    report = {
+        "machine": machine_info(),
+        "numeric_type": "float32 (bfloat16 decoder during refinement where native)",
+        "refine_steps": args.refine_steps,
+        "models": {name: model.hash for name, model in models.items()},
+        "sources": {},
+    }
+    for name, paths in sources.items():
+        print(f"{name}: {len(paths)} images", flush=True)
+        report["sources"][name] = measure_source(paths, models, args.ks, args.refine_steps)
+        write_json(args.json, report)
+    print_report(report)
+    print(f"JSON: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
