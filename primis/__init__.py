@@ -26,6 +26,7 @@ _EXPORTS = {
     "SparseTernaryAutoEncoder": "primis.model",
     "attacker_view": "primis.api",
     "attacker_view_file": "primis.api",
+    "export_model": "primis.api",
     "load_model": "primis.api",
     "restore": "primis.api",
     "restore_file": "primis.api",

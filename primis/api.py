@@ -44,12 +44,13 @@ from primis.imageio import (
     encode_image,
     is_dicom,
     output_suffix,
+    read_image,
     read_source,
     source_from_array,
     write_atomic,
 )
 from primis.keywrap import is_wrapped, load_identity, unwrap
-from primis.modelstore import LoadedModel, pick_device
+from primis.modelstore import LoadedModel, pick_device, save_model
 from primis.modelstore import load_model as _load_model
 from primis.sharing import SharedImage
 
@@ -63,6 +64,29 @@ def load_model(name_or_dir: str | os.PathLike | None = None, device: str = "auto
     """A trained model from a run or model directory, or a bundled model's name (None: the
     default bundled model), on ``device`` (auto: CUDA, then MPS, then CPU)."""
     return _load_model(name_or_dir, pick_device(device))
+
+
+def export_model(
+    run: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    half: bool = False,
+    key_images: list[Path] | None = None,
+    key_refine_steps: int = 0,
+) -> str:
+    """Write a standalone model directory ``out`` from a run or model directory and return its
+    hash: weights in float32 (``half``: float16, half the size). With ``key_images``, also a
+    key model fitted to the codes the exported weights give those images (at
+    ``key_refine_steps``), so that its keys are context coded."""
+    model = _load_model(run)
+    dtype = torch.float16 if half else torch.float32
+    digest = save_model(Path(out), model.network, model.obfuscation, dtype)
+    if not key_images:
+        return digest
+    exported = _load_model(out)
+    units = (read_image(Path(path))[0] for path in key_images)
+    key_model = sharing.fit_image_keys(exported, units, key_refine_steps)
+    return save_model(Path(out), exported.network, exported.obfuscation, dtype, key_model)
 
 
 def _model(model: ModelLike) -> LoadedModel:

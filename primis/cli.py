@@ -567,15 +567,19 @@ def evaluate(model_dir, data, ks, out, refine_steps, quick) -> None:
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--half", is_flag=True, help="store weights as float16 (half the size)")
-def export(run: Path, out: Path, half: bool) -> None:
+@click.option(
+    "--key-data",
+    type=click.Path(path_type=Path),
+    help="folder or list file: fit the key model to these images' codes (context-coded keys)",
+)
+@click.option("--key-refine-steps", type=int, default=0, show_default=True)
+def export(run: Path, out: Path, half: bool, key_data: Path | None, key_refine_steps: int) -> None:
     """Copy a run's model into a standalone model directory (e.g. for the bundled zoo)."""
-    import torch
+    from primis.api import export_model
+    from primis.data import resolve_sources
 
-    from primis.modelstore import load_model, save_model
-
-    model = load_model(run)
-    dtype = torch.float16 if half else torch.float32
-    digest = save_model(out, model.network, model.obfuscation, dtype)
+    images = resolve_sources(key_data) if key_data else None
+    digest = export_model(run, out, half=half, key_images=images, key_refine_steps=key_refine_steps)
     click.echo(f"model {digest} -> {out}")
 
 

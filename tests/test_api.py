@@ -226,3 +226,18 @@ def test_a_real_chest_xray_round_trip_with_the_bundled_model():
     psnr = 10 * np.log10(255**2 / np.mean((restored - original) ** 2))
     assert restored.shape == original.shape and psnr > 25, psnr
     assert 8 * len(shared.key) / original.size < 1.0
+
+
+def test_export_model_fits_a_key_model_that_keys_then_use(tmp_path, tiny_model_dir):
+    images = []
+    for seed in range(3):
+        images.append(tmp_path / f"train{seed}.png")
+        Image.fromarray((smooth_image(64, 80, seed) * 255).astype(np.uint8)).save(images[-1])
+    plain = primis.export_model(tiny_model_dir, tmp_path / "plain", half=True)
+    digest = primis.export_model(tiny_model_dir, tmp_path / "keyed", key_images=images)
+    keyed = primis.load_model(tmp_path / "keyed")
+    assert keyed.hash == digest != plain and keyed.key_model is not None
+    assert primis.load_model(tmp_path / "plain").key_model is None
+    shared = primis.share(images[0], model=keyed)
+    assert KeyFile.from_bytes(shared.key).header.coding == "context"
+    assert primis.restore(shared.public, shared.key, model=keyed).shape == (64, 80)
