@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from primis.imageio import read_image
+from primis.io.images import read_image
 from primis.modelstore import load_model
 from primis.report import write_json
 from primis.sharing import encode_images

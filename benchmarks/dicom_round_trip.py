@@ -18,7 +18,7 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid
 
-from primis.imageio import read_image
+from primis.io.images import read_image
 from primis.metrics import psnr
 
 try:

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from skimage.transform import resize
 
-from primis.imageio import IntensityMapping, read_image
+from primis.io.images import read_image
+from primis.io.pixels import IntensityMapping
 from primis.metrics import psnr, ssim
 from primis.modelstore import load_model
 from primis.report import write_json

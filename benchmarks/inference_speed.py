@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from primis.imageio import IntensityMapping
+from primis.io.pixels import IntensityMapping
 from primis.modelstore import load_model
 from primis.report import describe_machine, machine_info, write_json
 from primis.sharing import REFINE_STEPS, ImageToShare, reconstruct_many, share_images

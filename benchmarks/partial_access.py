@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from primis.imageio import read_image
+from primis.io.images import read_image
 from primis.metrics import psnr
 from primis.modelstore import load_model
 from primis.report import write_json

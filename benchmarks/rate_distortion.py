@@ -31,7 +31,8 @@ from PIL import Image
 from primis.config import REFINE_STEPS
 from primis.data import resolve_sources
 from primis.formats import KeyFile
-from primis.imageio import IntensityMapping, read_image
+from primis.io.images import read_image
+from primis.io.pixels import IntensityMapping
 from primis.metrics import ms_ssim, psnr
 from primis.modelstore import load_model
 from primis.report import describe_machine, machine_info, write_json

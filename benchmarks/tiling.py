@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from primis.imageio import read_image
+from primis.io.images import read_image
 from primis.metrics import psnr
 from primis.modelstore import load_model
 from primis.report import describe_machine, machine_info, write_json

@@ -35,20 +35,19 @@ from torch.utils.data import Dataset
 from primis import sharing
 from primis.batch import SharingOutputs, expand, output_folders
 from primis.config import REFINE_STEPS, ObfuscationConfig, parse_config
-from primis.dicomio import encode_dicom, original_header
 from primis.errors import PrimisError
 from primis.formats import KeyFile, read_file
-from primis.imageio import (
+from primis.io.dicom import encode_dicom, is_dicom, original_header
+from primis.io.files import write_atomic
+from primis.io.images import (
     OUTPUT_SUFFIXES,
-    IntensityMapping,
     encode_image,
-    is_dicom,
     output_suffix,
     read_image,
     read_source,
     source_from_array,
-    write_atomic,
 )
+from primis.io.pixels import IntensityMapping
 from primis.keywrap import is_wrapped, load_identity, unwrap
 from primis.modelstore import LoadedModel, pick_device, save_model
 from primis.modelstore import load_model as _load_model

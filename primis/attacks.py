@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from primis.config import AttackConfig, ObfuscationConfig
 from primis.data import code_crops
-from primis.imageio import pad_to_multiple, read_image
+from primis.io.images import read_image
+from primis.io.pixels import pad_to_multiple
 from primis.metrics import psnr, ssim
 from primis.modelstore import LoadedModel
 from primis.obfuscation import (
@@ -410,7 +411,7 @@ def write_report(report: dict, views: dict, out: Path) -> str:
     """Write OUT/attack.json, OUT/attack.md (tables of every attack, the distinguisher, the key
     space, the utility study and the targets) and OUT/attacks.png (``views`` of the first
     four targets); return the summary to print."""
-    from primis.imageio import write_atomic
+    from primis.io.files import write_atomic
     from primis.report import image_rows, markdown_table, write_json
 
     rows = [

@@ -4,7 +4,8 @@ output folders of a sharing batch, the loop.
 A batch expands files, folders (recursively) and glob patterns; `--shard I/N` keeps every N-th
 item from the I-th (0-based), for job arrays; each item runs on its own, so one failure (bad
 input, a name too long, any OS error) is reported (path and reason) and the batch goes on,
-while a full or read-only disk stops it with one message; a summary closes it.
+while a full or read-only disk stops it with one message; the loop returns what it did
+(:class:`BatchResult`), which the command line sums up.
 
 Manifests are JSON lines, one record per key (the input, or the file id), the last one
 winning; every change happens under an exclusive lock beside the file, so concurrent shards
@@ -19,18 +20,16 @@ import fcntl
 import glob
 import json
 import os
-import re
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-import click
 from tqdm import tqdm
 
 from primis.errors import PrimisError
 from primis.formats import KeyFile, PublicFile, read_file, sha256
-from primis.imageio import default_mode, write_temporary
+from primis.io.files import clean_stale_parts, default_mode, write_temporary, write_together
 from primis.keywrap import is_wrapped
 
 SKIPPED = "skipped"
@@ -158,37 +157,6 @@ class Manifest:
         return records
 
 
-_PART = re.compile(r"^\..*\.(\d+)\.[A-Za-z0-9_]{8}\.part$")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def clean_stale_parts(folder: Path, max_age_seconds: float = 600.0) -> int:
-    """Remove temporary files a killed writer left in ``folder``: at once when the process that
-    wrote one (its id is in the name) is gone, otherwise after the age limit, so a concurrent
-    shard's write in progress is never touched."""
-    removed = 0
-    if folder.is_dir():
-        for part in folder.glob(".*.part"):
-            owner = _PART.match(part.name)
-            try:
-                dead = owner is not None and not _alive(int(owner.group(1)))
-                if dead or time.time() - part.stat().st_mtime > max_age_seconds:
-                    part.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                continue
-    return removed
-
-
 def output_folders(*folders: Path) -> None:
     """Create the output folders; one that is a file (or cannot be made) stops the batch."""
     for folder in folders:
@@ -198,29 +166,6 @@ def output_folders(*folders: Path) -> None:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise PrimisError(f"{folder}: cannot create the folder ({err.strerror})") from None
-
-
-def write_together(files: list[tuple[Path, bytes, int | None]], before: Callable[[], None]) -> None:
-    """Write files that belong together (a key and its public file) so that none is left alone:
-    each goes to a temporary name first (see `write_temporary`), then ``before`` runs (e.g. the
-    manifest line), then each is renamed into place. On a failure the temporaries go, and once
-    a file was placed, every destination of the group goes too."""
-    temps: list[Path] = []
-    placed = False
-    try:
-        for path, data, mode in files:
-            temps.append(write_temporary(path, data, mode))
-        before()
-        for (path, _, _), temp in zip(files, temps, strict=True):
-            os.replace(temp, path)
-            placed = True
-    except BaseException:
-        for temp in temps:
-            temp.unlink(missing_ok=True)
-        for path, _, _ in files if placed else []:
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
-        raise
 
 
 class SharingOutputs:
@@ -361,14 +306,26 @@ def describe_os_error(err: OSError) -> str:
     return f"{err.strerror or type(err).__name__}{where}"
 
 
+@dataclass(frozen=True)
+class BatchResult:
+    """What a batch did: items done, items skipped (their outputs existed), and the reason of
+    each item that failed."""
+
+    items: int
+    done: int
+    skipped: int
+    failures: dict[Path, str]
+
+
 def run_batch(
     items: list[Path], work: Callable[[Path], str], label: str, failed: dict[Path, str]
-) -> None:
-    """Run ``work`` on every item with a progress bar; raise PrimisError at the end if any failed.
+) -> BatchResult:
+    """Run ``work`` on every item with a progress bar (on a terminal) and return what was done.
 
-    ``work`` returns a one-line report, or :data:`SKIPPED` when the outputs already exist.
-    ``failed`` holds items that failed before the batch (e.g. name clashes). Skipped items leave
-    the bar's total, so its rate and time left count only the work done.
+    ``work`` returns a one-line report (written above the bar), or :data:`SKIPPED` when the
+    outputs already exist. ``failed`` holds items that failed before the batch (e.g. name
+    clashes). Skipped items leave the bar's total, so its rate and time left count only the
+    work done. A full or read-only disk stops the batch with a PrimisError.
     """
     done = skipped = 0
     failures = dict(failed)
@@ -405,7 +362,4 @@ def run_batch(
             failures[path] = report
             tqdm.write(f"error: {report}", file=sys.stderr)
             bar.update(1)
-    reuse = " (outputs exist; --overwrite to redo)" if skipped else ""
-    click.echo(f"{label}: {done} done, {skipped} skipped{reuse}, {len(failures)} failed")
-    if failures:
-        raise PrimisError(f"{len(failures)} of {len(items)} file(s) failed")
+    return BatchResult(len(items), done, skipped, failures)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -33,7 +35,7 @@ def split(root: Path, out_dir: Path, ratios, seed: int, group_by: str | None) ->
     import os
 
     from primis.data import resolve_sources, split_paths
-    from primis.imageio import write_atomic
+    from primis.io.files import write_atomic
 
     paths = resolve_sources(root)
     for name, part in split_paths(paths, ratios, seed, group_by).items():
@@ -144,12 +146,44 @@ def _model_option(func):
     )(func)
 
 
+@contextmanager
+def _status(text: str) -> Iterator[None]:
+    """On a terminal, ``text`` on stderr while the block runs (then wiped): a long silent
+    phase says what it does."""
+    shown = sys.stderr.isatty()
+    if shown:
+        click.echo(f"{text}...", err=True, nl=False)
+    try:
+        yield
+    finally:
+        if shown:
+            click.echo("\r\x1b[K", err=True, nl=False)
+
+
+@contextmanager
+def _step_bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    """On a terminal, a progress bar on stderr that ``progress(done, total)`` calls move (each
+    step shown: steps are slow)."""
+    from tqdm import tqdm
+
+    shown = sys.stderr.isatty()
+    options = {"disable": not shown, "file": sys.stderr, "leave": False, "mininterval": 0}
+    with tqdm(desc=label, unit="step", **options) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        yield progress
+
+
 def _load_model(model_dir):
     """The model of --model on the device of --device."""
-    from primis.modelstore import load_model, pick_device
-
     device = click.get_current_context().meta.get("primis.device", "auto")
-    return load_model(model_dir, pick_device(device))
+    with _status("loading the model"):  # importing torch included
+        from primis.modelstore import load_model, pick_device
+
+        return load_model(model_dir, pick_device(device))
 
 
 def _refine_option(func):
@@ -180,6 +214,21 @@ def _parse_ints(text: str | None, option: str) -> list[int] | None:
         return sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
         raise PrimisError(f"{option} {text}: expected numbers like 0,1") from None
+
+
+def _run_batch(
+    items: list[Path], work: Callable[[Path], str], label: str, failed: dict[Path, str]
+) -> None:
+    """`batch.run_batch`, then its summary line; any failed item makes the exit status 1."""
+    from primis.batch import run_batch
+
+    result = run_batch(items, work, label, failed)
+    summary = [f"{result.done} done", f"{len(result.failures)} failed"]
+    if result.skipped:  # said only when some were, with why
+        summary.insert(1, f"{result.skipped} skipped (outputs exist; --overwrite to redo)")
+    click.echo(f"{label}: {', '.join(summary)}")
+    if result.failures:
+        raise PrimisError(f"{len(result.failures)} of {result.items} file(s) failed")
 
 
 @cli.command()
@@ -226,26 +275,21 @@ def ambiguate(
     PUBLIC_DIR/manifest.jsonl lists only file ids, digests and sizes, and may travel with the
     public files. A rerun after an interruption completes what is missing.
     """
-    from primis.api import ShareOptions, named_by_id, share_file
-    from primis.batch import (
-        SKIPPED,
-        SharingOutputs,
-        duplicate_stems,
-        expand,
-        run_batch,
-        select_shard,
-    )
-    from primis.imageio import is_image_file
+    from primis.batch import SKIPPED, SharingOutputs, duplicate_stems, expand, select_shard
+    from primis.io.images import is_image_file
 
-    model = _load_model(model_dir)
+    items = select_shard(expand(inputs, is_image_file), shard)
+    chosen_maps = _parse_ints(maps, "--maps")
+    model = _load_model(model_dir)  # then what needs torch
+    from primis.api import ShareOptions, named_by_id, share_file
+
     options: ShareOptions = {
         "k": k,
-        "maps": _parse_ints(maps, "--maps"),
+        "maps": chosen_maps,
         "refine_steps": refine_steps,
         "obfuscation": _obfuscation(model, fill, mask_signs),
         "keep_header": keep_header,
     }
-    items = select_shard(expand(inputs, is_image_file), shard)
 
     def work(path: Path) -> str:
         done = share_file(
@@ -268,7 +312,7 @@ def ambiguate(
 
     clashes = duplicate_stems([p for p in items if not named_by_id(p, names)])
     with SharingOutputs(public_dir, key_dir) as outputs:
-        run_batch(items, work, "ambiguate", clashes)
+        _run_batch(items, work, "ambiguate", clashes)
 
 
 @cli.command()
@@ -311,23 +355,12 @@ def disambiguate(
     others in their own type (PNG, TIFF or .npy) with their size, dtype and range, as
     OUT_DIR/<public file's name>.<type>.
     """
-    from primis.api import attacker_view_file, restore_file
-    from primis.batch import (
-        SKIPPED,
-        clean_stale_parts,
-        duplicate_stems,
-        expand,
-        output_folders,
-        run_batch,
-        select_shard,
-    )
+    from primis.batch import SKIPPED, duplicate_stems, expand, output_folders, select_shard
+    from primis.io.files import clean_stale_parts
     from primis.keywrap import load_identity
 
     if key_dir is None and not without_key:
         raise PrimisError("--key-dir is required (or --without-key for the attacker's view)")
-    model = _load_model(model_dir)
-    secret = load_identity(identity) if identity else None
-    passphrase = _passphrase(confirm=False) if ask_passphrase else None
     try:
         mode = int(output_mode, 8)
     except ValueError:
@@ -335,6 +368,11 @@ def disambiguate(
     if not 0 <= mode <= 0o777:
         raise PrimisError(f"--output-mode {output_mode}: expected octal permissions like 600")
     items = select_shard(expand(publics, lambda p: p.suffix == ".primis"), shard)
+    secret = load_identity(identity) if identity else None
+    passphrase = _passphrase(confirm=False) if ask_passphrase else None
+    model = _load_model(model_dir)  # then what needs torch
+    from primis.api import attacker_view_file, restore_file
+
     output_folders(out_dir)
     clean_stale_parts(out_dir)
 
@@ -354,7 +392,7 @@ def disambiguate(
         )
         return SKIPPED if target is None else f"{path.name} -> {target}"
 
-    run_batch(items, work, "disambiguate", duplicate_stems(items))
+    _run_batch(items, work, "disambiguate", duplicate_stems(items))
 
 
 def _passphrase(confirm: bool) -> str:
@@ -383,7 +421,7 @@ def keys() -> None:
 )
 def keys_gen(out: Path) -> None:
     """Make a recipient key pair (X25519)."""
-    from primis.imageio import write_atomic
+    from primis.io.files import write_atomic
     from primis.keywrap import generate_identity
 
     public_path = out.with_name(out.name + ".pub")
@@ -412,9 +450,9 @@ def keys_gen(out: Path) -> None:
 )
 def keys_wrap(keyfiles, recipients, use_passphrase) -> None:
     """Encrypt key files in place for recipients and/or a passphrase."""
-    from primis.batch import expand, run_batch
+    from primis.batch import expand
     from primis.formats import KeyFile, read_file
-    from primis.imageio import write_atomic
+    from primis.io.files import write_atomic
     from primis.keywrap import is_wrapped, load_recipient, wrap
 
     publics = [load_recipient(path) for path in recipients]
@@ -430,7 +468,7 @@ def keys_wrap(keyfiles, recipients, use_passphrase) -> None:
         write_atomic(path, wrap(data, publics, passphrase), mode=0o600)
         return f"{path}: wrapped"
 
-    run_batch(expand(keyfiles, lambda p: p.suffix == ".primiskey"), work, "wrap", {})
+    _run_batch(expand(keyfiles, lambda p: p.suffix == ".primiskey"), work, "wrap", {})
 
 
 @cli.command()
@@ -444,15 +482,16 @@ def keys_wrap(keyfiles, recipients, use_passphrase) -> None:
 @_refine_option
 def demo(image, model_dir, out, refine_steps) -> None:
     """Share one image and show what the key holder and an attacker each get (no network)."""
-    from primis.demo import run_demo, train_demo_model
-    from primis.modelstore import bundled_models
-
     started = time.perf_counter()
+    with _status("starting (importing torch)"):
+        from primis.demo import run_demo, train_demo_model
+        from primis.modelstore import bundled_models
     if model_dir is None and "cxr" not in bundled_models():
         click.echo("no bundled model: training a small one on synthetic images (< 2 min)...")
         model_dir = train_demo_model(out / "model")
     model = _load_model(model_dir)
-    report = run_demo(model, image, out, refine_steps)
+    with _step_bar("refining the code") as progress:
+        report = run_demo(model, image, out, refine_steps, progress)
     click.echo(f"input {report['input']} ({report['pixels'][0]}x{report['pixels'][1]})")
     click.echo(
         f"public file {report['public_bytes']} B, key {report['key_bytes']} B "
@@ -515,14 +554,15 @@ def attack(
     quick,
 ) -> None:
     """Run every attack of the threat model against public files; report vs prior-only."""
-    from primis.attacks import run_attacks, write_report
     from primis.config import QUICK_ATTACKS, AttackConfig, load_config
-    from primis.data import resolve_sources
 
     if quick and config_file:
         raise PrimisError("--quick and --config exclude each other")
     config = load_config(AttackConfig, config_file) if config_file else AttackConfig()
-    model = _load_model(model_dir)
+    model = _load_model(model_dir)  # then what needs torch
+    from primis.attacks import run_attacks, write_report
+    from primis.data import resolve_sources
+
     report, views = run_attacks(
         model,
         resolve_sources(attacker_data),
@@ -552,13 +592,14 @@ def attack(
 @click.option("--quick", is_flag=True, help="at most 4 images (for tests)")
 def evaluate(model_dir, data, ks, out, refine_steps, quick) -> None:
     """Authorized quality, key size and speed per image; rate-distortion vs JPEG/JPEG 2000."""
+    ks = _parse_ints(ks, "--ks")
+    model = _load_model(model_dir)  # then what needs torch
     from primis.data import resolve_sources
     from primis.evaluation import evaluate as measure
     from primis.evaluation import write_report
 
-    model = _load_model(model_dir)
     paths = resolve_sources(data)[: 4 if quick else None]
-    report = measure(model, paths, _parse_ints(ks, "--ks"), refine_steps)
+    report = measure(model, paths, ks, refine_steps)
     click.echo(write_report(report, out))
     click.echo(f"report: {out / 'evaluate.md'}, {out / 'evaluate.json'}")
 
@@ -583,15 +624,21 @@ def export(run: Path, out: Path, half: bool, key_data: Path | None, key_refine_s
     click.echo(f"model {digest} -> {out}")
 
 
+def _bundled(name: str) -> bool:
+    """Whether ``name`` is a bundled model's (loads torch: ask only when no file has the name)."""
+    from primis.modelstore import bundled_models
+
+    return name in bundled_models()
+
+
 @cli.command()
 @click.argument("file", type=click.Path(path_type=Path))
 def info(file: Path) -> None:
     """Describe a public file, a key file, a wrapped key or a model directory (as JSON)."""
     from primis.formats import KEY_MAGIC, PUBLIC_MAGIC, KeyFile, PublicFile, read_file
     from primis.keywrap import describe, is_wrapped
-    from primis.modelstore import bundled_models
 
-    if file.is_dir() or str(file) in bundled_models():
+    if file.is_dir() or (not file.exists() and _bundled(str(file))):
         from primis.modelstore import load_model
 
         model = load_model(file)
@@ -609,19 +656,21 @@ def info(file: Path) -> None:
             key = KeyFile.from_bytes(data, str(file))
             report = key.header.model_dump() | {
                 "bytes": len(data),
-                "payload_bytes": len(key.payload),
+                "key_payload_bytes": len(key.payload),
             }
         elif data[:8] == PUBLIC_MAGIC:
-            from primis.obfuscation import key_size
+            from primis.obfuscation import image_key_size
 
             public = PublicFile.from_bytes(data, str(file))
             h = public.header
-            ideal, packed = key_size(public.vectors, h.k, h.mask_signs, h.permuted)
+            ideal, packed = image_key_size(public.vectors, h.m, h.k, h.mask_signs, h.permuted)
+            # What a key for all maps would hold: its key_payload_bytes when coded
+            # enumeratively; a context-coded key (the model's key model) is smaller.
             report = public.header.model_dump() | {
                 "bytes": len(data),
                 "vectors": int(public.vectors.shape[0]),
                 "ideal_key_bits": round(ideal, 1),
-                "key_payload_bytes": packed,
+                "enumerative_key_payload_bytes": packed,
             }
         elif is_wrapped(data):
             report = describe(data, str(file))

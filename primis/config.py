@@ -223,7 +223,7 @@ def load_run_config(path: Path | None) -> RunConfig:
 
 def save_config(path: Path, config: Strict) -> None:
     """Write ``config`` as YAML (atomically), as `load_config` reads it."""
-    from primis.imageio import write_atomic
+    from primis.io.files import write_atomic
 
     write_atomic(path, yaml.safe_dump(config.model_dump(), sort_keys=False).encode())
 

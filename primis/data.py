@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from primis.errors import PrimisError
-from primis.imageio import list_images, read_image
+from primis.io.images import list_images, read_image
 
 
 def resolve_sources(source: Path) -> list[Path]:

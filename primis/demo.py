@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from primis.formats import PublicFile
-from primis.imageio import IntensityMapping, encode_image, read_image, write_atomic
+from primis.io.files import write_atomic
+from primis.io.images import encode_image, read_image
+from primis.io.pixels import IntensityMapping
 from primis.metrics import psnr, ssim
 from primis.modelstore import LoadedModel
 from primis.sharing import REFINE_STEPS, attacker_view, reconstruct, share_image
@@ -67,16 +70,23 @@ def figure(panels: list[tuple[str, np.ndarray]], path: Path) -> None:
 
 
 def run_demo(
-    model: LoadedModel, image_path: Path | None, out: Path, refine_steps: int = REFINE_STEPS
+    model: LoadedModel,
+    image_path: Path | None,
+    out: Path,
+    refine_steps: int = REFINE_STEPS,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Share one image, restore it with and without the key, write files and a figure."""
+    """Share one image, restore it with and without the key, write files and a figure;
+    ``progress(done, total)`` hears of each refinement step."""
     if image_path is None:
         pixels = chest_phantom()
         image_path = out / "input.png"
         write_atomic(image_path, encode_image(pixels, ".png"))
     unit, mapping = read_image(image_path)
     started = time.perf_counter()
-    shared = share_image(unit, mapping, model, model.obfuscation, refine_steps=refine_steps)
+    shared = share_image(
+        unit, mapping, model, model.obfuscation, refine_steps=refine_steps, progress=progress
+    )
     encoded = time.perf_counter()
     restored, _ = reconstruct(shared.public, shared.key, model)
     decoded = time.perf_counter()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from primis.config import ObfuscationConfig
-from primis.imageio import read_image
+from primis.io.images import read_image
 from primis.metrics import ms_ssim, psnr, ssim
 from primis.modelstore import LoadedModel
 from primis.sharing import REFINE_STEPS, attacker_view, reconstruct, share_image
@@ -158,7 +158,7 @@ def rd_plot(rows: list[dict], path: Path) -> None:
 
     from PIL import Image, ImageDraw
 
-    from primis.imageio import write_atomic
+    from primis.io.files import write_atomic
 
     width, height, margin = 640, 420, 50
     series = {
@@ -223,7 +223,7 @@ def evaluate(
 def write_report(report: dict, out: Path) -> str:
     """Write OUT/evaluate.json, OUT/evaluate.md and OUT/rate_distortion.png for an `evaluate`
     report; return the Markdown."""
-    from primis.imageio import write_atomic
+    from primis.io.files import write_atomic
     from primis.report import markdown_table, write_json
 
     rows, summary = report["rd"], report["summary"]

@@ -24,7 +24,8 @@ import torch
 
 from primis.config import FinetuneConfig, save_config
 from primis.data import code_crops
-from primis.imageio import pad_to_multiple, read_image
+from primis.io.images import read_image
+from primis.io.pixels import pad_to_multiple
 from primis.model import use_autocast
 from primis.modelstore import LoadedModel, pick_device
 from primis.sharing import encode_images

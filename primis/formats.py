@@ -89,7 +89,7 @@ class PublicHeader(Strict):
 
 
 class Intensity(Strict):
-    """The affine map that restores the input's values (see `imageio.IntensityMapping`)."""
+    """The affine map that restores the input's values (see `primis.io.pixels.IntensityMapping`)."""
 
     dtype: Literal[
         "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float16",
@@ -115,7 +115,7 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class Source(Strict):
-    """Private facts about the input (`imageio.read_source`), kept in the key only."""
+    """Private facts about the input (`primis.io.images.read_source`), kept in the key only."""
 
     format: Literal["dicom", "npy", "tiff", "png", "jpg", "jpeg", "bmp"] | None = None
     transfer_syntax: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)*$", max_length=64)

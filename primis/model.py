@@ -114,10 +114,12 @@ def refine_scores(
     steps: int,
     error_and_gradient: Callable[[Tensor], tuple[Tensor, Tensor]],
     lr: float = 0.05,
+    on_step: Callable[[], None] | None = None,
 ) -> Tensor:
     """``steps`` Adam steps on scores ``z`` (B,m,n,h,w), where ``error_and_gradient(z)`` gives
     each image's reconstruction error (B,) and its gradient through the straight-through code;
-    returns, for each image, the scores of the best code seen (the starting one included)."""
+    returns, for each image, the scores of the best code seen (the starting one included).
+    ``on_step`` is called after each step (for progress)."""
     best = z.clone()
     best_error = torch.full((z.shape[0],), torch.inf, device=z.device)
     z = z.detach().clone().requires_grad_(True)
@@ -131,6 +133,8 @@ def refine_scores(
             break
         z.grad = gradient
         optimizer.step()
+        if on_step is not None:
+            on_step()
     return best
 
 
@@ -381,10 +385,16 @@ class SparseTernaryAutoEncoder(nn.Module):
         return error.detach(), gradient
 
     def refine(
-        self, x: Tensor, k: int, steps: int, valid: Tensor | None = None, lr: float = 0.05
+        self,
+        x: Tensor,
+        k: int,
+        steps: int,
+        valid: Tensor | None = None,
+        lr: float = 0.05,
+        on_step: Callable[[], None] | None = None,
     ) -> Tensor:
         """Scores (B,m,n,h,w) whose ternary code reconstructs ``x`` at least as well as the
-        encoder's own (see `refine_scores`).
+        encoder's own (see `refine_scores`, which calls ``on_step``).
 
         The decoder and the code format are untouched; only the choice of code improves (the
         encoder's one pass leaves a gap). ``valid`` (B,1,H,W) of 0/1 marks the pixels that count
@@ -399,7 +409,7 @@ class SparseTernaryAutoEncoder(nn.Module):
             error, gradient = self.squared_error(scores, x, valid, k)
             return error / area, gradient / area.view(-1, 1, 1, 1, 1)
 
-        return refine_scores(z, steps, mean_error, lr)
+        return refine_scores(z, steps, mean_error, lr, on_step)
 
     @torch.no_grad()
     def encode(
@@ -408,14 +418,16 @@ class SparseTernaryAutoEncoder(nn.Module):
         k: int | None = None,
         refine_steps: int = 0,
         valid: Tensor | None = None,
+        on_step: Callable[[], None] | None = None,
     ) -> Tensor:
         """Images (B,1,H,W) -> ternary code (B,m,n,h,w), int8; with ``refine_steps`` the code
-        `refine` finds (``valid`` as there)."""
+        `refine` finds (``valid`` and ``on_step`` as there)."""
         k = k or self.config.k
         if not 1 <= k <= self.config.n // 2:
             raise ValueError(f"k={k} outside 1..{self.config.n // 2}")
-        z = self.refine(x, k, refine_steps, valid) if refine_steps else self.analysis(x)
-        return self.ternarize(z, k)
+        if not refine_steps:
+            return self.ternarize(self.analysis(x), k)
+        return self.ternarize(self.refine(x, k, refine_steps, valid, on_step=on_step), k)
 
     @torch.no_grad()
     def decode(self, t: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ from primis.config import (
     with_later_options,
 )
 from primis.errors import PrimisError
-from primis.imageio import write_atomic
+from primis.io.files import write_atomic
 from primis.keycoding import TENSORS as KEY_MODEL_TENSORS
 from primis.keycoding import KeyModel
 from primis.model import SparseTernaryAutoEncoder

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from primis.config import ObfuscationConfig
 from primis.enumerative import (
@@ -27,6 +27,9 @@ from primis.enumerative import (
 from primis.errors import PrimisError
 from primis.keycoding import KeyModel, decode_code, encode_code
 
+if TYPE_CHECKING:  # torch is imported where used, so that `primis info` needs none
+    import torch
+
 
 def code_to_vectors(code: torch.Tensor) -> np.ndarray:
     """The model's code (1, m, n, h, w) -> vectors (m*h*w, n), map-major: the layout of public
@@ -37,6 +40,8 @@ def code_to_vectors(code: torch.Tensor) -> np.ndarray:
 
 def vectors_to_code(vectors: np.ndarray, m: int, grid: tuple[int, int]) -> torch.Tensor:
     """Vectors (m*h*w, n) in `code_to_vectors` order -> the model's code (1, m, n, h, w)."""
+    import torch
+
     rows, cols = grid
     code = torch.from_numpy(np.ascontiguousarray(vectors)).view(m, rows, cols, -1)
     return code.permute(0, 3, 1, 2).unsqueeze(0).contiguous()
@@ -238,15 +243,21 @@ def key_size(
     return ideal_bits(radices), packed_size(radices)
 
 
+def image_key_size(
+    public: np.ndarray, maps: int, k: int, mask_signs: bool, permuted: bool = False
+) -> tuple[float, int]:
+    """(ideal key bits, packed key bytes) of an enumerative key for all maps of one image's
+    public vectors (map-major rows), each map packed on its own as such keys are."""
+    rows = len(public) // maps
+    sizes = [
+        key_size(public[j * rows : (j + 1) * rows], k, mask_signs, permuted) for j in range(maps)
+    ]
+    return sum(bits for bits, _ in sizes), sum(size for _, size in sizes)
+
+
 def image_key_bits(public: np.ndarray, maps: int, k: int, obfuscation: ObfuscationConfig) -> float:
     """Ideal key bits for all maps of one image's public vectors (map-major rows)."""
-    rows = len(public) // maps
-    return sum(
-        key_size(
-            public[j * rows : (j + 1) * rows], k, obfuscation.mask_signs, obfuscation.permute_atoms
-        )[0]
-        for j in range(maps)
-    )
+    return image_key_size(public, maps, k, obfuscation.mask_signs, obfuscation.permute_atoms)[0]
 
 
 def disambiguate(

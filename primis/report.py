@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from primis.imageio import write_atomic
+from primis.io.files import write_atomic
 
 
 def image_rows(

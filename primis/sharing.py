@@ -10,7 +10,7 @@ zeros), and the attacker's view decodes the public vectors as they are.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -29,7 +29,7 @@ from primis.formats import (
     open_pair,
     seal_pair,
 )
-from primis.imageio import IntensityMapping, pad_to_multiple
+from primis.io.pixels import IntensityMapping, pad_to_multiple
 from primis.keycoding import KeyModel, fit_key_model
 from primis.limits import MAX_PIXELS
 from primis.model import SparseTernaryAutoEncoder, refine_scores
@@ -136,8 +136,9 @@ def share_images(
     maps: list[int] | None = None,
     batch_size: int = 16,
     refine_steps: int = REFINE_STEPS,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[SharedImage]:
-    """Encode (see `encode_images`) and ambiguate images.
+    """Encode (see `encode_images`, which reports ``progress``) and ambiguate images.
 
     Each key opens ``maps`` (default all); ``source`` and ``dicom_header`` go into the key only.
     """
@@ -148,7 +149,8 @@ def share_images(
         raise PrimisError(f"maps must lie in 0..{cfg.m - 1}")
     if not 1 <= k <= cfg.k:
         raise PrimisError(f"k must lie in 1..{cfg.k} for this model")
-    codes = encode_images(model, [image.unit for image in images], k, refine_steps, batch_size)
+    units = [image.unit for image in images]
+    codes = encode_images(model, units, k, refine_steps, batch_size, progress=progress)
     return [
         _package(image, code, model, obfuscation, k, maps)
         for image, code in zip(images, codes, strict=True)
@@ -162,24 +164,32 @@ def encode_images(
     refine_steps: int = REFINE_STEPS,
     batch_size: int = 16,
     tiling: Tiling | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[torch.Tensor]:
     """Ternary code (1,m,n,h,w) of each image in [0,1], padded to the model's grid; images of
     one padded size share a forward pass, and images larger than one tile go tile by tile (see
     `Tiling`). With ``refine_steps`` each code is refined on the image's own pixels (the
-    padding does not count)."""
+    padding does not count), and ``progress(done, total)`` hears of each refinement step."""
     tiling = tiling or Tiling()
     network, device = model.network, _device(model)
     multiple = network.config.downsampling
     padded = [pad_to_multiple(unit, multiple) for unit in units]
     codes: list[torch.Tensor | None] = [None] * len(units)
+    whole = [i for i, p in enumerate(padded) if tiling.fits(p.shape, multiple)]
+    groups = _batches([padded[i].shape for i in whole], batch_size)
+    batches = [[whole[i] for i in group] for group in groups]
+    regions = {
+        i: Tiling(tiling.region, tiling.halo).tiles(_grid(padded[i].shape, multiple))
+        for i in sorted(set(range(len(units))) - set(whole))
+    }
+    passes = len(batches) + sum(len(parts) for parts in regions.values())  # refinements
+    on_step = _step_counter(progress, refine_steps * passes)
 
     def encode(pixels: np.ndarray, valid: np.ndarray) -> torch.Tensor:
         x, mask = (torch.from_numpy(a)[:, None].to(device) for a in (pixels, valid))
-        return network.encode(x, k, refine_steps, mask)
+        return network.encode(x, k, refine_steps, mask, on_step)
 
-    whole = [i for i, p in enumerate(padded) if tiling.fits(p.shape, multiple)]
-    for indices in _batches([padded[i].shape for i in whole], batch_size):
-        indices = [whole[i] for i in indices]
+    for indices in batches:
         everything = (slice(0, padded[indices[0]].shape[0]), slice(0, padded[indices[0]].shape[1]))
         code = encode(
             np.stack([padded[i] for i in indices]),
@@ -187,10 +197,10 @@ def encode_images(
         )
         for row, i in enumerate(indices):
             codes[i] = code[row : row + 1]
-    for i in sorted(set(range(len(units))) - set(whole)):
-        grid = (padded[i].shape[0] // multiple, padded[i].shape[1] // multiple)
+    for i, parts in regions.items():
+        grid = _grid(padded[i].shape, multiple)
         code = torch.zeros((1, network.config.m, network.config.n, *grid), dtype=torch.int8)
-        for outer, inner in Tiling(tiling.region, tiling.halo).tiles(grid):
+        for outer, inner in parts:
             pixels = _scaled(outer, multiple)
             part = _encode_region(
                 network,
@@ -199,10 +209,32 @@ def encode_images(
                 k,
                 refine_steps,
                 tiling,
+                on_step,
             )
             code[..., inner[0], inner[1]] = part[..., *tiling.within(outer, inner)]
         codes[i] = code
     return codes
+
+
+def _grid(shape: tuple[int, ...], multiple: int) -> tuple[int, int]:
+    """The code grid of a padded image."""
+    return shape[0] // multiple, shape[1] // multiple
+
+
+def _step_counter(
+    progress: Callable[[int, int], None] | None, total: int
+) -> Callable[[], None] | None:
+    """A callback for each refinement step that tells ``progress`` (done, total)."""
+    if progress is None or not total:
+        return None
+    done = 0
+
+    def on_step() -> None:
+        nonlocal done
+        done += 1
+        progress(done, total)
+
+    return on_step
 
 
 def _encode_region(
@@ -212,6 +244,7 @@ def _encode_region(
     k: int,
     refine_steps: int,
     tiling: Tiling,
+    on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Ternary code (1,m,n,h,w) of one padded region, computed tile by tile: the scores as the
     whole region's analysis gives them, and refinement steps whose error and gradient are summed
@@ -253,7 +286,8 @@ def _encode_region(
             gradient[..., outer[0], outer[1]] += part_gradient
         return error / area, gradient / area
 
-    return network.ternarize(refine_scores(z, refine_steps, mean_error), k).cpu()
+    scores = refine_scores(z, refine_steps, mean_error, on_step=on_step)
+    return network.ternarize(scores, k).cpu()
 
 
 def _scaled(cells: tuple[slice, ...], factor: int) -> tuple[slice, ...]:
@@ -280,10 +314,14 @@ def share_image(
     source: dict | None = None,
     dicom_header: str | None = None,
     refine_steps: int = REFINE_STEPS,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SharedImage:
     """One image through :func:`share_images`."""
     image = ImageToShare(unit, mapping, source or {}, dicom_header)
-    return share_images([image], model, obfuscation, k, maps, refine_steps=refine_steps)[0]
+    shared = share_images(
+        [image], model, obfuscation, k, maps, refine_steps=refine_steps, progress=progress
+    )
+    return shared[0]
 
 
 def fit_image_keys(

@@ -46,7 +46,9 @@ from primis.config import (
 )
 from primis.data import RandomCropDataset, resolve_sources, scan_images, split_paths
 from primis.errors import PrimisError
-from primis.imageio import pad_to_multiple, read_image, write_atomic
+from primis.io.files import write_atomic
+from primis.io.images import read_image
+from primis.io.pixels import pad_to_multiple
 from primis.metrics import psnr, ssim
 from primis.model import SparseTernaryAutoEncoder, use_autocast
 from primis.modelstore import load_model, pick_device, save_model

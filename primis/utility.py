@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from primis.errors import PrimisError
-from primis.imageio import read_pixels
+from primis.io.images import read_pixels
 
 SIZE = 128
 

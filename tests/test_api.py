@@ -15,7 +15,7 @@ from PIL import Image
 import primis
 from primis.errors import PrimisError
 from primis.formats import KeyFile, PublicFile
-from primis.imageio import IntensityMapping
+from primis.io.pixels import IntensityMapping
 from tests.conftest import cxr_images, run_cli, smooth_image
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,7 @@ import torch
 from PIL import Image
 
 from primis.formats import PUBLIC_MAGIC
-from tests.conftest import assert_clean_failure, run_cli
+from tests.conftest import ambiguate_cli, assert_clean_failure, run_cli
 
 
 @pytest.fixture
@@ -86,11 +89,38 @@ def test_without_key_writes_the_attackers_view(tmp_path, tiny_model_dir, shared)
 
 def test_info_describes_files(tiny_model_dir, shared):
     public_dir, key_dir = shared
-    public = run_cli("info", next(public_dir.glob("*.primis")), check=True).stdout
-    assert '"kind": "public"' in public and '"grid"' in public
-    key = run_cli("info", next(key_dir.glob("*.primiskey")), check=True).stdout
-    assert '"kind": "key"' in key
+    public = json.loads(run_cli("info", public_dir / "patient_gray.primis", check=True).stdout)
+    assert public["kind"] == "public" and "grid" in public
+    key = json.loads(run_cli("info", key_dir / "patient_gray.primiskey", check=True).stdout)
+    assert key["kind"] == "key" and key["coding"] == "enumerative"
+    # The payload the public file implies for an enumerative key is this key's, byte for byte.
+    assert public["enumerative_key_payload_bytes"] == key["key_payload_bytes"]
     assert '"hash"' in run_cli("info", tiny_model_dir, check=True).stdout
+
+
+def test_info_and_argument_errors_answer_without_torch(shared, tmp_path):
+    public_dir, key_dir = shared
+    calls = [
+        ["info", public_dir / "patient_gray.primis"],
+        ["info", key_dir / "patient_gray.primiskey"],
+        ["ambiguate", public_dir, "--public-dir", tmp_path, "--key-dir", tmp_path, "--shard", "x"],
+        ["disambiguate", public_dir, "--out-dir", tmp_path],
+        ["keys", "--help"],
+    ]
+    code = (
+        "import json, sys\n"
+        "from primis.cli import main\n"
+        "for args in json.loads(sys.argv[1]):\n"
+        "    try:\n"
+        "        main(args)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch' in sys.modules)\n"
+    )
+    argv = json.dumps([[str(a) for a in call] for call in calls])
+    result = subprocess.run([sys.executable, "-c", code, argv], capture_output=True, text=True)
+    assert result.stdout.splitlines()[-1] == "False", result.stderr
+    assert result.stderr.count("error:") == 2, result.stderr
 
 
 def _disambiguate(public: Path, key_dir: Path, model: Path, out: Path):
@@ -204,6 +234,9 @@ def test_missing_key_and_bad_inputs_fail_cleanly(tmp_path, tiny_model_dir, share
         tmp_path / "k",
     )
     assert_clean_failure(result, "not a primis model")
+    for missing in ("nosuchfolder", "nosuch.png"):  # a typo, whatever it names
+        result = ambiguate_cli(tiny_model_dir, tmp_path / missing, out=tmp_path)
+        assert_clean_failure(result, f"{missing}: no such file or folder")
 
 
 def test_a_failing_file_does_not_stop_the_batch(tmp_path, image_files, tiny_model_dir):
@@ -226,9 +259,6 @@ def test_a_failing_file_does_not_stop_the_batch(tmp_path, image_files, tiny_mode
 
 
 def test_installed_entry_points_run(tmp_path):
-    import subprocess
-    import sys
-
     for command in ([sys.executable, "-m", "primis", "--help"], ["primis", "--version"]):
         result = subprocess.run(command, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
@@ -288,8 +318,6 @@ def test_outputs_keep_the_inputs_type_dtype_and_range(tmp_path, tiny_model_dir, 
 def test_lower_k_at_ambiguate_gives_a_smaller_key_that_still_opens(
     tmp_path, image_files, tiny_model_dir
 ):
-    import json
-
     gray = next(p for p in image_files if p.stem == "patient_gray")
     sizes = {}
     for k in (1, 2):
@@ -339,7 +367,6 @@ def test_lower_k_at_ambiguate_gives_a_smaller_key_that_still_opens(
 
 def test_model_files_keep_running_statistics_and_older_hashes(tmp_path):
     import hashlib
-    import json
 
     import torch
 

@@ -43,3 +43,25 @@ def test_the_fallback_demo_model_trains_on_phantoms(tmp_path):
     assert load_model(run).network.config.n == 128
     phantom = chest_phantom(128)
     assert phantom.dtype == np.uint8 and phantom.std() > 10
+
+
+def test_on_a_terminal_model_loading_and_refinement_show_progress(tmp_path, tiny_model_dir):
+    import contextlib
+    import io
+
+    from primis.cli import main
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    Image.fromarray(chest_phantom(64, seed=3)).save(tmp_path / "mine.png")
+    args = ["demo", "--model", tiny_model_dir, "--image", tmp_path / "mine.png"]
+    args += ["--out", tmp_path / "d", "--refine-steps", "3"]
+    err = Terminal()
+    quiet = contextlib.redirect_stdout(io.StringIO())
+    with quiet, contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+        main([str(arg) for arg in args])
+    assert exit_.value.code == 0, err.getvalue()
+    assert "loading the model..." in err.getvalue()
+    assert "refining the code: " in err.getvalue() and "/3 [" in err.getvalue()

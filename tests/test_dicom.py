@@ -17,7 +17,7 @@ from pydicom.uid import (
 )
 
 from primis.errors import PrimisError
-from primis.imageio import read_image, read_source
+from primis.io.images import read_image, read_source
 
 
 def bundled(name: str) -> Path:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from primis.config import FinetuneConfig, ObfuscationConfig
 from primis.finetune import finetune
-from primis.imageio import read_image
+from primis.io.images import read_image
 from primis.modelstore import load_model
 from primis.train import validate
 from tests.conftest import assert_clean_failure, run_cli, smooth_image

@@ -3,13 +3,8 @@ import pytest
 from PIL import Image
 
 from primis.errors import PrimisError
-from primis.imageio import (
-    IntensityMapping,
-    encode_image,
-    pad_to_multiple,
-    read_image,
-    read_pixels,
-)
+from primis.io.images import encode_image, read_image, read_pixels
+from primis.io.pixels import IntensityMapping, pad_to_multiple
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32])

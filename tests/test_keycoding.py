@@ -9,7 +9,7 @@ import pytest
 from primis.config import ObfuscationConfig
 from primis.errors import PrimisError
 from primis.formats import KeyFile
-from primis.imageio import IntensityMapping
+from primis.io.pixels import IntensityMapping
 from primis.keycoding import KeyModel, decode_code, encode_code, fit_key_model
 from primis.modelstore import load_model, save_model
 from primis.sharing import fit_image_keys, reconstruct, share_image

@@ -60,3 +60,19 @@ def test_refinement_region_by_region_keeps_the_quality(tiny_model_dir):
     unrefined = encode_images(model, [image], k, 0, tiling=WHOLE)[0]
     before = float(np.mean((decode_codes(model, [unrefined], tiling=WHOLE)[0] - image) ** 2))
     assert errors[1] < 1.05 * errors[0] and errors[1] < before
+
+
+def test_refinement_progress_counts_every_step_and_changes_no_code(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    images = [smooth_image(8 * 20, 8 * 22, seed=s).astype(np.float32) for s in (4, 5)]
+    small = smooth_image(40, 48, seed=6).astype(np.float32)
+    k = model.network.config.k
+    tiling = Tiling(cells=4, halo=2, region=8)  # the large images go in 3x3 regions each
+    calls = []
+    codes = encode_images(
+        model, [*images, small], k, 2, tiling=tiling, progress=lambda *c: calls.append(c)
+    )
+    plain = encode_images(model, [*images, small], k, 2, tiling=tiling)
+    assert all((a == b).all() for a, b in zip(codes, plain, strict=True))
+    passes = 2 * 9 + 1  # each region of the large images, and the small one whole
+    assert calls == [(done, 2 * passes) for done in range(1, 2 * passes + 1)]

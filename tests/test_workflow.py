@@ -31,11 +31,11 @@ def test_folders_and_globs_with_manifests_and_skips(tmp_path, folder, tiny_model
     out = tmp_path / "out"
     first = ambiguate_cli(tiny_model_dir, folder / "a", out=out)
     assert first.returncode == 0, first.stderr
-    assert "4 done, 0 skipped" in first.stdout
+    assert "ambiguate: 4 done, 0 failed" in first.stdout
     again = ambiguate_cli(tiny_model_dir, str(folder / "**" / "*.png"), out=out)
     assert "1 done, 4 skipped" in again.stdout
     redo = ambiguate_cli(tiny_model_dir, folder, out=out, extra=["--overwrite"])
-    assert "5 done, 0 skipped" in redo.stdout
+    assert "ambiguate: 5 done, 0 failed" in redo.stdout
     private = [json.loads(x) for x in (out / "keys" / "manifest.jsonl").read_text().splitlines()]
     assert {Path(r["input"]).name for r in private} == {f"img{i}.png" for i in range(5)}
     assert stat.S_IMODE((out / "keys" / "manifest.jsonl").stat().st_mode) == 0o600
@@ -256,10 +256,13 @@ def test_extensionless_dicom_files_in_folders_are_found(tmp_path, tiny_model_dir
 
 
 def test_batch_summary_names_skips_only_when_there_are_some(capsys, tmp_path):
-    from primis.batch import SKIPPED, run_batch
+    from primis.batch import SKIPPED, BatchResult, run_batch
+    from primis.cli import _run_batch
 
     items = [tmp_path / "a.png", tmp_path / "b.png"]
-    run_batch(items, lambda path: f"{path.name}: done", "ambiguate", {})
-    assert "ambiguate: 2 done, 0 skipped, 0 failed" in capsys.readouterr().out
-    run_batch(items, lambda path: SKIPPED, "ambiguate", {})
+    assert run_batch(items, lambda path: SKIPPED, "ambiguate", {}) == BatchResult(2, 0, 2, {})
+    capsys.readouterr()
+    _run_batch(items, lambda path: f"{path.name}: done", "ambiguate", {})
+    assert capsys.readouterr().out.splitlines()[-1] == "ambiguate: 2 done, 0 failed"
+    _run_batch(items, lambda path: SKIPPED, "ambiguate", {})
     assert "2 skipped (outputs exist; --overwrite to redo)" in capsys.readouterr().out

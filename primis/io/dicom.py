@@ -1,0 +1,269 @@
+"""DICOM in and out: reading a DICOM input, and writing the authorized reconstruction as
+DICOM with the original header or a de-identified one (DICOM PS3.15 Annex E, Basic Application
+Level Confidentiality Profile).
+
+Reading goes through pydicom with the pylibjpeg plug-ins (JPEG baseline/extended/lossless,
+JPEG-LS, JPEG 2000, RLE), also for old files without preamble and file meta. The original
+header (everything but the pixel data) travels only inside the key, and only when the data
+owner asks for it (`primis ambiguate --keep-header`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from primis.errors import PrimisError
+from primis.io.pixels import SourceImage, check_size, gray
+from primis.limits import MAX_PIXELS
+
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"
+# At most 64 characters: DeidentificationMethod is an LO element.
+DEIDENTIFICATION_METHOD = "PRIMIS reconstruction; new header, PS3.15 Annex E basic profile"
+BURNED_IN_METHOD = "PRIMIS reconstruction; new header; burned-in text kept"
+
+
+def _numbers(value) -> float | list[float]:
+    """A DICOM decimal string or multi-value as float(s)."""
+    if isinstance(value, str | bytes) or not hasattr(value, "__len__"):
+        return float(value)
+    return [float(v) for v in value]
+
+
+def read_dicom(path: Path) -> SourceImage:
+    """A DICOM file's single frame as a 2-D grayscale :class:`SourceImage`, with its private
+    details (transfer syntax, photometric interpretation, rescale, window, bit depth)."""
+    import logging
+    import warnings
+
+    import pydicom
+    from pydantic import ValidationError
+    from pydicom.errors import InvalidDicomError
+
+    # Decoder failures come back as one PrimisError line; pydicom's own log would repeat them.
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module="pydicom")
+
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        syntax = str(meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
+        if syntax == DEFLATED_DICOM:
+            _check_inflated(path, 132 + 12 + int(meta.FileMetaInformationGroupLength))
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        ds = _read_bare_dataset(path)
+        syntax = str(ds.file_meta.TransferSyntaxUID)
+    if "PixelData" not in ds:
+        raise PrimisError(f"{path}: DICOM file has no pixel data")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise PrimisError(f"{path}: multi-frame DICOM ({frames} frames) is not supported")
+    check_size(int(ds.Rows) * int(ds.Columns), path)
+    try:
+        pixels = ds.pixel_array
+    except Exception as err:  # decoders raise many types; all mean "cannot decode"
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise PrimisError(
+            f"{path}: cannot decode DICOM pixel data (transfer syntax {syntax}): {reason}"
+        ) from None
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        if photometric.startswith("YBR") and pixels.ndim == 3:
+            from pydicom.pixels import convert_color_space
+
+            pixels = convert_color_space(pixels, photometric, "RGB")
+        pixels = gray(pixels)
+    from primis.formats import Source, validation_reason
+
+    modality = "".join(c for c in str(ds.get("Modality", "") or "").upper() if c.isalnum())
+    burned_in = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    details = {
+        "format": "dicom",
+        "transfer_syntax": syntax,
+        "photometric": photometric,
+        "bits_allocated": int(ds.get("BitsAllocated", 8 * pixels.dtype.itemsize)),
+        "bits_stored": int(ds.get("BitsStored", 8 * pixels.dtype.itemsize)),
+        "pixel_representation": int(ds.get("PixelRepresentation", 0)),
+        "rescale_slope": float(ds.get("RescaleSlope", 1.0) or 1.0),
+        "rescale_intercept": float(ds.get("RescaleIntercept", 0.0) or 0.0),
+        "modality": modality[:16],
+    }
+    if burned_in in ("YES", "NO"):
+        details["burned_in_annotation"] = burned_in == "YES"
+    for keyword, name in (("WindowCenter", "window_center"), ("WindowWidth", "window_width")):
+        if ds.get(keyword) is not None:
+            details[name] = _numbers(ds.get(keyword))
+    try:
+        details = Source.model_validate(details).model_dump(exclude_none=True)
+    except ValidationError as err:
+        reason = validation_reason(err)
+        raise PrimisError(f"{path}: unusable DICOM attributes ({reason})") from None
+    return SourceImage(pixels, details, invert=photometric == "MONOCHROME1")
+
+
+def _check_inflated(path: Path, start: int) -> None:
+    """Refuse a deflated DICOM data set that inflates beyond what MAX_PIXELS allows, counting
+    in bounded chunks (pydicom would inflate it whole)."""
+    cap = 8 * MAX_PIXELS.value() + (1 << 24)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        while chunk := handle.read(1 << 16):
+            while chunk:
+                total += len(inflater.decompress(chunk, 1 << 20))
+                chunk = inflater.unconsumed_tail
+                if total > cap:
+                    raise PrimisError(
+                        f"{path}: deflated DICOM data set inflates beyond {cap} bytes "
+                        f"(set {MAX_PIXELS.variable} to change it)"
+                    )
+
+
+def _read_bare_dataset(path: Path):
+    """An old-style DICOM file without preamble and file meta (ACR-NEMA style), which starts
+    with an element of group 0008 in little-endian byte order; its transfer syntax is the one
+    pydicom finds the data set in."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    with open(path, "rb") as handle:
+        start = handle.read(8)
+    if len(start) < 8 or start[:2] != b"\x08\x00":
+        raise PrimisError(f"{path}: not a DICOM file")
+    try:
+        ds = pydicom.dcmread(path, force=True)
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if ds.is_implicit_VR else ExplicitVRLittleEndian
+        )
+    except Exception:  # pydicom raises many types on arbitrary bytes
+        raise PrimisError(f"{path}: not a DICOM file") from None
+    return ds
+
+
+def looks_like_dicom(path: Path) -> bool:
+    """Whether the file has the DICM marker after its 128-byte preamble."""
+    with open(path, "rb") as handle:
+        return handle.read(132)[128:132] == b"DICM"
+
+
+def is_dicom(path: Path) -> bool:
+    """A DICOM file by its suffix or, whatever its suffix, by the DICM marker."""
+    try:
+        return Path(path).suffix.lower() in DICOM_SUFFIXES or (
+            path.is_file() and looks_like_dicom(path)
+        )
+    except OSError:
+        return False
+
+
+def original_header(path: Path) -> bytes:
+    """The input's DICOM header without pixel data, serialised as a DICOM file."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
+def _set_pixels(ds, pixels: np.ndarray, details: dict) -> None:
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    photometric = details.get("photometric", "MONOCHROME2")
+    ds.PhotometricInterpretation = (
+        photometric if photometric in ("MONOCHROME1", "MONOCHROME2") else "MONOCHROME2"
+    )
+    for colour_only in ("PlanarConfiguration", "NumberOfFrames", "PixelPaddingValue"):
+        if colour_only in ds:
+            delattr(ds, colour_only)
+    allocated = 8 if pixels.dtype.itemsize == 1 else 16
+    if pixels.dtype.itemsize > 2:
+        raise PrimisError(f"cannot store {pixels.dtype} pixels in DICOM; use another output")
+    stored = min(int(details.get("bits_stored", allocated)), allocated)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = allocated, stored, stored - 1
+    ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
+    if "rescale_slope" in details:
+        ds.RescaleSlope = f"{details['rescale_slope']:g}"
+        ds.RescaleIntercept = f"{details['rescale_intercept']:g}"
+    ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    ds["PixelData"].VR = "OW" if allocated == 16 else "OB"
+
+
+def _deidentified(ds, burned_in: bool | None) -> None:
+    """The de-identification attributes of a new header. Pixels with burned-in annotation may
+    show identifying text, so such an output says so instead of claiming identity removed."""
+    import pydicom
+
+    if burned_in is not None:
+        ds.BurnedInAnnotation = "YES" if burned_in else "NO"
+    if burned_in:
+        ds.PatientIdentityRemoved = "NO"
+        ds.DeidentificationMethod = BURNED_IN_METHOD
+        return
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = DEIDENTIFICATION_METHOD
+    code = pydicom.Dataset()
+    code.CodeValue, code.CodingSchemeDesignator = "113100", "DCM"
+    code.CodeMeaning = "Basic Application Confidentiality Profile"
+    ds.DeidentificationMethodCodeSequence = [code]
+
+
+def encode_dicom(pixels: np.ndarray, details: dict, header: bytes | None, file_id: str) -> bytes:
+    """A DICOM file (Explicit VR Little Endian) holding ``pixels``.
+
+    With ``header`` (the original one, from the key) every attribute is kept except a new SOP
+    Instance UID and ImageType DERIVED; without it, a fresh Secondary Capture header carries no
+    patient, study or device data, only what displays the pixels.
+    """
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+
+    if header is not None:
+        try:
+            ds = pydicom.dcmread(io.BytesIO(header), force=True)
+        except Exception:  # pydicom raises many types; all mean "not a usable header"
+            ds = None
+        if ds is None or "SOPClassUID" not in ds:
+            raise PrimisError("the key's stored DICOM header is unreadable")
+        ds.ImageType = ["DERIVED", "SECONDARY"]
+        ds.DerivationDescription = "PRIMIS authorized reconstruction"
+    else:
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.SOPClassUID = SecondaryCaptureImageStorage
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.PatientName, ds.PatientID = "ANONYMOUS", f"PRIMIS-{file_id[:16]}"
+        ds.PatientBirthDate = ds.PatientSex = ds.StudyDate = ds.StudyTime = ""
+        ds.AccessionNumber = ds.ReferringPhysicianName = ds.StudyID = ""
+        ds.Modality = details.get("modality", "OT") or "OT"
+        ds.ConversionType = "WSD"
+        ds.SeriesNumber, ds.InstanceNumber = 1, 1
+        ds.ImageType = ["DERIVED", "SECONDARY"]
+        _deidentified(ds, details.get("burned_in_annotation"))
+        for keyword, name in (("WindowCenter", "window_center"), ("WindowWidth", "window_width")):
+            if name in details:
+                ds.__setattr__(keyword, details[name])
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.InstanceCreationDate = datetime.date.today().strftime("%Y%m%d")
+    _set_pixels(ds, pixels, details)
+    buffer = io.BytesIO()
+    try:
+        ds.save_as(buffer, enforce_file_format=True)
+    except Exception as err:  # a stored header with values pydicom cannot write back
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise PrimisError(f"cannot write the DICOM output ({reason})") from None
+    return buffer.getvalue()
