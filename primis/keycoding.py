@@ -298,14 +298,17 @@ def decode_code(
     return vectors
 
 
-def fit_key_model(codes: Iterable[np.ndarray], k: int, prior: float = 1.0) -> KeyModel:
-    """The context model fitted to ternary codes, each (m, n, rows, cols) int8, by counting:
-    an atom's weight in a context is its odds of holding each sign there (counts plus
-    ``prior``), and the count table is the frequency of each count given its neighbours'."""
+def fit_key_model(
+    codes: Iterable[tuple[np.ndarray, tuple[int, int]]], k: int, prior: float = 1.0
+) -> KeyModel:
+    """The context model fitted to ternary codes, each given as its vectors (m * rows * cols,
+    n) int8 in `obfuscation.code_to_vectors` order and its grid (rows, cols), by counting: an
+    atom's weight in a context is its odds of holding each sign there (counts plus ``prior``),
+    and the count table is the frequency of each count given its neighbours'."""
     atom_hits = atom_totals = count_hits = None
-    for code in codes:
-        m, n, rows, cols = code.shape
-        vectors = code.transpose(0, 2, 3, 1).reshape(-1, n)
+    for vectors, (rows, cols) in codes:
+        n = vectors.shape[1]
+        m = len(vectors) // (rows * cols)
         maps = np.repeat(np.arange(m), rows * cols)
         above, left = _neighbours(m, (rows, cols))
         sym = _symbols(vectors)

@@ -330,8 +330,8 @@ def fit_image_keys(
     """A key model (see `primis.keycoding`) fitted to the codes this model gives images in
     [0, 1] at its own k, one image at a time (so any number and size fits in memory)."""
     k = model.network.config.k
-    codes = (encode_images(model, [unit], k, refine_steps)[0][0].numpy() for unit in units)
-    return fit_key_model(codes, k)
+    codes = (encode_images(model, [unit], k, refine_steps)[0] for unit in units)
+    return fit_key_model(((code_to_vectors(c), tuple(c.shape[3:])) for c in codes), k)
 
 
 def _batches(shapes: list[tuple], batch_size: int) -> list[list[int]]:

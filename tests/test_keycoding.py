@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from primis.config import ObfuscationConfig
 from primis.errors import PrimisError
@@ -12,6 +13,7 @@ from primis.formats import KeyFile
 from primis.io.pixels import IntensityMapping
 from primis.keycoding import KeyModel, decode_code, encode_code, fit_key_model
 from primis.modelstore import load_model, save_model
+from primis.obfuscation import code_to_vectors
 from primis.sharing import fit_image_keys, reconstruct, share_image
 from tests.conftest import smooth_image
 
@@ -35,13 +37,17 @@ def smooth_code(m: int, n: int, grid: tuple[int, int], k: int, seed: int, variab
 
 
 def as_vectors(code: np.ndarray) -> np.ndarray:
-    return code.transpose(0, 2, 3, 1).reshape(-1, code.shape[1])
+    return code_to_vectors(torch.from_numpy(code)[None])
+
+
+def fit(codes: list[np.ndarray], k: int) -> KeyModel:
+    return fit_key_model([(as_vectors(code), code.shape[2:]) for code in codes], k)
 
 
 @pytest.mark.parametrize("variable", [False, True])
 def test_round_trip_is_exact_and_the_fitted_model_beats_uniform(variable):
     m, n, k, grid = 2, 64, 3, (9, 7)
-    model = fit_key_model([smooth_code(m, n, grid, k, s, variable) for s in range(4)], k)
+    model = fit([smooth_code(m, n, grid, k, s, variable) for s in range(4)], k)
     code = smooth_code(m, n, grid, k, 99, variable)
     vectors = as_vectors(code)
     data = encode_code(vectors, [0, 1], grid, k, model, variable=variable)
@@ -54,7 +60,7 @@ def test_round_trip_is_exact_and_the_fitted_model_beats_uniform(variable):
 def test_a_subset_of_maps_and_allowed_atoms_round_trip():
     m, n, k, grid = 3, 32, 2, (5, 6)
     code = smooth_code(m, n, grid, k, 1, False)
-    model = fit_key_model([code], k)
+    model = fit([code], k)
     vectors = as_vectors(code)[: 2 * 30]  # maps 0 and 1 of 3
     rng = np.random.default_rng(2)
     allowed = rng.random((len(vectors), 2, n)) < 0.5
@@ -69,7 +75,7 @@ def test_a_subset_of_maps_and_allowed_atoms_round_trip():
 
 def test_lower_k_than_the_model_round_trips():
     n, grid = 32, (4, 4)
-    model = fit_key_model([smooth_code(1, n, grid, 4, 0, True)], 4)
+    model = fit([smooth_code(1, n, grid, 4, 0, True)], 4)
     vectors = as_vectors(smooth_code(1, n, grid, 2, 3, False))
     data = encode_code(vectors, [0], grid, 2, model, variable=False)
     assert np.array_equal(decode_code(data, [0], grid, n, 2, model, variable=False), vectors)
@@ -82,7 +88,7 @@ def test_corrupted_payloads_fail_cleanly_or_differ():
     test_formats; this is the coder's own line of defence.)"""
     n, k, grid = 64, 3, (6, 6)
     code = smooth_code(2, n, grid, k, 4, True)
-    model = fit_key_model([code], k)
+    model = fit([code], k)
     vectors = as_vectors(code)
     data = encode_code(vectors, [0, 1], grid, k, model)
     with pytest.raises(PrimisError, match="32-bit words"):
