@@ -54,7 +54,7 @@ def test_refinement_region_by_region_keeps_the_quality(tiny_model_dir):
     image = smooth_image(8 * 20, 8 * 22, seed=4).astype(np.float32)
     k = model.network.config.k
     errors = []
-    for tiling in (WHOLE, Tiling(cells=4, halo=12, region=8)):  # 3x3 regions of 2x2 tiles
+    for tiling in (WHOLE, Tiling(cells=4, halo=6, region=8)):  # 3x3 regions of 2x2 tiles
         code = encode_images(model, [image], k, 5, tiling=tiling)[0]
         errors.append(float(np.mean((decode_codes(model, [code], tiling=WHOLE)[0] - image) ** 2)))
     unrefined = encode_images(model, [image], k, 0, tiling=WHOLE)[0]
