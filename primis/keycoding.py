@@ -76,6 +76,16 @@ def _symbols(vectors: np.ndarray) -> np.ndarray:
     return np.where(vectors < 0, 2, vectors).astype(np.int64)
 
 
+def _atom_contexts(vectors: np.ndarray, above: np.ndarray, left: np.ndarray) -> np.ndarray:
+    """(len(above), n): each atom's context, 3 * sym(above) + sym(left), 0 outside the grid."""
+    return 3 * _symbols(_gather(vectors, above, 0)) + _symbols(_gather(vectors, left, 0))
+
+
+def _count_contexts(sizes: np.ndarray, above: np.ndarray, left: np.ndarray, k: int) -> np.ndarray:
+    """Each vector's count context (k + 1) * s(above) + s(left), counting k outside the grid."""
+    return _gather(sizes, above, k) * (k + 1) + _gather(sizes, left, k)
+
+
 def _neighbours(m: int, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """For each vector (map-major, then rows, then columns): the index of the vector above and
     of the one to the left, -1 outside the grid."""
@@ -125,21 +135,16 @@ class _Stage:
     """The model's tables for one stage's vectors, given what earlier stages hold."""
 
     def __init__(self, model: KeyModel, done: np.ndarray, counts: np.ndarray, index, maps, ctx):
-        above, left = ctx
-        self.atom_context = 3 * _symbols(_gather(done, above[index], 0)) + _symbols(
-            _gather(done, left[index], 0)
-        )
-        top = model.k
-        count_context = _gather(counts, above[index], top) * (top + 1) + _gather(
-            counts, left[index], top
-        )
+        above, left = ctx[0][index], ctx[1][index]
+        self.atom_context = _atom_contexts(done, above, left)
+        count_context = _count_contexts(counts, above, left, model.k)
         self.count_table = model.count_weights[maps[index], count_context]
         self.atom_table = model.atom_weights
         self.map_of = maps[index]
 
     def weights(self, sign: int, allowed: np.ndarray) -> np.ndarray:
-        table = self.atom_table[self.map_of, sign]  # (V, 9, n)
-        w = np.take_along_axis(table, self.atom_context[:, None, :], axis=1)[:, 0]
+        atoms = np.arange(self.atom_context.shape[1])[None, :]
+        w = self.atom_table[self.map_of[:, None], sign, self.atom_context, atoms]
         return w * allowed
 
 
@@ -311,11 +316,10 @@ def fit_key_model(
         m = len(vectors) // (rows * cols)
         maps = np.repeat(np.arange(m), rows * cols)
         above, left = _neighbours(m, (rows, cols))
-        sym = _symbols(vectors)
-        context = 3 * _gather(sym, above, 0) + _gather(sym, left, 0)  # (V, n)
+        context = _atom_contexts(vectors, above, left)  # (V, n)
         cell = (maps[:, None] * CONTEXTS + context) * n + np.arange(n)[None, :]
         sizes = np.count_nonzero(vectors > 0, axis=1)
-        count_context = _gather(sizes, above, k) * (k + 1) + _gather(sizes, left, k)
+        count_context = _count_contexts(sizes, above, left, k)
         if atom_hits is None:
             atom_hits = np.zeros((2, m * CONTEXTS * n))
             atom_totals = np.zeros(m * CONTEXTS * n)

@@ -149,6 +149,11 @@ def permutation_digits(perm: np.ndarray) -> list[int]:
     return [int(np.count_nonzero(perm[i + 1 :] < perm[i])) for i in range(len(perm))]
 
 
+def permutation_radices(n: int, count: int) -> np.ndarray:
+    """Radices of the Lehmer digits of ``count`` permutations of n atoms, one after another."""
+    return np.array(list(range(n, 0, -1)) * count, dtype=object)
+
+
 def permutation_from_digits(digits: list[int]) -> np.ndarray:
     available = list(range(len(digits)))
     return np.array([available.pop(int(d)) for d in digits])
@@ -189,7 +194,7 @@ def key_radices(public: np.ndarray, k: int, mask_signs: bool, permuted: bool = F
     if not permuted:
         return support
     n = public.shape[1]
-    return np.concatenate([np.array(range(n, 0, -1), dtype=object), support])
+    return np.concatenate([permutation_radices(n, 1), support])
 
 
 def key_digits(
@@ -348,7 +353,7 @@ def make_context_key(
     digits = [permutation_digits(perm) for perm in perms if perm is not None]
     order = pack_digits(
         np.array([d for ds in digits for d in ds], dtype=object),
-        np.array(list(range(n, 0, -1)) * len(digits), dtype=object),
+        permutation_radices(n, len(digits)),
     )
     allowed = _allowed(np.concatenate(public), mask_signs)
     return order + encode_code(code, maps, grid, k, key_model, allowed, variable)
@@ -367,7 +372,7 @@ def read_context_key(
 ) -> np.ndarray:
     """Inverse of :func:`make_context_key` given the public vectors of each map as shown."""
     n = shown[0].shape[1]
-    radices = np.array(list(range(n, 0, -1)) * (len(maps) if permuted else 0), dtype=object)
+    radices = permutation_radices(n, len(maps) if permuted else 0)
     used = packed_size(radices)
     if len(payload) < used:
         raise PrimisError(f"key payload has {len(payload)} bytes, expected at least {used}")
