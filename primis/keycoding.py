@@ -239,7 +239,7 @@ def _walk(
     for index in stages:
         stage = _Stage(wide, vectors, sizes, index, map_of, ctx)
         if variable:
-            sizes[index] = coder.counts(index, stage.count_table[:, : k + 1])
+            sizes[index] = coder.counts(index, np.ascontiguousarray(stage.count_table[:, : k + 1]))
         taken = np.zeros((len(index), n), dtype=bool)
         for part, sign in enumerate((1, -1)):
             weights = stage.weights(part, allowed[index, part] & ~taken)
@@ -300,6 +300,33 @@ def decode_code(
     _walk(decoder, vectors, sizes, maps, grid, k, model, allowed, variable)
     if not decoder.coder.maybe_exhausted():
         raise PrimisError("key payload is corrupted (data left after the code)")
+    return vectors
+
+
+def most_probable_code(
+    model: KeyModel, grid: tuple[int, int], k: int, allowed: np.ndarray
+) -> np.ndarray:
+    """A code of every map (m * rows * cols vectors, k entries +1 and k entries -1 each) that
+    the model finds likely, where ``allowed`` (V, 2, n) marks the atoms each vector's +1 and -1
+    entries may take: stage by stage in coding order, each vector's most probable +1 set (the k
+    allowed atoms of largest weight in their context, which maximises the product model), then
+    its -1 set among the rest. Greedy over stages, exact within a vector; an attacker's guess
+    of the support from a prior over codes (`primis.attacks`)."""
+    _check_k(k, model)
+    v, _, n = allowed.shape
+    m = model.atom_weights.shape[0]
+    vectors = np.zeros((v, n), dtype=np.int8)
+    map_of, ctx, stages = _layout(list(range(m)), grid)
+    counts = np.full(v, k)
+    for index in stages:
+        stage = _Stage(model, vectors, counts, index, map_of, ctx)
+        taken = np.zeros((len(index), n), dtype=bool)
+        for part, sign in enumerate((1, -1)):
+            weights = np.where(allowed[index, part] & ~taken, stage.weights(part, True), -1.0)
+            chosen = np.argsort(-weights, axis=1, kind="stable")[:, :k]
+            rows = np.repeat(np.arange(len(index)), k)
+            taken[rows, chosen.reshape(-1)] = True
+            vectors[index[rows], chosen.reshape(-1)] = sign
     return vectors
 
 

@@ -73,12 +73,14 @@ def test_a_subset_of_maps_and_allowed_atoms_round_trip():
         encode_code(vectors, [0, 2], grid, k, model, ~allowed, variable=False)
 
 
-def test_lower_k_than_the_model_round_trips():
+@pytest.mark.parametrize("variable", [False, True])
+def test_lower_k_than_the_model_round_trips(variable):
     n, grid = 32, (4, 4)
     model = fit([smooth_code(1, n, grid, 4, 0, True)], 4)
-    vectors = as_vectors(smooth_code(1, n, grid, 2, 3, False))
-    data = encode_code(vectors, [0], grid, 2, model, variable=False)
-    assert np.array_equal(decode_code(data, [0], grid, n, 2, model, variable=False), vectors)
+    vectors = as_vectors(smooth_code(1, n, grid, 2, 3, variable))
+    data = encode_code(vectors, [0], grid, 2, model, variable=variable)
+    back = decode_code(data, [0], grid, n, 2, model, variable=variable)
+    assert np.array_equal(back, vectors)
     with pytest.raises(PrimisError, match="up to 4 pairs"):
         encode_code(vectors, [0], grid, 5, model)
 
@@ -127,15 +129,16 @@ def context_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize(
-    "obfuscation, maps",
+    "obfuscation, maps, k",
     [
-        (ObfuscationConfig(), None),
-        (ObfuscationConfig(fill=0.5), [1]),
-        (ObfuscationConfig(fill=0.3, mask_signs=False), None),
+        (ObfuscationConfig(), None, None),
+        (ObfuscationConfig(), None, 1),  # below the model's k
+        (ObfuscationConfig(fill=0.5), [1], None),
+        (ObfuscationConfig(fill=0.3, mask_signs=False), None, 1),
     ],
 )
 def test_context_coded_keys_restore_what_enumerative_keys_restore(
-    tiny_model_dir, context_model_dir, obfuscation, maps
+    tiny_model_dir, context_model_dir, obfuscation, maps, k
 ):
     plain, context = load_model(tiny_model_dir), load_model(context_model_dir)
     assert plain.key_model is None and context.key_model is not None
@@ -144,7 +147,7 @@ def test_context_coded_keys_restore_what_enumerative_keys_restore(
     unit = mapping.forward(pixels)
     restored = []
     for model in (plain, context):
-        shared = share_image(unit, mapping, model, obfuscation, maps=maps, refine_steps=2)
+        shared = share_image(unit, mapping, model, obfuscation, k, maps, refine_steps=2)
         key = KeyFile.from_bytes(shared.key)
         assert key.header.coding == ("context" if model is context else "enumerative")
         assert key.header.variable_rate == (model is context and obfuscation.fill == 1.0)
