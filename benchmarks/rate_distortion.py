@@ -4,11 +4,14 @@ For every image of every source: the key of each model (bytes of the whole key f
 its payload) and the authorized PSNR / MS-SSIM; each codec swept over its quality settings on
 the image's stored values (JPEG and JPEG XL at 8 bits, JPEG 2000 at 8 or 16 bits as stored);
 and, per image, the bits per pixel each codec needs for the PSNR the key gives (interpolated
-on the codec's curve in log-rate). With several k per model (--ks), BD-rate of the key against
-JPEG 2000 (bjontegaard, Akima) on the sources' mean curves.
+on the codec's curve in log-rate). A model's operating points are its k (--ks) times its rate
+weights (--weights: rate-distortion optimised coding, `primis.sharing.RateControl`); with at
+least four, BD-rate of the key against JPEG 2000 (bjontegaard, Akima) on the sources' mean
+curves.
 
     pip install -e ".[bench]"
     python benchmarks/rate_distortion.py --models cxr cxr-v1 --json runs/rd.json
+    python benchmarks/rate_distortion.py --weights 0 0.025 0.05 0.1 0.2 --json runs/rd-w.json
 
 PSNR and MS-SSIM are on the image's own intensity range (the [0, 1] scale PRIMIS maps it to).
 Prints one table per source (medians) and writes JSON with every per-image figure.
@@ -36,7 +39,7 @@ from primis.io.pixels import IntensityMapping
 from primis.metrics import ms_ssim, psnr
 from primis.modelstore import load_model
 from primis.report import describe_machine, machine_info, write_json
-from primis.sharing import reconstruct, share_image
+from primis.sharing import RateControl, reconstruct, share_image
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {
@@ -105,13 +108,17 @@ def bpp_at(points: list[dict], target: float) -> tuple[float | None, bool]:
     return float(np.exp(np.interp(target, psnrs, [np.log(p["bpp"]) for p in hull]))), False
 
 
-def primis_point(model, unit, mapping, k: int, refine_steps: int) -> dict:
+def primis_point(model, unit, mapping, k: int, weight: float | None, refine_steps: int) -> dict:
     started = time.perf_counter()
-    shared = share_image(unit, mapping, model, model.obfuscation, k, refine_steps=refine_steps)
+    rate = RateControl(weight=weight)
+    shared = share_image(
+        unit, mapping, model, model.obfuscation, k, refine_steps=refine_steps, rate=rate
+    )
     seconds = time.perf_counter() - started
     restored = mapping.forward(reconstruct(shared.public, shared.key, model)[0])
     return {
         "k": k,
+        "weight": shared.rate_weight,
         "bpp": 8 * len(shared.key) / unit.size,
         "payload_bpp": 8 * len(KeyFile.from_bytes(shared.key).payload) / unit.size,
         "key_bytes": len(shared.key),
@@ -151,27 +158,30 @@ def _mean_curve(curves: list[list[dict]]) -> list[dict]:
     ]
 
 
-def measure_source(paths: list[Path], models: dict, ks: list[int], refine_steps: int) -> dict:
+def measure_source(
+    paths: list[Path], models: dict, points: list[tuple[int, float | None]], refine_steps: int
+) -> dict:
     images = []
     for path in paths:
         unit, mapping = read_image(path)
         curves = {codec: codec_curve(unit, mapping, codec) for codec in SWEEPS}
         row = {"image": path.name, "shape": list(unit.shape), "codecs": curves, "primis": {}}
         for name, model in models.items():
-            row["primis"][name] = [primis_point(model, unit, mapping, k, refine_steps) for k in ks]
+            row["primis"][name] = [
+                primis_point(model, unit, mapping, k, weight, refine_steps) for k, weight in points
+            ]
         images.append(row)
         print(f"  {path.name} {unit.shape}", flush=True)
     return {"images": images, "summary": summarize(images)}
 
 
 def summarize(images: list[dict]) -> dict:
-    """Per key (model and k): medians over the images, the key's bytes over each codec's at
-    equal PSNR (a lower bound, marked, where a codec's lowest setting beats the key), and
-    BD-rate against JPEG 2000."""
+    """Per key (model, k and rate weight): medians over the images, the key's bytes over each
+    codec's at equal PSNR (a lower bound, marked, where a codec's lowest setting beats the key),
+    and BD-rate against JPEG 2000."""
     summary = {}
     for name, first in images[0]["primis"].items():
-        ks = [point["k"] for point in first]
-        for index, k in enumerate(ks):
+        for index, point in enumerate(first):
             points = [row["primis"][name][index] for row in images]
             entry = {
                 "median_key_bpp": statistics.median(p["bpp"] for p in points),
@@ -195,13 +205,13 @@ def summarize(images: list[dict]) -> dict:
                 )
                 entry[f"{codec}_lower_bounds"] = sum(bound for _, bound in needed)
                 entry[f"{codec}_above_curve"] = sum(b is None for b, _ in needed)
-            summary[f"{name} k={k}"] = entry
+            summary[f"{name} k={point['k']} w={point.get('weight', 0):g}"] = entry
         mean_key = [
             {
                 key: float(np.mean([row["primis"][name][i][key] for row in images]))
                 for key in ("bpp", "psnr")
             }
-            for i in range(len(ks))
+            for i in range(len(first))
         ]
         anchor = _mean_curve([row["codecs"]["jpeg2000"] for row in images])
         summary[f"{name} bd_rate_vs_jpeg2000_percent"] = bd_rate(mean_key, anchor)
@@ -213,7 +223,7 @@ def print_report(report: dict) -> None:
     for name, result in report["sources"].items():
         print(f"\n{name} ({len(result['images'])} images), medians:")
         print(
-            f"  {'key':16s} {'key bpp':>8s} {'payload':>8s} {'PSNR':>6s} {'worst':>6s} "
+            f"  {'key':22s} {'key bpp':>8s} {'payload':>8s} {'PSNR':>6s} {'worst':>6s} "
             f"{'MS-SSIM':>7s} {'/J2K':>7s} {'/JPEG':>7s} {'/JXL':>7s}"
         )
         for key, entry in result["summary"].items():
@@ -227,7 +237,7 @@ def print_report(report: dict) -> None:
                 cells.append("    n/a" if ratio is None else f"{bound}{ratio:6.2f}")
             ms = entry["mean_ms_ssim"]
             print(
-                f"  {key:16s} {entry['median_key_bpp']:8.3f} {entry['median_payload_bpp']:8.3f} "
+                f"  {key:22s} {entry['median_key_bpp']:8.3f} {entry['median_payload_bpp']:8.3f} "
                 f"{entry['median_psnr']:6.2f} {entry['worst_psnr']:6.2f} "
                 f"{'n/a' if ms is None else f'{ms:.4f}':>7s} {' '.join(cells)}"
             )
@@ -241,6 +251,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["cxr"])
     parser.add_argument("--ks", type=int, nargs="+", default=[4], help="k per key (default 4)")
+    parser.add_argument(
+        "--weights",
+        type=float,
+        nargs="+",
+        help="rate weights per key (default: the sharing default for the refine steps)",
+    )
     parser.add_argument(
         "--source",
         action="append",
@@ -276,7 +292,8 @@ def main() -> None:
     }
     for name, paths in sources.items():
         print(f"{name}: {len(paths)} images", flush=True)
-        report["sources"][name] = measure_source(paths, models, args.ks, args.refine_steps)
+        points = [(k, w) for k in args.ks for w in (args.weights or [None])]
+        report["sources"][name] = measure_source(paths, models, points, args.refine_steps)
         write_json(args.json, report)
     print_report(report)
     print(f"JSON: {args.json}")

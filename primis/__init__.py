@@ -29,6 +29,7 @@ _EXPORTS = {
     "export_model": "primis.api",
     "load_model": "primis.api",
     "restore": "primis.api",
+    "restore_dicom": "primis.api",
     "restore_file": "primis.api",
     "share": "primis.api",
     "share_file": "primis.api",

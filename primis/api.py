@@ -23,7 +23,7 @@ import base64
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypedDict, Unpack
 
@@ -51,7 +51,7 @@ from primis.io.pixels import IntensityMapping
 from primis.keywrap import is_wrapped, load_identity, unwrap
 from primis.modelstore import LoadedModel, pick_device, save_model
 from primis.modelstore import load_model as _load_model
-from primis.sharing import SharedImage
+from primis.sharing import RateControl, SharedImage
 
 ModelLike = LoadedModel | str | os.PathLike | None
 ImageLike = np.ndarray | str | os.PathLike
@@ -93,15 +93,23 @@ def _model(model: ModelLike) -> LoadedModel:
 
 
 def obfuscation_for(
-    model: LoadedModel, obfuscation: ObfuscationConfig | Mapping | None
+    model: LoadedModel, obfuscation: ObfuscationConfig | Mapping | None, privacy: str | None = None
 ) -> ObfuscationConfig:
-    """The obfuscation a share uses: the model's, or ``obfuscation`` as given, or the model's
-    with the settings of a mapping (e.g. ``{"fill": 0.5}``) changed, validated."""
+    """The obfuscation a share uses: the model's (or the named ``privacy`` preset's, see
+    `obfuscation.PRIVACY_PRESETS`), or ``obfuscation`` as given, or those settings with the
+    ones of a mapping (e.g. ``{"fill": 0.5}``) changed, validated."""
+    from primis.obfuscation import PRIVACY_PRESETS
+
+    if privacy is not None and privacy not in PRIVACY_PRESETS:
+        raise PrimisError(f"privacy {privacy!r}: expected one of {', '.join(PRIVACY_PRESETS)}")
     if isinstance(obfuscation, ObfuscationConfig):
+        if privacy is not None:
+            raise PrimisError("give a privacy preset or an ObfuscationConfig, not both")
         return obfuscation
     if obfuscation is not None and not isinstance(obfuscation, Mapping):
         raise PrimisError("obfuscation: expected an ObfuscationConfig or a mapping of settings")
-    settings = model.obfuscation.model_dump() | dict(obfuscation or {})
+    base = PRIVACY_PRESETS[privacy] if privacy else model.obfuscation
+    settings = base.model_dump() | dict(obfuscation or {})
     return parse_config(ObfuscationConfig, settings, "obfuscation options")
 
 
@@ -113,17 +121,29 @@ def share(
     maps: list[int] | None = None,
     refine_steps: int = REFINE_STEPS,
     obfuscation: ObfuscationConfig | Mapping | None = None,
+    privacy: str | None = None,
     keep_header: bool = False,
+    rate_weight: float | None = None,
+    key_bpp: float | None = None,
+    quality: float | None = None,
 ) -> SharedImage:
     """Turn one image into a public file and its private key, as bytes (``.public``,
-    ``.key``; also ``.file_id``, ``.ideal_key_bits``, ``.pixels``).
+    ``.key``; also ``.file_id``, ``.ideal_key_bits``, ``.pixels``, ``.key_bits_per_pixel``,
+    ``.rate_weight`` and, with a target, ``.psnr``).
 
     ``image`` is a file path (any supported format) or a 2-D array of any numeric dtype (colour
     becomes luminance); restoring gives back its size, dtype and range. ``k`` (at most the
     model's) lowers the key size and the quality, ``maps`` issues a key for these code maps
     only, ``refine_steps`` improves the code before sharing (0: the encoder's code, fastest),
-    ``obfuscation`` changes the model's obfuscation settings (see `obfuscation_for`), and
-    ``keep_header`` puts a DICOM input's original header into the key.
+    ``obfuscation`` changes the model's obfuscation settings (see `obfuscation_for`),
+    ``privacy`` starts from a named preset instead ("strict": the public file is independent
+    of the image; "compact": half the noise, a smaller key; "paper": public signs, as small a
+    key that leaks the image; see README "Privacy modes"; both files record the preset, or
+    "custom"), and ``keep_header`` puts a DICOM input's original header into the key. The
+    key's size: ``rate_weight`` trades quality for key bits in the choice of code (default:
+    `sharing.RATE_WEIGHT` when refining, 0 without),
+    or rate control picks it per image to keep the key within ``key_bpp`` bits per pixel or
+    the restored image at ``quality`` dB PSNR or better (see `sharing.RateControl`).
     """
     model = _model(model)
     if isinstance(image, np.ndarray):
@@ -137,12 +157,13 @@ def share(
         mapping.forward(source.pixels),
         mapping,
         model,
-        obfuscation_for(model, obfuscation),
+        obfuscation_for(model, obfuscation, privacy),
         k,
         maps,
         source.details,
         header,
         refine_steps,
+        rate=RateControl(rate_weight, key_bpp, quality),
     )
 
 
@@ -159,6 +180,8 @@ class SharedFile:
     pixels: int
     ideal_key_bits: float
     seconds: float
+    rate_weight: float = 0.0
+    psnr: float | None = None
 
     @property
     def key_bits_per_pixel(self) -> float:
@@ -178,7 +201,11 @@ class ShareOptions(TypedDict, total=False):
     maps: list[int] | None
     refine_steps: int
     obfuscation: ObfuscationConfig | Mapping | None
+    privacy: str | None
     keep_header: bool
+    rate_weight: float | None
+    key_bpp: float | None
+    quality: float | None
 
 
 def share_file(
@@ -190,6 +217,7 @@ def share_file(
     names: Names = "auto",
     overwrite: bool = False,
     outputs: SharingOutputs | None = None,
+    source: str | None = None,
     **options: Unpack[ShareOptions],
 ) -> SharedFile | None:
     """What `primis ambiguate` does for one input: write PUBLIC_DIR/NAME.primis and
@@ -199,12 +227,58 @@ def share_file(
 
     ``options`` are those of `share`. A batch passes one open ``outputs`` (the
     `SharingOutputs` of these two folders) to every call, so the manifests are read and
-    compacted once.
+    compacted once. ``source`` names the input in the private manifest (default: its absolute
+    path), e.g. the SOP Instance UID of an instance received over the network, whose file is
+    temporary.
     """
     if outputs is None:
         with SharingOutputs(Path(public_dir), Path(key_dir)) as opened:
-            return _share_into(opened, Path(path), model, names, overwrite, options)
-    return _share_into(outputs, Path(path), model, names, overwrite, options)
+            return _share_into(opened, Path(path), model, names, overwrite, source, options)
+    return _share_into(outputs, Path(path), model, names, overwrite, source, options)
+
+
+@dataclass(frozen=True)
+class FileSharer:
+    """`share_file` into fixed folders with fixed options, as a callable that pickles, so that
+    a batch can run it in worker processes (`primis.batch.run_batch` with ``workers``): each
+    process loads the model (``model``: a run directory or bundled name, on ``device``) and
+    opens the output folders once, on its first file."""
+
+    model: str
+    device: str
+    public_dir: Path
+    key_dir: Path
+    names: Names = "auto"
+    overwrite: bool = False
+    options: ShareOptions = field(default_factory=dict)
+
+    def reuse(self, model: LoadedModel, outputs: SharingOutputs) -> FileSharer:
+        """Give this process's loaded model and open outputs to the sharer (no second load)."""
+        _OPENED[self._opened] = model, outputs
+        return self
+
+    @property
+    def _opened(self) -> tuple:
+        return self.model, self.device, self.public_dir, self.key_dir
+
+    def __call__(self, path: Path) -> SharedFile | None:
+        if self._opened not in _OPENED:  # once per process
+            model = load_model(self.model, self.device)
+            _OPENED[self._opened] = model, SharingOutputs(self.public_dir, self.key_dir)
+        model, outputs = _OPENED[self._opened]
+        return share_file(
+            path,
+            self.public_dir,
+            self.key_dir,
+            model,
+            names=self.names,
+            overwrite=self.overwrite,
+            outputs=outputs,
+            **self.options,
+        )
+
+
+_OPENED: dict[tuple, tuple[LoadedModel, SharingOutputs]] = {}  # FileSharer's, per process
 
 
 def _share_into(
@@ -213,9 +287,10 @@ def _share_into(
     model: ModelLike,
     names: Names,
     overwrite: bool,
+    source: str | None,
     options: ShareOptions,
 ) -> SharedFile | None:
-    source, by_id = str(path.absolute()), named_by_id(path, names)
+    source, by_id = source or str(path.absolute()), named_by_id(path, names)
     previous = outputs.previous(source, None if by_id else path.stem)
     if not overwrite and outputs.done(source, previous):
         return None
@@ -233,6 +308,8 @@ def _share_into(
         shared.pixels,
         shared.ideal_key_bits,
         time.perf_counter() - started,
+        shared.rate_weight,
+        shared.psnr,
     )
 
 
@@ -293,6 +370,38 @@ def restore_file(
     ):
         return None
     output_folders(out_dir)
+    suffix, data = _restored_file(public_path, key_dir, model, identity, passphrase, False)
+    target = out_dir / f"{public_path.stem}{suffix}"
+    write_atomic(target, data, mode)
+    return target
+
+
+def restore_dicom(
+    public_path: str | os.PathLike,
+    key_dir: str | os.PathLike,
+    model: ModelLike = None,
+    *,
+    identity: Identity = None,
+    passphrase: str | None = None,
+) -> bytes:
+    """The authorized reconstruction of a public file (restored with
+    KEY_DIR/<stem>.primiskey) as the bytes of a DICOM file, kept in memory: what `primis
+    restore-to` sends to a DICOM node. Its header is the original one where the key holds it
+    (``ambiguate --keep-header``), otherwise a new de-identified one; an input that was not
+    DICOM becomes a Secondary Capture image."""
+    return _restored_file(Path(public_path), key_dir, model, identity, passphrase, True)[1]
+
+
+def _restored_file(
+    public_path: Path,
+    key_dir: str | os.PathLike,
+    model: ModelLike,
+    identity: Identity,
+    passphrase: str | None,
+    as_dicom: bool,
+) -> tuple[str, bytes]:
+    """The authorized reconstruction of a public file as a file's suffix and bytes: DICOM for
+    a DICOM input (or any input, ``as_dicom``), otherwise its own type (see `restore_file`)."""
     key_path = Path(key_dir) / f"{public_path.stem}.primiskey"
     pixels, key = _reconstruct(
         read_file(public_path),
@@ -304,15 +413,11 @@ def restore_file(
         str(key_path),
     )
     details = key.header.source
-    if details.get("format") == "dicom":
-        target = out_dir / f"{public_path.stem}.dcm"
+    if as_dicom or details.get("format") == "dicom":
         header = base64.b64decode(key.header.dicom_header) if key.header.dicom_header else None
-        data = encode_dicom(pixels, details, header, key.header.file_id)
-    else:
-        target = out_dir / f"{public_path.stem}{output_suffix(details, pixels.dtype)}"
-        data = encode_image(pixels, target.suffix)
-    write_atomic(target, data, mode)
-    return target
+        return ".dcm", encode_dicom(pixels, details, header, key.header.file_id)
+    suffix = output_suffix(details, pixels.dtype)
+    return suffix, encode_image(pixels, suffix)
 
 
 def attacker_view(public: bytes, model: ModelLike = None) -> np.ndarray:

@@ -17,11 +17,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import glob
 import json
+import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -318,48 +321,91 @@ class BatchResult:
 
 
 def run_batch(
-    items: list[Path], work: Callable[[Path], str], label: str, failed: dict[Path, str]
+    items: list[Path],
+    work: Callable[[Path], str],
+    label: str,
+    failed: dict[Path, str],
+    workers: int = 1,
 ) -> BatchResult:
     """Run ``work`` on every item with a progress bar (on a terminal) and return what was done.
 
     ``work`` returns a one-line report (written above the bar), or :data:`SKIPPED` when the
     outputs already exist. ``failed`` holds items that failed before the batch (e.g. name
     clashes). Skipped items leave the bar's total, so its rate and time left count only the
-    work done. A full or read-only disk stops the batch with a PrimisError.
+    work done. A full or read-only disk stops the batch with a PrimisError. With ``workers``
+    > 1, that many processes run the items (``work`` must then pickle, see `worker_pool`) and
+    the reports still come in the items' order.
     """
     done = skipped = 0
     failures = dict(failed)
+    pending = [path for path in items if path not in failures]
     show = sys.stderr.isatty()
-    with tqdm(total=len(items), desc=label, unit="file", disable=not show, file=sys.stderr) as bar:
+    with (
+        tqdm(total=len(items), desc=label, unit="file", disable=not show, file=sys.stderr) as bar,
+        worker_pool(workers) as pool,
+    ):
         for path in items:
             if path in failures:
                 tqdm.write(f"error: {failures[path]}", file=sys.stderr)
                 bar.update(1)
-                continue
-            try:
-                report = work(path)
-            except OSError as err:
-                if err.errno in FATAL_ERRNOS:
-                    raise PrimisError(
-                        f"{path}: {describe_os_error(err)}; batch stopped after {done} done "
-                        f"(rerun to go on)"
-                    ) from None
-                report = f"{path}: {describe_os_error(err)}"
-            except PrimisError as err:
-                report = str(err)
-            except Exception as err:  # a bug must not stop the batch; say what it was
-                report = f"{path}: unexpected {type(err).__name__}: {err}".splitlines()[0]
+        attempts = functools.partial(attempt, work)
+        outcomes = map(attempts, pending) if pool is None else pool.map(attempts, pending)
+        for path, (outcome, report) in zip(pending, outcomes, strict=True):
+            if outcome == "fatal":
+                raise PrimisError(f"{report}; batch stopped after {done} done (rerun to go on)")
+            if outcome == SKIPPED:
+                skipped += 1
+                bar.total -= 1
+                bar.refresh()
+            elif outcome == "done":
+                done += 1
+                tqdm.write(report)
+                bar.update(1)
             else:
-                if report == SKIPPED:
-                    skipped += 1
-                    bar.total -= 1
-                    bar.refresh()
-                else:
-                    done += 1
-                    tqdm.write(report)
-                    bar.update(1)
-                continue
-            failures[path] = report
-            tqdm.write(f"error: {report}", file=sys.stderr)
-            bar.update(1)
+                failures[path] = report
+                tqdm.write(f"error: {report}", file=sys.stderr)
+                bar.update(1)
     return BatchResult(len(items), done, skipped, failures)
+
+
+def attempt(work: Callable[[Path], str], path: Path) -> tuple[str, str]:
+    """``work(path)`` as (outcome, report): "done" with its report, SKIPPED, "failed" with the
+    reason (a bad input, an OS error or a bug: the batch goes on), or "fatal" for an OS error
+    after which no file can succeed (`FATAL_ERRNOS`)."""
+    try:
+        report = work(path)
+    except OSError as err:
+        reason = f"{path}: {describe_os_error(err)}"
+        return ("fatal" if err.errno in FATAL_ERRNOS else "failed"), reason
+    except PrimisError as err:
+        return "failed", str(err)
+    except Exception as err:  # a bug must not stop the batch; say what it was
+        return "failed", f"{path}: unexpected {type(err).__name__}: {err}".splitlines()[0]
+    return (SKIPPED, "") if report == SKIPPED else ("done", report)
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """``workers`` processes (None for 1) that share this machine's cores: each runs torch on
+    cores / workers threads. They start fresh (spawn: no state of this process, nor its thread
+    pools, is inherited), so the work they get must pickle (module-level functions and plain
+    data), and each one loads what it needs once (e.g. `primis.api.FileSharer`)."""
+    if workers < 1:
+        raise PrimisError(f"workers {workers}: expected at least 1")
+    if workers == 1:
+        yield None
+        return
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, context, _set_threads, (threads,)) as pool:
+        try:
+            yield pool
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)

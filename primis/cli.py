@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -198,12 +199,117 @@ def _refine_option(func):
     )(func)
 
 
+def _sharing_options(func):
+    """The options of how an image is shared, as `ambiguate` and `serve` take them (see
+    `_share_options`)."""
+    for option in reversed(
+        [
+            click.option("--k", "k", type=int, help="non-zeros per sign (at most the model's k)"),
+            _privacy_option,
+            click.option("--fill", type=float, help="fraction of zero entries filled with noise"),
+            click.option(
+                "--mask-signs/--no-mask-signs",
+                default=None,
+                help="hide the signs of true entries",
+            ),
+            click.option(
+                "--maps",
+                callback=lambda _ctx, _param, value: _parse_ints(value, "--maps"),
+                help="issue keys for these code maps only, e.g. 0 or 0,1",
+            ),
+            _refine_option,
+            *_rate_options,
+            click.option(
+                "--keep-header", is_flag=True, help="put the original DICOM header in the key"
+            ),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def _share_options(model, k, fill, mask_signs, maps, refine_steps, keep_header):
+    """The `primis.api.ShareOptions` of `_sharing_options`' values."""
+    from primis.api import ShareOptions
+    from primis.sharing import RateControl
+
+    rate = click.get_current_context().meta.get("primis.rate", {})
+    RateControl(rate.get("rate_weight"), rate.get("key_bpp"), rate.get("quality"))  # fail early
+    options: ShareOptions = {
+        "k": k,
+        "maps": maps,
+        "refine_steps": refine_steps,
+        "obfuscation": _obfuscation(model, fill, mask_signs),
+        "keep_header": keep_header,
+        **rate,
+    }
+    return options
+
+
+def _keep_rate(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
+    if value is not None:
+        ctx.meta.setdefault("primis.rate", {})[param.name] = value
+
+
+# Kept for `_share_options` (like --privacy), so every command that shares takes them alike.
+_rate_options = [
+    click.option(
+        "--rate-weight",
+        type=float,
+        expose_value=False,
+        callback=_keep_rate,
+        help="weight of a key bit against distortion in the choice of code: 0 for the best "
+        "quality, larger for smaller keys (default 0.05 when refining, 0 with --refine-steps 0)",
+    ),
+    click.option(
+        "--key-bpp",
+        type=float,
+        expose_value=False,
+        callback=_keep_rate,
+        help="rate control: per image, the best quality whose key has at most this many bits "
+        "per pixel (tries several weights: 2-4 times the time)",
+    ),
+    click.option(
+        "--quality",
+        type=float,
+        expose_value=False,
+        callback=_keep_rate,
+        help="rate control: per image, the smallest key whose restored image reaches this "
+        "PSNR in dB (over the image's own range; 2-4 times the time)",
+    ),
+]
+
+
+def _keep_privacy(ctx: click.Context, _param, value: str | None) -> None:
+    ctx.meta["primis.privacy"] = value
+
+
+_privacy_option = click.option(
+    "--privacy",
+    type=click.Choice(["strict", "compact", "paper"]),
+    expose_value=False,  # kept for `_obfuscation`, so every command that shares takes it alike
+    callback=_keep_privacy,
+    help="a named privacy mode (README 'Privacy modes'): strict (default; the public file is "
+    "independent of the image), compact (half the noise: a key 17% smaller, no image "
+    "recovered in our measurements, some support structure shown) or paper (public signs: "
+    "as small a key, the image leaks); --fill and --mask-signs change it (recorded as custom)",
+)
+
+
 def _obfuscation(model, fill: float | None, mask_signs: bool | None):
-    """The model's obfuscation settings with the command line's overrides, validated."""
+    """The model's obfuscation settings, or those of `--privacy`, with the command line's
+    overrides, validated; says on stderr what a preset that leaks was measured to leak."""
     from primis.api import obfuscation_for
+    from primis.obfuscation import PRIVACY_WARNINGS, privacy_preset_name
 
     chosen = {"fill": fill, "mask_signs": mask_signs}
-    return obfuscation_for(model, {name: v for name, v in chosen.items() if v is not None})
+    privacy = click.get_current_context().meta.get("primis.privacy")
+    settings = {name: v for name, v in chosen.items() if v is not None}
+    obfuscation = obfuscation_for(model, settings, privacy)
+    warning = PRIVACY_WARNINGS.get(privacy_preset_name(obfuscation))
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
+    return obfuscation
 
 
 def _parse_ints(text: str | None, option: str) -> list[int] | None:
@@ -217,12 +323,16 @@ def _parse_ints(text: str | None, option: str) -> list[int] | None:
 
 
 def _run_batch(
-    items: list[Path], work: Callable[[Path], str], label: str, failed: dict[Path, str]
+    items: list[Path],
+    work: Callable[[Path], str],
+    label: str,
+    failed: dict[Path, str],
+    workers: int = 1,
 ) -> None:
     """`batch.run_batch`, then its summary line; any failed item makes the exit status 1."""
     from primis.batch import run_batch
 
-    result = run_batch(items, work, label, failed)
+    result = run_batch(items, work, label, failed, workers)
     summary = [f"{result.done} done", f"{len(result.failures)} failed"]
     if result.skipped:  # said only when some were, with why
         summary.insert(1, f"{result.skipped} skipped (outputs exist; --overwrite to redo)")
@@ -236,14 +346,16 @@ def _run_batch(
 @_model_option
 @click.option("--public-dir", required=True, type=click.Path(path_type=Path))
 @click.option("--key-dir", required=True, type=click.Path(path_type=Path))
-@click.option("--k", "k", type=int, help="non-zeros per sign (at most the model's k)")
-@click.option("--fill", type=float, help="fraction of zero entries filled with noise")
-@click.option("--mask-signs/--no-mask-signs", default=None, help="hide the signs of true entries")
-@click.option("--maps", help="issue keys for these code maps only, e.g. 0 or 0,1")
-@_refine_option
-@click.option("--keep-header", is_flag=True, help="put the original DICOM header in the key")
+@_sharing_options
 @click.option("--overwrite", is_flag=True, help="redo inputs whose outputs exist")
 @click.option("--shard", help="I/N: process every N-th input from the I-th (0-based)")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="processes sharing the inputs, each on cores/N torch threads",
+)
 @click.option(
     "--names",
     type=click.Choice(["auto", "stem", "id"]),
@@ -265,6 +377,7 @@ def ambiguate(
     keep_header,
     overwrite,
     shard,
+    workers,
     names,
 ) -> None:
     """Turn each image into PUBLIC_DIR/NAME.primis and KEY_DIR/NAME.primiskey, where NAME is
@@ -275,44 +388,60 @@ def ambiguate(
     PUBLIC_DIR/manifest.jsonl lists only file ids, digests and sizes, and may travel with the
     public files. A rerun after an interruption completes what is missing.
     """
-    from primis.batch import SKIPPED, SharingOutputs, duplicate_stems, expand, select_shard
+    from primis.batch import SharingOutputs, duplicate_stems, expand, select_shard
     from primis.io.images import is_image_file
 
     items = select_shard(expand(inputs, is_image_file), shard)
-    chosen_maps = _parse_ints(maps, "--maps")
     model = _load_model(model_dir)  # then what needs torch
-    from primis.api import ShareOptions, named_by_id, share_file
+    from primis.api import FileSharer, named_by_id
 
-    options: ShareOptions = {
-        "k": k,
-        "maps": chosen_maps,
-        "refine_steps": refine_steps,
-        "obfuscation": _obfuscation(model, fill, mask_signs),
-        "keep_header": keep_header,
-    }
-
-    def work(path: Path) -> str:
-        done = share_file(
-            path,
-            public_dir,
-            key_dir,
-            model,
-            names=names,
-            overwrite=overwrite,
-            outputs=outputs,
-            **options,
-        )
-        if done is None:
-            return SKIPPED
-        return (
-            f"{path.name}: public {done.public_bytes} B, key {done.key_bytes} B "
-            f"({done.key_bits_per_pixel:.3f} bpp; "
-            f"ideal support {done.ideal_key_bits / 8:.0f} B) in {done.seconds:.2f} s"
-        )
-
+    options = _share_options(model, k, fill, mask_signs, maps, refine_steps, keep_header)
+    device = click.get_current_context().meta.get("primis.device", "auto")
     clashes = duplicate_stems([p for p in items if not named_by_id(p, names)])
     with SharingOutputs(public_dir, key_dir) as outputs:
-        _run_batch(items, work, "ambiguate", clashes)
+        sharer = FileSharer(
+            str(model.directory), device, public_dir, key_dir, names, overwrite, options
+        ).reuse(model, outputs)
+        work = functools.partial(_shared_report, sharer)
+        _run_batch(items, work, "ambiguate", clashes, workers)
+
+
+def _shared_report(sharer, path: Path) -> str:
+    """One file of `ambiguate`: its report line, or SKIPPED (module level: it pickles)."""
+    from primis.batch import SKIPPED
+
+    done = sharer(path)
+    if done is None:
+        return SKIPPED
+    quality = "" if done.psnr is None else f", restored {done.psnr:.2f} dB"
+    return (
+        f"{path.name}: public {done.public_bytes} B, key {done.key_bytes} B "
+        f"({done.key_bits_per_pixel:.3f} bpp; "
+        f"ideal support {done.ideal_key_bits / 8:.0f} B; rate weight {done.rate_weight:g}"
+        f"{quality}) in {done.seconds:.2f} s"
+    )
+
+
+def _wrapped_key_options(func):
+    """--identity and --passphrase: what opens keys wrapped for recipients (see
+    `_key_secrets`)."""
+    func = click.option(
+        "--passphrase",
+        "ask_passphrase",
+        is_flag=True,
+        help="keys are wrapped with a passphrase (prompt, or PRIMIS_PASSPHRASE)",
+    )(func)
+    return click.option(
+        "--identity", type=click.Path(path_type=Path), help="private key for wrapped keys"
+    )(func)
+
+
+def _key_secrets(identity: Path | None, ask_passphrase: bool):
+    """The loaded identity and the passphrase of `_wrapped_key_options`' values."""
+    from primis.keywrap import load_identity
+
+    secret = load_identity(identity) if identity else None
+    return secret, _passphrase(confirm=False) if ask_passphrase else None
 
 
 @cli.command()
@@ -321,13 +450,7 @@ def ambiguate(
 @click.option("--key-dir", type=click.Path(path_type=Path), help="folder of <stem>.primiskey")
 @click.option("--out-dir", required=True, type=click.Path(path_type=Path))
 @click.option("--without-key", is_flag=True, help="write what an attacker decodes instead")
-@click.option("--identity", type=click.Path(path_type=Path), help="private key for wrapped keys")
-@click.option(
-    "--passphrase",
-    "ask_passphrase",
-    is_flag=True,
-    help="keys are wrapped with a passphrase (prompt, or PRIMIS_PASSPHRASE)",
-)
+@_wrapped_key_options
 @click.option("--overwrite", is_flag=True, help="redo files whose output exists")
 @click.option("--shard", help="I/N: process every N-th file from the I-th (0-based)")
 @click.option(
@@ -357,7 +480,6 @@ def disambiguate(
     """
     from primis.batch import SKIPPED, duplicate_stems, expand, output_folders, select_shard
     from primis.io.files import clean_stale_parts
-    from primis.keywrap import load_identity
 
     if key_dir is None and not without_key:
         raise PrimisError("--key-dir is required (or --without-key for the attacker's view)")
@@ -368,8 +490,7 @@ def disambiguate(
     if not 0 <= mode <= 0o777:
         raise PrimisError(f"--output-mode {output_mode}: expected octal permissions like 600")
     items = select_shard(expand(publics, lambda p: p.suffix == ".primis"), shard)
-    secret = load_identity(identity) if identity else None
-    passphrase = _passphrase(confirm=False) if ask_passphrase else None
+    secret, passphrase = _key_secrets(identity, ask_passphrase)
     model = _load_model(model_dir)  # then what needs torch
     from primis.api import attacker_view_file, restore_file
 
@@ -393,6 +514,147 @@ def disambiguate(
         return SKIPPED if target is None else f"{path.name} -> {target}"
 
     _run_batch(items, work, "disambiguate", duplicate_stems(items))
+
+
+@cli.command()
+@click.option("--ae-title", default="PRIMIS", show_default=True, help="this node's AE title")
+@click.option("--host", default="0.0.0.0", show_default=True, help="address to listen on")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=11112, show_default=True, help="0: any free"
+)
+@click.option("--public-dir", required=True, type=click.Path(path_type=Path))
+@click.option("--key-dir", required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--spool-dir",
+    type=click.Path(path_type=Path),
+    help="received instances wait here until shared (patient data; default KEY_DIR/spool)",
+)
+@_model_option
+@_sharing_options
+@click.option(
+    "--allow", multiple=True, help="accept associations only from this calling AE (repeatable)"
+)
+@click.option(
+    "--queue",
+    "queue_size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="instances waiting to be shared at most; more wait for room (back-pressure)",
+)
+@click.option(
+    "--queue-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="seconds an instance waits for room before it is refused (0xA700)",
+)
+@click.option("--max-associations", type=click.IntRange(min=1), default=10, show_default=True)
+def serve(
+    ae_title,
+    host,
+    port,
+    public_dir,
+    key_dir,
+    spool_dir,
+    model_dir,
+    k,
+    fill,
+    mask_signs,
+    maps,
+    refine_steps,
+    keep_header,
+    allow,
+    queue_size,
+    queue_timeout,
+    max_associations,
+) -> None:
+    """Run a DICOM node: share every instance received by C-STORE as `ambiguate` does.
+
+    A Storage SCP (the common storage SOP classes, every transfer syntax pydicom decodes) and
+    Verification SCP. Each instance is spooled to disk first, then shared into
+    PUBLIC_DIR/<file id>.primis and KEY_DIR/<file id>.primiskey; the sender gets success only
+    once both are on disk. A restart shares what a killed node left in the spool. SIGTERM or
+    Ctrl-C stops it cleanly: queued instances are shared and answered first.
+    """
+    import logging
+    import signal
+    import threading
+
+    model = _load_model(model_dir)  # then what needs torch
+    from primis.dicomnode import DicomNode
+
+    node = DicomNode(
+        public_dir,
+        key_dir,
+        model,
+        ae_title=ae_title,
+        host=host,
+        port=port,
+        spool_dir=spool_dir,
+        allow=allow,
+        queue_size=queue_size,
+        queue_timeout=queue_timeout,
+        max_associations=max_associations,
+        **_share_options(model, k, fill, mask_signs, maps, refine_steps, keep_header),
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO log shows data sets
+    node.start()
+    stop = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: stop.set())
+    listening, bound = node.address
+    click.echo(
+        f"listening as {ae_title} on {listening}:{bound}"
+        + (f" for {', '.join(allow)}" if allow else "")
+        + f"; public files -> {public_dir}, keys -> {key_dir}",
+        err=True,
+    )
+    while not stop.wait(0.5):
+        pass
+    click.echo("stopping: sharing what is queued", err=True)
+    stats = node.stop()
+    click.echo(
+        f"stopped: {stats.received} received, {stats.stored} shared, "
+        f"{stats.duplicates} already shared, {stats.failed} failed, {stats.refused} refused",
+        err=True,
+    )
+
+
+@cli.command("restore-to")
+@click.argument("publics", nargs=-1, required=True)
+@_model_option
+@click.option("--key-dir", required=True, type=click.Path(path_type=Path))
+@click.option("--host", required=True, help="the receiving DICOM node")
+@click.option("--port", required=True, type=click.IntRange(1, 65535))
+@click.option("--called-ae", required=True, help="the receiving node's AE title")
+@click.option("--calling-ae", default="PRIMIS", show_default=True, help="this side's AE title")
+@_wrapped_key_options
+@click.option("--shard", help="I/N: process every N-th file from the I-th (0-based)")
+def restore_to(
+    publics, model_dir, key_dir, host, port, called_ae, calling_ae, identity, ask_passphrase, shard
+) -> None:
+    """Send the authorized reconstruction of each PUBLIC file to a DICOM node by C-STORE.
+
+    Each is restored in memory as DICOM (the original header where the key holds it, from
+    `ambiguate --keep-header`; otherwise a de-identified one) and sent over one association;
+    nothing is written to disk.
+    """
+    from primis.batch import duplicate_stems, expand, select_shard
+
+    items = select_shard(expand(publics, lambda p: p.suffix == ".primis"), shard)
+    secret, passphrase = _key_secrets(identity, ask_passphrase)
+    model = _load_model(model_dir)  # then what needs torch
+    from primis.dicomnode import StorageClient
+    from primis.dicomnode import restore_to as send_restored
+
+    def work(path: Path) -> str:
+        status = send_restored(path, key_dir, node, model, identity=secret, passphrase=passphrase)
+        return f"{path.name} -> {called_ae} at {host}:{port} (status 0x{status:04X})"
+
+    with StorageClient(host, port, called_ae, calling_ae) as node:
+        _run_batch(items, work, "restore-to", duplicate_stems(items))
 
 
 def _passphrase(confirm: bool) -> str:
@@ -523,8 +785,20 @@ def demo(image, model_dir, out, refine_steps) -> None:
     type=click.Path(path_type=Path),
     help="the images whose public files are attacked (folder or list)",
 )
+@_privacy_option
 @click.option("--fill", type=float, help="obfuscation fill (default: the model's)")
 @click.option("--mask-signs/--no-mask-signs", default=None)
+@click.option(
+    "--frontier",
+    is_flag=True,
+    help="attack every obfuscation mode (signs, fill, atom order) instead of one: the "
+    "privacy frontier (frontier.md, frontier.json, frontier.png)",
+)
+@click.option(
+    "--budget-check",
+    is_flag=True,
+    help="train each learned attack twice as long and report its score at both budgets",
+)
 @click.option(
     "--out", type=click.Path(path_type=Path), default=Path("primis-attack"), show_default=True
 )
@@ -547,6 +821,8 @@ def attack(
     target_data,
     fill,
     mask_signs,
+    frontier,
+    budget_check,
     masks,
     out,
     refine_steps,
@@ -558,17 +834,32 @@ def attack(
 
     if quick and config_file:
         raise PrimisError("--quick and --config exclude each other")
+    if frontier and (fill is not None or mask_signs is not None):
+        raise PrimisError("--frontier attacks every mode: leave out --fill and --mask-signs")
     config = load_config(AttackConfig, config_file) if config_file else AttackConfig()
+    config = (QUICK_ATTACKS if quick else config).model_copy(
+        update={"budget_check": budget_check or config.budget_check}
+    )
     model = _load_model(model_dir)  # then what needs torch
     from primis.attacks import run_attacks, write_report
     from primis.data import resolve_sources
 
+    attackers, targets = resolve_sources(attacker_data), resolve_sources(target_data)
+    if frontier:
+        from primis.frontier import frontier as measure
+        from primis.frontier import write_frontier
+        from primis.report import machine_info
+
+        series = measure(model, attackers, {"targets": (targets, masks)}, config, refine_steps)
+        click.echo(write_frontier(series, out, machine_info()))
+        click.echo(f"report: {out}/frontier.md, frontier.json, frontier.png")
+        return
     report, views = run_attacks(
         model,
-        resolve_sources(attacker_data),
-        resolve_sources(target_data),
+        attackers,
+        targets,
         _obfuscation(model, fill, mask_signs),
-        QUICK_ATTACKS if quick else config,
+        config,
         masks=masks,
         refine_steps=refine_steps,
     )

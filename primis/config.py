@@ -186,6 +186,15 @@ class AttackConfig(Strict):
     distinguisher_steps: int = Field(
         600, ge=1, description="training steps of each true-vs-noise classifier"
     )
+    distinguisher_crop: int = Field(192, ge=16, description="its crop side in pixels")
+    distinguisher_batch: int = Field(4, ge=1, description="its crops per step")
+    distinguisher_planes: int = Field(
+        256, ge=1, description="atom planes (of all crops' maps and atoms) it trains on per step"
+    )
+    budget_check: bool = Field(
+        False,
+        description="train each learned attack twice as long and score it at both budgets",
+    )
     utility_steps: int = Field(
         400, ge=1, description="U-Net training steps of the segmentation study (--masks)"
     )

@@ -154,13 +154,9 @@ def rate_distortion(paths: list[Path], records_by_k: dict[int, list[SharingRecor
 
 def rd_plot(rows: list[dict], path: Path) -> None:
     """PSNR against bits per pixel for PRIMIS keys, JPEG and JPEG 2000, as a small PNG."""
-    import io
-
-    from PIL import Image, ImageDraw
-
     from primis.io.files import write_atomic
+    from primis.report import Chart
 
-    width, height, margin = 640, 420, 50
     series = {
         "PRIMIS key": ("key_bpp", "primis_psnr", 0),
         "JPEG": ("jpeg_bpp", "jpeg_psnr", 90),
@@ -168,34 +164,21 @@ def rd_plot(rows: list[dict], path: Path) -> None:
     }
     xs = [r[x] for r in rows for x, _, _ in series.values()]
     ys = [r[y] for r in rows for _, y, _ in series.values() if np.isfinite(r[y])]
-    x0, x1, y0, y1 = 0.0, max(xs) * 1.1, min(ys) - 1, max(ys) + 1
-    canvas = Image.new("L", (width, height), 255)
-    draw = ImageDraw.Draw(canvas)
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        return (
-            margin + (x - x0) / (x1 - x0) * (width - 2 * margin),
-            height - margin - (y - y0) / (y1 - y0) * (height - 2 * margin),
-        )
-
-    draw.line([at(x0, y0), at(x1, y0)], fill=0)
-    draw.line([at(x0, y0), at(x0, y1)], fill=0)
-    draw.text((width // 2 - 40, height - 30), "bits per pixel", fill=0)
-    draw.text((5, 10), "PSNR (dB)", fill=0)
-    for value in np.linspace(y0, y1, 5):
-        draw.text((5, at(x0, value)[1] - 6), f"{value:.0f}", fill=0)
-    for value in np.linspace(x0, x1, 5):
-        draw.text((at(value, y0)[0] - 10, height - margin + 5), f"{value:.2f}", fill=0)
+    chart = Chart(
+        (640, 420),
+        50,
+        (0.0, max(xs) * 1.1),
+        (min(ys) - 1, max(ys) + 1),
+        ("bits per pixel", "PSNR (dB)"),
+    )
     for index, (name, (x, y, shade)) in enumerate(series.items()):
-        points = [at(r[x], r[y]) for r in rows]
+        points = [chart.at(r[x], r[y]) for r in rows]
         if len(points) > 1:
-            draw.line(points, fill=shade, width=2 + index)
+            chart.draw.line(points, fill=shade, width=2 + index)
         for px, py in points:
-            draw.ellipse([px - 3, py - 3, px + 3, py + 3], outline=shade, width=2)
-        draw.text((width - 150, 20 + 16 * index), f"{name}", fill=shade)
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    write_atomic(path, buffer.getvalue())
+            chart.draw.ellipse([px - 3, py - 3, px + 3, py + 3], outline=shade, width=2)
+        chart.draw.text((chart.width - 150, 20 + 16 * index), f"{name}", fill=shade)
+    write_atomic(path, chart.png())
 
 
 def evaluate(

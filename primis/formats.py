@@ -14,8 +14,9 @@ the public file holds a commitment to the key, SHA-256 over a random 32-byte sal
 key, the key's header and its payload. A key edited after the fact (even with its checksum
 recomputed) no longer matches the genuine public file and is refused; the salt keeps the
 commitment from revealing anything about the key. Version 3 adds the key's coding (`coding`,
-`variable_rate`: supports range coded under the model's context model, `primis.keycoding`).
-Versions 1 (no commitment) and 2 still read.
+`variable_rate`: supports range coded under the model's context model, `primis.keycoding`);
+version 4 the privacy preset in both headers (`privacy`, `obfuscation.PRIVACY_PRESETS`).
+Versions 1 (no commitment), 2 and 3 still read.
 
 Readers check magic, version, lengths, digest and every header field before use, and the code
 geometry against the limits of `primis.limits` before inflating the payload.
@@ -44,8 +45,8 @@ from primis.limits import MAX_CODE_ENTRIES, MAX_CODE_VECTORS, MAX_FILE_BYTES, MA
 
 PUBLIC_MAGIC = b"PRIMIS\x00P"
 KEY_MAGIC = b"PRIMIS\x00K"
-VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 MAX_HEADER = 1 << 20
 UNSEALED = "0" * 64  # the key's public digest before `seal_pair` fills it in
 _COMMITMENT = b"primis key commitment v1\x00"
@@ -55,7 +56,8 @@ DIGEST = 32
 
 
 _HEX64 = r"^[0-9a-f]{64}$"
-_LATER_KEY_FIELDS = ("coding", "variable_rate")
+_LATER_KEY_FIELDS = ("coding", "variable_rate", "privacy")
+_PRIVACY = r"^[a-z][a-z0-9-]{0,31}$"
 _SIDE = 1 << 20  # rows or columns of an image or a code grid
 
 
@@ -70,6 +72,9 @@ class PublicHeader(Strict):
     noise: int = Field(ge=0, description="noise entries per vector")
     mask_signs: bool
     permuted: bool = Field(description="atoms shown in a secret per-map order")
+    privacy: str | None = Field(
+        None, pattern=_PRIVACY, description="the privacy preset, or custom (version 4)"
+    )
     key_commitment: str | None = Field(
         None, pattern=_HEX64, description="SHA-256 of the key's salt, header and payload"
     )
@@ -155,6 +160,9 @@ class KeyHeader(Strict):
         "enumerative", description="how the payload codes the supports (version 3)"
     )
     variable_rate: bool = Field(False, description="each vector's count is coded (version 3)")
+    privacy: str | None = Field(
+        None, pattern=_PRIVACY, description="the privacy preset, or custom (version 4)"
+    )
 
     @model_validator(mode="after")
     def _coding(self) -> KeyHeader:
@@ -351,6 +359,8 @@ def _open_container(data: bytes, magic: bytes, header_type: type[Strict], name: 
     sealed = header.key_commitment if magic == PUBLIC_MAGIC else header.salt
     if (version >= 2) != (sealed is not None):
         raise PrimisError(f"{name}: invalid header (commitment does not fit version {version})")
+    if version < 4 and header.privacy is not None:
+        raise PrimisError(f"{name}: invalid header (privacy does not fit version {version})")
     return header, data[start + _LENGTH.size : end]
 
 

@@ -330,6 +330,45 @@ def most_probable_code(
     return vectors
 
 
+def atom_costs(
+    model: KeyModel, vectors: np.ndarray, grid: tuple[int, int], chunk: int = 8192
+) -> np.ndarray:
+    """(V, 2, n) float32: about how many key bits each atom adds to a code of every map
+    (vectors (m * rows * cols, n) in coding order) by holding +1 (``[:, 0]``) or -1 (``[:, 1]``)
+    in its vector, the rest of the code as it is: its own term under the context of the vectors
+    above and to the left, plus what it changes in the terms of the atoms the vectors below and
+    to the right hold (the product model's normalisers are left out). The rate that
+    rate-distortion optimised coding (`primis.sharing`) weighs against distortion."""
+    bits = -np.log2(model.atom_weights.astype(np.float32))  # (m, 2, 9, n)
+    m, n = bits.shape[0], bits.shape[3]
+    map_of, (above, left), _ = _layout(list(range(m)), grid)
+    below, right = np.full(len(vectors), -1), np.full(len(vectors), -1)
+    below[above[above >= 0]] = np.nonzero(above >= 0)[0]
+    right[left[left >= 0]] = np.nonzero(left >= 0)[0]
+    atoms = np.arange(n)[None, :]
+    costs = np.empty((len(vectors), 2, n), dtype=np.float32)
+    for start in range(0, len(vectors), chunk):
+        part = slice(start, start + chunk)
+        j = map_of[part][:, None]
+        context = 3 * _symbols(_gather(vectors, above[part], 0))
+        context += _symbols(_gather(vectors, left[part], 0))
+        for sign in (0, 1):
+            costs[part, sign] = bits[j, sign, context, atoms]
+        # A neighbour u after this vector reads it as its "above" (u below) or its "left" (u to
+        # the right): the atoms u holds change context when this vector holds them too.
+        for after, weight_of_mine in ((below[part], 3), (right[part], 1)):
+            held = _symbols(_gather(vectors, after, 0))  # u's own entries, 0 where no u
+            other = left if weight_of_mine == 3 else above
+            other_symbols = _symbols(_gather(vectors, _gather(other, after, -1), 0))
+            base = other_symbols * (4 - weight_of_mine)  # 3 * above for u to the right
+            u_sign = np.maximum(held - 1, 0)
+            before = bits[j, u_sign, base, atoms]
+            for sign in (0, 1):
+                changed = bits[j, u_sign, base + weight_of_mine * (sign + 1), atoms]
+                costs[part, sign] += np.where(held > 0, changed - before, 0)
+    return costs
+
+
 def fit_key_model(
     codes: Iterable[tuple[np.ndarray, tuple[int, int]]], k: int, prior: float = 1.0
 ) -> KeyModel:

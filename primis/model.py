@@ -138,6 +138,33 @@ def refine_scores(
     return best
 
 
+def choose_code(
+    network: SparseTernaryAutoEncoder,
+    z: Tensor,
+    k: int,
+    steps: int,
+    refine: Callable[[Tensor, int, Tensor | None], Tensor],
+    rate: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """The ternary code (int8) of scores ``z`` after ``steps`` refinement steps, where
+    ``refine(scores, steps, bias)`` returns refined scores.
+
+    With ``rate``, a function from a code to the key bits of each of its atoms times the weight
+    of a bit (a bias as `select` takes it), the code is rate-distortion optimised in two
+    rounds: the bias of the code so far steers half of the steps and the code they reach, whose
+    bias then steers the other half and the final choice. The rest of the code adapts to the
+    atoms the bias prefers, which is why a weight costs less quality with refinement than
+    without (then the two rounds only re-choose atoms)."""
+    if rate is None:
+        return network.ternarize(refine(z, steps, None) if steps else z, k)
+    code = network.ternarize(z, k)
+    for part in (steps // 2, steps - steps // 2):
+        bias = rate(code)
+        z = refine(z, part, bias) if part else z
+        code = network.ternarize(z, k, bias)
+    return code
+
+
 def _stage(channels: int, blocks: int) -> nn.Sequential:
     return nn.Sequential(*(ResidualBlock(channels) for _ in range(blocks)))
 
@@ -270,19 +297,23 @@ class SparseTernaryAutoEncoder(nn.Module):
 
     # ---------------------------------------------------------------------------- the code
     @staticmethod
-    def select(z: Tensor, k: int) -> Tensor:
+    def select(z: Tensor, k: int, bias: Tensor | None = None) -> Tensor:
         """Atom indices (B,m,2k,h,w): the k largest scores of each vector, then the k smallest.
 
         The k largest are taken first and excluded from the k smallest, so even tied scores
-        give disjoint sets.
+        give disjoint sets. A ``bias`` (2,B,m,n,h,w) is a cost per atom and sign: the +1 entries
+        go to the k largest of ``z - bias[0]``, the -1 entries to the k smallest of
+        ``z + bias[1]`` (rate-distortion optimised coding, see `primis.sharing`).
         """
-        top = z.topk(k, dim=2).indices
-        excluded = z.scatter(2, top, torch.finfo(z.dtype).max)
+        top = (z if bias is None else z - bias[0]).topk(k, dim=2).indices
+        lower = z if bias is None else z + bias[1]
+        excluded = lower.scatter(2, top, torch.finfo(z.dtype).max)
         return torch.cat([top, excluded.topk(k, dim=2, largest=False).indices], 2)
 
-    def ternarize(self, z: Tensor, k: int) -> Tensor:
-        """Exactly k entries +1 (largest scores) and k entries -1 (smallest) per vector, int8."""
-        chosen = self.select(z.detach(), k)
+    def ternarize(self, z: Tensor, k: int, bias: Tensor | None = None) -> Tensor:
+        """Exactly k entries +1 (largest scores) and k entries -1 (smallest) per vector, int8
+        (``bias`` as in `select`)."""
+        chosen = self.select(z.detach(), k, bias)
         t = torch.zeros(z.shape, dtype=torch.int8, device=z.device)
         return t.scatter_(2, chosen[:, :, :k], 1).scatter_(2, chosen[:, :, k:], -1)
 
@@ -353,10 +384,16 @@ class SparseTernaryAutoEncoder(nn.Module):
         return self.synthesis(dense)
 
     def _decoder_input(
-        self, z: Tensor, k: int, ternary_weight: float = 1.0, straight_through: float = 0.0
+        self,
+        z: Tensor,
+        k: int,
+        ternary_weight: float = 1.0,
+        straight_through: float = 0.0,
+        bias: Tensor | None = None,
     ) -> Tensor:
-        """Scores (B,m,n,h,w) -> the dense sparse code the decoder reads (see `forward`)."""
-        chosen = self.select(z.detach(), k)
+        """Scores (B,m,n,h,w) -> the dense sparse code the decoder reads (see `forward`;
+        ``bias`` as in `select`)."""
+        chosen = self.select(z.detach(), k, bias)
         flat = _flat_index(z.shape, chosen)
         real = z.take(flat) if ternary_weight < 1 else None
         if ternary_weight <= 0:
@@ -370,14 +407,17 @@ class SparseTernaryAutoEncoder(nn.Module):
             dense = dense + straight_through * (z - z.detach())  # zero, but carries gradient
         return dense
 
-    def squared_error(self, z: Tensor, x: Tensor, valid: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Per image, the squared error of the ternary code of scores ``z`` summed over the
-        pixels where ``valid`` (B,1,H,W) is 1, and its straight-through gradient with respect to
-        ``z``. The decoder runs in bfloat16 where the device has it natively (`use_autocast`)."""
+    def squared_error(
+        self, z: Tensor, x: Tensor, valid: Tensor, k: int, bias: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Per image, the squared error of the ternary code of scores ``z`` (selected with
+        ``bias`` as in `select`) summed over the pixels where ``valid`` (B,1,H,W) is 1, and its
+        straight-through gradient with respect to ``z``. The decoder runs in bfloat16 where the
+        device has it natively (`use_autocast`)."""
         z = z.detach().requires_grad_(True)
         low_precision = use_autocast(x.device, amp=True)
         with torch.enable_grad():
-            dense = self._decoder_input(z, k, straight_through=1.0)
+            dense = self._decoder_input(z, k, straight_through=1.0, bias=bias)
             with torch.autocast(x.device.type, torch.bfloat16, enabled=low_precision):
                 reconstruction = self.synthesis(dense)
             error = (((reconstruction.float() - x) ** 2) * valid).sum(dim=(1, 2, 3))
@@ -392,9 +432,12 @@ class SparseTernaryAutoEncoder(nn.Module):
         valid: Tensor | None = None,
         lr: float = 0.05,
         on_step: Callable[[], None] | None = None,
+        z: Tensor | None = None,
+        bias: Tensor | None = None,
     ) -> Tensor:
         """Scores (B,m,n,h,w) whose ternary code reconstructs ``x`` at least as well as the
-        encoder's own (see `refine_scores`, which calls ``on_step``).
+        encoder's own, or as the code of the scores ``z`` to start from (see `refine_scores`,
+        which calls ``on_step``; ``bias`` as in `select`).
 
         The decoder and the code format are untouched; only the choice of code improves (the
         encoder's one pass leaves a gap). ``valid`` (B,1,H,W) of 0/1 marks the pixels that count
@@ -402,11 +445,12 @@ class SparseTernaryAutoEncoder(nn.Module):
         """
         valid = torch.ones_like(x) if valid is None else valid.to(x.dtype)
         area = valid.sum(dim=(1, 2, 3))
-        with torch.no_grad():
-            z = self.analysis(x).float()
+        if z is None:
+            with torch.no_grad():
+                z = self.analysis(x).float()
 
         def mean_error(scores: Tensor) -> tuple[Tensor, Tensor]:
-            error, gradient = self.squared_error(scores, x, valid, k)
+            error, gradient = self.squared_error(scores, x, valid, k, bias)
             return error / area, gradient / area.view(-1, 1, 1, 1, 1)
 
         return refine_scores(z, steps, mean_error, lr, on_step)
@@ -419,15 +463,21 @@ class SparseTernaryAutoEncoder(nn.Module):
         refine_steps: int = 0,
         valid: Tensor | None = None,
         on_step: Callable[[], None] | None = None,
+        rate: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """Images (B,1,H,W) -> ternary code (B,m,n,h,w), int8; with ``refine_steps`` the code
-        `refine` finds (``valid`` and ``on_step`` as there)."""
+        `refine` finds (``valid`` and ``on_step`` as there), rate-distortion optimised with
+        ``rate`` (see `choose_code`)."""
         k = k or self.config.k
         if not 1 <= k <= self.config.n // 2:
             raise ValueError(f"k={k} outside 1..{self.config.n // 2}")
-        if not refine_steps:
+        if not refine_steps and rate is None:
             return self.ternarize(self.analysis(x), k)
-        return self.ternarize(self.refine(x, k, refine_steps, valid, on_step=on_step), k)
+
+        def refine(scores: Tensor, steps: int, bias: Tensor | None) -> Tensor:
+            return self.refine(x, k, steps, valid, on_step=on_step, z=scores, bias=bias)
+
+        return choose_code(self, self.analysis(x).float(), k, refine_steps, refine, rate)
 
     @torch.no_grad()
     def decode(self, t: Tensor) -> Tensor:

@@ -83,3 +83,45 @@ def describe_machine(info: dict) -> str:
         f"{info['cpu']} ({' '.join(info['flags'])}; torch kernels {info['kernels']}), "
         f"{info['threads']} threads, torch {info['torch']}, {info['dtype']}"
     )
+
+
+class Chart:
+    """A grayscale chart: a white canvas with x and y axes over ``x_range`` x ``y_range``,
+    axis titles and ``ticks`` tick labels each; `at` maps data to pixels, `draw` is Pillow's
+    handle, `png` the finished image."""
+
+    def __init__(
+        self,
+        size: tuple[int, int],
+        margin: int,
+        x_range: tuple[float, float],
+        y_range: tuple[float, float],
+        titles: tuple[str, str],
+        ticks: tuple[int, str, str] = (5, ".2f", ".0f"),
+    ) -> None:
+        self.width, self.height = size
+        self.margin, (self.x0, self.x1), (self.y0, self.y1) = margin, x_range, y_range
+        self.canvas = Image.new("L", size, 255)
+        self.draw = ImageDraw.Draw(self.canvas)
+        self.draw.line([self.at(self.x0, self.y0), self.at(self.x1, self.y0)], fill=0)
+        self.draw.line([self.at(self.x0, self.y0), self.at(self.x0, self.y1)], fill=0)
+        self.draw.text((self.width // 2 - 60, self.height - 22), titles[0], fill=0)
+        self.draw.text((4, 6), titles[1], fill=0)
+        count, x_format, y_format = ticks
+        for value in np.linspace(self.y0, self.y1, count):
+            self.draw.text((5, self.at(self.x0, value)[1] - 6), f"{value:{y_format}}", fill=0)
+        for value in np.linspace(self.x0, self.x1, count):
+            where = (self.at(value, self.y0)[0] - 12, self.height - margin + 6)
+            self.draw.text(where, f"{value:{x_format}}", fill=0)
+
+    def at(self, x: float, y: float) -> tuple[float, float]:
+        span = (self.width - 2 * self.margin, self.height - 2 * self.margin)
+        return (
+            self.margin + (x - self.x0) / (self.x1 - self.x0) * span[0],
+            self.height - self.margin - (y - self.y0) / (self.y1 - self.y0) * span[1],
+        )
+
+    def png(self) -> bytes:
+        buffer = io.BytesIO()
+        self.canvas.save(buffer, format="PNG")
+        return buffer.getvalue()

@@ -10,8 +10,9 @@ zeros), and the attacker's view decodes the public vectors as they are.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 
 import numpy as np
@@ -30,9 +31,9 @@ from primis.formats import (
     seal_pair,
 )
 from primis.io.pixels import IntensityMapping, pad_to_multiple
-from primis.keycoding import KeyModel, fit_key_model
+from primis.keycoding import KeyModel, atom_costs, fit_key_model
 from primis.limits import MAX_PIXELS
-from primis.model import SparseTernaryAutoEncoder, refine_scores
+from primis.model import SparseTernaryAutoEncoder, choose_code, refine_scores
 from primis.modelstore import LoadedModel, bundled_model_with_hash
 from primis.obfuscation import (
     ambiguate_maps,
@@ -41,6 +42,7 @@ from primis.obfuscation import (
     make_context_key,
     make_key,
     noise_count,
+    privacy_preset_name,
     read_context_key,
     read_key,
     reveals_nothing,
@@ -104,18 +106,74 @@ class Tiling:
 
 
 MIN_KEY_BITS = 128  # a key's information (coded size) below this could be guessed
+# Rate-distortion optimised coding (`model.choose_code`): the default weight of a key bit when
+# refining, chosen on validation images (MODEL_CARD.md), and the weights rate control searches.
+RATE_WEIGHT = 0.05
+RATE_WEIGHTS = (0.0, 0.025, 0.05, 0.1, 0.2, 0.4)
+
+
+@dataclass(frozen=True)
+class RateControl:
+    """How much key each image gets.
+
+    ``weight`` (score units per key bit, >= 0) makes the choice of code rate-distortion
+    optimised: 0 gives the lowest distortion, larger weights smaller keys for some quality;
+    None means `RATE_WEIGHT` when refining and 0 without refinement (the rest of the code cannot
+    adapt then, so a weight costs more quality per bit saved) or without a key model (weights
+    and targets need one: it prices each atom). ``key_bpp`` (key bits per pixel,
+    at most) or ``quality`` (PSNR of the restored image over its own range, in dB, at least)
+    instead searches `RATE_WEIGHTS` per image: the best quality within the key budget, or the
+    smallest key at the quality; each weight tried costs one more encoding.
+    """
+
+    weight: float | None = None
+    key_bpp: float | None = None
+    quality: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("weight", "key_bpp", "quality"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise PrimisError(f"{name.replace('_', ' ')} {value}: expected a number >= 0")
+        if self.key_bpp is not None and self.quality is not None:
+            raise PrimisError("give a key size or a quality to aim at, not both")
+        if self.weight is not None and self.targeted:
+            raise PrimisError("a rate weight and a target exclude each other (the target sets it)")
+
+    @property
+    def targeted(self) -> bool:
+        return self.key_bpp is not None or self.quality is not None
+
+    def weight_for(self, refine_steps: int, model: LoadedModel) -> float:
+        """The weight to use without a target (the default needs a model with a key model)."""
+        if self.weight is not None:
+            return self.weight
+        return RATE_WEIGHT if refine_steps and model.key_model is not None else 0.0
+
+    def met_by(self, shared: SharedImage) -> bool:
+        """Whether a shared image meets the target."""
+        if self.key_bpp is not None:
+            return shared.key_bits_per_pixel <= self.key_bpp
+        return shared.psnr is not None and shared.psnr >= self.quality
 
 
 @dataclass(frozen=True)
 class SharedImage:
     """One shared image: its public file and key (bytes), the file id both carry, the key's
-    ideal support size in bits, and the image's pixel count."""
+    ideal support size in bits, the image's pixel count, the rate weight its code was chosen
+    with and, under rate control, the PSNR (dB) its restoration reaches."""
 
     file_id: str
     public: bytes
     key: bytes
     ideal_key_bits: float
     pixels: int
+    rate_weight: float = 0.0
+    psnr: float | None = None
+
+    @property
+    def key_bits_per_pixel(self) -> float:
+        return 8 * len(self.key) / self.pixels
 
 
 @dataclass(frozen=True)
@@ -137,11 +195,14 @@ def share_images(
     batch_size: int = 16,
     refine_steps: int = REFINE_STEPS,
     progress: Callable[[int, int], None] | None = None,
+    rate: RateControl | None = None,
 ) -> list[SharedImage]:
-    """Encode (see `encode_images`, which reports ``progress``) and ambiguate images.
+    """Encode (see `encode_images`, which reports ``progress``) and ambiguate images, with the
+    key sizes ``rate`` asks for (default `RateControl()`).
 
     Each key opens ``maps`` (default all); ``source`` and ``dicom_header`` go into the key only.
     """
+    rate = rate or RateControl()
     cfg = model.network.config
     k = k or cfg.k
     maps = sorted(set(maps)) if maps else list(range(cfg.m))
@@ -149,12 +210,65 @@ def share_images(
         raise PrimisError(f"maps must lie in 0..{cfg.m - 1}")
     if not 1 <= k <= cfg.k:
         raise PrimisError(f"k must lie in 1..{cfg.k} for this model")
+    if rate.targeted:
+        return [
+            _rate_controlled(image, model, obfuscation, k, maps, refine_steps, rate, progress)
+            for image in images
+        ]
     units = [image.unit for image in images]
-    codes = encode_images(model, units, k, refine_steps, batch_size, progress=progress)
+    weight = rate.weight_for(refine_steps, model)
+    codes = encode_images(
+        model, units, k, refine_steps, batch_size, progress=progress, rate_weight=weight
+    )
     return [
-        _package(image, code, model, obfuscation, k, maps)
+        _package(image, code, model, obfuscation, k, maps, weight)
         for image, code in zip(images, codes, strict=True)
     ]
+
+
+def _rate_controlled(
+    image: ImageToShare,
+    model: LoadedModel,
+    obfuscation: ObfuscationConfig,
+    k: int,
+    maps: list[int],
+    refine_steps: int,
+    rate: RateControl,
+    progress: Callable[[int, int], None] | None,
+) -> SharedImage:
+    """The image shared with the weight of `RATE_WEIGHTS` that meets ``rate``'s target best:
+    for a key budget the smallest weight within it (else the largest), for a quality the
+    largest weight that reaches it (else 0). Bisection: quality falls and keys shrink as the
+    weight grows."""
+    from primis.metrics import psnr  # scikit-image: loaded only where needed
+
+    if model.key_model is None:
+        raise PrimisError("rate control needs a model with a key model (primis export --key-data)")
+    tried: dict[int, SharedImage] = {}
+
+    def attempt(index: int) -> SharedImage:
+        if index not in tried:
+            weight = RATE_WEIGHTS[index]
+            code = encode_images(
+                model, [image.unit], k, refine_steps, progress=progress, rate_weight=weight
+            )[0]
+            shared = _package(image, code, model, obfuscation, k, maps, weight)
+            restored = image.mapping.forward(reconstruct(shared.public, shared.key, model)[0])
+            tried[index] = replace(shared, psnr=psnr(image.unit, restored))
+        return tried[index]
+
+    # met_by is monotone in the weight: False...True for a key budget, True...False for a
+    # quality; bisection finds the boundary.
+    budget = rate.key_bpp is not None
+    low, high = 0, len(RATE_WEIGHTS) - 1
+    while low < high:
+        if budget:
+            middle = (low + high) // 2
+            low, high = (low, middle) if rate.met_by(attempt(middle)) else (middle + 1, high)
+        else:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if rate.met_by(attempt(middle)) else (low, middle - 1)
+    return attempt(low)
 
 
 def encode_images(
@@ -165,12 +279,17 @@ def encode_images(
     batch_size: int = 16,
     tiling: Tiling | None = None,
     progress: Callable[[int, int], None] | None = None,
+    rate_weight: float = 0.0,
 ) -> list[torch.Tensor]:
     """Ternary code (1,m,n,h,w) of each image in [0,1], padded to the model's grid; images of
     one padded size share a forward pass, and images larger than one tile go tile by tile (see
     `Tiling`). With ``refine_steps`` each code is refined on the image's own pixels (the
-    padding does not count), and ``progress(done, total)`` hears of each refinement step."""
+    padding does not count), and ``progress(done, total)`` hears of each refinement step. A
+    ``rate_weight`` > 0 (score units per key bit, for a model with a key model) makes the
+    choice of code rate-distortion optimised (`model.choose_code`): smaller keys for a little
+    quality."""
     tiling = tiling or Tiling()
+    rate = _rate_bias(model, rate_weight)
     network, device = model.network, _device(model)
     multiple = network.config.downsampling
     padded = [pad_to_multiple(unit, multiple) for unit in units]
@@ -187,7 +306,7 @@ def encode_images(
 
     def encode(pixels: np.ndarray, valid: np.ndarray) -> torch.Tensor:
         x, mask = (torch.from_numpy(a)[:, None].to(device) for a in (pixels, valid))
-        return network.encode(x, k, refine_steps, mask, on_step)
+        return network.encode(x, k, refine_steps, mask, on_step, rate)
 
     for indices in batches:
         everything = (slice(0, padded[indices[0]].shape[0]), slice(0, padded[indices[0]].shape[1]))
@@ -210,10 +329,35 @@ def encode_images(
                 refine_steps,
                 tiling,
                 on_step,
+                rate,
             )
             code[..., inner[0], inner[1]] = part[..., *tiling.within(outer, inner)]
         codes[i] = code
     return codes
+
+
+def _rate_bias(model: LoadedModel, weight: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """For rate-distortion optimised coding (`model.choose_code`): a function from codes
+    (B,m,n,h,w) to the bias (2,B,m,n,h,w) of ``weight`` times each atom's key bits under the
+    model's key model (`keycoding.atom_costs`); None for weight 0."""
+    if not weight:
+        return None
+    if weight < 0 or not math.isfinite(weight):
+        raise PrimisError(f"rate weight {weight}: expected a finite number >= 0")
+    if model.key_model is None:
+        raise PrimisError("a rate weight needs a model with a key model (primis export --key-data)")
+
+    def bias(codes: torch.Tensor) -> torch.Tensor:
+        _, m, n, rows, cols = codes.shape
+        per_image = [
+            torch.from_numpy(atom_costs(model.key_model, code_to_vectors(code[None]), (rows, cols)))
+            .view(m, rows, cols, 2, n)
+            .permute(3, 0, 4, 1, 2)
+            for code in codes
+        ]
+        return (weight * torch.stack(per_image, dim=1)).to(codes.device)
+
+    return bias
 
 
 def _grid(shape: tuple[int, ...], multiple: int) -> tuple[int, int]:
@@ -245,6 +389,7 @@ def _encode_region(
     refine_steps: int,
     tiling: Tiling,
     on_step: Callable[[], None] | None = None,
+    rate: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Ternary code (1,m,n,h,w) of one padded region, computed tile by tile: the scores as the
     whole region's analysis gives them, and refinement steps whose error and gradient are summed
@@ -264,7 +409,7 @@ def _encode_region(
                 z = torch.zeros((1, *part.shape[1:3], *grid), device=device)
             z[..., inner[0], inner[1]] = part[..., *within]
     z = network.normalize_scores(z)
-    if not refine_steps:
+    if not refine_steps and rate is None:
         return network.ternarize(z, k).cpu()
     # Each tile's error counts the image pixels of its inner part only, so they add up once.
     parts = []
@@ -276,18 +421,24 @@ def _encode_region(
         parts.append((outer, x[..., *region], counted))
     area = mask.sum()
 
-    def mean_error(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        error, gradient = scores.new_zeros(1), torch.zeros_like(scores)
-        for outer, pixels_of_tile, counted in parts:
-            part_error, part_gradient = network.squared_error(
-                scores[..., outer[0], outer[1]], pixels_of_tile, counted, k
-            )
-            error += part_error
-            gradient[..., outer[0], outer[1]] += part_gradient
-        return error / area, gradient / area
+    def refine(scores: torch.Tensor, steps: int, bias: torch.Tensor | None) -> torch.Tensor:
+        def mean_error(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            error, gradient = scores.new_zeros(1), torch.zeros_like(scores)
+            for outer, pixels_of_tile, counted in parts:
+                part_error, part_gradient = network.squared_error(
+                    scores[..., outer[0], outer[1]],
+                    pixels_of_tile,
+                    counted,
+                    k,
+                    None if bias is None else bias[..., outer[0], outer[1]],
+                )
+                error += part_error
+                gradient[..., outer[0], outer[1]] += part_gradient
+            return error / area, gradient / area
 
-    scores = refine_scores(z, refine_steps, mean_error, on_step=on_step)
-    return network.ternarize(scores, k).cpu()
+        return refine_scores(scores, steps, mean_error, on_step=on_step)
+
+    return choose_code(network, z, k, refine_steps, refine, rate).cpu()
 
 
 def _scaled(cells: tuple[slice, ...], factor: int) -> tuple[slice, ...]:
@@ -315,11 +466,19 @@ def share_image(
     dicom_header: str | None = None,
     refine_steps: int = REFINE_STEPS,
     progress: Callable[[int, int], None] | None = None,
+    rate: RateControl | None = None,
 ) -> SharedImage:
     """One image through :func:`share_images`."""
     image = ImageToShare(unit, mapping, source or {}, dicom_header)
     shared = share_images(
-        [image], model, obfuscation, k, maps, refine_steps=refine_steps, progress=progress
+        [image],
+        model,
+        obfuscation,
+        k,
+        maps,
+        refine_steps=refine_steps,
+        progress=progress,
+        rate=rate,
     )
     return shared[0]
 
@@ -353,8 +512,10 @@ def _package(
     obfuscation: ObfuscationConfig,
     k: int,
     maps: list[int],
+    rate_weight: float = 0.0,
 ) -> SharedImage:
-    """Ambiguate one image's code and write its public file and key."""
+    """Ambiguate one image's code (chosen with ``rate_weight``) and write its public file and
+    key."""
     cfg = model.network.config
     vectors = code_to_vectors(code)
     public_vectors, perms = ambiguate_maps(vectors, cfg.m, k, obfuscation)
@@ -369,36 +530,12 @@ def _package(
         noise=noise_count(cfg.n, k, obfuscation.fill),
         mask_signs=obfuscation.mask_signs,
         permuted=any(perm is not None for perm in perms),
+        privacy=privacy_preset_name(obfuscation),
     )
-    per_map = rows * cols
-    parts = [slice(j * per_map, (j + 1) * per_map) for j in maps]
-    originals = [
-        public_vectors[part]
-        if perms[j] is None
-        else unshuffle_atoms(public_vectors[part], perms[j])
-        for j, part in zip(maps, parts, strict=True)
-    ]
     variable = reveals_nothing(obfuscation)
-    if model.key_model is not None:
-        payload = make_context_key(
-            np.concatenate([vectors[part] for part in parts]),
-            originals,
-            [perms[j] for j in maps],
-            maps,
-            (rows, cols),
-            k,
-            obfuscation.mask_signs,
-            model.key_model,
-            variable,
-        )
-        ideal = 8.0 * len(payload)
-    else:
-        payload, ideal = b"", 0.0
-        for j, part, original in zip(maps, parts, originals, strict=True):
-            payload += make_key(vectors[part], original, k, obfuscation.mask_signs, perms[j])
-            ideal += key_size(
-                public_vectors[part], k, obfuscation.mask_signs, perms[j] is not None
-            )[0]
+    payload, ideal = key_payload(
+        vectors, public_vectors, perms, maps, (rows, cols), k, obfuscation, model.key_model
+    )
     if ideal < MIN_KEY_BITS:
         raise PrimisError(
             f"image too small to share: its key would hold {ideal:.0f} bits, fewer than the "
@@ -415,9 +552,51 @@ def _package(
         dicom_header=image.dicom_header,
         coding="context" if model.key_model is not None else "enumerative",
         variable_rate=model.key_model is not None and variable,
+        privacy=header.privacy,
     )
     public, key = seal_pair(PublicFile(header, public_vectors), KeyFile(key_header, payload))
-    return SharedImage(header.file_id, public, key, ideal, image.unit.size)
+    return SharedImage(header.file_id, public, key, ideal, image.unit.size, rate_weight)
+
+
+def key_payload(
+    vectors: np.ndarray,
+    public_vectors: np.ndarray,
+    perms: list[np.ndarray | None],
+    maps: list[int],
+    grid: tuple[int, int],
+    k: int,
+    obfuscation: ObfuscationConfig,
+    key_model: KeyModel | None,
+) -> tuple[bytes, float]:
+    """The key payload opening ``maps`` of one image's true ``vectors``, given its public
+    vectors as shown and each map's atom order, and its information in bits: the payload's
+    size when context coded under ``key_model``, else the ideal enumerative count."""
+    per_map = grid[0] * grid[1]
+    parts = [slice(j * per_map, (j + 1) * per_map) for j in maps]
+    originals = [
+        public_vectors[part]
+        if perms[j] is None
+        else unshuffle_atoms(public_vectors[part], perms[j])
+        for j, part in zip(maps, parts, strict=True)
+    ]
+    if key_model is not None:
+        payload = make_context_key(
+            np.concatenate([vectors[part] for part in parts]),
+            originals,
+            [perms[j] for j in maps],
+            maps,
+            grid,
+            k,
+            obfuscation.mask_signs,
+            key_model,
+            reveals_nothing(obfuscation),
+        )
+        return payload, 8.0 * len(payload)
+    payload, ideal = b"", 0.0
+    for j, part, original in zip(maps, parts, originals, strict=True):
+        payload += make_key(vectors[part], original, k, obfuscation.mask_signs, perms[j])
+        ideal += key_size(public_vectors[part], k, obfuscation.mask_signs, perms[j] is not None)[0]
+    return payload, ideal
 
 
 def read_pair(

@@ -16,7 +16,8 @@ from PIL import Image
 from primis.cli import main
 from primis.config import ModelConfig, ObfuscationConfig
 from primis.model import SparseTernaryAutoEncoder
-from primis.modelstore import save_model
+from primis.modelstore import load_model, save_model
+from primis.sharing import fit_image_keys
 
 CXR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cxr"
 TINY = ModelConfig(stem=4, channels=[8, 16], blocks=1, n=32, k=2, m=2)
@@ -48,6 +49,18 @@ def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     image += 0.02 * rng.standard_normal((height, width))
     image -= image.min()
     return image / image.max()
+
+
+@pytest.fixture(scope="session")
+def context_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with a key model fitted to the codes of a few synthetic images."""
+    model = load_model(tiny_model_dir)
+    units = [smooth_image(64, 80, seed).astype(np.float32) for seed in range(6)]
+    key_model = fit_image_keys(model, iter(units))
+    assert key_model.fits(model.network.config.m, model.network.config.n, model.network.config.k)
+    directory = tmp_path_factory.mktemp("context-model")
+    save_model(directory, model.network, model.obfuscation, key_model=key_model)
+    return directory
 
 
 @pytest.fixture

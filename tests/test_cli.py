@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from primis.formats import PUBLIC_MAGIC
-from tests.conftest import ambiguate_cli, assert_clean_failure, run_cli
+from tests.conftest import ambiguate_cli, assert_clean_failure, run_cli, smooth_image
 
 
 @pytest.fixture
@@ -96,6 +96,59 @@ def test_info_describes_files(tiny_model_dir, shared):
     # The payload the public file implies for an enumerative key is this key's, byte for byte.
     assert public["enumerative_key_payload_bytes"] == key["key_payload_bytes"]
     assert '"hash"' in run_cli("info", tiny_model_dir, check=True).stdout
+
+
+@pytest.mark.parametrize(
+    ("options", "preset"),
+    [
+        ([], "strict"),
+        (["--privacy", "strict"], "strict"),
+        (["--privacy", "paper"], "paper"),
+        (["--privacy", "compact"], "compact"),
+        (["--fill", "0.5"], "custom"),  # with the model's secret atom order
+        (["--privacy", "paper", "--fill", "0.5"], "custom"),
+        (["--no-mask-signs"], "custom"),
+    ],
+)
+def test_privacy_presets_are_recorded_in_both_files_and_shown(
+    tmp_path, image_files, tiny_model_dir, options, preset
+):
+    """The model's default settings are the strict preset (its secret atom order is not
+    applied there); a preset changed by --fill or --mask-signs is custom; paper warns."""
+    result = ambiguate_cli(tiny_model_dir, image_files[0], out=tmp_path, extra=options)
+    assert result.returncode == 0, result.stderr
+    assert ("warning: --privacy paper" in result.stderr) == (preset == "paper")
+    stem = image_files[0].stem
+    public = json.loads(run_cli("info", tmp_path / "public" / f"{stem}.primis").stdout)
+    key = json.loads(run_cli("info", tmp_path / "keys" / f"{stem}.primiskey").stdout)
+    assert public["privacy"] == key["privacy"] == preset
+    assert public["mask_signs"] == ("paper" not in options and "--no-mask-signs" not in options)
+    assert not public["permuted"] or preset == "custom"
+    restored = run_cli(
+        "disambiguate",
+        tmp_path / "public",
+        "--model",
+        tiny_model_dir,
+        "--key-dir",
+        tmp_path / "keys",
+        "--out-dir",
+        tmp_path / "restored",
+    )
+    assert restored.returncode == 0, restored.stderr
+
+
+def test_the_command_line_offers_every_privacy_preset():
+    from primis.cli import ambiguate, attack
+    from primis.obfuscation import PRIVACY_PRESETS
+
+    for command in (ambiguate, attack):
+        option = next(p for p in command.params if p.name == "privacy")
+        assert list(option.type.choices) == list(PRIVACY_PRESETS)
+
+
+def test_an_unknown_privacy_preset_is_refused(tmp_path, image_files, tiny_model_dir):
+    result = ambiguate_cli(tiny_model_dir, image_files[0], out=tmp_path, extra=["--privacy", "x"])
+    assert result.returncode != 0 and "strict" in result.stderr
 
 
 def test_info_and_argument_errors_answer_without_torch(shared, tmp_path):
@@ -428,3 +481,57 @@ def test_device_option_names_where_the_model_runs(tmp_path, tiny_model_dir, imag
     assert not (tmp_path / "p").exists()
     run_cli("ambiguate", *common, *out, "--device", "cpu", check=True)
     assert len(list((tmp_path / "p").glob("*.primis"))) == 1
+
+
+def test_rate_control_reports_what_each_file_reached(tmp_path):
+    pixels = (smooth_image(160, 192, 5) * 255).astype(np.uint8)
+    image = tmp_path / "chest.png"
+    Image.fromarray(pixels).save(image)
+    result = ambiguate_cli(
+        "cxr", image, out=tmp_path / "q", extra=("--refine-steps", 2, "--quality", 30)
+    )
+    assert result.returncode == 0, result.stderr
+    line = next(x for x in result.stdout.splitlines() if x.startswith("chest.png"))
+    reached = float(line.split("restored ")[1].split(" dB")[0])
+    assert reached >= 30 and "rate weight" in line
+    restored = run_cli(
+        "disambiguate",
+        tmp_path / "q" / "public" / "chest.primis",
+        "--key-dir",
+        tmp_path / "q" / "keys",
+        "--out-dir",
+        tmp_path / "r",
+        check=True,
+    )
+    assert restored.returncode == 0
+    back = np.asarray(Image.open(tmp_path / "r" / "chest.png")).astype(float)
+    psnr = 10 * np.log10(255**2 / np.mean((back - pixels) ** 2))
+    assert psnr == pytest.approx(reached, abs=0.01)
+    both = ("--quality", 30, "--key-bpp", 0.3)
+    assert_clean_failure(ambiguate_cli("cxr", image, out=tmp_path / "x", extra=both), "not both")
+    assert not (tmp_path / "x").exists()
+
+
+def test_workers_share_a_batch_as_one_process_does(tmp_path, image_files, tiny_model_dir):
+    restored = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        extra = ("--refine-steps", 0, "--workers", workers)
+        result = ambiguate_cli(tiny_model_dir, *image_files, out=out, extra=extra)
+        assert result.returncode == 0, result.stderr
+        assert f"ambiguate: {len(image_files)} done, 0 failed" in result.stdout
+        lines = (out / "keys" / "manifest.jsonl").read_text().splitlines()
+        assert len(lines) == len(image_files)
+        run_cli(
+            "disambiguate",
+            out / "public",
+            "--model",
+            tiny_model_dir,
+            "--key-dir",
+            out / "keys",
+            "--out-dir",
+            out / "restored",
+            check=True,
+        )
+        restored[workers] = {p.name: p.read_bytes() for p in (out / "restored").iterdir()}
+    assert restored[1] == restored[2] and len(restored[1]) == len(image_files)

@@ -255,9 +255,10 @@ def test_version_1_pairs_still_decode(tmp_path, tiny_model_dir, pair):
     parsed_public = PublicFile.from_bytes(public.read_bytes())
     parsed_key = KeyFile.from_bytes(key.read_bytes())
     old_public = PublicFile(
-        parsed_public.header.model_copy(update={"key_commitment": None}), parsed_public.vectors
+        parsed_public.header.model_copy(update={"key_commitment": None, "privacy": None}),
+        parsed_public.vectors,
     ).to_bytes()
-    update = {"salt": None, "public_sha256": sha256(old_public)}
+    update = {"salt": None, "public_sha256": sha256(old_public), "privacy": None}
     old_key = KeyFile(parsed_key.header.model_copy(update=update), parsed_key.payload).to_bytes()
     assert [struct.unpack_from(">H", data, 8)[0] for data in (old_public, old_key)] == [1, 1]
     case = tmp_path / "v1"
@@ -272,20 +273,27 @@ def test_version_1_pairs_still_decode(tmp_path, tiny_model_dir, pair):
     assert struct.unpack_from(">H", public.read_bytes(), 8)[0] == formats.VERSION
 
 
-def test_version_2_pairs_still_decode(tmp_path, tiny_model_dir, pair, monkeypatch):
-    """Version 2 files: sealed, with no key-coding fields (the supports coded enumeratively)."""
+@pytest.mark.parametrize("version", [2, 3])
+def test_version_2_and_3_pairs_still_decode(tmp_path, tiny_model_dir, pair, monkeypatch, version):
+    """Version 2 files: sealed, with no key-coding fields (the supports coded enumeratively);
+    version 3: with them, but without the privacy preset (version 4)."""
     public, key = pair
     parsed_public = PublicFile.from_bytes(public.read_bytes())
     parsed_key = KeyFile.from_bytes(key.read_bytes())
-    assert parsed_key.header.coding == "enumerative"
-    monkeypatch.setattr(formats, "VERSION", 2)
-    old_public = parsed_public.to_bytes()
-    header = parsed_key.header.model_copy(update={"public_sha256": sha256(old_public)})
-    text = header.model_dump_json(exclude_none=True, exclude={"coding", "variable_rate"}).encode()
+    assert parsed_key.header.coding == "enumerative" and parsed_key.header.privacy == "strict"
+    monkeypatch.setattr(formats, "VERSION", version)
+    header = parsed_key.header.model_copy(update={"privacy": None})
+    update = {"privacy": None, "key_commitment": KeyFile(header, parsed_key.payload).commitment()}
+    old_public = PublicFile(
+        parsed_public.header.model_copy(update=update), parsed_public.vectors
+    ).to_bytes()
+    header = header.model_copy(update={"public_sha256": sha256(old_public)})
+    later = {"privacy"} | ({"coding", "variable_rate"} if version == 2 else set())
+    text = header.model_dump_json(exclude_none=True, exclude=later).encode()
     payload = parsed_key.payload
-    body = struct.pack(">8sHI", formats.KEY_MAGIC, 2, len(text)) + text
+    body = struct.pack(">8sHI", formats.KEY_MAGIC, version, len(text)) + text
     body += struct.pack(">I", len(payload)) + payload
-    case = tmp_path / "v2"
+    case = tmp_path / f"v{version}"
     (case / "keys").mkdir(parents=True)
     (case / "scan.primis").write_bytes(old_public)
     (case / "keys" / "scan.primiskey").write_bytes(body + hashlib.sha256(body).digest())

@@ -1,7 +1,6 @@
 """Entropy-coded keys: exact round trips, the fitted model pays off, corruption is refused."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +11,9 @@ from primis.errors import PrimisError
 from primis.formats import KeyFile
 from primis.io.pixels import IntensityMapping
 from primis.keycoding import KeyModel, decode_code, encode_code, fit_key_model
-from primis.modelstore import load_model, save_model
+from primis.modelstore import load_model
 from primis.obfuscation import code_to_vectors
-from primis.sharing import fit_image_keys, reconstruct, share_image
+from primis.sharing import RateControl, reconstruct, share_image
 from tests.conftest import smooth_image
 
 
@@ -116,18 +115,6 @@ def test_the_key_model_validates_its_tables():
     assert KeyModel.from_tensors(model.tensors()).fits(2, 16, 3)
 
 
-@pytest.fixture(scope="module")
-def context_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model with a key model fitted to the codes of a few synthetic images."""
-    model = load_model(tiny_model_dir)
-    units = [smooth_image(64, 80, seed).astype(np.float32) for seed in range(6)]
-    key_model = fit_image_keys(model, iter(units))
-    assert key_model.fits(model.network.config.m, model.network.config.n, model.network.config.k)
-    directory = tmp_path_factory.mktemp("context-model")
-    save_model(directory, model.network, model.obfuscation, key_model=key_model)
-    return directory
-
-
 @pytest.mark.parametrize(
     "obfuscation, maps, k",
     [
@@ -147,7 +134,8 @@ def test_context_coded_keys_restore_what_enumerative_keys_restore(
     unit = mapping.forward(pixels)
     restored = []
     for model in (plain, context):
-        shared = share_image(unit, mapping, model, obfuscation, k, maps, refine_steps=2)
+        exact = RateControl(weight=0.0)  # the same code for both (no rate-distortion choice)
+        shared = share_image(unit, mapping, model, obfuscation, k, maps, refine_steps=2, rate=exact)
         key = KeyFile.from_bytes(shared.key)
         assert key.header.coding == ("context" if model is context else "enumerative")
         assert key.header.variable_rate == (model is context and obfuscation.fill == 1.0)

@@ -1,12 +1,23 @@
-"""Tiled encoding and decoding (`primis.sharing.Tiling`) against whole-image processing."""
+"""Tiled encoding and decoding (`primis.sharing.Tiling`) against whole-image processing, and
+the key sizes of rate-distortion optimised coding and rate control (`RateControl`)."""
 
 import numpy as np
 import pytest
 import torch
 
 from primis.errors import PrimisError
+from primis.io.pixels import IntensityMapping
 from primis.modelstore import load_model
-from primis.sharing import Tiling, decode_codes, encode_images
+from primis.sharing import (
+    RATE_WEIGHT,
+    RATE_WEIGHTS,
+    RateControl,
+    Tiling,
+    decode_codes,
+    encode_images,
+    reconstruct,
+    share_image,
+)
 from tests.conftest import smooth_image
 
 WHOLE = Tiling(cells=10**6, region=10**6)
@@ -76,3 +87,91 @@ def test_refinement_progress_counts_every_step_and_changes_no_code(tiny_model_di
     assert all((a == b).all() for a, b in zip(codes, plain, strict=True))
     passes = 2 * 9 + 1  # each region of the large images, and the small one whole
     assert calls == [(done, 2 * passes) for done in range(1, 2 * passes + 1)]
+
+
+def _share(model, unit, mapping, rate, refine_steps=3):
+    shared = share_image(
+        unit, mapping, model, model.obfuscation, refine_steps=refine_steps, rate=rate
+    )
+    restored = mapping.forward(reconstruct(shared.public, shared.key, model)[0])
+    return shared, float(np.mean((restored - unit) ** 2))
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    """The bundled model: its key model prices atoms as on real radiographs (a tiny untrained
+    model's codes are nearly constant, so weights change little there)."""
+    return load_model("cxr")
+
+
+@pytest.fixture
+def radiograph():
+    pixels = (smooth_image(160, 192, 5) * 255).astype(np.uint8)
+    mapping = IntensityMapping.of(pixels)
+    return mapping.forward(pixels), mapping
+
+
+def test_a_rate_weight_trades_quality_for_smaller_keys(bundled, radiograph):
+    model = bundled
+    weights = (0.0, 0.05, 0.2)
+    results = [_share(model, *radiograph, RateControl(weight=w)) for w in weights]
+    sizes = [len(shared.key) for shared, _ in results]
+    assert sizes[0] > sizes[1] > sizes[2]
+    assert results[0][1] < results[1][1] < results[2][1]
+    assert [shared.rate_weight for shared, _ in results] == list(weights)
+    # The default: RATE_WEIGHT when refining with a key model, else 0.
+    assert _share(model, *radiograph, None)[0].rate_weight == RATE_WEIGHT
+    assert _share(model, *radiograph, None, refine_steps=0)[0].rate_weight == 0.0
+
+
+def test_rate_control_meets_a_key_budget_or_a_quality(bundled, radiograph):
+    model = bundled
+    unit, mapping = radiograph
+    free, _ = _share(model, unit, mapping, RateControl(weight=0.0))
+    budget = 0.93 * free.key_bits_per_pixel
+    shared, error = _share(model, unit, mapping, RateControl(key_bpp=budget))
+    assert shared.key_bits_per_pixel <= budget
+    assert shared.psnr == pytest.approx(10 * np.log10(1 / error), abs=1e-6)
+    index = RATE_WEIGHTS.index(shared.rate_weight)
+    assert index > 0  # weight 0 exceeds the budget; the next smaller weight does too
+    smaller, _ = _share(model, unit, mapping, RateControl(weight=RATE_WEIGHTS[index - 1]))
+    assert smaller.key_bits_per_pixel > budget
+    # A quality: the largest weight that reaches it, and 0 (reported) where none does.
+    aimed, _ = _share(model, unit, mapping, RateControl(quality=shared.psnr))
+    assert aimed.psnr >= shared.psnr and aimed.rate_weight >= shared.rate_weight
+    unreachable, _ = _share(model, unit, mapping, RateControl(quality=99.0))
+    assert unreachable.rate_weight == 0.0 and unreachable.psnr < 99.0
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"key_bpp": 0.3, "quality": 30.0}, "not both"),
+        ({"weight": 0.1, "quality": 30.0}, "exclude each other"),
+        ({"weight": -1.0}, ">= 0"),
+        ({"key_bpp": float("nan")}, ">= 0"),
+    ],
+)
+def test_rate_settings_are_validated(settings, message):
+    with pytest.raises(PrimisError, match=message):
+        RateControl(**settings)
+
+
+def test_rates_need_a_key_model(tiny_model_dir, radiograph):
+    model = load_model(tiny_model_dir)
+    for rate in (RateControl(weight=0.1), RateControl(quality=30.0)):
+        with pytest.raises(PrimisError, match="key model"):
+            _share(model, *radiograph, rate)
+
+
+def test_rate_weighted_codes_are_the_same_tiled(context_model_dir):
+    model = load_model(context_model_dir)  # a small model: tiles of a few positions
+    image = smooth_image(8 * 13 - 3, 8 * 17 - 5, seed=3).astype(np.float32)
+    k = model.network.config.k
+    codes = [
+        encode_images(model, [image], k, 0, tiling=tiling, rate_weight=1.0)[0]
+        for tiling in (WHOLE, Tiling(cells=4, halo=12))
+    ]
+    assert torch.equal(codes[0], codes[1])
+    plain = encode_images(model, [image], k, 0, tiling=WHOLE)[0]
+    assert not torch.equal(codes[0], plain)

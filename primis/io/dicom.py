@@ -187,9 +187,9 @@ def _set_pixels(ds, pixels: np.ndarray, details: dict) -> None:
     for colour_only in ("PlanarConfiguration", "NumberOfFrames", "PixelPaddingValue"):
         if colour_only in ds:
             delattr(ds, colour_only)
-    allocated = 8 if pixels.dtype.itemsize == 1 else 16
-    if pixels.dtype.itemsize > 2:
+    if pixels.dtype.kind not in "ui" or pixels.dtype.itemsize > 2:
         raise PrimisError(f"cannot store {pixels.dtype} pixels in DICOM; use another output")
+    allocated = 8 if pixels.dtype.itemsize == 1 else 16
     stored = min(int(details.get("bits_stored", allocated)), allocated)
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = allocated, stored, stored - 1
     ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0

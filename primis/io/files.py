@@ -54,6 +54,15 @@ def write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
         raise
 
 
+def sync_folder(folder: Path) -> None:
+    """Flush a folder's entries to disk, so that files renamed into it survive a power cut."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_together(files: list[tuple[Path, bytes, int | None]], before: Callable[[], None]) -> None:
     """Write files that belong together (a key and its public file) so that none is left alone:
     each goes to a temporary name first (see `write_temporary`), then ``before`` runs (e.g. the

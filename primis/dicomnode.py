@@ -1,0 +1,467 @@
+"""A DICOM node: receive images from a PACS by C-STORE and share each one as `primis ambiguate`
+does (`DicomNode`, `primis serve`); send authorized reconstructions to a DICOM node by C-STORE
+(`StorageClient`, `restore_to`, `primis restore-to`).
+
+What happens to a received instance::
+
+    C-STORE request (any storage SOP class, any transfer syntax pydicom decodes)
+      -> SPOOL/<random>.dcm: the data set as sent, with its file meta (0600), written to a
+         temporary name, synced, renamed, the folder synced
+      -> a queue of at most ``queue_size`` instances; past that the request waits up to
+         ``queue_timeout`` seconds for room, then is refused (0xA700 Out of Resources)
+      -> one worker shares it with `primis.api.share_file`: PUBLIC_DIR/<file id>.primis and
+         KEY_DIR/<file id>.primiskey written together, the private manifest keyed by the SOP
+         Instance UID (an instance sent again is acknowledged, not shared twice), folders synced
+      -> the C-STORE response: 0x0000 Success once both files are on disk; 0xC000 Cannot
+         Understand for an instance PRIMIS cannot share (no or undecodable pixel data,
+         multi-frame, too large), its spooled file moved to SPOOL/failed/ with the reason beside
+         it; 0xA700 for a full disk or another OS error, its spooled file kept for the next
+         start.
+
+A spooled file goes only once its outputs are in place, so a node killed at any point loses
+nothing it received: the next start shares what is left in the spool ahead of anything new (an
+instance the sender retries meanwhile is acknowledged as already shared). Stopping
+(`DicomNode.stop`, SIGTERM for `primis serve`) accepts no new association, refuses new C-STORE
+requests on open ones (0xA700: the sender retries later), shares what is queued and answers its
+senders, then closes. The log has one line per instance naming its random spool id, the
+calling AE title, the SOP class and the file id, never patient data (pynetdicom's own INFO log
+prints data set attributes: `primis serve` keeps it at WARNING).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Unpack
+
+from primis.api import ModelLike, ShareOptions, load_model, restore_dicom, share_file
+from primis.batch import SharingOutputs, describe_os_error, output_folders
+from primis.errors import PrimisError
+from primis.io.files import clean_stale_parts, sync_folder, write_atomic
+from primis.modelstore import LoadedModel
+
+LOG = logging.getLogger("primis.dicomnode")
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+# C-STORE warnings (coercion of data elements, elements discarded, data set does not match the
+# SOP class): the instance was stored.
+STORE_WARNINGS = {0x0001, 0xB000, 0xB006, 0xB007}
+
+
+def receivable_transfer_syntaxes() -> list[str]:
+    """The transfer syntaxes the node accepts: every one whose pixel data pydicom can decode
+    here (uncompressed and deflated, and with the pylibjpeg plug-ins JPEG baseline, extended and
+    lossless, JPEG-LS, JPEG 2000, HTJ2K and RLE), uncompressed first."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import AllTransferSyntaxes
+
+    found = []
+    for uid in AllTransferSyntaxes:
+        with contextlib.suppress(NotImplementedError):
+            if get_decoder(uid).is_available:
+                found.append(uid)
+    return sorted(found, key=lambda uid: uid.is_compressed)
+
+
+def check_ae_title(title: str) -> str:
+    """``title`` if DICOM allows it as an AE title (at most 16 characters, not only spaces, no
+    backslash or control character), else a PrimisError saying why."""
+    from pynetdicom import _config
+
+    valid, reason = _config.VALIDATORS["AE"](title) if title.strip() else (False, "is empty")
+    if not valid:
+        raise PrimisError(f"AE title {title!r}: {reason}")
+    return title
+
+
+def _private_folder(folder: Path) -> Path:
+    """A folder for patient data: created 0700 (an existing one is left as it is)."""
+    output_folders(folder.parent)
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    output_folders(folder)
+    return folder
+
+
+@dataclass
+class NodeStats:
+    """What a node did: instances received (spooled), shared, acknowledged as already shared,
+    failed, and refused (queue full, stopping, or not spooled)."""
+
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    refused: int = 0
+
+
+@dataclass
+class _Job:
+    path: Path
+    calling_ae: str
+    done: threading.Event = field(default_factory=threading.Event)
+    status: int = PROCESSING_FAILURE
+
+
+class DicomNode:
+    """A DICOM Storage SCP (and Verification SCP) that shares every received instance into
+    PUBLIC_DIR and KEY_DIR as `primis ambiguate` does for a DICOM file (outputs named by file
+    id; ``options`` are those of `primis.api.share`). See the module docstring for what happens
+    to an instance and which status its sender gets.
+
+    ``spool_dir`` (default KEY_DIR/spool) holds received instances until they are shared, and
+    in ``failed/`` those that could not be: patient data, 0600 files in a 0700 folder.
+    ``allow`` restricts the calling AE titles (empty: any); ``max_associations`` bounds the
+    concurrent associations. ``port`` 0 picks a free port (see `address`).
+
+    Use it as a context manager, or call `start` and `stop`::
+
+        with DicomNode("public", "keys", model, port=11112, refine_steps=0) as node:
+            ...  # serving until the block ends
+    """
+
+    def __init__(
+        self,
+        public_dir: str | os.PathLike,
+        key_dir: str | os.PathLike,
+        model: ModelLike = None,
+        *,
+        ae_title: str = "PRIMIS",
+        host: str = "0.0.0.0",
+        port: int = 11112,
+        spool_dir: str | os.PathLike | None = None,
+        allow: Sequence[str] = (),
+        queue_size: int = 8,
+        queue_timeout: float = 30.0,
+        max_associations: int = 10,
+        **options: Unpack[ShareOptions],
+    ) -> None:
+        if queue_size < 1 or queue_timeout < 0 or max_associations < 1:
+            raise PrimisError("queue size and associations must be at least 1, queue timeout >= 0")
+        self.public_dir, self.key_dir = Path(public_dir), Path(key_dir)
+        self.spool_dir = Path(spool_dir) if spool_dir else self.key_dir / "spool"
+        self.model = model if isinstance(model, LoadedModel) else load_model(model)
+        self.options = options
+        self.ae_title, self.allow = check_ae_title(ae_title), [check_ae_title(a) for a in allow]
+        self.host, self.port = host, port
+        self.queue_timeout, self.max_associations = queue_timeout, max_associations
+        self.stats = NodeStats()
+        self._slots = threading.BoundedSemaphore(queue_size)
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._server = None
+        self._worker: threading.Thread | None = None
+        self._outputs: SharingOutputs | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The host and port the node listens on (the real port when ``port`` was 0)."""
+        if self._server is None:
+            raise PrimisError("the DICOM node is not running")
+        host, port = self._server.server_address[:2]
+        return host, port
+
+    def start(self) -> DicomNode:
+        """Queue what a previous run left in the spool, listen, and start sharing."""
+        from pynetdicom import AE, StoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+
+        if self._server is not None:
+            raise PrimisError("the DICOM node is running already")
+        self._stopping = False
+        ae = AE(self.ae_title)
+        ae.require_calling_aet = self.allow
+        ae.maximum_associations = self.max_associations
+        syntaxes = receivable_transfer_syntaxes()
+        for context in StoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, syntaxes)
+        ae.add_supported_context(Verification)
+        self._outputs = SharingOutputs(self.public_dir, self.key_dir)
+        _private_folder(self.spool_dir)
+        clean_stale_parts(self.spool_dir)
+        left = sorted(self.spool_dir.glob("*.dcm"), key=lambda p: p.stat().st_mtime)
+        if left:
+            LOG.info("sharing %d instance(s) left in the spool by a previous run", len(left))
+        for path in left:
+            self._queue.put(_Job(path, "(spool)"))
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected)]
+        try:
+            self._server = ae.start_server(
+                (self.host, self.port), block=False, evt_handlers=handlers
+            )
+        except OSError as err:
+            self._outputs.close()
+            raise PrimisError(
+                f"cannot listen on {self.host}:{self.port} ({err.strerror or err})"
+            ) from None
+        self._worker = threading.Thread(target=self._work, name="primis-share", daemon=True)
+        self._worker.start()
+        return self
+
+    def stop(self, grace: float = 10.0) -> NodeStats:
+        """Stop as the module docstring says: no new associations, queued instances shared and
+        answered, open associations given ``grace`` seconds to be released, then aborted; the
+        manifests are compacted. Returns what the node did."""
+        if self._server is None:
+            return self.stats
+        server, self._server = self._server, None
+        server.shutdown()
+        with self._lock:
+            self._stopping = True
+            self._queue.put(None)
+        self._worker.join()
+        deadline = time.monotonic() + grace
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for association in server.active_associations:
+            association.abort()
+        self._outputs.close()
+        return self.stats
+
+    def __enter__(self) -> DicomNode:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            setattr(self.stats, name, getattr(self.stats, name) + 1)
+
+    def _refuse(self, calling_ae: str, why: str) -> int:
+        self._count("refused")
+        LOG.warning("refused an instance from %s (0x%04X): %s", calling_ae, OUT_OF_RESOURCES, why)
+        return OUT_OF_RESOURCES
+
+    def _on_rejected(self, event) -> None:
+        title = event.assoc.requestor.ae_title
+        if self.allow and title.strip() not in self.allow:
+            why = "calling AE title not allowed"
+        else:
+            why = f"e.g. more than {self.max_associations} associations at once"
+        LOG.warning(
+            "rejected an association from AE %r at %s: %s",
+            title,
+            event.assoc.requestor.address,
+            why,
+        )
+
+    def _on_store(self, event) -> int:
+        """The C-STORE handler (one thread per association): spool, queue, wait, answer."""
+        calling_ae = event.assoc.requestor.ae_title
+        if not self._slots.acquire(timeout=self.queue_timeout):
+            return self._refuse(calling_ae, f"queue full for {self.queue_timeout:g} s")
+        try:
+            if self._stopping:
+                return self._refuse(calling_ae, "the node is stopping")
+            path = self.spool_dir / f"{secrets.token_hex(8)}.dcm"
+            try:
+                write_atomic(path, event.encoded_dataset(), 0o600)
+                sync_folder(self.spool_dir)
+            except OSError as err:
+                return self._refuse(calling_ae, f"cannot spool it: {describe_os_error(err)}")
+            self._count("received")
+            job = _Job(path, calling_ae)
+            with self._lock:
+                queued = not self._stopping
+                if queued:
+                    self._queue.put(job)
+            if not queued:
+                path.unlink(missing_ok=True)
+                return self._refuse(calling_ae, "the node is stopping")
+            job.done.wait()
+            return job.status
+        finally:
+            self._slots.release()
+
+    def _work(self) -> None:
+        while (job := self._queue.get()) is not None:
+            job.status = self._share(job)
+            job.done.set()
+
+    def _share(self, job: _Job) -> int:
+        """Share one spooled instance; its status for the sender."""
+        started = time.perf_counter()
+        spool_id, what = job.path.stem, "unknown SOP class"
+        try:
+            uid, what = _instance(job.path)
+            source = f"dicom-instance:{uid}"
+            done = share_file(
+                job.path,
+                self.public_dir,
+                self.key_dir,
+                self.model,
+                names="id",
+                outputs=self._outputs,
+                source=source,
+                **self.options,
+            )
+            for folder in {self.public_dir, self.key_dir}:
+                sync_folder(folder)
+        except OSError as err:
+            self._count("failed")
+            LOG.error(
+                "failed instance %s (%s) from %s (0x%04X): %s; kept in the spool for a restart",
+                spool_id,
+                what,
+                job.calling_ae,
+                OUT_OF_RESOURCES,
+                describe_os_error(err),
+            )
+            return OUT_OF_RESOURCES
+        except Exception as err:  # PrimisError: not shareable; anything else: a bug
+            status = CANNOT_UNDERSTAND if isinstance(err, PrimisError) else PROCESSING_FAILURE
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            self._count("failed")
+            self._set_aside(job, reason)
+            LOG.error(
+                "failed instance %s (%s) from %s (0x%04X): %s; moved to %s",
+                spool_id,
+                what,
+                job.calling_ae,
+                status,
+                reason,
+                self.spool_dir / "failed",
+            )
+            return status
+        job.path.unlink()
+        if done is None:
+            self._count("duplicates")
+            file_id = self._outputs.known[source]["file_id"]
+            LOG.info(
+                "instance %s (%s) from %s: already shared as file id %s",
+                spool_id,
+                what,
+                job.calling_ae,
+                file_id,
+            )
+        else:
+            self._count("stored")
+            LOG.info(
+                "shared instance %s (%s) from %s as file id %s: public %d B, key %d B, %.2f s",
+                spool_id,
+                what,
+                job.calling_ae,
+                done.file_id,
+                done.public_bytes,
+                done.key_bytes,
+                time.perf_counter() - started,
+            )
+        return SUCCESS
+
+    def _set_aside(self, job: _Job, reason: str) -> None:
+        """Move a spooled instance that cannot be shared to SPOOL/failed/, the reason beside
+        it (best effort: a full disk leaves it in the spool)."""
+        failed = _private_folder(self.spool_dir / "failed")
+        with contextlib.suppress(OSError):
+            note = f"from {job.calling_ae} at {time.strftime('%Y-%m-%dT%H:%M:%S')}: {reason}\n"
+            write_atomic(failed / f"{job.path.stem}.txt", note.encode(), 0o600)
+            os.replace(job.path, failed / job.path.name)
+
+
+def _instance(path: Path) -> tuple[str, str]:
+    """A spooled instance's SOP Instance UID and its SOP class's name, from its file meta."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        return str(meta.MediaStorageSOPInstanceUID), meta.MediaStorageSOPClassUID.name
+    except (InvalidDicomError, AttributeError, ValueError):
+        raise PrimisError(f"{path}: not a DICOM instance with file meta") from None
+
+
+class StorageClient:
+    """An association with a DICOM node (a Storage SCP, e.g. a PACS) for sending instances by
+    C-STORE; used as a context manager::
+
+        with StorageClient("pacs.example.org", 104, "PACS") as pacs:
+            pacs.send(dicom_bytes, "name for messages")
+
+    Every storage SOP class pynetdicom knows is proposed in Explicit VR Little Endian, the
+    transfer syntax of PRIMIS's DICOM outputs. ``timeout`` bounds each wait for the peer.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        called_ae: str,
+        calling_ae: str = "PRIMIS",
+        timeout: float = 60.0,
+    ) -> None:
+        self.called_ae, self.calling_ae = check_ae_title(called_ae), check_ae_title(calling_ae)
+        self.host, self.port, self.timeout = host, port, timeout
+        self._association = None
+
+    def __enter__(self) -> StorageClient:
+        from pydicom.uid import ExplicitVRLittleEndian
+        from pynetdicom import AE, StoragePresentationContexts
+
+        ae = AE(self.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        for context in StoragePresentationContexts:
+            ae.add_requested_context(context.abstract_syntax, ExplicitVRLittleEndian)
+        association = ae.associate(self.host, self.port, ae_title=self.called_ae)
+        if not association.is_established:
+            why = "rejected" if association.is_rejected else "no answer, or aborted"
+            peer = f"{self.called_ae} at {self.host}:{self.port}"
+            raise PrimisError(f"cannot associate with {peer} ({why})")
+        self._association = association
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._association is not None and self._association.is_established:
+            self._association.release()
+        self._association = None
+
+    def send(self, data: bytes, name: str) -> int:
+        """Send one DICOM file's bytes by C-STORE; return the status (success or a warning),
+        or raise PrimisError naming ``name`` when the peer refused it or did not answer."""
+        import io
+
+        import pydicom
+
+        if self._association is None or not self._association.is_established:
+            raise PrimisError(f"{name}: the association with {self.called_ae} was lost")
+        dataset = pydicom.dcmread(io.BytesIO(data))
+        try:
+            answer = self._association.send_c_store(dataset)
+        except ValueError:
+            sop_class = dataset.SOPClassUID.name
+            raise PrimisError(f"{name}: {self.called_ae} accepts no {sop_class}") from None
+        if "Status" not in answer:
+            raise PrimisError(f"{name}: no answer to C-STORE from {self.called_ae}")
+        status = int(answer.Status)
+        if status != SUCCESS and status not in STORE_WARNINGS:
+            raise PrimisError(f"{name}: {self.called_ae} answered C-STORE with 0x{status:04X}")
+        return status
+
+
+def restore_to(
+    public_path: str | os.PathLike,
+    key_dir: str | os.PathLike,
+    client: StorageClient,
+    model: ModelLike = None,
+    *,
+    identity=None,
+    passphrase: str | None = None,
+) -> int:
+    """Restore a public file with its key (`primis.api.restore_dicom`: DICOM, the original
+    header where the key holds it) and send it by C-STORE through ``client``, without writing
+    it anywhere; return the C-STORE status. Wrapped keys open with ``identity`` or
+    ``passphrase``."""
+    data = restore_dicom(public_path, key_dir, model, identity=identity, passphrase=passphrase)
+    return client.send(data, str(public_path))
