@@ -241,3 +241,18 @@ def test_export_model_fits_a_key_model_that_keys_then_use(tmp_path, tiny_model_d
     shared = primis.share(images[0], model=keyed)
     assert KeyFile.from_bytes(shared.key).header.coding == "context"
     assert primis.restore(shared.public, shared.key, model=keyed).shape == (64, 80)
+
+
+def test_share_sets_the_key_size_by_weight_or_target():
+    model = primis.load_model("cxr")  # its key model prices the atoms
+    image = (smooth_image(160, 192, 5) * 4095).astype(np.uint16)
+    plain = primis.share(image, model=model, refine_steps=2, rate_weight=0.0)
+    weighted = primis.share(image, model=model, refine_steps=2, rate_weight=0.2)
+    assert weighted.key_bits_per_pixel < plain.key_bits_per_pixel
+    assert (plain.rate_weight, weighted.rate_weight, plain.psnr) == (0.0, 0.2, None)
+    budget = primis.share(image, model=model, refine_steps=2, key_bpp=weighted.key_bits_per_pixel)
+    assert budget.key_bits_per_pixel <= weighted.key_bits_per_pixel and budget.psnr > 20
+    restored = primis.restore(budget.public, budget.key, model=model)
+    assert restored.dtype == np.uint16 and restored.shape == image.shape
+    with pytest.raises(PrimisError, match="not both"):
+        primis.share(image, model=model, key_bpp=0.3, quality=30.0)
