@@ -119,7 +119,7 @@ def primis_point(model, unit, mapping, k: int, weight: float | None, refine_step
     return {
         "k": k,
         "weight": shared.rate_weight,
-        "bpp": 8 * len(shared.key) / unit.size,
+        "bpp": shared.key_bits_per_pixel,
         "payload_bpp": 8 * len(KeyFile.from_bytes(shared.key).payload) / unit.size,
         "key_bytes": len(shared.key),
         "psnr": psnr(unit, restored),

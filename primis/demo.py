@@ -111,7 +111,7 @@ def run_demo(
         "pixels": unit.shape,
         "public_bytes": len(shared.public),
         "key_bytes": len(shared.key),
-        "key_bits_per_pixel": 8 * len(shared.key) / unit.size,
+        "key_bits_per_pixel": shared.key_bits_per_pixel,
         "authorized_psnr": psnr(unit, authorized),
         "authorized_ssim": ssim(unit, authorized),
         "attacker_psnr": psnr(unit, attacker),
