@@ -57,7 +57,7 @@ from primis.obfuscation import (
     shuffle_atoms,
     vectors_to_code,
 )
-from primis.sharing import REFINE_STEPS, encode_images, key_payload
+from primis.sharing import REFINE_STEPS, RateControl, encode_images, key_payload
 
 
 @dataclass
@@ -95,7 +95,9 @@ def make_targets(
     ``keys``, also the size of the key that opens every map."""
     targets = []
     maps = model.network.config.m
-    for image, code in zip(images, encode_images(model, images, k, refine_steps), strict=True):
+    weight = RateControl().weight_for(refine_steps, model)
+    codes = encode_images(model, images, k, refine_steps, rate_weight=weight)
+    for image, code in zip(images, codes, strict=True):
         grid = tuple(code.shape[3:])
         code = code_to_vectors(code)
         public, perms = ambiguate_maps(code, maps, k, obf)

@@ -42,8 +42,9 @@ def test_refinement_improves_every_code_on_real_chest_xrays():
         plain = measure_sharing(model, path, ObfuscationConfig(), refine_steps=0)
         refined = measure_sharing(model, path, ObfuscationConfig())
         assert refined.authorized_psnr > plain.authorized_psnr + 2.0, path.name
-        # Context-coded keys: the refined code is less predictable, so its key a little larger.
-        assert plain.key_bytes <= refined.key_bytes < 1.25 * plain.key_bytes
+        # Refinement prices each atom's key bits (the default rate weight): a key of about the
+        # same size, not the larger one a less predictable code would take.
+        assert 0.8 * plain.key_bytes < refined.key_bytes < 1.1 * plain.key_bytes
 
 
 @pytest.mark.slow
@@ -68,10 +69,10 @@ def test_attacks_stay_near_prior_only_on_real_chest_xrays(tmp_path):
     for name, row in report["attacks"].items():
         if name != "authorized (with key)":
             assert row["psnr_above_prior"] < 1.0 and row["ssim_above_prior"] < 0.05, name
-    # With atoms shown in a secret order per file, neither the public entries nor the model's
-    # preference for some atoms tells true entries from noise.
-    assert report["distinguisher"]["auc"] < 0.55, report["distinguisher"]
-    assert report["distinguisher_prior_only"]["auc"] < 0.55, report["distinguisher_prior_only"]
+    # The default public vectors are random bits: the classifier that sees them tells true
+    # entries from noise no better than one that knows only the model's atom preferences.
+    seen, prior = report["distinguisher"]["auc"], report["distinguisher_prior_only"]["auc"]
+    assert seen <= prior + 0.02, (seen, prior)
     assert report["attacks"]["authorized (with key)"]["psnr_above_prior"] > 10
     assert all(check["holds"] for check in report["targets"]), report["targets"]
 
