@@ -330,6 +330,7 @@ def test_installed_entry_points_run(tmp_path):
         ("twelve.npy", (np.arange(33 * 35).reshape(33, 35) % 4096).astype(np.uint16)),
         ("signed.npy", (np.arange(30 * 30).reshape(30, 30) - 500).astype(np.int16)),
         ("float.npy", np.linspace(-1.5, 2.5, 40 * 24, dtype=np.float32).reshape(40, 24)),
+        ("real.tif", np.linspace(-200, 800, 36 * 44, dtype=np.float32).reshape(36, 44)),
     ],
 )
 def test_outputs_keep_the_inputs_type_dtype_and_range(tmp_path, tiny_model_dir, name, pixels):

@@ -155,16 +155,16 @@ def read_image(path: Path) -> tuple[np.ndarray, IntensityMapping]:
 
 
 def encode_image(pixels: np.ndarray, suffix: str) -> bytes:
-    """Serialise a 2-D array as PNG or TIFF (8 or 16 bits unsigned) or as .npy (any dtype)."""
+    """Serialise a 2-D array as PNG (8 or 16 bits unsigned), TIFF or .npy (any numeric dtype)."""
     buffer = io.BytesIO()
     if suffix == ".npy":
         np.save(buffer, pixels, allow_pickle=False)
-    elif pixels.dtype not in (np.uint8, np.uint16):
-        raise PrimisError(f"cannot store {pixels.dtype} pixels as {suffix}; use .npy")
     elif suffix in (".tif", ".tiff"):
         import tifffile
 
         tifffile.imwrite(buffer, pixels)
+    elif pixels.dtype not in (np.uint8, np.uint16):
+        raise PrimisError(f"cannot store {pixels.dtype} pixels as {suffix}; use .tif or .npy")
     else:
         Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -174,12 +174,14 @@ OUTPUT_SUFFIXES = (".dcm", ".png", ".tif", ".npy")  # what `disambiguate` may wr
 
 
 def output_suffix(details: dict, dtype: np.dtype) -> str:
-    """Where restored pixels go: TIFF and .npy inputs keep their type; other 8/16-bit
+    """Where restored pixels go: TIFF and .npy inputs keep their format and type; other 8/16-bit
     unsigned images become PNG (lossless); anything else becomes .npy."""
     kind = details.get("format")
+    if kind == "tiff":
+        return ".tif"
     if kind == "npy" or np.dtype(dtype) not in (np.uint8, np.uint16):
         return ".npy"
-    return ".tif" if kind == "tiff" else ".png"
+    return ".png"
 
 
 def list_images(paths: list[Path]) -> list[Path]:
