@@ -7,9 +7,10 @@
    (`primis.sharing.Tiling`; images up to 1344 px a side go whole anyway): the PSNR of each
    against the original and the largest pixel difference between the two restorations.
 2. Memory and time: `primis ambiguate` and `primis disambiguate`, each in its own process, on a
-   real radiograph resized to 16-bit images of --sizes (default refinement) and of --unrefined
-   sizes (`--refine-steps 0`, e.g. the input limit): the peak resident memory of that process,
-   seconds, seconds per megapixel.
+   real radiograph resized to 16-bit images of --sizes, each ``WxH`` (default refinement) or
+   ``WxH@S`` (S refinement steps: ``@0`` is the encoder's code, and a few steps give the
+   refined path's peak memory, which does not grow with the step count, at a fraction of its
+   time): the peak resident memory of that process, seconds, seconds per megapixel.
 
 Prints tables with the machine (CPU model, flags, numeric type) and writes JSON.
 """
@@ -148,8 +149,14 @@ def memory_and_time(model_name: str, sizes: list[tuple[int, int, int | None]]) -
     return rows
 
 
-def _sizes(text: str) -> list[tuple[int, int]]:
-    return [tuple(int(v) for v in size.split("x")) for size in text.split(",") if size]
+def _sizes(text: str) -> list[tuple[int, int, int | None]]:
+    """ "1500x1250,8192x8192@0" -> [(1500, 1250, None), (8192, 8192, 0)]."""
+    sizes = []
+    for item in filter(None, text.split(",")):
+        size, _, steps = item.partition("@")
+        width, height = (int(v) for v in size.split("x"))
+        sizes.append((width, height, int(steps) if steps else None))
+    return sizes
 
 
 def main() -> None:
@@ -161,15 +168,18 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=3, help="images for the seam check")
     parser.add_argument("--refine-steps", type=int, default=REFINE_STEPS)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--sizes", type=_sizes, default="1500x1250,3000x2500,4096x4096")
-    parser.add_argument("--unrefined", type=_sizes, default="8192x8192", help="sizes, 0 steps")
+    parser.add_argument(
+        "--sizes",
+        type=_sizes,
+        default="1500x1250,3000x2500,4096x4096,8192x8192@0,8192x8192@2",
+        help="WxH (default refinement) or WxH@STEPS, comma-separated",
+    )
     parser.add_argument("--json", type=Path, default=Path("runs/tiling.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     machine = machine_info()
-    sizes = [(*size, None) for size in args.sizes] + [(*size, 0) for size in args.unrefined]
     seam_rows = seams(args.model, args.images, args.refine_steps) if args.images else []
-    size_rows = memory_and_time(args.model, sizes)
+    size_rows = memory_and_time(args.model, args.sizes)
     print(f"\n{describe_machine(machine)}; refine steps {args.refine_steps}")
     print(f"{'image':60s} {'whole dB':>9s} {'tiled dB':>9s} {'max diff':>9s}")
     for row in seam_rows:

@@ -11,7 +11,13 @@ The Python API (see `primis.api` and the README's "Python API")::
 Names are imported on first use, so the command line answers `--help` without loading torch.
 """
 
+import os
 from importlib import import_module
+
+# oneDNN (torch's CPU convolutions) keeps up to 1024 compiled primitives with their buffers, one
+# set per tile shape: hundreds of MB for a large image's tiles (README, "Images of any size").
+# 64 keep the speed; a value set by the user wins. Read when torch first convolves.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
 _EXPORTS = {
     "AttackConfig": "primis.config",

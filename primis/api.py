@@ -152,15 +152,17 @@ def share(
         source = read_source(Path(image))
         dicom = keep_header and source.details.get("format") == "dicom"
         header = base64.b64encode(original_header(Path(image))).decode() if dicom else None
-    mapping = source.mapping
+    mapping, details = source.mapping, source.details
+    unit = mapping.forward(source.pixels)
+    del source  # the input's own pixels: not needed again, and as large as the image
     return sharing.share_image(
-        mapping.forward(source.pixels),
+        unit,
         mapping,
         model,
         obfuscation_for(model, obfuscation, privacy),
         k,
         maps,
-        source.details,
+        details,
         header,
         refine_steps,
         rate=RateControl(rate_weight, key_bpp, quality),

@@ -298,15 +298,15 @@ _privacy_option = click.option(
 
 def _obfuscation(model, fill: float | None, mask_signs: bool | None):
     """The model's obfuscation settings, or those of `--privacy`, with the command line's
-    overrides, validated; says on stderr what a preset that leaks was measured to leak."""
+    overrides, validated; says on stderr what a mode that leaks was measured to leak."""
     from primis.api import obfuscation_for
-    from primis.obfuscation import PRIVACY_WARNINGS, privacy_preset_name
+    from primis.obfuscation import privacy_warning
 
     chosen = {"fill": fill, "mask_signs": mask_signs}
     privacy = click.get_current_context().meta.get("primis.privacy")
     settings = {name: v for name, v in chosen.items() if v is not None}
     obfuscation = obfuscation_for(model, settings, privacy)
-    warning = PRIVACY_WARNINGS.get(privacy_preset_name(obfuscation))
+    warning = privacy_warning(obfuscation)
     if warning:
         click.echo(f"warning: {warning}", err=True)
     return obfuscation

@@ -160,10 +160,13 @@ def _slot_probabilities(
 
 
 def _members(vectors: np.ndarray, sign: int, sizes: np.ndarray, k: int) -> np.ndarray:
-    """(V, k): the atoms holding ``sign`` in ascending order, padded with -1."""
-    hit = vectors == sign
-    order = np.argsort(~hit, axis=1, kind="stable")[:, :k]
-    return np.where(np.arange(k)[None, :] < sizes[:, None], order, -1)
+    """(V, k): the atoms holding ``sign`` in ascending order, padded with -1 (``sizes``: how
+    many each vector holds). Memory follows the members, not V * n indices."""
+    rows, atoms = np.nonzero(vectors == sign)  # row-major: each row's atoms ascending
+    members = np.full((len(vectors), k), -1, dtype=np.int64)
+    first = np.cumsum(sizes) - sizes  # where each row's atoms start in ``atoms``
+    members[rows, np.arange(len(rows)) - first[rows]] = atoms
+    return members
 
 
 def _layout(m_of: list[int], grid: tuple[int, int]):
@@ -233,7 +236,7 @@ def _walk(
     and ``sizes``) or reading it (into them)."""
     _check_k(k, model)
     v, n = vectors.shape
-    allowed = np.ones((v, 2, n), dtype=bool) if allowed is None else allowed
+    allowed = np.broadcast_to(True, (v, 2, n)) if allowed is None else allowed
     map_of, ctx, stages = _layout(maps, grid)
     wide = model.widened()
     for index in stages:
@@ -331,14 +334,22 @@ def most_probable_code(
 
 
 def atom_costs(
-    model: KeyModel, vectors: np.ndarray, grid: tuple[int, int], chunk: int = 8192
+    model: KeyModel,
+    vectors: np.ndarray,
+    grid: tuple[int, int],
+    scale: float = 1.0,
+    dtype: type = np.float32,
+    chunk: int = 2048,
 ) -> np.ndarray:
-    """(V, 2, n) float32: about how many key bits each atom adds to a code of every map
-    (vectors (m * rows * cols, n) in coding order) by holding +1 (``[:, 0]``) or -1 (``[:, 1]``)
-    in its vector, the rest of the code as it is: its own term under the context of the vectors
-    above and to the left, plus what it changes in the terms of the atoms the vectors below and
-    to the right hold (the product model's normalisers are left out). The rate that
-    rate-distortion optimised coding (`primis.sharing`) weighs against distortion."""
+    """(V, 2, n): about how many key bits each atom adds to a code of every map (vectors
+    (m * rows * cols, n) in coding order) by holding +1 (``[:, 0]``) or -1 (``[:, 1]``) in its
+    vector, the rest of the code as it is: its own term under the context of the vectors above
+    and to the left, plus what it changes in the terms of the atoms the vectors below and to
+    the right hold (the product model's normalisers are left out). The rate that
+    rate-distortion optimised coding (`primis.sharing`) weighs against distortion.
+
+    Each chunk of vectors is computed in float32 and stored times ``scale`` as ``dtype``
+    (float16 halves a large image's memory; values beyond its range are clipped)."""
     bits = -np.log2(model.atom_weights.astype(np.float32))  # (m, 2, 9, n)
     m, n = bits.shape[0], bits.shape[3]
     map_of, (above, left), _ = _layout(list(range(m)), grid)
@@ -346,14 +357,14 @@ def atom_costs(
     below[above[above >= 0]] = np.nonzero(above >= 0)[0]
     right[left[left >= 0]] = np.nonzero(left >= 0)[0]
     atoms = np.arange(n)[None, :]
-    costs = np.empty((len(vectors), 2, n), dtype=np.float32)
+    costs = np.empty((len(vectors), 2, n), dtype=dtype)
+    largest = np.finfo(dtype).max
     for start in range(0, len(vectors), chunk):
         part = slice(start, start + chunk)
         j = map_of[part][:, None]
         context = 3 * _symbols(_gather(vectors, above[part], 0))
         context += _symbols(_gather(vectors, left[part], 0))
-        for sign in (0, 1):
-            costs[part, sign] = bits[j, sign, context, atoms]
+        own = np.stack([bits[j, sign, context, atoms] for sign in (0, 1)], axis=1)
         # A neighbour u after this vector reads it as its "above" (u below) or its "left" (u to
         # the right): the atoms u holds change context when this vector holds them too.
         for after, weight_of_mine in ((below[part], 3), (right[part], 1)):
@@ -365,7 +376,8 @@ def atom_costs(
             before = bits[j, u_sign, base, atoms]
             for sign in (0, 1):
                 changed = bits[j, u_sign, base + weight_of_mine * (sign + 1), atoms]
-                costs[part, sign] += np.where(held > 0, changed - before, 0)
+                own[:, sign] += np.where(held > 0, changed - before, 0)
+        costs[part] = np.clip(own * scale, -largest, largest)
     return costs
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from primis.config import ModelConfig
+from primis.limits import release_free_memory
 
 
 def use_autocast(device: torch.device, amp: bool) -> bool:
@@ -120,19 +121,26 @@ def refine_scores(
     each image's reconstruction error (B,) and its gradient through the straight-through code;
     returns, for each image, the scores of the best code seen (the starting one included).
     ``on_step`` is called after each step (for progress)."""
+    # Memory: a large image's scores take hundreds of MB, so no step makes a copy of them that
+    # it can avoid (rows are copied in place, the gradient is dropped once used), and each step
+    # starts by returning what the last one freed.
     best = z.clone()
     best_error = torch.full((z.shape[0],), torch.inf, device=z.device)
     z = z.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([z], lr=lr)
     for step in range(steps + 1):
+        release_free_memory()
         error, gradient = error_and_gradient(z.detach())
         improved = error < best_error
-        best[improved] = z.detach()[improved]
+        for row in improved.nonzero().flatten().tolist():
+            best[row].copy_(z.detach()[row])
         best_error = torch.where(improved, error, best_error)
         if step == steps:
             break
         z.grad = gradient
+        del gradient
         optimizer.step()
+        z.grad = None
         if on_step is not None:
             on_step()
     return best
@@ -162,6 +170,7 @@ def choose_code(
         bias = rate(code)
         z = refine(z, part, bias) if part else z
         code = network.ternarize(z, k, bias)
+        del bias  # not in memory while the next one is made
     return code
 
 
@@ -451,7 +460,7 @@ class SparseTernaryAutoEncoder(nn.Module):
 
         def mean_error(scores: Tensor) -> tuple[Tensor, Tensor]:
             error, gradient = self.squared_error(scores, x, valid, k, bias)
-            return error / area, gradient / area.view(-1, 1, 1, 1, 1)
+            return error / area, gradient.div_(area.view(-1, 1, 1, 1, 1))
 
         return refine_scores(z, steps, mean_error, lr, on_step)
 

@@ -32,7 +32,7 @@ from primis.formats import (
 )
 from primis.io.pixels import IntensityMapping, pad_to_multiple
 from primis.keycoding import KeyModel, atom_costs, fit_key_model
-from primis.limits import MAX_PIXELS
+from primis.limits import MAX_PIXELS, release_free_memory
 from primis.model import SparseTernaryAutoEncoder, choose_code, refine_scores
 from primis.modelstore import LoadedModel, bundled_model_with_hash
 from primis.obfuscation import (
@@ -68,7 +68,7 @@ class Tiling:
 
     cells: int = 64
     halo: int = 10
-    region: int = 256
+    region: int = 192
 
     def __post_init__(self) -> None:
         if self.cells < 1 or self.halo < 0 or self.region < self.cells:
@@ -292,13 +292,14 @@ def encode_images(
     rate = _rate_bias(model, rate_weight)
     network, device = model.network, _device(model)
     multiple = network.config.downsampling
-    padded = [pad_to_multiple(unit, multiple) for unit in units]
+    shapes = [tuple(-(-size // multiple) * multiple for size in unit.shape) for unit in units]
     codes: list[torch.Tensor | None] = [None] * len(units)
-    whole = [i for i, p in enumerate(padded) if tiling.fits(p.shape, multiple)]
-    groups = _batches([padded[i].shape for i in whole], batch_size)
+    whole = [i for i, shape in enumerate(shapes) if tiling.fits(shape, multiple)]
+    padded = {i: pad_to_multiple(units[i], multiple) for i in whole}  # large ones: per region
+    groups = _batches([shapes[i] for i in whole], batch_size)
     batches = [[whole[i] for i in group] for group in groups]
     regions = {
-        i: Tiling(tiling.region, tiling.halo).tiles(_grid(padded[i].shape, multiple))
+        i: Tiling(tiling.region, tiling.halo).tiles(_grid(shapes[i], multiple))
         for i in sorted(set(range(len(units))) - set(whole))
     }
     passes = len(batches) + sum(len(parts) for parts in regions.values())  # refinements
@@ -317,13 +318,13 @@ def encode_images(
         for row, i in enumerate(indices):
             codes[i] = code[row : row + 1]
     for i, parts in regions.items():
-        grid = _grid(padded[i].shape, multiple)
+        grid = _grid(shapes[i], multiple)
         code = torch.zeros((1, network.config.m, network.config.n, *grid), dtype=torch.int8)
         for outer, inner in parts:
             pixels = _scaled(outer, multiple)
             part = _encode_region(
                 network,
-                padded[i][pixels],
+                _padded_region(units[i], pixels),
                 _valid_mask(units[i].shape, pixels),
                 k,
                 refine_steps,
@@ -338,8 +339,8 @@ def encode_images(
 
 def _rate_bias(model: LoadedModel, weight: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """For rate-distortion optimised coding (`model.choose_code`): a function from codes
-    (B,m,n,h,w) to the bias (2,B,m,n,h,w) of ``weight`` times each atom's key bits under the
-    model's key model (`keycoding.atom_costs`); None for weight 0."""
+    (B,m,n,h,w) to the bias (2,B,m,n,h,w), float16, of ``weight`` times each atom's key bits
+    under the model's key model (`keycoding.atom_costs`); None for weight 0."""
     if not weight:
         return None
     if weight < 0 or not math.isfinite(weight):
@@ -349,13 +350,15 @@ def _rate_bias(model: LoadedModel, weight: float) -> Callable[[torch.Tensor], to
 
     def bias(codes: torch.Tensor) -> torch.Tensor:
         _, m, n, rows, cols = codes.shape
-        per_image = [
-            torch.from_numpy(atom_costs(model.key_model, code_to_vectors(code[None]), (rows, cols)))
-            .view(m, rows, cols, 2, n)
-            .permute(3, 0, 4, 1, 2)
-            for code in codes
-        ]
-        return (weight * torch.stack(per_image, dim=1)).to(codes.device)
+        per_image = []
+        # Half precision (a bias of about 0..1 needs no more), viewed, not copied: a large
+        # image's bias would otherwise take twice the memory of its scores.
+        for code in codes:
+            vectors = code_to_vectors(code[None])
+            costs = atom_costs(model.key_model, vectors, (rows, cols), weight, np.float16)
+            per_image.append(torch.from_numpy(costs).view(m, rows, cols, 2, n))
+        stacked = per_image[0][None] if len(per_image) == 1 else torch.stack(per_image)
+        return stacked.permute(4, 0, 1, 5, 2, 3).to(codes.device)
 
     return bias
 
@@ -395,6 +398,7 @@ def _encode_region(
     whole region's analysis gives them, and refinement steps whose error and gradient are summed
     over the tiles' inner parts, which is the whole region's refinement (the decoder sees less
     than the halo); memory follows the tile."""
+    release_free_memory()  # what the last region freed
     device = next(network.parameters()).device
     multiple = network.config.downsampling
     grid = (pixels.shape[0] // multiple, pixels.shape[1] // multiple)
@@ -411,30 +415,31 @@ def _encode_region(
     z = network.normalize_scores(z)
     if not refine_steps and rate is None:
         return network.ternarize(z, k).cpu()
-    # Each tile's error counts the image pixels of its inner part only, so they add up once.
-    parts = []
-    for outer, _, within in tiles:
-        region = _scaled(outer, multiple)
-        counted = torch.zeros_like(mask[..., *region])
-        inner = _scaled(within, multiple)
-        counted[..., *inner] = mask[..., *region][..., *inner]
-        parts.append((outer, x[..., *region], counted))
     area = mask.sum()
+
+    def counted(outer: tuple[slice, slice], within: tuple[slice, slice]) -> torch.Tensor:
+        """The mask of a tile's pixels that its error counts: those of its inner part, so that
+        the tiles' errors add up once (made when needed: all tiles' masks would take as much
+        memory as the image)."""
+        region, inner = _scaled(outer, multiple), _scaled(within, multiple)
+        tile_mask = torch.zeros_like(mask[..., *region])
+        tile_mask[..., *inner] = mask[..., *region][..., *inner]
+        return tile_mask
 
     def refine(scores: torch.Tensor, steps: int, bias: torch.Tensor | None) -> torch.Tensor:
         def mean_error(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             error, gradient = scores.new_zeros(1), torch.zeros_like(scores)
-            for outer, pixels_of_tile, counted in parts:
+            for outer, _, within in tiles:
                 part_error, part_gradient = network.squared_error(
                     scores[..., outer[0], outer[1]],
-                    pixels_of_tile,
-                    counted,
+                    x[..., *_scaled(outer, multiple)],
+                    counted(outer, within),
                     k,
                     None if bias is None else bias[..., outer[0], outer[1]],
                 )
                 error += part_error
                 gradient[..., outer[0], outer[1]] += part_gradient
-            return error / area, gradient / area
+            return error / area, gradient.div_(area)
 
         return refine_scores(scores, steps, mean_error, on_step=on_step)
 
@@ -444,6 +449,16 @@ def _encode_region(
 def _scaled(cells: tuple[slice, ...], factor: int) -> tuple[slice, ...]:
     """Code-position slices -> the pixel slices they cover."""
     return tuple(slice(c.start * factor, c.stop * factor) for c in cells)
+
+
+def _padded_region(unit: np.ndarray, region: tuple[slice, slice]) -> np.ndarray:
+    """``region`` (pixel slices within the padded image) of ``unit`` as `pad_to_multiple` pads
+    the whole image (reflected at the bottom and right edges, which a region of a large image
+    covers many times over), without a padded copy of the whole image."""
+    rows, cols = region
+    part = unit[rows, cols]
+    extra = (rows.stop - rows.start - part.shape[0], cols.stop - cols.start - part.shape[1])
+    return np.pad(part, ((0, extra[0]), (0, extra[1])), mode="reflect") if any(extra) else part
 
 
 def _valid_mask(shape: tuple[int, int], region: tuple[slice, slice]) -> np.ndarray:
@@ -533,6 +548,7 @@ def _package(
         privacy=privacy_preset_name(obfuscation),
     )
     variable = reveals_nothing(obfuscation)
+    release_free_memory()  # what encoding freed, before the key's coding tables
     payload, ideal = key_payload(
         vectors, public_vectors, perms, maps, (rows, cols), k, obfuscation, model.key_model
     )

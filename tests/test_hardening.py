@@ -605,3 +605,11 @@ def test_kill_at_any_point_then_rerun(tmp_path, tiny_model_dir, names):
         assert killed.returncode == -9, killed.stderr.decode()[-2000:]
         _ambiguate(tiny_model_dir, *inputs, out=out, extra=["--names", names]).check_returncode()
         _check_outputs(out, inputs)
+
+
+def test_freed_memory_goes_back_where_the_c_library_offers_it():
+    import platform
+
+    from primis.limits import release_free_memory
+
+    assert release_free_memory() == (platform.libc_ver()[0] == "glibc")

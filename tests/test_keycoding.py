@@ -10,7 +10,7 @@ from primis.config import ObfuscationConfig
 from primis.errors import PrimisError
 from primis.formats import KeyFile
 from primis.io.pixels import IntensityMapping
-from primis.keycoding import KeyModel, decode_code, encode_code, fit_key_model
+from primis.keycoding import KeyModel, atom_costs, decode_code, encode_code, fit_key_model
 from primis.modelstore import load_model
 from primis.obfuscation import code_to_vectors
 from primis.sharing import RateControl, reconstruct, share_image
@@ -149,3 +149,20 @@ def test_an_image_too_small_for_a_key_of_128_bits_is_refused(context_model_dir):
     mapping = IntensityMapping.of(pixels)
     with pytest.raises(PrimisError, match="too small to share"):
         share_image(mapping.forward(pixels), mapping, model, ObfuscationConfig())
+
+
+def test_atom_costs_price_the_atoms_the_model_expects_lowest():
+    m, n, k, grid = 2, 64, 3, (9, 7)
+    model = fit([smooth_code(m, n, grid, k, s, False) for s in range(4)], k)
+    vectors = as_vectors(smooth_code(m, n, grid, k, 99, False))
+    costs = atom_costs(model, vectors, grid)
+    assert costs.shape == (len(vectors), 2, n) and costs.dtype == np.float32
+    favourite = np.random.default_rng(0).permutation(n)[: 4 * k]  # as smooth_code draws them
+    rare = np.setdiff1d(np.arange(n), favourite)
+    assert np.median(costs[:, :, favourite]) + 2 < np.median(costs[:, :, rare])
+    # Scaled and stored in half precision: the same costs, clipped to float16's range.
+    half = atom_costs(model, vectors, grid, scale=0.5, dtype=np.float16)
+    assert half.dtype == np.float16
+    np.testing.assert_allclose(half, 0.5 * costs, rtol=2e-3, atol=1e-3)
+    huge = atom_costs(model, vectors, grid, scale=1e9, dtype=np.float16)
+    assert np.isfinite(huge).all() and huge.max() == np.finfo(np.float16).max

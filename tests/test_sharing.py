@@ -6,13 +6,15 @@ import pytest
 import torch
 
 from primis.errors import PrimisError
-from primis.io.pixels import IntensityMapping
+from primis.io.pixels import IntensityMapping, pad_to_multiple
 from primis.modelstore import load_model
 from primis.sharing import (
     RATE_WEIGHT,
     RATE_WEIGHTS,
     RateControl,
     Tiling,
+    _padded_region,
+    _scaled,
     decode_codes,
     encode_images,
     reconstruct,
@@ -175,3 +177,13 @@ def test_rate_weighted_codes_are_the_same_tiled(context_model_dir):
     assert torch.equal(codes[0], codes[1])
     plain = encode_images(model, [image], k, 0, tiling=WHOLE)[0]
     assert not torch.equal(codes[0], plain)
+
+
+@pytest.mark.parametrize("shape", [(300, 257), (257, 300), (320, 288)])
+def test_a_region_is_padded_as_the_whole_image_is(shape):
+    unit = np.random.default_rng(0).random(shape, dtype=np.float32)
+    whole = pad_to_multiple(unit, 16)
+    grid = (whole.shape[0] // 16, whole.shape[1] // 16)
+    for outer, _ in Tiling(cells=6, halo=2).tiles(grid):
+        pixels = _scaled(outer, 16)
+        assert np.array_equal(_padded_region(unit, pixels), whole[pixels])
