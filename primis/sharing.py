@@ -299,7 +299,7 @@ def encode_images(
     groups = _batches([shapes[i] for i in whole], batch_size)
     batches = [[whole[i] for i in group] for group in groups]
     regions = {
-        i: Tiling(tiling.region, tiling.halo).tiles(_grid(shapes[i], multiple))
+        i: Tiling(tiling.region, tiling.halo, tiling.region).tiles(_grid(shapes[i], multiple))
         for i in sorted(set(range(len(units))) - set(whole))
     }
     passes = len(batches) + sum(len(parts) for parts in regions.values())  # refinements
