@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from primis.config import ModelConfig
-from primis.limits import release_free_memory
 
 
 def use_autocast(device: torch.device, amp: bool) -> bool:
@@ -122,14 +121,12 @@ def refine_scores(
     returns, for each image, the scores of the best code seen (the starting one included).
     ``on_step`` is called after each step (for progress)."""
     # Memory: a large image's scores take hundreds of MB, so no step makes a copy of them that
-    # it can avoid (rows are copied in place, the gradient is dropped once used), and each step
-    # starts by returning what the last one freed.
+    # it can avoid (rows are copied in place, the gradient is dropped once used).
     best = z.clone()
     best_error = torch.full((z.shape[0],), torch.inf, device=z.device)
     z = z.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([z], lr=lr)
     for step in range(steps + 1):
-        release_free_memory()
         error, gradient = error_and_gradient(z.detach())
         improved = error < best_error
         for row in improved.nonzero().flatten().tolist():

@@ -613,3 +613,17 @@ def test_freed_memory_goes_back_where_the_c_library_offers_it():
     from primis.limits import release_free_memory
 
     assert release_free_memory() == (platform.libc_ver()[0] == "glibc")
+
+
+def test_importing_primis_caps_the_onednn_cache_unless_the_user_set_it():
+    import os
+    import subprocess
+    import sys
+
+    show = "import os, primis; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    default = subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True)
+    assert default.stdout.strip() == "64"
+    env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "512"
+    chosen = subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True)
+    assert chosen.stdout.strip() == "512"
