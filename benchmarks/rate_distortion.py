@@ -13,8 +13,10 @@ curves.
     python benchmarks/rate_distortion.py --models cxr cxr-v1 --json runs/rd.json
     python benchmarks/rate_distortion.py --weights 0 0.025 0.05 0.1 0.2 --json runs/rd-w.json
 
-PSNR and MS-SSIM are on the image's own intensity range (the [0, 1] scale PRIMIS maps it to).
-Prints one table per source (medians) and writes JSON with every per-image figure.
+PSNR, SSIM and MS-SSIM are on the image's own intensity range (the [0, 1] scale PRIMIS maps it
+to); "PSNR@bits" is on the image's bit depth (peak 2^bits - 1 over the stored values, DICOM's
+BitsStored: a 12- or 15-bit image scored as 12 or 15 bits). Prints one table per source
+(medians) and writes JSON with every per-image figure.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from PIL import Image
 from primis.config import REFINE_STEPS
 from primis.data import resolve_sources
 from primis.formats import KeyFile
-from primis.io.images import read_image
+from primis.io.images import SourceImage, read_source
 from primis.io.pixels import IntensityMapping
-from primis.metrics import ms_ssim, psnr
+from primis.metrics import ms_ssim, psnr, ssim
 from primis.modelstore import load_model
 from primis.report import describe_machine, machine_info, write_json
 from primis.sharing import RateControl, reconstruct, share_image
@@ -108,14 +110,28 @@ def bpp_at(points: list[dict], target: float) -> tuple[float | None, bool]:
     return float(np.exp(np.interp(target, psnrs, [np.log(p["bpp"]) for p in hull]))), False
 
 
-def primis_point(model, unit, mapping, k: int, weight: float | None, refine_steps: int) -> dict:
+def bit_depth(image: SourceImage) -> int | None:
+    """The bits of the stored values (DICOM's BitsStored, else the integer dtype's); None for
+    floating-point data, which has no bit depth to score on."""
+    if image.pixels.dtype.kind not in "ui":
+        return None
+    return int(image.details.get("bits_stored") or 8 * image.pixels.dtype.itemsize)
+
+
+def primis_point(
+    model, image: SourceImage, unit, k: int, weight: float | None, refine_steps: int
+) -> dict:
+    mapping = image.mapping
     started = time.perf_counter()
     rate = RateControl(weight=weight)
     shared = share_image(
         unit, mapping, model, model.obfuscation, k, refine_steps=refine_steps, rate=rate
     )
     seconds = time.perf_counter() - started
-    restored = mapping.forward(reconstruct(shared.public, shared.key, model)[0])
+    stored = reconstruct(shared.public, shared.key, model)[0]
+    restored = mapping.forward(stored)
+    bits = bit_depth(image)
+    peak = float(2**bits - 1) if bits else None
     return {
         "k": k,
         "weight": shared.rate_weight,
@@ -123,8 +139,12 @@ def primis_point(model, unit, mapping, k: int, weight: float | None, refine_step
         "payload_bpp": 8 * len(KeyFile.from_bytes(shared.key).payload) / unit.size,
         "key_bytes": len(shared.key),
         "psnr": psnr(unit, restored),
+        "ssim": ssim(unit, restored),
         "ms_ssim": ms_ssim(unit, restored),
+        "bits": bits,
+        "psnr_bit_depth": psnr(image.pixels / peak, stored / peak) if peak else None,
         "seconds": seconds,
+        "seconds_per_megapixel": seconds / (unit.size / 1e6),
     }
 
 
@@ -163,12 +183,13 @@ def measure_source(
 ) -> dict:
     images = []
     for path in paths:
-        unit, mapping = read_image(path)
-        curves = {codec: codec_curve(unit, mapping, codec) for codec in SWEEPS}
+        image = read_source(path)
+        unit = image.mapping.forward(image.pixels)
+        curves = {codec: codec_curve(unit, image.mapping, codec) for codec in SWEEPS}
         row = {"image": path.name, "shape": list(unit.shape), "codecs": curves, "primis": {}}
         for name, model in models.items():
             row["primis"][name] = [
-                primis_point(model, unit, mapping, k, weight, refine_steps) for k, weight in points
+                primis_point(model, image, unit, k, weight, refine_steps) for k, weight in points
             ]
         images.append(row)
         print(f"  {path.name} {unit.shape}", flush=True)
@@ -192,8 +213,12 @@ def summarize(images: list[dict]) -> dict:
                 "worst_psnr": min(p["psnr"] for p in points),
                 "median_seconds": statistics.median(p["seconds"] for p in points),
             }
-            multi = [p["ms_ssim"] for p in points if p["ms_ssim"] is not None]
-            entry["mean_ms_ssim"] = float(np.mean(multi)) if multi else None
+            for field in ("ssim", "ms_ssim", "psnr_bit_depth", "seconds_per_megapixel"):
+                values = [p[field] for p in points if p.get(field) is not None]
+                entry[f"mean_{field}"] = float(np.mean(values)) if values else None
+                entry[f"median_{field}"] = statistics.median(values) if values else None
+            depths = [p["psnr_bit_depth"] for p in points if p.get("psnr_bit_depth") is not None]
+            entry["worst_psnr_bit_depth"] = min(depths) if depths else None
             for codec in SWEEPS:
                 needed = [
                     bpp_at(row["codecs"][codec], p["psnr"])
@@ -218,13 +243,19 @@ def summarize(images: list[dict]) -> dict:
     return summary
 
 
+def _shown(entry: dict, field: str, digits: int) -> str:
+    value = entry.get(field)
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def print_report(report: dict) -> None:
     print(describe_machine(report["machine"]), f"refine steps {report['refine_steps']}")
     for name, result in report["sources"].items():
-        print(f"\n{name} ({len(result['images'])} images), medians:")
+        print(f"\n{name} ({len(result['images'])} images):")
         print(
-            f"  {'key':22s} {'key bpp':>8s} {'payload':>8s} {'PSNR':>6s} {'worst':>6s} "
-            f"{'MS-SSIM':>7s} {'/J2K':>7s} {'/JPEG':>7s} {'/JXL':>7s}"
+            f"  {'key':22s} {'key bpp':>8s} {'payload':>8s} {'PSNR':>6s} {'mean':>6s} "
+            f"{'worst':>6s} {'SSIM':>6s} {'MS-SSIM':>7s} {'PSNR@bits':>9s} {'s/MP':>6s} "
+            f"{'/J2K':>7s} {'/JPEG':>7s} {'/JXL':>7s}"
         )
         for key, entry in result["summary"].items():
             if "bd_rate" in key:
@@ -235,13 +266,18 @@ def print_report(report: dict) -> None:
                 ratio = entry[f"key_over_{codec}_at_equal_psnr"]
                 bound = ">" if entry[f"{codec}_lower_bounds"] else " "
                 cells.append("    n/a" if ratio is None else f"{bound}{ratio:6.2f}")
-            ms = entry["mean_ms_ssim"]
+            depth = _shown(entry, "median_psnr_bit_depth", 2)
+            speed = _shown(entry, "median_seconds_per_megapixel", 1)
             print(
                 f"  {key:22s} {entry['median_key_bpp']:8.3f} {entry['median_payload_bpp']:8.3f} "
-                f"{entry['median_psnr']:6.2f} {entry['worst_psnr']:6.2f} "
-                f"{'n/a' if ms is None else f'{ms:.4f}':>7s} {' '.join(cells)}"
+                f"{entry['median_psnr']:6.2f} {entry['mean_psnr']:6.2f} {entry['worst_psnr']:6.2f} "
+                f"{_shown(entry, 'mean_ssim', 4):>6s} {_shown(entry, 'mean_ms_ssim', 4):>7s} "
+                f"{depth:>9s} {speed:>6s} "
+                f"{' '.join(cells)}"
             )
     print(
+        "\nPSNR, mean and worst: median, mean and minimum over images; SSIM and MS-SSIM: means;"
+        " PSNR@bits: on the bit depth; s/MP: sharing seconds per megapixel"
         "\n/J2K etc.: the key's bytes over the codec's at the key's PSNR (median over images; "
         "'>' where the codec's lowest setting already beats the key on some images)"
     )

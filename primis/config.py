@@ -35,6 +35,13 @@ class ModelConfig(Strict):
     stem: int = Field(4, ge=1, le=16, description="pixel-unshuffle factor of the first layer")
     channels: list[int] = Field([32, 64, 128], min_length=1, max_length=6)
     blocks: int = Field(1, ge=0, le=8, description="residual blocks per scale")
+    encoder_blocks: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="extra residual blocks at the encoder's deepest scale: a stronger encoder for"
+        " the same decoder (added to a trained model by train.init, they start as the identity)",
+    )
     n: int = Field(256, ge=4, le=4096, description="length of each code vector")
     k: int = Field(4, ge=1, description="non-zeros of each sign per code vector")
     m: int = Field(2, ge=1, le=64, description="number of code maps")
@@ -62,7 +69,7 @@ class ModelConfig(Strict):
 
 # Model options added after the first release, with the value that models and runs saved before
 # them have: a saved configuration without the option gets that value (`with_later_options`).
-LATER_MODEL_OPTIONS = {"atom_norm": False}
+LATER_MODEL_OPTIONS = {"atom_norm": False, "encoder_blocks": 0}
 
 
 def with_later_options(data: object) -> object:

@@ -118,14 +118,15 @@ def refine_scores(
 ) -> Tensor:
     """``steps`` Adam steps on scores ``z`` (B,m,n,h,w), where ``error_and_gradient(z)`` gives
     each image's reconstruction error (B,) and its gradient through the straight-through code;
-    returns, for each image, the scores of the best code seen (the starting one included).
-    ``on_step`` is called after each step (for progress)."""
+    returns ``z`` itself, refined in place: for each image, the scores of the best code seen
+    (the starting one included). ``on_step`` is called after each step (for progress)."""
     # Memory: a large image's scores take hundreds of MB, so no step makes a copy of them that
-    # it can avoid (rows are copied in place, the gradient is dropped once used).
+    # it can avoid: the optimiser works on z's own storage, its fused step makes no temporaries,
+    # rows are copied in place and the gradient is dropped once used.
     best = z.clone()
     best_error = torch.full((z.shape[0],), torch.inf, device=z.device)
-    z = z.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([z], lr=lr)
+    z = z.detach().requires_grad_(True)
+    optimizer = torch.optim.Adam([z], lr=lr, fused=True)
     for step in range(steps + 1):
         error, gradient = error_and_gradient(z.detach())
         improved = error < best_error
@@ -140,7 +141,8 @@ def refine_scores(
         z.grad = None
         if on_step is not None:
             on_step()
-    return best
+    del optimizer  # its state, before z takes the best scores
+    return z.detach().copy_(best)
 
 
 def choose_code(
@@ -186,11 +188,12 @@ class SparseTernaryAutoEncoder(nn.Module):
         self.stem = nn.Sequential(
             nn.PixelUnshuffle(config.stem), nn.Conv2d(config.stem**2, c[0], 3, padding=1)
         )
-        self.encoder_stages = nn.ModuleList([_stage(c[0], config.blocks)])
+        depths = [config.blocks] * (scales - 1) + [config.blocks + config.encoder_blocks]
+        self.encoder_stages = nn.ModuleList([_stage(c[0], depths[0])])
         self.downs = nn.ModuleList()
         for i in range(1, scales):
             self.downs.append(ResidualDown(c[i - 1], c[i]))
-            self.encoder_stages.append(_stage(c[i], config.blocks))
+            self.encoder_stages.append(_stage(c[i], depths[i]))
         # Skip branches: every scale straight to the code grid (kernel = stride = scale factor).
         self.skips = nn.ModuleList(
             nn.Conv2d(c[i], c[-1], 2 ** (scales - 1 - i), stride=2 ** (scales - 1 - i))
@@ -442,8 +445,9 @@ class SparseTernaryAutoEncoder(nn.Module):
         bias: Tensor | None = None,
     ) -> Tensor:
         """Scores (B,m,n,h,w) whose ternary code reconstructs ``x`` at least as well as the
-        encoder's own, or as the code of the scores ``z`` to start from (see `refine_scores`,
-        which calls ``on_step``; ``bias`` as in `select`).
+        encoder's own, or as the code of the scores ``z`` to start from, which are refined in
+        place and returned (see `refine_scores`, which calls ``on_step``; ``bias`` as in
+        `select`).
 
         The decoder and the code format are untouched; only the choice of code improves (the
         encoder's one pass leaves a gap). ``valid`` (B,1,H,W) of 0/1 marks the pixels that count

@@ -505,13 +505,30 @@ def resumed_run(out: Path) -> tuple[RunConfig, RunInputs]:
 
 
 def _load_initial_weights(network: SparseTernaryAutoEncoder, init: str) -> None:
-    """Copy a trained model's weights (and running statistics) into ``network``."""
+    """Copy a trained model's weights (and running statistics) into ``network``. The run may
+    add encoder blocks (``model.encoder_blocks``); they start as the identity (the last
+    convolution of each one's residual branch is zero), so the encoder starts as trained."""
     start = load_model(init)
-    if start.network.config != network.config:
+    added = network.config.encoder_blocks - start.network.config.encoder_blocks
+    same = start.network.config.model_copy(update={"encoder_blocks": network.config.encoder_blocks})
+    if same != network.config or added < 0:
         raise PrimisError(
             f"train.init {init}: its model configuration differs from the run's model section"
+            " (beyond encoder blocks added)"
         )
-    network.load_state_dict(start.network.state_dict())
+    missing, unexpected = network.load_state_dict(start.network.state_dict(), strict=False)
+    deepest = network.encoder_stages[-1]
+    new_blocks = list(deepest)[len(deepest) - added :]
+    expected = {
+        f"encoder_stages.{len(network.encoder_stages) - 1}.{len(deepest) - added + i}.{name}"
+        for i, block in enumerate(new_blocks)
+        for name, _ in block.named_parameters()
+    }
+    assert set(missing) == expected and not unexpected, (missing, unexpected)
+    with torch.no_grad():
+        for block in new_blocks:
+            block.body[-1].weight.zero_()
+            block.body[-1].bias.zero_()
 
 
 def _trainable_parameters(network: SparseTernaryAutoEncoder, which: str) -> list:

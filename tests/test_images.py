@@ -21,6 +21,18 @@ def test_intensity_mapping_round_trips(dtype):
     np.testing.assert_allclose(restored, pixels, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("invert", [False, True])
+def test_intensity_mapping_of_a_large_image_equals_the_whole_image_formula(invert):
+    # 3,000 rows of 700 go in bands of about a million values: every band must be mapped.
+    pixels = np.random.default_rng(1).integers(0, 4096, (3000, 700), dtype=np.uint16)
+    mapping = IntensityMapping("uint16", 10.0, 4000.0, invert)
+    whole = (pixels.astype(np.float64) - 10.0) / 3990.0
+    expected = (1.0 - whole if invert else whole).astype(np.float32)
+    assert np.array_equal(mapping.forward(pixels), expected)
+    back = np.clip(np.rint((1.0 - expected if invert else expected) * 3990.0 + 10.0), 10, 4000)
+    assert np.array_equal(mapping.inverse(expected), back.astype(np.uint16))
+
+
 def test_colour_becomes_grayscale_and_16_bit_stays_16_bit(tmp_path):
     rgb = np.zeros((5, 6, 3), np.uint8)
     rgb[..., 1] = 200

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from primis.config import ModelConfig
-from primis.model import SparseTernaryAutoEncoder
+from primis.model import SparseTernaryAutoEncoder, refine_scores
 from tests.conftest import TINY
 
 
@@ -205,3 +205,22 @@ def test_refined_codes_reconstruct_better_and_images_do_not_interact():
         assert error(refined, i) < 0.95 * error(plain, i)
     alone = network.encode(x[1:], refine_steps=10, valid=valid[1:])
     assert (alone == refined[1:]).float().mean() > 0.99
+
+
+def test_refine_scores_works_in_place_and_returns_the_best_scores_seen():
+    # A quadratic whose minimum the steps approach, with one image that the first step makes
+    # worse (its error is then scored as rising): its start must come back.
+    target = torch.randn(2, 1, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    start = torch.zeros_like(target)
+    z = start.clone()
+    storage = z.data_ptr()
+
+    def error_and_gradient(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        error = ((scores - target) ** 2).sum(dim=(1, 2, 3, 4))
+        error[1] = 1.0 if scores[1].equal(start[1]) else 2.0  # only the start is best
+        return error, 2 * (scores - target)
+
+    refined = refine_scores(z, 20, error_and_gradient, lr=0.1)
+    assert refined.data_ptr() == storage  # no copy of the scores was kept
+    assert ((refined[0] - target[0]) ** 2).sum() < 0.5 * (target[0] ** 2).sum()
+    assert refined[1].equal(start[1])

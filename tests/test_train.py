@@ -373,6 +373,24 @@ def test_training_from_a_model_updates_only_the_trainable_part(tmp_path, tiny_mo
     assert torch.equal(start.atom_norm.running_mean, trained.atom_norm.running_mean)
 
 
+def test_encoder_blocks_added_to_a_trained_model_start_as_the_identity(tmp_path, tiny_model_dir):
+    from primis.config import ObfuscationConfig
+    from primis.modelstore import save_model
+    from primis.train import _load_initial_weights
+
+    start = load_model(tiny_model_dir).network.eval()
+    deeper = SparseTernaryAutoEncoder(TINY.model_copy(update={"encoder_blocks": 2}))
+    _load_initial_weights(deeper, str(tiny_model_dir))
+    deeper.eval()
+    x = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(deeper.analysis(x), start.analysis(x))
+    assert len(deeper.encoder_stages[-1]) == len(start.encoder_stages[-1]) + 2
+    save_model(tmp_path / "deeper", deeper, ObfuscationConfig())
+    with pytest.raises(PrimisError, match="differs"):  # blocks may be added, not removed
+        _load_initial_weights(start, str(tmp_path / "deeper"))
+
+
 def test_an_init_model_of_another_shape_is_refused(tmp_path, tiny_model_dir):
     images = _tiny_training_folder(tmp_path)
     config = RunConfig(

@@ -15,6 +15,12 @@ import numpy as np
 from primis.limits import MAX_PIXELS
 
 
+def _bands(array: np.ndarray) -> list[slice]:
+    """Slices of ``array``'s first axis of about a million values each."""
+    rows = max(1, (1 << 20) // max(1, array[0].size)) if array.ndim > 1 else max(1, len(array))
+    return [slice(start, start + rows) for start in range(0, len(array), rows)]
+
+
 @dataclass(frozen=True)
 class IntensityMapping:
     """Affine map from the file's values [low, high] to the model's [0, 1], and back.
@@ -34,21 +40,24 @@ class IntensityMapping:
         return cls(str(pixels.dtype), low, high if high > low else low + 1.0, invert)
 
     def forward(self, pixels: np.ndarray) -> np.ndarray:
-        unit = (pixels.astype(np.float64) - self.low) / (self.high - self.low)
-        return (1.0 - unit if self.invert else unit).astype(np.float32)
+        """The file's values as float32 in [0, 1] (in float64, a band of rows at a time, so a
+        large image needs no full-size float64 copies)."""
+        out = np.empty(pixels.shape, dtype=np.float32)
+        for band in _bands(pixels):
+            unit = (pixels[band].astype(np.float64) - self.low) / (self.high - self.low)
+            out[band] = 1.0 - unit if self.invert else unit
+        return out
 
     def inverse(self, unit: np.ndarray) -> np.ndarray:
-        """[0,1] pixels back to the input's dtype and range (in float64, a band of rows at a
-        time, so a large image needs no full-size float64 copies)."""
+        """[0,1] pixels back to the input's dtype and range (banded as `forward` is)."""
         dtype = np.dtype(self.dtype)
         out = np.empty(unit.shape, dtype=dtype)
-        step = max(1, (1 << 20) // max(1, unit[0].size)) if unit.ndim > 1 else max(1, len(unit))
-        for start in range(0, len(unit), step):
-            band = np.clip(unit[start : start + step].astype(np.float64), 0.0, 1.0)
-            values = (1.0 - band if self.invert else band) * (self.high - self.low) + self.low
+        for band in _bands(unit):
+            part = np.clip(unit[band].astype(np.float64), 0.0, 1.0)
+            values = (1.0 - part if self.invert else part) * (self.high - self.low) + self.low
             if dtype.kind in "ui":
                 values = np.clip(np.rint(values), self.low, self.high)
-            out[start : start + step] = values
+            out[band] = values
         return out
 
     def to_dict(self) -> dict:
