@@ -25,6 +25,7 @@ _EXPORTS = {
     "ModelConfig": "primis.config",
     "ObfuscationConfig": "primis.config",
     "PrimisError": "primis.errors",
+    "PrivacyWarning": "primis.errors",
     "RestoredDataset": "primis.api",
     "RunConfig": "primis.config",
     "SharedFile": "primis.api",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from torch.utils.data import Dataset
 from primis import sharing
 from primis.batch import SharingOutputs, expand, output_folders
 from primis.config import REFINE_STEPS, ObfuscationConfig, parse_config
-from primis.errors import PrimisError
+from primis.errors import PrimisError, PrivacyWarning
 from primis.formats import KeyFile, read_file
 from primis.io.dicom import encode_dicom, is_dicom, original_header
 from primis.io.files import write_atomic
@@ -51,6 +52,7 @@ from primis.io.pixels import IntensityMapping
 from primis.keywrap import is_wrapped, load_identity, unwrap
 from primis.modelstore import LoadedModel, pick_device, save_model
 from primis.modelstore import load_model as _load_model
+from primis.obfuscation import PRIVACY_PRESETS, privacy_warning
 from primis.sharing import RateControl, SharedImage
 
 ModelLike = LoadedModel | str | os.PathLike | None
@@ -98,8 +100,6 @@ def obfuscation_for(
     """The obfuscation a share uses: the model's (or the named ``privacy`` preset's, see
     `obfuscation.PRIVACY_PRESETS`), or ``obfuscation`` as given, or those settings with the
     ones of a mapping (e.g. ``{"fill": 0.5}``) changed, validated."""
-    from primis.obfuscation import PRIVACY_PRESETS
-
     if privacy is not None and privacy not in PRIVACY_PRESETS:
         raise PrimisError(f"privacy {privacy!r}: expected one of {', '.join(PRIVACY_PRESETS)}")
     if isinstance(obfuscation, ObfuscationConfig):
@@ -139,7 +139,8 @@ def share(
     ``privacy`` starts from a named preset instead ("strict": the public file is independent
     of the image; "compact": half the noise, a smaller key; "paper": public signs, as small a
     key that leaks the image; see README "Privacy modes"; both files record the preset, or
-    "custom"), and ``keep_header`` puts a DICOM input's original header into the key. The
+    "custom"; a mode measured to leak the image warns with `PrivacyWarning`), and
+    ``keep_header`` puts a DICOM input's original header into the key. The
     key's size: ``rate_weight`` trades quality for key bits in the choice of code (default:
     `sharing.RATE_WEIGHT` when refining, 0 without),
     or rate control picks it per image to keep the key within ``key_bpp`` bits per pixel or
@@ -152,6 +153,10 @@ def share(
         source = read_source(Path(image))
         dicom = keep_header and source.details.get("format") == "dicom"
         header = base64.b64encode(original_header(Path(image))).decode() if dicom else None
+    settings = obfuscation_for(model, obfuscation, privacy)
+    leak = privacy_warning(settings)
+    if leak:
+        warnings.warn(leak, PrivacyWarning, stacklevel=2)
     mapping, details = source.mapping, source.details
     unit = mapping.forward(source.pixels)
     del source  # the input's own pixels: not needed again, and as large as the image
@@ -159,7 +164,7 @@ def share(
         unit,
         mapping,
         model,
-        obfuscation_for(model, obfuscation, privacy),
+        settings,
         k,
         maps,
         details,

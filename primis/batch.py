@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from primis.errors import PrimisError
+from primis.errors import PrimisError, PrivacyWarning
 from primis.formats import KeyFile, PublicFile, read_file, sha256
 from primis.io.files import clean_stale_parts, default_mode, write_temporary, write_together
 from primis.keywrap import is_wrapped
@@ -397,7 +398,7 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         return
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, context, _set_threads, (threads,)) as pool:
+    with ProcessPoolExecutor(workers, context, _start_worker, (threads,)) as pool:
         try:
             yield pool
         except BaseException:
@@ -405,7 +406,9 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
             raise
 
 
-def _set_threads(threads: int) -> None:
+def _start_worker(threads: int) -> None:
+    """A worker's torch threads; it warns of nothing the parent has said (`PrivacyWarning`)."""
     import torch
 
+    warnings.simplefilter("ignore", PrivacyWarning)
     torch.set_num_threads(threads)

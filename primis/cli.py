@@ -6,13 +6,14 @@ import functools
 import json
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from primis.errors import PrimisError
+from primis.errors import PrimisError, PrivacyWarning
 
 
 def _fail(message: str) -> None:
@@ -973,7 +974,9 @@ def info(file: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the command; PrimisError becomes 'error: ...' and exit status 1."""
     try:
-        result = cli.main(args=argv, prog_name="primis", standalone_mode=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PrivacyWarning)  # said once, as "warning: ..."
+            result = cli.main(args=argv, prog_name="primis", standalone_mode=False)
         sys.exit(result if isinstance(result, int) else 0)
     except PrimisError as err:
         _fail(str(err))

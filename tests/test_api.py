@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -73,6 +74,26 @@ def test_options_reach_the_files(tmp_path, model):
     assert key.header.maps == [0] and key.header.source["format"] == "png"
     restored = primis.restore(shared.public, shared.key, model=model)
     assert restored.shape == (40, 48) and restored.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    ("privacy", "obfuscation", "leaks"),
+    [
+        ("strict", None, False),
+        ("compact", None, False),
+        ("paper", None, True),
+        ("compact", {"fill": 0.25}, True),
+    ],
+)
+def test_modes_measured_to_leak_warn(model, privacy, obfuscation, leaks):
+    pixels = (smooth_image(32, 32, 4) * 255).astype(np.uint8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        primis.share(pixels, model=model, refine_steps=0, privacy=privacy, obfuscation=obfuscation)
+    said = [w for w in caught if issubclass(w.category, primis.PrivacyWarning)]
+    assert len(said) == int(leaks), [str(w.message) for w in caught]
+    assert not leaks or "leaks the image" in str(said[0].message)
+    assert all(w.filename == __file__ for w in said)  # points at the caller's line
 
 
 def test_bad_input_is_one_clear_error(tmp_path, model):

@@ -6,6 +6,7 @@ import json
 import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -117,10 +118,14 @@ def test_privacy_presets_are_recorded_in_both_files_and_shown(
     """The model's default settings are the strict preset (its secret atom order is not
     applied there); a preset changed by --fill or --mask-signs is custom; modes measured to
     leak say so."""
-    result = ambiguate_cli(tiny_model_dir, image_files[0], out=tmp_path, extra=options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = ambiguate_cli(tiny_model_dir, image_files[0], out=tmp_path, extra=options)
     assert result.returncode == 0, result.stderr
     assert ("warning:" in result.stderr) == (warning is not None), result.stderr
     assert warning is None or warning in result.stderr
+    said = [w for w in caught if w.category.__name__ == "PrivacyWarning"]
+    assert not said, [str(w.message) for w in said]  # said once, by the command line
     stem = image_files[0].stem
     public = json.loads(run_cli("info", tmp_path / "public" / f"{stem}.primis").stdout)
     key = json.loads(run_cli("info", tmp_path / "keys" / f"{stem}.primiskey").stdout)
@@ -432,8 +437,9 @@ def test_model_files_keep_running_statistics_and_older_hashes(tmp_path):
     from primis.modelstore import load_model, save_model
     from tests.conftest import TINY
 
-    # A model file from before the `atom_norm` option (no such key) loads without it and keeps
-    # the hash it had then: the hash of its JSON config as written and its weights.
+    # A model file from before the `atom_norm` and `encoder_blocks` options (no such keys)
+    # loads without them and keeps the hash it had then: the hash of its JSON config as
+    # written and its weights.
     old = tmp_path / "old"
     save_model(
         old,
@@ -441,7 +447,7 @@ def test_model_files_keep_running_statistics_and_older_hashes(tmp_path):
         ObfuscationConfig(),
     )
     meta = json.loads((old / "model.json").read_text())
-    del meta["model"]["atom_norm"]
+    del meta["model"]["atom_norm"], meta["model"]["encoder_blocks"]
     (old / "model.json").write_text(json.dumps(meta))
     weights = (old / "model.safetensors").read_bytes()
     canonical = json.dumps(meta["model"], sort_keys=True, separators=(",", ":")).encode()
