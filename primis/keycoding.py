@@ -149,14 +149,20 @@ class _Stage:
 
 
 def _slot_probabilities(
-    weights: np.ndarray, table: np.ndarray, sizes: np.ndarray, slot: int, previous: np.ndarray
+    weights: np.ndarray,
+    table: np.ndarray,
+    rows: np.ndarray,
+    sizes: np.ndarray,
+    slot: int,
+    previous: np.ndarray,
 ) -> np.ndarray:
-    """P(member ``slot`` (1-based) = a | the previous member) for the vectors whose set has at
-    least ``slot`` members (rows of the arguments), up to a factor."""
+    """P(member ``slot`` (1-based) = a | the previous member) for the vectors ``rows`` of
+    ``weights`` and of their suffix polynomials ``table``, whose sets have ``sizes`` >=
+    ``slot`` members, the last one ``previous``; up to a factor."""
     n = weights.shape[1]
-    rest = np.take_along_axis(table, (sizes - slot)[:, None, None], axis=1)[:, 0, 1:]
+    rest = table[rows, sizes - slot, 1:]
     later = np.arange(n)[None, :] > previous[:, None]
-    return weights * rest * later
+    return weights[rows] * rest * later
 
 
 def _members(vectors: np.ndarray, sign: int, sizes: np.ndarray, k: int) -> np.ndarray:
@@ -173,26 +179,6 @@ def _layout(m_of: list[int], grid: tuple[int, int]):
     rows, cols = grid
     maps = np.repeat(np.asarray(m_of, dtype=np.int64), rows * cols)
     return maps, _neighbours(len(m_of), grid), _stages(len(m_of), grid)
-
-
-class _Encoder:
-    """Writes the symbols of a known code (see `_walk`)."""
-
-    def __init__(self, vectors: np.ndarray, sizes: np.ndarray, k: int) -> None:
-        self.coder = constriction.stream.queue.RangeEncoder()
-        self.members = [_members(vectors, sign, sizes, k) for sign in (1, -1)]
-        self.sizes = sizes
-
-    def counts(self, index: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-        self.coder.encode(self.sizes[index].astype(np.int32), _FAMILY, probabilities)
-        return self.sizes[index]
-
-    def atoms(self, index, part: int, slot: int, probabilities: np.ndarray) -> np.ndarray:
-        chosen = self.members[part][index, slot - 1]
-        if np.any(probabilities[np.arange(len(index)), chosen] <= 0):
-            raise ValueError("a code entry lies where the public vector rules it out")
-        self.coder.encode(chosen.astype(np.int32), _FAMILY, probabilities)
-        return chosen
 
 
 class _Decoder:
@@ -222,7 +208,7 @@ class _Decoder:
 
 
 def _walk(
-    coder: _Encoder | _Decoder,
+    coder: _Decoder,
     vectors: np.ndarray,
     sizes: np.ndarray,
     maps: list[int],
@@ -232,8 +218,8 @@ def _walk(
     allowed: np.ndarray | None,
     variable: bool,
 ) -> None:
-    """Visit every symbol of the code in coding order, the coder writing it (from ``vectors``
-    and ``sizes``) or reading it (into them)."""
+    """Read every symbol of the code in coding order into ``vectors`` and ``sizes``, stage by
+    stage (what a stage's model looks at was read on earlier stages)."""
     _check_k(k, model)
     v, n = vectors.shape
     allowed = np.broadcast_to(True, (v, 2, n)) if allowed is None else allowed
@@ -246,14 +232,14 @@ def _walk(
         taken = np.zeros((len(index), n), dtype=bool)
         for part, sign in enumerate((1, -1)):
             weights = stage.weights(part, allowed[index, part] & ~taken)
-            table = _suffix_polynomials(weights, k)
+            table = _suffix_polynomials(weights, k - 1)  # slots need degrees < k
             previous = np.full(len(index), -1)
             for slot in range(1, k + 1):
                 rows = np.nonzero(sizes[index] >= slot)[0]
                 if len(rows) == 0:
                     break
                 p = _slot_probabilities(
-                    weights[rows], table[rows], sizes[index[rows]], slot, previous[rows]
+                    weights, table, rows, sizes[index[rows]], slot, previous[rows]
                 )
                 chosen = coder.atoms(index[rows], part, slot, p)
                 previous[rows] = chosen
@@ -269,19 +255,72 @@ def encode_code(
     model: KeyModel,
     allowed: np.ndarray | None = None,
     variable: bool = True,
+    chunk: int = 256,
 ) -> bytes:
     """Range-code the code vectors (len(maps) * rows * cols, n) of the maps ``maps`` (each
     vector s entries +1 and s entries -1, s <= k <= the model's k; s = k unless ``variable``).
     ``allowed`` (V, 2, n) marks the atoms each vector's +1 and -1 entries may take (all if
-    None)."""
+    None). The tables of about ``chunk`` vectors are computed at a time (256: they stay in
+    the CPU's cache)."""
     sizes = np.count_nonzero(vectors > 0, axis=1)
     if np.any(sizes != np.count_nonzero(vectors < 0, axis=1)) or np.any(sizes > k):
         raise ValueError(f"every vector must hold s <= {k} entries +1 and as many -1")
     if not variable and np.any(sizes != k):
         raise ValueError(f"every vector must hold exactly {k} entries +1 and {k} entries -1")
-    encoder = _Encoder(vectors, sizes, k)
-    _walk(encoder, vectors.copy(), sizes, maps, grid, k, model, allowed, variable)
-    return encoder.coder.get_compressed().astype("<u4").tobytes()
+    _check_k(k, model)
+    v, n = vectors.shape
+    allowed = np.broadcast_to(True, (v, 2, n)) if allowed is None else allowed
+    members = [_members(vectors, sign, sizes, k) for sign in (1, -1)]
+    map_of, ctx, stages = _layout(maps, grid)
+    wide = model.widened()
+    coder = constriction.stream.queue.RangeEncoder()
+    for group in _stage_groups(stages, chunk):
+        # The code is known, so the tables of many stages are computed together; the symbols
+        # then go out in the order `_walk` reads them, with the same float64 probabilities.
+        index = np.concatenate(group)
+        stage = _Stage(wide, vectors, sizes, index, map_of, ctx)
+        stage_of = np.repeat(np.arange(len(group)), [len(part) for part in group])
+        keys, chosen, probabilities = [], [], []
+        for part in (0, 1):
+            ruled_out = vectors[index] > 0 if part else False  # the -1 set excludes the +1 atoms
+            weights = stage.weights(part, allowed[index, part] & ~ruled_out)
+            table = _suffix_polynomials(weights, k - 1)  # slots need degrees < k
+            for slot in range(1, k + 1):
+                rows = np.nonzero(sizes[index] >= slot)[0]
+                held = members[part][index[rows]]
+                previous = held[:, slot - 2] if slot > 1 else np.full(len(rows), -1)
+                p = _slot_probabilities(weights, table, rows, sizes[index[rows]], slot, previous)
+                if np.any(p[np.arange(len(rows)), held[:, slot - 1]] <= 0):
+                    raise ValueError("a code entry lies where the public vector rules it out")
+                keys.append(np.stack([stage_of[rows], np.full(len(rows), part * (k + 1) + slot)]))
+                chosen.append(held[:, slot - 1])
+                probabilities.append(p)
+        keys = np.concatenate(keys, axis=1)
+        order = np.lexsort(keys[::-1])  # by stage, then part and slot, then row (stable)
+        chosen = np.concatenate(chosen)[order].astype(np.int32)
+        probabilities = np.concatenate(probabilities)[order]
+        ends = np.cumsum(np.bincount(keys[0], minlength=len(group)))
+        start = 0
+        for number, end in enumerate(ends):
+            if variable:
+                rows = stage_of == number
+                counts = np.ascontiguousarray(stage.count_table[rows, : k + 1])
+                coder.encode(sizes[index[rows]].astype(np.int32), _FAMILY, counts)
+            coder.encode(chosen[start:end], _FAMILY, probabilities[start:end])
+            start = end
+    return coder.get_compressed().astype("<u4").tobytes()
+
+
+def _stage_groups(stages: list[np.ndarray], chunk: int) -> list[list[np.ndarray]]:
+    """Consecutive stages in groups of at most ``chunk`` vectors (or one stage)."""
+    groups, size = [], 0
+    for stage in stages:
+        if not groups or size + len(stage) > chunk:
+            groups.append([])
+            size = 0
+        groups[-1].append(stage)
+        size += len(stage)
+    return groups
 
 
 def decode_code(

@@ -54,6 +54,10 @@ def test_round_trip_is_exact_and_the_fitted_model_beats_uniform(variable):
     uniform = len(vectors) * math.log2(math.comb(n, k) * math.comb(n - k, k))
     if not variable:
         assert 8 * len(data) < 0.9 * uniform
+    # Stages are coded in groups of about `chunk` vectors: any grouping writes the same bytes
+    # (one stage per group is the order the decoder reads in).
+    for chunk in (1, 20, 10**6):
+        assert encode_code(vectors, [0, 1], grid, k, model, variable=variable, chunk=chunk) == data
 
 
 def test_a_subset_of_maps_and_allowed_atoms_round_trip():
