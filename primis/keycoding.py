@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import pairwise
 
 import constriction
 import numpy as np
@@ -279,8 +280,7 @@ def encode_code(
         # then go out in the order `_walk` reads them, with the same float64 probabilities.
         index = np.concatenate(group)
         stage = _Stage(wide, vectors, sizes, index, map_of, ctx)
-        stage_of = np.repeat(np.arange(len(group)), [len(part) for part in group])
-        keys, chosen, probabilities = [], [], []
+        slots = []  # per part and slot: the rows (ascending), their atoms and probabilities
         for part in (0, 1):
             ruled_out = vectors[index] > 0 if part else False  # the -1 set excludes the +1 atoms
             weights = stage.weights(part, allowed[index, part] & ~ruled_out)
@@ -290,24 +290,18 @@ def encode_code(
                 held = members[part][index[rows]]
                 previous = held[:, slot - 2] if slot > 1 else np.full(len(rows), -1)
                 p = _slot_probabilities(weights, table, rows, sizes[index[rows]], slot, previous)
-                if np.any(p[np.arange(len(rows)), held[:, slot - 1]] <= 0):
+                chosen = held[:, slot - 1].astype(np.int32)
+                if np.any(p[np.arange(len(rows)), chosen] <= 0):
                     raise ValueError("a code entry lies where the public vector rules it out")
-                keys.append(np.stack([stage_of[rows], np.full(len(rows), part * (k + 1) + slot)]))
-                chosen.append(held[:, slot - 1])
-                probabilities.append(p)
-        keys = np.concatenate(keys, axis=1)
-        order = np.lexsort(keys[::-1])  # by stage, then part and slot, then row (stable)
-        chosen = np.concatenate(chosen)[order].astype(np.int32)
-        probabilities = np.concatenate(probabilities)[order]
-        ends = np.cumsum(np.bincount(keys[0], minlength=len(group)))
-        start = 0
-        for number, end in enumerate(ends):
+                slots.append((rows, chosen, p))
+        bounds = np.cumsum([0] + [len(part) for part in group])
+        for low, high in pairwise(bounds):  # each stage's rows of the group
             if variable:
-                rows = stage_of == number
-                counts = np.ascontiguousarray(stage.count_table[rows, : k + 1])
-                coder.encode(sizes[index[rows]].astype(np.int32), _FAMILY, counts)
-            coder.encode(chosen[start:end], _FAMILY, probabilities[start:end])
-            start = end
+                counts = np.ascontiguousarray(stage.count_table[low:high, : k + 1])
+                coder.encode(sizes[index[low:high]].astype(np.int32), _FAMILY, counts)
+            for rows, chosen, p in slots:
+                first, last = np.searchsorted(rows, (low, high))
+                coder.encode(chosen[first:last], _FAMILY, p[first:last])
     return coder.get_compressed().astype("<u4").tobytes()
 
 
