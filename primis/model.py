@@ -126,7 +126,8 @@ def refine_scores(
     best = z.clone()
     best_error = torch.full((z.shape[0],), torch.inf, device=z.device)
     z = z.detach().requires_grad_(True)
-    optimizer = torch.optim.Adam([z], lr=lr, fused=True)
+    fused = z.device.type in ("cpu", "cuda") or None  # where torch has the fused step
+    optimizer = torch.optim.Adam([z], lr=lr, fused=fused)
     for step in range(steps + 1):
         error, gradient = error_and_gradient(z.detach())
         improved = error < best_error
