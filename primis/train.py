@@ -518,9 +518,11 @@ def _load_initial_weights(network: SparseTernaryAutoEncoder, init: str) -> None:
         )
     missing, unexpected = network.load_state_dict(start.network.state_dict(), strict=False)
     deepest = network.encoder_stages[-1]
-    new_blocks = list(deepest)[len(deepest) - added :]
+    first_new = len(deepest) - added
+    new_blocks = list(deepest)[first_new:]
+    prefix = f"encoder_stages.{len(network.encoder_stages) - 1}"
     expected = {
-        f"encoder_stages.{len(network.encoder_stages) - 1}.{len(deepest) - added + i}.{name}"
+        f"{prefix}.{first_new + i}.{name}"
         for i, block in enumerate(new_blocks)
         for name, _ in block.named_parameters()
     }
