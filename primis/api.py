@@ -74,20 +74,23 @@ def export_model(
     half: bool = False,
     key_images: list[Path] | None = None,
     key_refine_steps: int = 0,
+    base: str | None = None,
 ) -> str:
     """Write a standalone model directory ``out`` from a run or model directory and return its
     hash: weights in float32 (``half``: float16, half the size). With ``key_images``, also a
     key model fitted to the codes the exported weights give those images (at
-    ``key_refine_steps``), so that its keys are context coded."""
+    ``key_refine_steps``), so that its keys are context coded. With ``base`` (a bundled
+    model's name) the directory holds only the tensors that differ from the base's (for
+    bundled models that share a part); it loads only where that base is bundled."""
     model = _load_model(run)
     dtype = torch.float16 if half else torch.float32
-    digest = save_model(Path(out), model.network, model.obfuscation, dtype)
+    digest = save_model(Path(out), model.network, model.obfuscation, dtype, model.key_model, base)
     if not key_images:
         return digest
     exported = _load_model(out)
     units = (read_image(Path(path))[0] for path in key_images)
     key_model = sharing.fit_image_keys(exported, units, key_refine_steps)
-    return save_model(Path(out), exported.network, exported.obfuscation, dtype, key_model)
+    return save_model(Path(out), exported.network, exported.obfuscation, dtype, key_model, base)
 
 
 def _model(model: ModelLike) -> LoadedModel:

@@ -906,13 +906,21 @@ def evaluate(model_dir, data, ks, out, refine_steps, quick) -> None:
     help="folder or list file: fit the key model to these images' codes (context-coded keys)",
 )
 @click.option("--key-refine-steps", type=int, default=0, show_default=True)
-def export(run: Path, out: Path, half: bool, key_data: Path | None, key_refine_steps: int) -> None:
+@click.option(
+    "--base",
+    help="bundled model: store only the tensors that differ from it (for the bundled zoo)",
+)
+def export(
+    run: Path, out: Path, half: bool, key_data: Path | None, key_refine_steps: int, base: str | None
+) -> None:
     """Copy a run's model into a standalone model directory (e.g. for the bundled zoo)."""
     from primis.api import export_model
     from primis.data import resolve_sources
 
     images = resolve_sources(key_data) if key_data else None
-    digest = export_model(run, out, half=half, key_images=images, key_refine_steps=key_refine_steps)
+    digest = export_model(
+        run, out, half=half, key_images=images, key_refine_steps=key_refine_steps, base=base
+    )
     click.echo(f"model {digest} -> {out}")
 
 

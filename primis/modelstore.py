@@ -1,7 +1,10 @@
 """Saving and loading trained models: weights in safetensors, configuration in JSON.
 
 A model is identified by the SHA-256 of its canonical configuration and its weight file; public
-files name the model by that hash.
+files name the model by that hash. A model directory may hold only the tensors that differ from
+a bundled ``base`` model (bundled models that share their encoder or decoder store it once); its
+weight file is then the base's tensors with its own on top, written as one safetensors file,
+byte for byte the file it was exported from.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class ModelFile(Strict):
     version: int
     model: ModelConfig
     obfuscation: ObfuscationConfig = ObfuscationConfig()
+    base: str | None = None  # the bundled model whose tensors fill in those this file lacks
 
 
 @dataclass
@@ -72,12 +76,15 @@ def save_model(
     obfuscation: ObfuscationConfig,
     dtype: torch.dtype = torch.float32,
     key_model: KeyModel | None = None,
+    base: str | None = None,
 ) -> str:
     """Write model.safetensors and model.json into ``directory``; return the model hash.
 
     ``dtype`` float16 halves the file (for the bundled model); loading casts back to float32.
     Integer buffers (batch counters) keep their type. A ``key_model`` (the entropy model of
     keys, `primis.keycoding`) is stored with the weights, in float32, so the hash covers it.
+    With ``base`` (a bundled model's name), the file holds only the tensors that differ from
+    the base's; the model's hash is that of the whole weight file all the same.
     """
     state = {
         name: t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
@@ -86,10 +93,61 @@ def save_model(
     if key_model is not None:
         state |= {name: torch.from_numpy(t.copy()) for name, t in key_model.tensors().items()}
     weights = save(state)
-    meta = ModelFile(format=FORMAT, version=VERSION, model=network.config, obfuscation=obfuscation)
-    write_atomic(Path(directory) / WEIGHTS, weights)
-    write_atomic(Path(directory) / CONFIG, json.dumps(meta.model_dump(), indent=2).encode())
+    stored = weights
+    if base is not None:
+        if base not in bundled_models():
+            raise PrimisError(f"base {base}: not a bundled model ({', '.join(bundled_models())})")
+        inherited = load(_weights(ZOO / base))
+        if not set(inherited) <= set(state):
+            raise PrimisError(f"base {base}: holds tensors this model does not have")
+        stored = save({name: t for name, t in state.items() if not _same(t, inherited.get(name))})
+    meta = ModelFile(
+        format=FORMAT, version=VERSION, model=network.config, obfuscation=obfuscation, base=base
+    )
+    write_atomic(Path(directory) / WEIGHTS, stored)
+    config = meta.model_dump()
+    if base is None:
+        del config["base"]  # what model files without a base have always held
+    write_atomic(Path(directory) / CONFIG, json.dumps(config, indent=2).encode())
     return model_hash(network.config, weights)
+
+
+def _same(tensor: torch.Tensor, other: torch.Tensor | None) -> bool:
+    return (
+        other is not None
+        and tensor.dtype == other.dtype
+        and tensor.shape == other.shape
+        and bool(torch.equal(tensor, other))
+    )
+
+
+def _read_config(directory: Path) -> ModelFile:
+    try:
+        data = json.loads((directory / CONFIG).read_text())
+    except (OSError, ValueError) as err:
+        raise PrimisError(f"{directory / CONFIG}: unreadable model config ({err})") from None
+    meta = parse_config(ModelFile, with_later_options(data), str(directory / CONFIG))
+    if meta.format != FORMAT or meta.version != VERSION:
+        raise PrimisError(
+            f"{directory / CONFIG}: unsupported model format {meta.format} v{meta.version}"
+        )
+    return meta
+
+
+def _weights(directory: Path, seen: tuple[Path, ...] = ()) -> bytes:
+    """The whole weight file of the model in ``directory``: its own, or, with a base, the
+    base's tensors (its whole weight file, recursively) with its own on top."""
+    base = _read_config(directory).base
+    own = (directory / WEIGHTS).read_bytes()
+    if base is None:
+        return own
+    seen = (*seen, directory.resolve())
+    if base not in bundled_models() or (ZOO / base).resolve() in seen:
+        raise PrimisError(f"{directory / CONFIG}: base {base} is not another bundled model")
+    try:
+        return save(load(_weights(ZOO / base, seen)) | load(own))
+    except (OSError, SafetensorError) as err:
+        raise PrimisError(f"{directory / WEIGHTS}: unreadable weights ({err})") from None
 
 
 ZOO = Path(__file__).resolve().parent / "zoo"
@@ -105,9 +163,8 @@ def bundled_model_with_hash(digest: str) -> str | None:
     """The name of the bundled model whose hash is ``digest``, if one is."""
     for name in bundled_models():
         try:
-            data = json.loads((ZOO / name / CONFIG).read_text())
-            meta = parse_config(ModelFile, with_later_options(data), name)
-            if model_hash(meta.model, (ZOO / name / WEIGHTS).read_bytes()) == digest:
+            meta = _read_config(ZOO / name)
+            if model_hash(meta.model, _weights(ZOO / name)) == digest:
                 return name
         except (OSError, ValueError, PrimisError):
             continue
@@ -152,16 +209,8 @@ def load_model(directory: str | Path | None, device: str | torch.device = "cpu")
     directory = resolve_model(directory)
     if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
         raise PrimisError(f"{directory}: not a PRIMIS model (needs {CONFIG} and {WEIGHTS})")
-    try:
-        data = json.loads((directory / CONFIG).read_text())
-    except (OSError, ValueError) as err:
-        raise PrimisError(f"{directory / CONFIG}: unreadable model config ({err})") from None
-    meta = parse_config(ModelFile, with_later_options(data), str(directory / CONFIG))
-    if meta.format != FORMAT or meta.version != VERSION:
-        raise PrimisError(
-            f"{directory / CONFIG}: unsupported model format {meta.format} v{meta.version}"
-        )
-    weights = (directory / WEIGHTS).read_bytes()
+    meta = _read_config(directory)
+    weights = _weights(directory)
     network = SparseTernaryAutoEncoder(meta.model)
     try:
         state = load(weights)

@@ -12,7 +12,7 @@ from PIL import Image
 from primis.config import ObfuscationConfig
 from primis.evaluation import measure_sharing
 from primis.modelstore import DEFAULT_MODEL, bundled_models, load_model
-from tests.conftest import cxr_images, run_cli
+from tests.conftest import assert_clean_failure, cxr_images, run_cli
 
 pytestmark = pytest.mark.skipif(
     DEFAULT_MODEL not in bundled_models(), reason="no bundled model in this checkout"
@@ -77,19 +77,48 @@ def test_attacks_stay_near_prior_only_on_real_chest_xrays(tmp_path):
     assert all(check["holds"] for check in report["targets"]), report["targets"]
 
 
-V1_PAIR = Path(__file__).parent / "data" / "v1"
+PAIRS = Path(__file__).parent / "data"
 
 
-def test_a_pair_made_by_the_previous_release_decodes_with_cxr_v1(tmp_path):
+@pytest.mark.parametrize(
+    ("release", "name"),
+    [("v1", "cxr-v1"), ("v2", "cxr")],
+)
+def test_a_pair_made_by_an_earlier_release_decodes_with_its_bundled_model(tmp_path, release, name):
     """tests/data/v1 holds a public file and key that release 0.1 (format version 2, atoms
-    shuffled) made with the then default model, now `cxr-v1`, and what it restored."""
-    public = V1_PAIR / "v1-scan.primis"
+    shuffled) made with the then default model, now `cxr-v1`, and what it restored;
+    tests/data/v2 the same from the default model of the next release."""
+    pair = PAIRS / release
+    public = pair / f"{release}-scan.primis"
     result = run_cli(
-        "disambiguate", public, "--model", "cxr-v1", "--key-dir", V1_PAIR, "--out-dir", tmp_path
+        "disambiguate", public, "--model", name, "--key-dir", pair, "--out-dir", tmp_path
     )
     assert result.returncode == 0, result.stderr
-    restored = np.asarray(Image.open(tmp_path / "v1-scan.png"))
-    assert np.array_equal(restored, np.asarray(Image.open(V1_PAIR / "expected" / "v1-scan.png")))
-    if load_model(None).hash != load_model("cxr-v1").hash:
-        other = run_cli("disambiguate", public, "--key-dir", V1_PAIR, "--out-dir", tmp_path / "o")
-        assert other.returncode != 0 and "use --model cxr-v1" in other.stderr
+    restored = np.asarray(Image.open(tmp_path / f"{release}-scan.png"))
+    expected = np.asarray(Image.open(pair / "expected" / f"{release}-scan.png"))
+    assert np.array_equal(restored, expected)
+    if load_model(None).hash != load_model(name).hash:
+        other = run_cli("disambiguate", public, "--key-dir", pair, "--out-dir", tmp_path / "o")
+        assert other.returncode != 0 and f"use --model {name}" in other.stderr
+
+
+def test_a_model_stored_as_its_difference_from_a_bundled_base_keeps_its_hash(tmp_path):
+    """Bundled models that share a part store it once: an export with ``--base`` holds only
+    the tensors that differ, and loads as the same model (hash, key model, outputs)."""
+    import torch
+
+    whole, delta = tmp_path / "whole", tmp_path / "delta"
+    run_cli("export", "cxr", "--out", whole, "--half", check=True)
+    run_cli("export", "cxr", "--out", delta, "--half", "--base", "cxr-v1", check=True)
+    size = (delta / "model.safetensors").stat().st_size
+    assert size < 0.6 * (whole / "model.safetensors").stat().st_size
+    models = [load_model(d) for d in (whole, delta, "cxr")]
+    assert len({m.hash for m in models}) == 1
+    assert all(m.key_model is not None for m in models)
+    code = models[0].network.encode(torch.rand(1, 1, 64, 64))
+    torch.testing.assert_close(
+        models[1].network.decode(code), models[0].network.decode(code), atol=0, rtol=0
+    )
+    config = json.loads((delta / "model.json").read_text())
+    (delta / "model.json").write_text(json.dumps(config | {"base": "no-such-model"}))
+    assert_clean_failure(run_cli("info", delta), "base no-such-model is not another bundled")
