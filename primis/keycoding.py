@@ -20,7 +20,7 @@ them the same way everywhere.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -263,6 +263,48 @@ def encode_code(
     ``allowed`` (V, 2, n) marks the atoms each vector's +1 and -1 entries may take (all if
     None). The tables of about ``chunk`` vectors are computed at a time (256: they stay in
     the CPU's cache)."""
+    coder = constriction.stream.queue.RangeEncoder()
+    for _, symbols, probabilities in _symbols_in_order(
+        vectors, maps, grid, k, model, allowed, variable, chunk
+    ):
+        coder.encode(symbols, _FAMILY, probabilities)
+    return coder.get_compressed().astype("<u4").tobytes()
+
+
+def vector_information(
+    vectors: np.ndarray,
+    maps: list[int],
+    grid: tuple[int, int],
+    k: int,
+    model: KeyModel,
+    allowed: np.ndarray | None = None,
+    variable: bool = True,
+) -> np.ndarray:
+    """(V,) float64: the key bits each code vector takes under the model (its count's and its
+    atoms' information, -log2 of their probabilities as `encode_code` codes them; the coded
+    size adds at most a few bytes to their sum). Where the key's rate goes in an image."""
+    bits = np.zeros(len(vectors))
+    for index, symbols, probabilities in _symbols_in_order(
+        vectors, maps, grid, k, model, allowed, variable
+    ):
+        chosen = probabilities[np.arange(len(index)), symbols]
+        np.add.at(bits, index, -np.log2(chosen / probabilities.sum(axis=1)))
+    return bits
+
+
+def _symbols_in_order(
+    vectors: np.ndarray,
+    maps: list[int],
+    grid: tuple[int, int],
+    k: int,
+    model: KeyModel,
+    allowed: np.ndarray | None,
+    variable: bool,
+    chunk: int = 256,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The code's symbols in the order `_walk` reads them, in batches: the vectors they belong
+    to, the symbols (int32) and each one's probabilities over its alphabet (float64, up to a
+    factor), which the decoder computes bit for bit the same (see `encode_code`)."""
     sizes = np.count_nonzero(vectors > 0, axis=1)
     if np.any(sizes != np.count_nonzero(vectors < 0, axis=1)) or np.any(sizes > k):
         raise ValueError(f"every vector must hold s <= {k} entries +1 and as many -1")
@@ -274,7 +316,6 @@ def encode_code(
     members = [_members(vectors, sign, sizes, k) for sign in (1, -1)]
     map_of, ctx, stages = _layout(maps, grid)
     wide = model.widened()
-    coder = constriction.stream.queue.RangeEncoder()
     for group in _stage_groups(stages, chunk):
         # The code is known, so the tables of many stages are computed together; the symbols
         # then go out in the order `_walk` reads them, with the same float64 probabilities.
@@ -298,11 +339,10 @@ def encode_code(
         for low, high in pairwise(bounds):  # each stage's rows of the group
             if variable:
                 counts = np.ascontiguousarray(stage.count_table[low:high, : k + 1])
-                coder.encode(sizes[index[low:high]].astype(np.int32), _FAMILY, counts)
+                yield index[low:high], sizes[index[low:high]].astype(np.int32), counts
             for rows, chosen, p in slots:
                 first, last = np.searchsorted(rows, (low, high))
-                coder.encode(chosen[first:last], _FAMILY, p[first:last])
-    return coder.get_compressed().astype("<u4").tobytes()
+                yield index[rows[first:last]], chosen[first:last], p[first:last]
 
 
 def _stage_groups(stages: list[np.ndarray], chunk: int) -> list[list[np.ndarray]]:

@@ -10,7 +10,14 @@ from primis.config import ObfuscationConfig
 from primis.errors import PrimisError
 from primis.formats import KeyFile
 from primis.io.pixels import IntensityMapping
-from primis.keycoding import KeyModel, atom_costs, decode_code, encode_code, fit_key_model
+from primis.keycoding import (
+    KeyModel,
+    atom_costs,
+    decode_code,
+    encode_code,
+    fit_key_model,
+    vector_information,
+)
 from primis.modelstore import load_model
 from primis.obfuscation import code_to_vectors
 from primis.sharing import RateControl, reconstruct, share_image
@@ -58,6 +65,31 @@ def test_round_trip_is_exact_and_the_fitted_model_beats_uniform(variable):
     # (one stage per group is the order the decoder reads in).
     for chunk in (1, 20, 10**6):
         assert encode_code(vectors, [0, 1], grid, k, model, variable=variable, chunk=chunk) == data
+
+
+@pytest.mark.parametrize("variable", [False, True])
+def test_vector_information_adds_up_to_the_key_and_follows_the_content(variable):
+    m, n, k, grid = 2, 64, 3, (9, 7)
+    model = fit([smooth_code(m, n, grid, k, s, variable) for s in range(4)], k)
+    vectors = as_vectors(smooth_code(m, n, grid, k, 99, variable))
+    bits = vector_information(vectors, [0, 1], grid, k, model, variable=variable)
+    coded = 8 * len(encode_code(vectors, [0, 1], grid, k, model, variable=variable))
+    assert bits.shape == (len(vectors),) and np.all(bits >= 0)
+    assert bits.sum() <= coded <= bits.sum() + 64  # the range coder's few bytes of overhead
+    # Vector (1, 1) of map 0 (index 8 of the 9 x 7 grid) costs less where it repeats the
+    # vectors above (index 1) and to the left (index 7) than where it holds rare atoms.
+    repeated = vectors.copy()
+    repeated[[1, 7, 8]] = repeated[0]
+    rare = repeated.copy()
+    favourite = np.random.default_rng(0).permutation(n)[: 4 * k]  # as smooth_code's
+    unusual = np.setdiff1d(np.arange(n), np.concatenate([favourite, np.flatnonzero(vectors[0])]))
+    rare[8] = 0
+    rare[8, unusual[:k]], rare[8, unusual[k : 2 * k]] = 1, -1
+    cheap, costly = (
+        vector_information(v, [0, 1], grid, k, model, variable=variable)[8]
+        for v in (repeated, rare)
+    )
+    assert cheap < 0.5 * costly
 
 
 def test_a_subset_of_maps_and_allowed_atoms_round_trip():
