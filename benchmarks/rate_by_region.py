@@ -48,12 +48,13 @@ def position_bits(model: LoadedModel, unit: np.ndarray, refine_steps: int) -> np
     """(rows, cols): key bits of each code position's vectors (all maps), the code made as
     sharing makes it; a model without a key model pays its enumerative count everywhere."""
     cfg = model.network.config
+    if model.key_model is None:
+        per_vector = math.log2(math.comb(cfg.n, 2 * cfg.k) * math.comb(2 * cfg.k, cfg.k))
+        rows, cols = (-(-size // cfg.downsampling) for size in unit.shape)
+        return np.full((rows, cols), cfg.m * per_vector)
     weight = RateControl().weight_for(refine_steps, model)
     code = encode_images(model, [unit], cfg.k, refine_steps, rate_weight=weight)[0]
     rows, cols = code.shape[3:]
-    if model.key_model is None:
-        per_vector = math.log2(math.comb(cfg.n, 2 * cfg.k) * math.comb(2 * cfg.k, cfg.k))
-        return np.full((rows, cols), cfg.m * per_vector)
     vectors = code_to_vectors(code)
     bits = vector_information(vectors, list(range(cfg.m)), (rows, cols), cfg.k, model.key_model)
     return bits.reshape(cfg.m, rows, cols).sum(axis=0)

@@ -84,9 +84,9 @@ def export_model(
     bundled models that share a part); it loads only where that base is bundled."""
     model = _load_model(run)
     dtype = torch.float16 if half else torch.float32
-    digest = save_model(Path(out), model.network, model.obfuscation, dtype, model.key_model, base)
     if not key_images:
-        return digest
+        return save_model(Path(out), model.network, model.obfuscation, dtype, model.key_model, base)
+    save_model(Path(out), model.network, model.obfuscation, dtype)  # the weights keys will use
     exported = _load_model(out)
     units = (read_image(Path(path))[0] for path in key_images)
     key_model = sharing.fit_image_keys(exported, units, key_refine_steps)

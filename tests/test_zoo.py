@@ -12,7 +12,7 @@ from PIL import Image
 from primis.config import ObfuscationConfig
 from primis.evaluation import measure_sharing
 from primis.modelstore import DEFAULT_MODEL, bundled_models, load_model
-from tests.conftest import assert_clean_failure, cxr_images, run_cli
+from tests.conftest import assert_clean_failure, cxr_images, run_cli, smooth_image
 
 pytestmark = pytest.mark.skipif(
     DEFAULT_MODEL not in bundled_models(), reason="no bundled model in this checkout"
@@ -119,6 +119,16 @@ def test_a_model_stored_as_its_difference_from_a_bundled_base_keeps_its_hash(tmp
     torch.testing.assert_close(
         models[1].network.decode(code), models[0].network.decode(code), atol=0, rtol=0
     )
+    # A key model fitted on export (here to one synthetic image) is stored with the rest, for
+    # a model without one (cxr-v1) on a base with one (cxr).
+    image = tmp_path / "scan.png"
+    Image.fromarray((smooth_image(64, 80, 3) * 255).astype(np.uint8)).save(image)
+    refit = tmp_path / "refit"
+    keyed = ["--base", "cxr", "--key-data", image]
+    run_cli("export", "cxr-v1", "--out", refit, "--half", *keyed, check=True)
+    refitted = load_model(refit)
+    assert refitted.key_model is not None and load_model("cxr-v1").key_model is None
+    assert not np.array_equal(refitted.key_model.atom_weights, models[0].key_model.atom_weights)
     config = json.loads((delta / "model.json").read_text())
     (delta / "model.json").write_text(json.dumps(config | {"base": "no-such-model"}))
     assert_clean_failure(run_cli("info", delta), "base no-such-model is not another bundled")
