@@ -82,12 +82,12 @@ PAIRS = Path(__file__).parent / "data"
 
 @pytest.mark.parametrize(
     ("release", "name"),
-    [("v1", "cxr-v1"), ("v2", "cxr")],
+    [("v1", "cxr-v1"), ("v2", "cxr-v2")],
 )
 def test_a_pair_made_by_an_earlier_release_decodes_with_its_bundled_model(tmp_path, release, name):
     """tests/data/v1 holds a public file and key that release 0.1 (format version 2, atoms
     shuffled) made with the then default model, now `cxr-v1`, and what it restored;
-    tests/data/v2 the same from the default model of the next release."""
+    tests/data/v2 the same from the next release's default model, now `cxr-v2`."""
     pair = PAIRS / release
     public = pair / f"{release}-scan.primis"
     result = run_cli(
@@ -108,11 +108,11 @@ def test_a_model_stored_as_its_difference_from_a_bundled_base_keeps_its_hash(tmp
     import torch
 
     whole, delta = tmp_path / "whole", tmp_path / "delta"
-    run_cli("export", "cxr", "--out", whole, "--half", check=True)
-    run_cli("export", "cxr", "--out", delta, "--half", "--base", "cxr-v1", check=True)
+    run_cli("export", "cxr-v2", "--out", whole, "--half", check=True)
+    run_cli("export", "cxr-v2", "--out", delta, "--half", "--base", "cxr-v1", check=True)
     size = (delta / "model.safetensors").stat().st_size
     assert size < 0.6 * (whole / "model.safetensors").stat().st_size
-    models = [load_model(d) for d in (whole, delta, "cxr")]
+    models = [load_model(d) for d in (whole, delta, "cxr-v2")]
     assert len({m.hash for m in models}) == 1
     assert all(m.key_model is not None for m in models)
     code = models[0].network.encode(torch.rand(1, 1, 64, 64))
