@@ -41,7 +41,9 @@ def test_refinement_improves_every_code_on_real_chest_xrays():
     for path in cxr_images()[-3:]:
         plain = measure_sharing(model, path, ObfuscationConfig(), refine_steps=0)
         refined = measure_sharing(model, path, ObfuscationConfig())
-        assert refined.authorized_psnr > plain.authorized_psnr + 2.0, path.name
+        # 1.6-2.0 dB with cxr v3, whose decoder was trained on the encoder's codes (3 dB with
+        # v2, whose decoder had been fine-tuned on refined ones).
+        assert refined.authorized_psnr > plain.authorized_psnr + 1.0, path.name
         # Refinement prices each atom's key bits (the default rate weight): a key of about the
         # same size, not the larger one a less predictable code would take.
         assert 0.8 * plain.key_bytes < refined.key_bytes < 1.1 * plain.key_bytes
