@@ -14,7 +14,6 @@ enumerative key (`cxr-v1`: the same for every position). Prints a table and writ
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 from pathlib import Path
 
@@ -25,11 +24,12 @@ from scipy.stats import spearmanr
 
 from primis.config import REFINE_STEPS
 from primis.data import resolve_sources
+from primis.enumerative import ideal_bits
 from primis.io.images import read_source
 from primis.io.pixels import pad_to_multiple
 from primis.keycoding import vector_information
 from primis.modelstore import LoadedModel, load_model
-from primis.obfuscation import code_to_vectors
+from primis.obfuscation import code_to_vectors, key_radices
 from primis.report import describe_machine, machine_info, write_json
 from primis.sharing import RateControl, encode_images
 
@@ -48,10 +48,11 @@ def position_bits(model: LoadedModel, unit: np.ndarray, refine_steps: int) -> np
     """(rows, cols): key bits of each code position's vectors (all maps), the code made as
     sharing makes it; a model without a key model pays its enumerative count everywhere."""
     cfg = model.network.config
-    if model.key_model is None:
-        per_vector = math.log2(math.comb(cfg.n, 2 * cfg.k) * math.comb(2 * cfg.k, cfg.k))
+    if model.key_model is None:  # an enumerative key: a vector's bits do not depend on it
+        filled = np.ones((1, cfg.n), dtype=np.int8)  # a public vector at the default full fill
+        radices = key_radices(filled, cfg.k, model.obfuscation.mask_signs)
         rows, cols = (-(-size // cfg.downsampling) for size in unit.shape)
-        return np.full((rows, cols), cfg.m * per_vector)
+        return np.full((rows, cols), cfg.m * ideal_bits(radices))
     weight = RateControl().weight_for(refine_steps, model)
     code = encode_images(model, [unit], cfg.k, refine_steps, rate_weight=weight)[0]
     rows, cols = code.shape[3:]

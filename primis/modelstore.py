@@ -97,7 +97,7 @@ def save_model(
     if base is not None:
         if base not in bundled_models():
             raise PrimisError(f"base {base}: not a bundled model ({', '.join(bundled_models())})")
-        inherited = load(_weights(ZOO / base))
+        inherited = load(_weights(ZOO / base, _read_config(ZOO / base)))
         if not set(inherited) <= set(state):
             raise PrimisError(f"base {base}: holds tensors this model does not have")
         stored = save({name: t for name, t in state.items() if not _same(t, inherited.get(name))})
@@ -134,18 +134,19 @@ def _read_config(directory: Path) -> ModelFile:
     return meta
 
 
-def _weights(directory: Path, seen: tuple[Path, ...] = ()) -> bytes:
-    """The whole weight file of the model in ``directory``: its own, or, with a base, the
-    base's tensors (its whole weight file, recursively) with its own on top."""
-    base = _read_config(directory).base
+def _weights(directory: Path, meta: ModelFile, seen: tuple[Path, ...] = ()) -> bytes:
+    """The whole weight file of the model in ``directory`` (whose config is ``meta``): its own,
+    or, with a base, the base's tensors (its whole weight file, recursively) with its own on
+    top."""
     own = (directory / WEIGHTS).read_bytes()
-    if base is None:
+    if meta.base is None:
         return own
     seen = (*seen, directory.resolve())
-    if base not in bundled_models() or (ZOO / base).resolve() in seen:
-        raise PrimisError(f"{directory / CONFIG}: base {base} is not another bundled model")
+    base = ZOO / meta.base
+    if meta.base not in bundled_models() or base.resolve() in seen:
+        raise PrimisError(f"{directory / CONFIG}: base {meta.base} is not another bundled model")
     try:
-        return save(load(_weights(ZOO / base, seen)) | load(own))
+        return save(load(_weights(base, _read_config(base), seen)) | load(own))
     except (OSError, SafetensorError) as err:
         raise PrimisError(f"{directory / WEIGHTS}: unreadable weights ({err})") from None
 
@@ -164,7 +165,7 @@ def bundled_model_with_hash(digest: str) -> str | None:
     for name in bundled_models():
         try:
             meta = _read_config(ZOO / name)
-            if model_hash(meta.model, _weights(ZOO / name)) == digest:
+            if model_hash(meta.model, _weights(ZOO / name, meta)) == digest:
                 return name
         except (OSError, ValueError, PrimisError):
             continue
@@ -210,7 +211,7 @@ def load_model(directory: str | Path | None, device: str | torch.device = "cpu")
     if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
         raise PrimisError(f"{directory}: not a PRIMIS model (needs {CONFIG} and {WEIGHTS})")
     meta = _read_config(directory)
-    weights = _weights(directory)
+    weights = _weights(directory, meta)
     network = SparseTernaryAutoEncoder(meta.model)
     try:
         state = load(weights)
