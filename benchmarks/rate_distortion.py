@@ -92,22 +92,37 @@ def codec_curve(unit: np.ndarray, mapping: IntensityMapping, codec: str) -> list
     return points
 
 
+def _upper_hull(points: list[dict]) -> list[dict]:
+    """A codec's points by rising rate, keeping only those that beat every cheaper one."""
+    best, hull = -np.inf, []
+    for point in sorted(points, key=lambda p: p["bpp"]):
+        if point["psnr"] > best:
+            hull.append(point)
+            best = point["psnr"]
+    return hull
+
+
 def bpp_at(points: list[dict], target: float) -> tuple[float | None, bool]:
     """The bits per pixel a codec's curve needs for PSNR ``target`` (log-rate interpolation on
     the curve's upper hull in PSNR), and whether that is only an upper bound (the codec's
     lowest setting already exceeds the target); None above the curve."""
-    ordered = sorted(points, key=lambda p: p["bpp"])
-    best, hull = -np.inf, []
-    for point in ordered:
-        if point["psnr"] > best:
-            hull.append(point)
-            best = point["psnr"]
+    hull = _upper_hull(points)
     psnrs = [p["psnr"] for p in hull]
     if not psnrs or target > psnrs[-1]:
         return None, False
     if target < psnrs[0]:
         return hull[0]["bpp"], True
     return float(np.exp(np.interp(target, psnrs, [np.log(p["bpp"]) for p in hull]))), False
+
+
+def psnr_at(points: list[dict], bpp: float) -> float | None:
+    """The PSNR a codec's curve gives at ``bpp`` (log-rate interpolation on its upper hull);
+    None outside the rates it was swept over."""
+    hull = _upper_hull(points)
+    rates = [np.log(p["bpp"]) for p in hull]
+    if not rates or not rates[0] <= np.log(bpp) <= rates[-1]:
+        return None
+    return float(np.interp(np.log(bpp), rates, [p["psnr"] for p in hull]))
 
 
 def bit_depth(image: SourceImage) -> int | None:
@@ -230,6 +245,13 @@ def summarize(images: list[dict]) -> dict:
                 )
                 entry[f"{codec}_lower_bounds"] = sum(bound for _, bound in needed)
                 entry[f"{codec}_above_curve"] = sum(b is None for b, _ in needed)
+                at_key = [
+                    psnr_at(row["codecs"][codec], p["bpp"])
+                    for row, p in zip(images, points, strict=True)
+                ]
+                at_key = [value for value in at_key if value is not None]
+                entry[f"{codec}_mean_psnr_at_key_bpp"] = float(np.mean(at_key)) if at_key else None
+                entry[f"{codec}_worst_psnr_at_key_bpp"] = min(at_key) if at_key else None
             summary[f"{name} k={point['k']} w={point.get('weight', 0):g}"] = entry
         mean_key = [
             {
@@ -275,6 +297,15 @@ def print_report(report: dict) -> None:
                 f"{depth:>9s} {speed:>6s} "
                 f"{' '.join(cells)}"
             )
+        print("  each codec at the key's bits per pixel, PSNR mean / worst image:")
+        for key, entry in result["summary"].items():
+            if "bd_rate" not in key:
+                cells = [
+                    f"{label} {_shown(entry, f'{codec}_mean_psnr_at_key_bpp', 2)} / "
+                    f"{_shown(entry, f'{codec}_worst_psnr_at_key_bpp', 2)}"
+                    for codec, label in (("jpeg2000", "J2K"), ("jpeg", "JPEG"), ("jpegxl", "JXL"))
+                ]
+                print(f"  {key:22s} {'   '.join(cells)}")
     print(
         "\nPSNR, mean and worst: median, mean and minimum over images; SSIM and MS-SSIM: means;"
         " PSNR@bits: on the bit depth; s/MP: sharing seconds per megapixel"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,9 @@ from pydicom.uid import (
 )
 
 from primis.errors import PrimisError
+from primis.io.dicom import encode_dicom
 from primis.io.images import read_image, read_source
+from primis.io.pixels import gray
 
 
 def bundled(name: str) -> Path:
@@ -137,3 +140,51 @@ def test_old_files_without_preamble_or_file_meta_are_read(tmp_path):
     (tmp_path / "junk.dcm").write_bytes(b"\x08\x00" + bytes(30))
     with pytest.raises(PrimisError, match="DICOM"):
         read_image(tmp_path / "junk.dcm")
+
+
+def test_ybr_full_gives_its_luminance_unchanged(tmp_path):
+    luminance = np.tile(np.arange(16, 236, 5, dtype=np.uint8), (10, 1))
+    path = _write_dicom(tmp_path / "mono.dcm", luminance.astype(np.uint16), "MONOCHROME2")
+    ds = pydicom.dcmread(path)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "YBR_FULL", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ycbcr = np.stack([luminance, np.full_like(luminance, 128), np.full_like(luminance, 128)], -1)
+    ds.PixelData = ycbcr.tobytes()
+    ds.save_as(tmp_path / "ybr.dcm")
+    # pydicom already returns RGB by default; converting that "YBR" again changed grey levels
+    assert np.array_equal(read_source(tmp_path / "ybr.dcm").pixels, luminance)
+    colour = read_source(bundled("SC_rgb_jpeg_dcmtk.dcm")).pixels  # YBR_FULL, JPEG baseline
+    reference = gray(pydicom.dcmread(bundled("SC_rgb_jpeg_dcmtk.dcm")).pixel_array)
+    assert np.abs(colour.astype(int) - reference).max() <= 2  # Y against luma of the RGB
+
+
+def test_jpeg2000_colour_palette_and_big_endian_files_are_read():
+    rct = bundled("GDCMJ2K_TextGBR.dcm")  # YBR_RCT: the JPEG 2000 decoder returns RGB
+    assert np.array_equal(read_source(rct).pixels, gray(pydicom.dcmread(rct).pixel_array))
+    palette = read_source(bundled("examples_palette.dcm"))
+    assert palette.pixels.ndim == 2 and palette.pixels.std() > 0
+    assert palette.details["photometric"] == "PALETTE_COLOR"
+    big = read_source(bundled("MR_small_bigendian.dcm")).pixels
+    assert big.dtype.isnative and np.array_equal(big, read_source(bundled("MR_small.dcm")).pixels)
+
+
+def test_big_endian_arrays_are_read_as_native(tmp_path):
+    pixels = np.arange(600, dtype=">u2").reshape(20, 30)
+    np.save(tmp_path / "big.npy", pixels)
+    image = read_source(tmp_path / "big.npy")
+    assert image.pixels.dtype == np.uint16 and np.array_equal(image.pixels, pixels)
+
+
+def test_32_bit_dicom_round_trips_and_float_pixel_data_is_refused(tmp_path):
+    pixels = (np.arange(1200, dtype=np.uint32).reshape(30, 40) * 70_000) % (2**31)
+    details = {"photometric": "MONOCHROME2", "bits_stored": 32}
+    ds = pydicom.dcmread(io.BytesIO(encode_dicom(pixels, details, None, "0" * 32)))
+    assert ds.BitsAllocated == 32 and np.array_equal(ds.pixel_array, pixels)
+    floating = _write_dicom(tmp_path / "f.dcm", np.zeros((4, 4), np.uint16), "MONOCHROME2")
+    ds = pydicom.dcmread(floating)
+    del ds.PixelData, ds.PixelRepresentation
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 32, 32, 31
+    ds.FloatPixelData = np.linspace(0, 1, 16, dtype=np.float32).tobytes()
+    ds.save_as(floating)
+    with pytest.raises(PrimisError, match="floating-point"):
+        read_source(floating)

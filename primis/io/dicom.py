@@ -44,6 +44,7 @@ def read_dicom(path: Path) -> SourceImage:
     import pydicom
     from pydantic import ValidationError
     from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_color_lut, pixel_array
 
     # Decoder failures come back as one PrimisError line; pydicom's own log would repeat them.
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
@@ -58,26 +59,30 @@ def read_dicom(path: Path) -> SourceImage:
     except InvalidDicomError:
         ds = _read_bare_dataset(path)
         syntax = str(ds.file_meta.TransferSyntaxUID)
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        raise PrimisError(f"{path}: floating-point DICOM pixel data is not supported")
     if "PixelData" not in ds:
         raise PrimisError(f"{path}: DICOM file has no pixel data")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise PrimisError(f"{path}: multi-frame DICOM ({frames} frames) is not supported")
+    if "Rows" not in ds or "Columns" not in ds:
+        raise PrimisError(f"{path}: DICOM pixel data without Rows and Columns")
     check_size(int(ds.Rows) * int(ds.Columns), path)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     try:
-        pixels = ds.pixel_array
+        # as_rgb off: YBR_FULL(_422) stays YCbCr, whose first channel is the luminance itself
+        pixels = pixel_array(ds, as_rgb=False)
+        if photometric == "PALETTE COLOR":
+            pixels = apply_color_lut(pixels, ds)
     except Exception as err:  # decoders raise many types; all mean "cannot decode"
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise PrimisError(
             f"{path}: cannot decode DICOM pixel data (transfer syntax {syntax}): {reason}"
         ) from None
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        if photometric.startswith("YBR") and pixels.ndim == 3:
-            from pydicom.pixels import convert_color_space
-
-            pixels = convert_color_space(pixels, photometric, "RGB")
-        pixels = gray(pixels)
+    if photometric in ("YBR_FULL", "YBR_FULL_422") and pixels.ndim == 3:
+        pixels = pixels[..., 0]
+    pixels = gray(pixels)  # RGB, palette colour, and JPEG 2000's YBR_ICT/RCT (decoded as RGB)
     from primis.formats import Source, validation_reason
 
     modality = "".join(c for c in str(ds.get("Modality", "") or "").upper() if c.isalnum())
@@ -85,7 +90,7 @@ def read_dicom(path: Path) -> SourceImage:
     details = {
         "format": "dicom",
         "transfer_syntax": syntax,
-        "photometric": photometric,
+        "photometric": photometric.replace(" ", "_"),
         "bits_allocated": int(ds.get("BitsAllocated", 8 * pixels.dtype.itemsize)),
         "bits_stored": int(ds.get("BitsStored", 8 * pixels.dtype.itemsize)),
         "pixel_representation": int(ds.get("PixelRepresentation", 0)),
@@ -187,9 +192,9 @@ def _set_pixels(ds, pixels: np.ndarray, details: dict) -> None:
     for colour_only in ("PlanarConfiguration", "NumberOfFrames", "PixelPaddingValue"):
         if colour_only in ds:
             delattr(ds, colour_only)
-    if pixels.dtype.kind not in "ui" or pixels.dtype.itemsize > 2:
+    if pixels.dtype.kind not in "ui" or pixels.dtype.itemsize > 4:
         raise PrimisError(f"cannot store {pixels.dtype} pixels in DICOM; use another output")
-    allocated = 8 if pixels.dtype.itemsize == 1 else 16
+    allocated = 8 * pixels.dtype.itemsize
     stored = min(int(details.get("bits_stored", allocated)), allocated)
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = allocated, stored, stored - 1
     ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
@@ -197,7 +202,7 @@ def _set_pixels(ds, pixels: np.ndarray, details: dict) -> None:
         ds.RescaleSlope = f"{details['rescale_slope']:g}"
         ds.RescaleIntercept = f"{details['rescale_intercept']:g}"
     ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
-    ds["PixelData"].VR = "OW" if allocated == 16 else "OB"
+    ds["PixelData"].VR = "OB" if allocated == 8 else "OW"
 
 
 def _deidentified(ds, burned_in: bool | None) -> None:

@@ -118,6 +118,8 @@ def _checked(image: SourceImage, path: Path) -> SourceImage:
     check_size(pixels.size, path)
     if pixels.dtype.kind == "b":
         pixels = pixels.astype(np.uint8)
+    if not pixels.dtype.isnative:  # big-endian DICOM, TIFF or .npy: the same values, native
+        pixels = pixels.astype(pixels.dtype.newbyteorder("="))
     if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
         raise PrimisError(f"{path}: image contains NaN or infinite values")
     if not math.isfinite(float(pixels.max()) - float(pixels.min())):
