@@ -427,7 +427,7 @@ def _restored_file(
         header = base64.b64decode(key.header.dicom_header) if key.header.dicom_header else None
         return ".dcm", encode_dicom(pixels, details, header, key.header.file_id)
     suffix = output_suffix(details, pixels.dtype)
-    return suffix, encode_image(pixels, suffix)
+    return suffix, encode_image(pixels, suffix, details.get("photometric"))
 
 
 def attacker_view(public: bytes, model: ModelLike = None) -> np.ndarray:

@@ -277,3 +277,20 @@ def test_share_sets_the_key_size_by_weight_or_target():
     assert restored.dtype == np.uint16 and restored.shape == image.shape
     with pytest.raises(PrimisError, match="not both"):
         primis.share(image, model=model, key_bpp=0.3, quality=30.0)
+
+
+def test_a_miniswhite_lzw_tiff_is_restored_as_miniswhite_with_its_values(tmp_path):
+    import tifffile
+
+    model = primis.load_model("cxr", device="cpu")
+    pixels = (smooth_image(128, 96, 5) * 60000).astype(np.uint16)
+    path = tmp_path / "white.tif"
+    tifffile.imwrite(path, pixels, photometric="miniswhite", compression="lzw")
+    public_dir, key_dir = tmp_path / "public", tmp_path / "keys"
+    primis.share_file(path, public_dir, key_dir, model, refine_steps=0)
+    restored = primis.restore_file(public_dir / "white.primis", key_dir, tmp_path / "out", model)
+    with tifffile.TiffFile(restored) as tiff:
+        assert tiff.pages[0].photometric == tifffile.PHOTOMETRIC.MINISWHITE
+        values = tiff.asarray()
+    assert values.dtype == np.uint16 and values.shape == pixels.shape
+    assert np.corrcoef(values.ravel().astype(float), pixels.ravel())[0, 1] > 0.99

@@ -73,3 +73,26 @@ def test_ms_ssim_is_one_for_identical_images_and_drops_with_noise():
     noisy = np.clip(image + 0.2 * rng.standard_normal(image.shape), 0, 1)
     assert 0 < ms_ssim(image, noisy) < 0.95
     assert ms_ssim(image[:100], image[:100]) is None
+
+
+@pytest.mark.parametrize("compression", ["lzw", "packbits", "zstd", "deflate"])
+def test_compressed_tiffs_read_their_values(tmp_path, compression):
+    import tifffile
+
+    pixels = (np.arange(60 * 70).reshape(60, 70) * 13 % 65536).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "c.tif", pixels, compression=compression)
+    assert np.array_equal(read_pixels(tmp_path / "c.tif"), pixels)
+
+
+def test_a_miniswhite_tiff_is_inverted_for_the_model(tmp_path):
+    import tifffile
+
+    pixels = np.tile(np.arange(0, 4000, 100, dtype=np.uint16), (8, 1))
+    tifffile.imwrite(tmp_path / "w.tif", pixels, photometric="miniswhite")
+    unit, mapping = read_image(tmp_path / "w.tif")
+    assert mapping.invert and unit[0, 0] == 1.0 and unit[0, -1] == 0.0
+    assert np.array_equal(mapping.inverse(unit), pixels)
+    restored = tmp_path / "r.tif"
+    restored.write_bytes(encode_image(pixels, ".tif", "MINISWHITE"))
+    with tifffile.TiffFile(restored) as tiff:
+        assert tiff.pages[0].photometric == tifffile.PHOTOMETRIC.MINISWHITE

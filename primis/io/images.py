@@ -37,7 +37,9 @@ def _read_pil(path: Path) -> np.ndarray:
         return np.asarray(image.convert("L"))
 
 
-def _read_tiff(path: Path) -> np.ndarray:
+def _read_tiff(path: Path) -> SourceImage:
+    """A TIFF's single page (any compression imagecodecs decodes); MINISWHITE is inverted for
+    the model, as DICOM MONOCHROME1 is, and restored as MINISWHITE."""
     import logging
 
     import tifffile
@@ -50,9 +52,11 @@ def _read_tiff(path: Path) -> np.ndarray:
         axes = zip(series.axes, series.shape, strict=True)
         check_size(math.prod(size for axis, size in axes if axis != "S"), path)
         pixels = np.squeeze(tiff.asarray())
+        white = tiff.pages[0].photometric == tifffile.PHOTOMETRIC.MINISWHITE
     if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4):
         raise PrimisError(f"{path}: multi-page TIFF ({pixels.shape[0]} pages) is not supported")
-    return gray(pixels)
+    details = {"format": "tiff", "photometric": "MINISWHITE"} if white else {"format": "tiff"}
+    return SourceImage(gray(pixels), details, invert=white)
 
 
 def is_image_file(path: Path) -> bool:
@@ -82,7 +86,7 @@ def read_source(path: Path) -> SourceImage:
         elif suffix == ".npy":
             image = SourceImage(_read_npy(path), {"format": "npy"})
         elif suffix in (".tif", ".tiff"):
-            image = SourceImage(_read_tiff(path), {"format": "tiff"})
+            image = _read_tiff(path)
         elif suffix in PIL_SUFFIXES:
             image = SourceImage(_read_pil(path), {"format": suffix.lstrip(".")})
         else:
@@ -156,15 +160,17 @@ def read_image(path: Path) -> tuple[np.ndarray, IntensityMapping]:
     return mapping.forward(image.pixels), mapping
 
 
-def encode_image(pixels: np.ndarray, suffix: str) -> bytes:
-    """Serialise a 2-D array as PNG (8 or 16 bits unsigned), TIFF or .npy (any numeric dtype)."""
+def encode_image(pixels: np.ndarray, suffix: str, photometric: str | None = None) -> bytes:
+    """Serialise a 2-D array as PNG (8 or 16 bits unsigned), TIFF or .npy (any numeric dtype);
+    a TIFF is MINISWHITE where ``photometric`` (the input's, from the key) says so."""
     buffer = io.BytesIO()
     if suffix == ".npy":
         np.save(buffer, pixels, allow_pickle=False)
     elif suffix in (".tif", ".tiff"):
         import tifffile
 
-        tifffile.imwrite(buffer, pixels)
+        white = photometric == "MINISWHITE"
+        tifffile.imwrite(buffer, pixels, photometric="miniswhite" if white else "minisblack")
     elif pixels.dtype not in (np.uint8, np.uint16):
         raise PrimisError(f"cannot store {pixels.dtype} pixels as {suffix}; use .tif or .npy")
     else:
