@@ -96,3 +96,13 @@ def test_a_miniswhite_tiff_is_inverted_for_the_model(tmp_path):
     restored.write_bytes(encode_image(pixels, ".tif", "MINISWHITE"))
     with tifffile.TiffFile(restored) as tiff:
         assert tiff.pages[0].photometric == tifffile.PHOTOMETRIC.MINISWHITE
+
+
+def test_an_exif_orientation_is_applied_as_viewers_do(tmp_path):
+    pixels = np.tile(np.arange(0, 240, 4, dtype=np.uint8), (20, 1))  # 20 x 60, dark to bright
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: shown turned 90 degrees clockwise
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    shown = read_pixels(tmp_path / "phone.jpg")
+    assert shown.shape == (60, 20)
+    assert shown[0].mean() < 10 and shown[-1].mean() > 220

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from primis.errors import PrimisError
 from primis.io.dicom import DICOM_SUFFIXES, is_dicom, looks_like_dicom, read_dicom
@@ -27,9 +27,11 @@ Image.MAX_IMAGE_PIXELS = None  # checked against MAX_PIXELS before decoding (`_r
 
 
 def _read_pil(path: Path) -> np.ndarray:
+    """Pixels as a viewer shows them: an EXIF orientation (phone photos of films) is applied."""
     with Image.open(path) as image:
         check_size(image.height * image.width * getattr(image, "n_frames", 1), path)
         image.load()
+        ImageOps.exif_transpose(image, in_place=True)  # no copy where there is no orientation
         if image.mode.startswith("I;16"):
             return np.asarray(image).astype(np.uint16)
         if image.mode in ("L", "I", "F"):
