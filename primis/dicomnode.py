@@ -44,7 +44,7 @@ from typing import Unpack
 
 from primis.api import ModelLike, ShareOptions, load_model, restore_dicom, share_file
 from primis.batch import SharingOutputs, describe_os_error, output_folders
-from primis.errors import PrimisError
+from primis.errors import PrimisError, one_line
 from primis.io.files import clean_stale_parts, sync_folder, write_atomic
 from primis.modelstore import LoadedModel
 
@@ -323,7 +323,7 @@ class DicomNode:
             return OUT_OF_RESOURCES
         except Exception as err:  # PrimisError: not shareable; anything else: a bug
             status = CANNOT_UNDERSTAND if isinstance(err, PrimisError) else PROCESSING_FAILURE
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            reason = one_line(err)
             self._count("failed")
             self._set_aside(job, reason)
             LOG.error(

@@ -188,3 +188,10 @@ def test_32_bit_dicom_round_trips_and_float_pixel_data_is_refused(tmp_path):
     ds.save_as(floating)
     with pytest.raises(PrimisError, match="floating-point"):
         read_source(floating)
+
+
+def test_an_undecodable_file_says_why_each_decoder_failed():
+    with pytest.raises(PrimisError) as failure:
+        read_source(bundled("JPEG-lossy.dcm"))  # a damaged JPEG stream
+    message = str(failure.value)
+    assert "\n" not in message and "pylibjpeg" in message and "1.2.840.10008.1.2.4.51" in message

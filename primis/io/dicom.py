@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from primis.errors import PrimisError
+from primis.errors import PrimisError, one_line
 from primis.io.pixels import SourceImage, check_size, gray
 from primis.limits import MAX_PIXELS
 
@@ -76,7 +76,7 @@ def read_dicom(path: Path) -> SourceImage:
         if photometric == "PALETTE COLOR":
             pixels = apply_color_lut(pixels, ds)
     except Exception as err:  # decoders raise many types; all mean "cannot decode"
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = one_line(err)
         raise PrimisError(
             f"{path}: cannot decode DICOM pixel data (transfer syntax {syntax}): {reason}"
         ) from None
@@ -269,6 +269,6 @@ def encode_dicom(pixels: np.ndarray, details: dict, header: bytes | None, file_i
     try:
         ds.save_as(buffer, enforce_file_format=True)
     except Exception as err:  # a stored header with values pydicom cannot write back
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = one_line(err)
         raise PrimisError(f"cannot write the DICOM output ({reason})") from None
     return buffer.getvalue()

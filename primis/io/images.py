@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from primis.errors import PrimisError
+from primis.errors import PrimisError, one_line
 from primis.io.dicom import DICOM_SUFFIXES, is_dicom, looks_like_dicom, read_dicom
 from primis.io.pixels import IntensityMapping, SourceImage, check_size, gray
 from primis.limits import MAX_FILE_BYTES
@@ -100,7 +100,7 @@ def read_source(path: Path) -> SourceImage:
     except IsADirectoryError:
         raise PrimisError(f"{path}: is a folder, not an image") from None
     except Exception as err:  # any decoder failure is a bad input, reported in one line
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = one_line(err)
         raise PrimisError(f"{path}: cannot read image ({reason})") from None
     return _checked(image, path)
 
