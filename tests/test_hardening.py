@@ -627,3 +627,11 @@ def test_importing_primis_caps_the_onednn_cache_unless_the_user_set_it():
     env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "512"
     chosen = subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True)
     assert chosen.stdout.strip() == "512"
+
+
+def test_one_line_joins_a_message_and_bounds_it():
+    from primis.errors import one_line
+
+    assert one_line(ValueError("all failed:\n  a: bad\n  b: worse")) == "all failed: a: bad; b: worse"
+    assert one_line(KeyError()) == "KeyError"
+    assert len(one_line(ValueError("x" * 1000), limit=50)) == 50
