@@ -632,6 +632,7 @@ def test_importing_primis_caps_the_onednn_cache_unless_the_user_set_it():
 def test_one_line_joins_a_message_and_bounds_it():
     from primis.errors import one_line
 
-    assert one_line(ValueError("all failed:\n  a: bad\n  b: worse")) == "all failed: a: bad; b: worse"
+    joined = one_line(ValueError("all failed:\n  a: bad\n  b: worse"))
+    assert joined == "all failed: a: bad; b: worse"
     assert one_line(KeyError()) == "KeyError"
     assert len(one_line(ValueError("x" * 1000), limit=50)) == 50
