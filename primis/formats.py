@@ -134,6 +134,7 @@ class Source(Strict):
     window_center: Finite | list[Finite] | None = None
     window_width: Finite | list[Finite] | None = None
     burned_in_annotation: bool | None = None
+    presentation_lut_inverse: bool | None = None
 
     @field_validator("window_center", "window_width")
     @classmethod

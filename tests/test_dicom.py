@@ -195,3 +195,13 @@ def test_an_undecodable_file_says_why_each_decoder_failed():
         read_source(bundled("JPEG-lossy.dcm"))  # a damaged JPEG stream
     message = str(failure.value)
     assert "\n" not in message and "pylibjpeg" in message and "1.2.840.10008.1.2.4.51" in message
+
+
+def test_an_inverse_presentation_lut_is_seen_as_shown_and_kept_on_output(tmp_path):
+    pixels = np.tile(np.arange(0, 4000, 100, dtype=np.uint16), (8, 1))
+    path = _write_dicom(tmp_path / "dx.dcm", pixels, "MONOCHROME2", PresentationLUTShape="INVERSE")
+    unit, mapping = read_image(path)
+    assert mapping.invert and unit[0, 0] == 1.0 and np.array_equal(mapping.inverse(unit), pixels)
+    details = read_source(path).details
+    ds = pydicom.dcmread(io.BytesIO(encode_dicom(pixels, details, None, "0" * 32)))
+    assert ds.PresentationLUTShape == "INVERSE" and ds.PhotometricInterpretation == "MONOCHROME2"

@@ -100,6 +100,10 @@ def read_dicom(path: Path) -> SourceImage:
     }
     if burned_in in ("YES", "NO"):
         details["burned_in_annotation"] = burned_in == "YES"
+    # Shown inverted (some DX and mammography): the model sees it as shown, as for MONOCHROME1
+    inverse = str(ds.get("PresentationLUTShape", "") or "").strip().upper() == "INVERSE"
+    if inverse:
+        details["presentation_lut_inverse"] = True
     for keyword, name in (("WindowCenter", "window_center"), ("WindowWidth", "window_width")):
         if ds.get(keyword) is not None:
             details[name] = _numbers(ds.get(keyword))
@@ -108,7 +112,7 @@ def read_dicom(path: Path) -> SourceImage:
     except ValidationError as err:
         reason = validation_reason(err)
         raise PrimisError(f"{path}: unusable DICOM attributes ({reason})") from None
-    return SourceImage(pixels, details, invert=photometric == "MONOCHROME1")
+    return SourceImage(pixels, details, invert=(photometric == "MONOCHROME1") != inverse)
 
 
 def _check_inflated(path: Path, start: int) -> None:
@@ -198,6 +202,8 @@ def _set_pixels(ds, pixels: np.ndarray, details: dict) -> None:
     stored = min(int(details.get("bits_stored", allocated)), allocated)
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = allocated, stored, stored - 1
     ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
+    if details.get("presentation_lut_inverse"):
+        ds.PresentationLUTShape = "INVERSE"
     if "rescale_slope" in details:
         ds.RescaleSlope = f"{details['rescale_slope']:g}"
         ds.RescaleIntercept = f"{details['rescale_intercept']:g}"
