@@ -249,9 +249,9 @@ def summarize(images: list[dict]) -> dict:
                     psnr_at(row["codecs"][codec], p["bpp"])
                     for row, p in zip(images, points, strict=True)
                 ]
-                at_key = [value for value in at_key if value is not None]
-                entry[f"{codec}_mean_psnr_at_key_bpp"] = float(np.mean(at_key)) if at_key else None
-                entry[f"{codec}_worst_psnr_at_key_bpp"] = min(at_key) if at_key else None
+                covered = None not in at_key  # else a mean over some images would mislead
+                entry[f"{codec}_mean_psnr_at_key_bpp"] = float(np.mean(at_key)) if covered else None
+                entry[f"{codec}_worst_psnr_at_key_bpp"] = min(at_key) if covered else None
             summary[f"{name} k={point['k']} w={point.get('weight', 0):g}"] = entry
         mean_key = [
             {
