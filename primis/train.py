@@ -436,6 +436,7 @@ def train(
             return None
         nonfinite = 0
         optimizer.step()
+        # "loss" is the MSE (logged with its PSNR); an adaptive rate adds the code's key "bpp".
         values = {"loss": error.item(), "lr": lr, "ternary_weight": weight, "k": k}
         return values if bpp is None else values | {"bpp": bpp.item()}
 

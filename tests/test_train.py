@@ -308,7 +308,7 @@ def test_shipped_configs_validate():
     from primis.config import FinetuneConfig, load_config, load_run_config
 
     folder = Path(__file__).resolve().parents[1] / "configs"
-    configs = sorted(folder.glob("*.yaml"))
+    configs = sorted(folder.rglob("*.yaml"))  # the design study's pilots too
     assert configs
     for path in configs:
         load_config(FinetuneConfig if path.stem.endswith("-finetune") else RunConfig, path)
@@ -461,28 +461,15 @@ def test_a_rate_weight_needs_an_adaptive_model_and_an_adaptive_model_the_strict_
         parse_config(RunConfig, adaptive | {"obfuscation": {"fill": 0.5}}, "run.yaml")
 
 
-def test_models_and_runs_from_before_adaptive_rates_load_with_a_fixed_rate(
-    tmp_path, tiny_model_dir
-):
-    from primis.modelstore import CONFIG
+def test_runs_from_before_adaptive_rates_resume_with_a_fixed_rate(tmp_path):
+    """(Model files: `test_model_files_keep_running_statistics_and_older_hashes`.)"""
     from primis.train import load_run
 
-    before = load_model(tiny_model_dir)
-    (tmp_path / "model").mkdir()
-    meta = json.loads((tiny_model_dir / CONFIG).read_text())
-    del meta["model"]["adaptive_rate"]  # as written before the option existed
-    (tmp_path / "model" / CONFIG).write_text(json.dumps(meta))
-    (tmp_path / "model" / "model.safetensors").write_bytes(
-        (tiny_model_dir / "model.safetensors").read_bytes()
-    )
-    old = load_model(tmp_path / "model")
-    assert old.hash == before.hash and not old.network.config.adaptive_rate
-    assert old.network.thresholds is None
-    adaptive = SparseTernaryAutoEncoder(ADAPTIVE)
-    assert set(adaptive.state_dict()) - set(old.network.state_dict()) == {"thresholds"}
     run = tmp_path / "run"
     (run / "checkpoint").mkdir(parents=True)
     config = RunConfig(model=TINY).model_dump()
-    del config["model"]["adaptive_rate"], config["train"]["rate_weight"]
+    del config["model"]["adaptive_rate"], config["train"]["rate_weight"]  # as written before
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     assert load_run(run) == RunConfig(model=TINY)
+    fixed, adaptive = (SparseTernaryAutoEncoder(c).state_dict() for c in (TINY, ADAPTIVE))
+    assert set(adaptive) - set(fixed) == {"thresholds"}  # fixed-rate weight files unchanged
