@@ -52,7 +52,7 @@ from primis.io.pixels import IntensityMapping
 from primis.keywrap import is_wrapped, load_identity, unwrap
 from primis.modelstore import LoadedModel, pick_device, save_model
 from primis.modelstore import load_model as _load_model
-from primis.obfuscation import PRIVACY_PRESETS, privacy_warning
+from primis.obfuscation import PRIVACY_PRESETS, check_mode_for_rate, privacy_warning
 from primis.sharing import RateControl, SharedImage
 
 ModelLike = LoadedModel | str | os.PathLike | None
@@ -102,18 +102,22 @@ def obfuscation_for(
 ) -> ObfuscationConfig:
     """The obfuscation a share uses: the model's (or the named ``privacy`` preset's, see
     `obfuscation.PRIVACY_PRESETS`), or ``obfuscation`` as given, or those settings with the
-    ones of a mapping (e.g. ``{"fill": 0.5}``) changed, validated."""
+    ones of a mapping (e.g. ``{"fill": 0.5}``) changed, validated (an adaptive-rate model
+    shares only in the strict mode)."""
     if privacy is not None and privacy not in PRIVACY_PRESETS:
         raise PrimisError(f"privacy {privacy!r}: expected one of {', '.join(PRIVACY_PRESETS)}")
     if isinstance(obfuscation, ObfuscationConfig):
         if privacy is not None:
             raise PrimisError("give a privacy preset or an ObfuscationConfig, not both")
-        return obfuscation
-    if obfuscation is not None and not isinstance(obfuscation, Mapping):
+        chosen = obfuscation
+    elif obfuscation is not None and not isinstance(obfuscation, Mapping):
         raise PrimisError("obfuscation: expected an ObfuscationConfig or a mapping of settings")
-    base = PRIVACY_PRESETS[privacy] if privacy else model.obfuscation
-    settings = base.model_dump() | dict(obfuscation or {})
-    return parse_config(ObfuscationConfig, settings, "obfuscation options")
+    else:
+        base = PRIVACY_PRESETS[privacy] if privacy else model.obfuscation
+        settings = base.model_dump() | dict(obfuscation or {})
+        chosen = parse_config(ObfuscationConfig, settings, "obfuscation options")
+    check_mode_for_rate(chosen, model.network.config.adaptive_rate)
+    return chosen
 
 
 def share(

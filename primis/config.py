@@ -29,7 +29,8 @@ class ModelConfig(Strict):
 
     The code grid has one position per ``downsampling x downsampling`` pixels, where
     ``downsampling = stem * 2 ** (len(channels) - 1)``; at each position there are ``m`` code
-    vectors of length ``n`` with ``k`` entries +1 and ``k`` entries -1.
+    vectors of length ``n`` with ``k`` entries +1 and ``k`` entries -1 (with ``adaptive_rate``,
+    s <= k of each, s chosen per vector).
     """
 
     stem: int = Field(4, ge=1, le=16, description="pixel-unshuffle factor of the first layer")
@@ -51,6 +52,11 @@ class ModelConfig(Strict):
         description="standardise each atom's score over the batch before selection (batch"
         " statistics in training, running ones at inference), against collapse onto few atoms",
     )
+    adaptive_rate: bool = Field(
+        False,
+        description="each vector keeps only its pairs stronger than a learned threshold per code"
+        " map (s <= k pairs, fewer key bits where the image is flat); shares in the strict mode",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -67,9 +73,15 @@ class ModelConfig(Strict):
         return self.stem * 2 ** (len(self.channels) - 1)
 
 
+# Why an adaptive-rate model refuses every mode but the strict one (`obfuscation.reveals_nothing`).
+ADAPTIVE_STRICT_ONLY = (
+    "an adaptive-rate model shares only in the strict mode (fill 1 with masked signs, "
+    "--privacy strict): in any other mode the public vector would show each vector's count"
+)
+
 # Model options added after the first release, with the value that models and runs saved before
 # them have: a saved configuration without the option gets that value (`with_later_options`).
-LATER_MODEL_OPTIONS = {"atom_norm": False, "encoder_blocks": 0}
+LATER_MODEL_OPTIONS = {"atom_norm": False, "encoder_blocks": 0, "adaptive_rate": False}
 
 
 def with_later_options(data: object) -> object:
@@ -114,6 +126,11 @@ class TrainConfig(Strict):
     anneal_steps: float = Field(0.0, ge=0, le=1, description="fraction spent blending to ternary")
     straight_through: float = Field(
         1.0, ge=0, le=1, description="share of the decoder-input gradient passed to every score"
+    )
+    rate_weight: float = Field(
+        0.0,
+        ge=0,
+        description="lambda of the loss MSE + lambda * key bits per pixel (adaptive-rate models)",
     )
     map_dropout: float = Field(
         0.0,
@@ -224,6 +241,12 @@ class RunConfig(Strict):
         too_big = [k for k in self.train.k_choices if k < 1 or 2 * k > self.model.n]
         if too_big:
             raise ValueError(f"k_choices {too_big} must lie in 1..n/2")
+        if self.train.rate_weight > 0 and not self.model.adaptive_rate:
+            raise ValueError("train.rate_weight > 0 needs model.adaptive_rate: true")
+        from primis.obfuscation import reveals_nothing  # it imports this module
+
+        if self.model.adaptive_rate and not reveals_nothing(self.obfuscation):
+            raise ValueError(ADAPTIVE_STRICT_ONLY)
         if self.train.crop % self.model.downsampling:
             raise ValueError(
                 f"crop ({self.train.crop}) must be a multiple of the model's downsampling "

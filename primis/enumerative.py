@@ -54,6 +54,14 @@ def ideal_bits(radices: np.ndarray) -> float:
     return float(sum(math.log2(int(r)) for r in radices if int(r) > 1))
 
 
+def ternary_support_bits(n: int, counts: np.ndarray) -> np.ndarray:
+    """log2(n! / (s! s! (n-2s)!)) for each count s (float64, the shape of ``counts``): the ideal
+    bits that name which s of a vector's n entries are +1 and which s are -1."""
+    log2_factorial = np.concatenate([[0.0], np.cumsum(np.log2(np.arange(1, n + 1)))])
+    s = np.asarray(counts)
+    return log2_factorial[n] - 2 * log2_factorial[s] - log2_factorial[n - 2 * s]
+
+
 def _layout(radices: list[int]) -> list[tuple[int, int, int]]:
     """(start, end, bytes) of every block of digits; bytes hold the block's largest value."""
     layout = []

@@ -206,6 +206,28 @@ class KeyHeader(Strict):
         return Source.model_validate(source).model_dump(exclude_none=True)
 
 
+_STORED_BLOCK = 0xFFFF  # the most bytes one stored deflate block holds
+
+
+def _planes_stream(nonzero: bytes, positive: bytes, full: bool) -> bytes:
+    """The public payload: one zlib stream of both bit planes at level 6. Where every entry is
+    non-zero (``full``), the positive plane follows the compressed nonzero plane in stored
+    deflate blocks instead: signs that are random do not compress, and the payload's size then
+    depends on the planes' length alone, not on the image."""
+    if not full:
+        return zlib.compress(nonzero + positive, 6)
+    compressor = zlib.compressobj(6)
+    head = compressor.compress(nonzero) + compressor.flush(zlib.Z_SYNC_FLUSH)  # byte-aligned
+    starts = range(0, max(len(positive), 1), _STORED_BLOCK)
+    blocks = []
+    for start in starts:  # header byte: BFINAL on the last block, BTYPE 00 (stored)
+        chunk = positive[start : start + _STORED_BLOCK]
+        final = start == starts[-1]
+        blocks.append(struct.pack("<BHH", final, len(chunk), len(chunk) ^ 0xFFFF) + chunk)
+    checksum = struct.pack(">I", zlib.adler32(positive, zlib.adler32(nonzero)))
+    return head + b"".join(blocks) + checksum
+
+
 @dataclass(frozen=True)
 class PublicFile:
     header: PublicHeader
@@ -214,7 +236,7 @@ class PublicFile:
     def to_bytes(self) -> bytes:
         nonzero = np.packbits(self.vectors != 0)
         positive = np.packbits(self.vectors > 0)
-        payload = zlib.compress(nonzero.tobytes() + positive.tobytes(), 6)
+        payload = _planes_stream(nonzero.tobytes(), positive.tobytes(), bool(np.all(nonzero)))
         return _container(PUBLIC_MAGIC, self.header, payload, self.header.key_commitment)
 
     @classmethod

@@ -10,6 +10,7 @@ Data flow (D = stem * 2**(S-1) for S scales; h, w = H/D, W/D)::
       |  (atom_norm: each atom's score first standardised over the batch)
       v
     z (B,m,n,h,w) --ternarize--> t in {-1,0,+1}: exactly k entries +1 and k entries -1 per vector
+      |  (adaptive rate: only the pairs stronger than the map's learned threshold, s <= k)
       |  values (real mode) or learned magnitudes +beta_pos / -beta_neg (ternary mode)
       |  transposed grouped projection, 1x1 conv, mirrored residual upsampling, PixelShuffle
       v
@@ -24,11 +25,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from primis.config import ModelConfig
+from primis.enumerative import ternary_support_bits
+
+# Adaptive rate (`ModelConfig.adaptive_rate`): in training each pair gate passes back the
+# gradient of sigmoid((strength - threshold) / GATE_TEMPERATURE), in units of the scores' root
+# mean square; thresholds start at THRESHOLD_START, below the strength of every pair (scores
+# all tied aside), so training starts with every pair kept.
+GATE_TEMPERATURE = 0.5
+THRESHOLD_START = 0.0
 
 
 def use_autocast(device: torch.device, amp: bool) -> bool:
@@ -212,6 +222,14 @@ class SparseTernaryAutoEncoder(nn.Module):
         start = float(start.topk(config.k, dim=1).values.mean())
         self.beta_pos = nn.Parameter(torch.full((m, n), start))
         self.beta_neg = nn.Parameter(torch.full((m, n), start))
+        # Adaptive rate: each map's threshold on pair strengths (part of the encoding), and what
+        # the j-th pair of a vector adds to a strict-mode key, in bits (not saved: computed).
+        self.thresholds = (
+            nn.Parameter(torch.full((m,), THRESHOLD_START)) if config.adaptive_rate else None
+        )
+        if config.adaptive_rate:
+            bits = np.diff(ternary_support_bits(n, np.arange(config.k + 1)))
+            self.register_buffer("pair_bits", torch.tensor(bits, dtype=torch.float32), False)
         self.inverse_projection = nn.ConvTranspose2d(
             m * n, m * n, config.projection_kernel, padding=pad, groups=m
         )
@@ -320,12 +338,36 @@ class SparseTernaryAutoEncoder(nn.Module):
         excluded = lower.scatter(2, top, torch.finfo(z.dtype).max)
         return torch.cat([top, excluded.topk(k, dim=2, largest=False).indices], 2)
 
+    def _pair_margins(self, z: Tensor, flat: Tensor, k: int, bias: Tensor | None = None) -> Tensor:
+        """(B,m,k,h,w), adaptive rate: each pair's strength less its map's threshold, for the
+        atoms `select` chose at positions ``flat`` (`_flat_index`). Pair j is the j-th +1 and
+        the j-th -1 atom; its strength is half the gap between the two scores they were ranked
+        by (with ``bias``, the biased ones), so it falls with j: a vector keeps its first s
+        pairs, those of positive margin."""
+        top, bottom = z.take(flat[:, :, :k]), z.take(flat[:, :, k:])
+        if bias is not None:
+            top = top - bias[0].take(flat[:, :, :k])
+            bottom = bottom + bias[1].take(flat[:, :, k:])
+        return (top - bottom) / 2 - self.thresholds.view(1, -1, 1, 1, 1)
+
+    def _kept_pairs(self, z: Tensor, chosen: Tensor, k: int, bias: Tensor | None) -> Tensor:
+        """(B,m,k,h,w) int8: 1 for each pair of `select`'s atoms ``chosen`` that the code keeps
+        (all of them unless the rate is adaptive)."""
+        if self.thresholds is None:
+            return torch.ones_like(chosen[:, :, :k], dtype=torch.int8)
+        margins = self._pair_margins(z.detach(), _flat_index(z.shape, chosen), k, bias)
+        return (margins > 0).to(torch.int8)
+
     def ternarize(self, z: Tensor, k: int, bias: Tensor | None = None) -> Tensor:
         """Exactly k entries +1 (largest scores) and k entries -1 (smallest) per vector, int8
-        (``bias`` as in `select`)."""
+        (``bias`` as in `select`); with an adaptive rate only the kept pairs (`_pair_margins`):
+        s <= k entries of each sign."""
         chosen = self.select(z.detach(), k, bias)
         t = torch.zeros(z.shape, dtype=torch.int8, device=z.device)
-        return t.scatter_(2, chosen[:, :, :k], 1).scatter_(2, chosen[:, :, k:], -1)
+        if self.thresholds is None:
+            return t.scatter_(2, chosen[:, :, :k], 1).scatter_(2, chosen[:, :, k:], -1)
+        kept = self._kept_pairs(z, chosen, k, bias)
+        return t.scatter_(2, chosen[:, :, :k], kept).scatter_(2, chosen[:, :, k:], -kept)
 
     def magnitudes(self, t: Tensor) -> Tensor:
         """Pure-ternary decoder input: +beta_pos where t=+1, -beta_neg where t=-1, else 0."""
@@ -336,18 +378,20 @@ class SparseTernaryAutoEncoder(nn.Module):
 
     @torch.no_grad()
     def selected_score_sums(self, x: Tensor, k: int | None = None) -> Tensor:
-        """(2, 2, m, n): for the +1 and the -1 selections, each atom's sum of |score| and its
-        count. Their ratio is the constant magnitude closest (least squares) to the real code."""
+        """(2, 2, m, n): for the +1 and the -1 selections (the kept pairs only), each atom's sum
+        of |score| and its count. Their ratio is the constant magnitude closest (least squares)
+        to the real code."""
         k = k or self.config.k
         z = self.analysis(x).float()
         chosen = self.select(z, k)
-        real = z.gather(2, chosen).abs()
+        kept = self._kept_pairs(z, chosen, k, None).float().repeat(1, 1, 2, 1, 1)
+        real = z.gather(2, chosen).abs() * kept
         m, n = self.config.m, self.config.n
         sums = z.new_zeros(2, 2, m, n)
         for sign, part in enumerate((slice(0, k), slice(k, 2 * k))):
             atoms = chosen[:, :, part].transpose(0, 1).reshape(m, -1)
             sums[sign, 0].scatter_add_(1, atoms, real[:, :, part].transpose(0, 1).reshape(m, -1))
-            sums[sign, 1].scatter_add_(1, atoms, torch.ones(atoms.shape, device=z.device))
+            sums[sign, 1].scatter_add_(1, atoms, kept[:, :, part].transpose(0, 1).reshape(m, -1))
         return sums
 
     @torch.no_grad()
@@ -374,8 +418,10 @@ class SparseTernaryAutoEncoder(nn.Module):
         ternary_weight: float = 1.0,
         straight_through: float = 0.0,
         map_mask: Tensor | None = None,
-    ) -> Tensor:
-        """Training reconstruction.
+        with_bits: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Training reconstruction; ``with_bits`` (adaptive rate): and each image's key bits
+        (B,), differentiable (`_key_bits`).
 
         ``ternary_weight`` blends the real-valued sparse code (0.0) into the pure-ternary code
         (1.0); the encoder learns through the real share. ``straight_through`` s > 0 passes the
@@ -384,14 +430,30 @@ class SparseTernaryAutoEncoder(nn.Module):
         whether they should enter the code, so pure-ternary training learns the selection itself.
         ``map_mask`` (B, m) of 0/1 zeroes code maps, as a key that opens only some maps does.
 
+        With an adaptive rate each pair's two values are multiplied by its gate: 1 where
+        `_pair_margins` is positive, else 0, with the gradient of a sigmoid of the margin (a
+        straight-through gate), so the encoder and the thresholds learn which pairs to keep.
+
         Only the 2k selected entries of each vector are computed on; the decoder gets them
         scattered into zeros, exactly the dense code of `magnitudes` / the real sparse code.
         """
         k = k or self.config.k
-        dense = self._decoder_input(self.analysis(x), k, ternary_weight, straight_through)
+        dense, gates = self._decoder_input(self.analysis(x), k, ternary_weight, straight_through)
         if map_mask is not None:
             dense = dense * map_mask.to(dense.dtype)[:, :, None, None, None]
-        return self.synthesis(dense)
+        reconstruction = self.synthesis(dense)
+        if not with_bits:
+            return reconstruction
+        if gates is None:
+            raise ValueError("key bits in training need a model with an adaptive rate")
+        return reconstruction, self._key_bits(gates)
+
+    def _key_bits(self, gates: Tensor) -> Tensor:
+        """(B,) each image's strict-mode key bits for its pair gates (B,m,k,h,w): a kept pair j
+        costs `pair_bits`[j], what it adds to the ideal count of the vector's support and signs
+        (the counts' own cost left out). Gates are nested, so this is the code's exact count."""
+        cost = self.pair_bits[: gates.shape[2]].view(1, 1, -1, 1, 1)
+        return (gates.float() * cost).sum(dim=(1, 2, 3, 4))
 
     def _decoder_input(
         self,
@@ -400,9 +462,10 @@ class SparseTernaryAutoEncoder(nn.Module):
         ternary_weight: float = 1.0,
         straight_through: float = 0.0,
         bias: Tensor | None = None,
-    ) -> Tensor:
-        """Scores (B,m,n,h,w) -> the dense sparse code the decoder reads (see `forward`;
-        ``bias`` as in `select`)."""
+    ) -> tuple[Tensor, Tensor | None]:
+        """Scores (B,m,n,h,w) -> the dense sparse code the decoder reads and, with an adaptive
+        rate, the pair gates (B,m,k,h,w), else None (see `forward`; ``bias`` as in
+        `select`)."""
         chosen = self.select(z.detach(), k, bias)
         flat = _flat_index(z.shape, chosen)
         real = z.take(flat) if ternary_weight < 1 else None
@@ -412,10 +475,16 @@ class SparseTernaryAutoEncoder(nn.Module):
             values = self._selected_magnitudes(chosen, k)
             if ternary_weight < 1:
                 values = ternary_weight * values + (1 - ternary_weight) * real
+        gates = None
+        if self.thresholds is not None:
+            margins = self._pair_margins(z, flat, k, bias)
+            soft = torch.sigmoid(margins / GATE_TEMPERATURE)
+            gates = (margins > 0).to(soft.dtype) + (soft - soft.detach())
+            values = values * gates.repeat(1, 1, 2, 1, 1)
         dense = torch.zeros(z.shape, dtype=z.dtype, device=z.device).put_(flat, values.to(z.dtype))
         if straight_through:
             dense = dense + straight_through * (z - z.detach())  # zero, but carries gradient
-        return dense
+        return dense, gates
 
     def squared_error(
         self, z: Tensor, x: Tensor, valid: Tensor, k: int, bias: Tensor | None = None
@@ -427,7 +496,7 @@ class SparseTernaryAutoEncoder(nn.Module):
         z = z.detach().requires_grad_(True)
         low_precision = use_autocast(x.device, amp=True)
         with torch.enable_grad():
-            dense = self._decoder_input(z, k, straight_through=1.0, bias=bias)
+            dense, _ = self._decoder_input(z, k, straight_through=1.0, bias=bias)
             with torch.autocast(x.device.type, torch.bfloat16, enabled=low_precision):
                 reconstruction = self.synthesis(dense)
             error = (((reconstruction.float() - x) ** 2) * valid).sum(dim=(1, 2, 3))

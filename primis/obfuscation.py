@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from primis.config import ObfuscationConfig
+from primis.config import ADAPTIVE_STRICT_ONLY, ObfuscationConfig
 from primis.enumerative import (
     ideal_bits,
     pack_digits,
     packed_size,
     rank_subsets,
+    ternary_support_bits,
     unpack_digits,
     unrank_subsets,
 )
@@ -70,6 +71,13 @@ def reveals_nothing(obfuscation: ObfuscationConfig) -> bool:
     hold fewer than k pairs (a rate that follows the content) without the public file showing
     it."""
     return obfuscation.fill == 1.0 and obfuscation.mask_signs
+
+
+def check_mode_for_rate(obfuscation: ObfuscationConfig, adaptive_rate: bool) -> None:
+    """PrimisError where a model with an adaptive rate would share in a mode whose public
+    vectors are not independent of the code: they would show each vector's count."""
+    if adaptive_rate and not reveals_nothing(obfuscation):
+        raise PrimisError(ADAPTIVE_STRICT_ONLY)
 
 
 # Named points of the privacy frontier (`primis.frontier`, README "Privacy modes"): `primis
@@ -312,6 +320,23 @@ def image_key_size(
 def image_key_bits(public: np.ndarray, maps: int, k: int, obfuscation: ObfuscationConfig) -> float:
     """Ideal key bits for all maps of one image's public vectors (map-major rows)."""
     return image_key_size(public, maps, k, obfuscation.mask_signs, obfuscation.permute_atoms)[0]
+
+
+def strict_key_bits(code: np.ndarray) -> float:
+    """Ideal key bits, in the strict mode (`reveals_nothing`), of true code vectors (V, n) of
+    one image that hold s entries +1 and s entries -1 each, s varying: per vector
+    log2(n! / (s! s! (n-2s)!)) for its support and signs, plus the counts at their empirical
+    entropy (V times H(s) bits: 0 when every vector holds the same count). For codes of exactly
+    k pairs it is what `image_key_bits` gives in the strict mode."""
+    v, n = code.shape
+    check_code(code, n // 2, variable=True)
+    if v == 0:
+        return 0.0
+    counts = np.count_nonzero(code == 1, axis=1)
+    frequencies = np.bincount(counts) / v
+    frequencies = frequencies[frequencies > 0]
+    entropy = float(-(frequencies * np.log2(frequencies)).sum())
+    return float(ternary_support_bits(n, counts).sum()) + v * entropy
 
 
 def disambiguate(

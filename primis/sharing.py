@@ -37,6 +37,7 @@ from primis.model import SparseTernaryAutoEncoder, choose_code, refine_scores
 from primis.modelstore import LoadedModel, bundled_model_with_hash
 from primis.obfuscation import (
     ambiguate_maps,
+    check_mode_for_rate,
     code_to_vectors,
     key_size,
     make_context_key,
@@ -210,6 +211,8 @@ def share_images(
         raise PrimisError(f"maps must lie in 0..{cfg.m - 1}")
     if not 1 <= k <= cfg.k:
         raise PrimisError(f"k must lie in 1..{cfg.k} for this model")
+    if cfg.adaptive_rate:
+        _check_adaptive_sharing(model, obfuscation)
     if rate.targeted:
         return [
             _rate_controlled(image, model, obfuscation, k, maps, refine_steps, rate, progress)
@@ -224,6 +227,18 @@ def share_images(
         _package(image, code, model, obfuscation, k, maps, weight)
         for image, code in zip(images, codes, strict=True)
     ]
+
+
+def _check_adaptive_sharing(model: LoadedModel, obfuscation: ObfuscationConfig) -> None:
+    """An adaptive-rate model's vectors hold varying counts: they share only where the public
+    vectors reveal nothing, under a key model that codes each count (a context-coded key with
+    ``variable_rate``); otherwise PrimisError."""
+    check_mode_for_rate(obfuscation, adaptive_rate=True)
+    if model.key_model is None:
+        raise PrimisError(
+            "an adaptive-rate model's keys code each vector's count under a key model, and this"
+            " model has none (primis export --key-data)"
+        )
 
 
 def _rate_controlled(

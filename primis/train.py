@@ -52,7 +52,13 @@ from primis.io.pixels import pad_to_multiple
 from primis.metrics import psnr, ssim
 from primis.model import SparseTernaryAutoEncoder, use_autocast
 from primis.modelstore import load_model, pick_device, save_model
-from primis.obfuscation import ambiguate_maps, code_to_vectors, image_key_bits, vectors_to_code
+from primis.obfuscation import (
+    ambiguate_maps,
+    code_to_vectors,
+    image_key_bits,
+    strict_key_bits,
+    vectors_to_code,
+)
 
 
 def learning_rate(config: RunConfig, progress: float, step: int) -> float:
@@ -101,7 +107,9 @@ def validate(
     refine_steps: int = 0,
 ) -> Validation:
     """Pure-ternary quality, key size and a picture of what sharing produces, on whole images
-    (codes refined by ``refine_steps``, as `primis ambiguate --refine-steps` does)."""
+    (codes refined by ``refine_steps``, as `primis ambiguate --refine-steps` does). The key size
+    of an adaptive-rate model is the strict mode's, for the counts its codes hold
+    (`strict_key_bits`)."""
     was_training = network.training
     network.eval()
     scores, similarities, bits, pixels, rows = [], [], 0.0, 0, []
@@ -117,7 +125,10 @@ def validate(
         similarities.append(ssim(image, out))
         vectors = code_to_vectors(code)
         public, _ = ambiguate_maps(vectors, cfg.m, cfg.k, obfuscation)
-        bits += image_key_bits(public, cfg.m, cfg.k, obfuscation)
+        if cfg.adaptive_rate:
+            bits += strict_key_bits(vectors)
+        else:
+            bits += image_key_bits(public, cfg.m, cfg.k, obfuscation)
         pixels += image.size
         if index < grid_rows:
             public_code = vectors_to_code(public, cfg.m, tuple(code.shape[3:])).to(device)
@@ -377,6 +388,7 @@ def train(
         else None
     )
     autocast = use_autocast(device, t.amp)
+    adaptive = config.model.adaptive_rate
     start = time.monotonic() - state["elapsed"]
     nonfinite = 0
     batches = iter(loader)
@@ -397,14 +409,18 @@ def train(
         k = random.Random(t.seed * 1_000_003 + step).choice(t.k_choices or [config.model.k])
         x = next(batches).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            y = model(
+            output = model(
                 x,
                 k=k,
                 ternary_weight=weight,
                 straight_through=t.straight_through,
                 map_mask=random_map_mask(len(x), config.model.m, t.map_dropout, x.device),
+                with_bits=adaptive,
             )
-            loss = torch.mean((y.float() - x) ** 2)
+            y, bits = output if adaptive else (output, None)
+            error = torch.mean((y.float() - x) ** 2)
+            bpp = None if bits is None else bits.sum() / x.numel()  # key bits per pixel
+            loss = error if bpp is None else error + t.rate_weight * bpp
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(parameters, t.grad_clip)
@@ -420,7 +436,9 @@ def train(
             return None
         nonfinite = 0
         optimizer.step()
-        return {"loss": loss.item(), "lr": lr, "ternary_weight": weight, "k": k}
+        # "loss" is the MSE (logged with its PSNR); an adaptive rate adds the code's key "bpp".
+        values = {"loss": error.item(), "lr": lr, "ternary_weight": weight, "k": k}
+        return values if bpp is None else values | {"bpp": bpp.item()}
 
     def validate_and_keep(step: int, values: dict[str, float]) -> None:
         weight = values["ternary_weight"]

@@ -224,3 +224,94 @@ def test_refine_scores_works_in_place_and_returns_the_best_scores_seen():
     assert refined.data_ptr() == storage  # no copy of the scores was kept
     assert ((refined[0] - target[0]) ** 2).sum() < 0.5 * (target[0] ** 2).sum()
     assert refined[1].equal(start[1])
+
+
+ADAPTIVE = TINY.model_copy(update={"adaptive_rate": True, "k": 3})
+
+
+def _adaptive_network(threshold: float, seed: int = 0) -> SparseTernaryAutoEncoder:
+    """A tiny adaptive-rate model whose maps keep the pairs stronger than ``threshold``."""
+    torch.manual_seed(seed)
+    network = SparseTernaryAutoEncoder(ADAPTIVE)
+    with torch.no_grad():
+        network.thresholds.fill_(threshold)
+    return network
+
+
+def _counts(code: torch.Tensor) -> torch.Tensor:
+    positive, negative = (code == 1).sum(2), (code == -1).sum(2)
+    assert torch.equal(positive, negative)
+    return positive
+
+
+def test_adaptive_codes_keep_each_vectors_first_pairs_stronger_than_the_threshold():
+    network = _adaptive_network(1.5)
+    x = torch.rand(3, 1, 32, 48)
+    z = network.analysis(x)
+    k = ADAPTIVE.k
+    top = z.topk(k, dim=2)
+    bottom = z.scatter(2, top.indices, torch.inf).topk(k, dim=2, largest=False)
+    strengths = (top.values - bottom.values) / 2
+    assert (strengths[:, :, 1:] <= strengths[:, :, :-1]).all()  # nested gates
+    kept = (strengths > 1.5).sum(2, keepdim=True)
+    pair = torch.arange(k).view(1, 1, -1, 1, 1)
+    expected = torch.zeros(z.shape, dtype=torch.int8)
+    expected.scatter_(2, top.indices, (pair < kept).to(torch.int8))
+    expected.scatter_(2, bottom.indices, -(pair < kept).to(torch.int8))
+    code = network.encode(x)
+    assert torch.equal(code, expected)
+    counts = _counts(code)
+    assert counts.max() <= k and len(counts.unique()) == k + 1  # every count 0..k occurs
+    decoded = network.synthesis(network.magnitudes(code)).clamp(0, 1)
+    assert torch.equal(network.decode(code), decoded)
+
+
+def test_adaptive_training_forward_decodes_the_kept_pairs_and_prices_them_exactly():
+    from primis.enumerative import ternary_support_bits
+
+    network = _adaptive_network(1.5, seed=1).double()
+    x = torch.rand(2, 1, 32, 48, dtype=torch.float64)
+    y, bits = network(x, ternary_weight=1.0, straight_through=1.0, with_bits=True)
+    code = network.encode(x)
+    torch.testing.assert_close(y, network.synthesis(network.magnitudes(code)))
+    exact = ternary_support_bits(ADAPTIVE.n, _counts(code).flatten(1).numpy()).sum(1)
+    torch.testing.assert_close(bits, torch.from_numpy(exact))
+    (((y - x) ** 2).mean() + 1e-4 * bits.mean()).backward()
+    assert network.thresholds.grad.abs().min() > 0 and network.stem[1].weight.grad.any()
+    with pytest.raises(ValueError, match="adaptive rate"):
+        SparseTernaryAutoEncoder(TINY)(x.float(), with_bits=True)
+
+
+def test_adaptive_codes_start_with_every_pair_and_hold_fewer_where_refined_or_biased():
+    network = _adaptive_network(0.0).eval()
+    start = SparseTernaryAutoEncoder(ADAPTIVE).thresholds.detach()
+    assert torch.equal(start, torch.zeros(ADAPTIVE.m))
+    x = torch.rand(2, 1, 32, 32)
+    assert _counts(network.encode(x)).eq(ADAPTIVE.k).all()
+    with torch.no_grad():
+        network.thresholds.fill_(1.5)
+    refined = network.encode(x, refine_steps=3)
+    assert _counts(refined).max() <= ADAPTIVE.k and _counts(refined).min() < ADAPTIVE.k
+    z = network.analysis(x)
+    bias = torch.full((2, *z.shape), 0.5)  # every atom costs: a pair must be stronger by 0.5
+    biased = _counts(network.ternarize(z, ADAPTIVE.k, bias))
+    assert (biased <= _counts(network.ternarize(z, ADAPTIVE.k))).all() and biased.sum() > 0
+
+
+def test_fixed_rate_codes_of_the_bundled_model_are_the_k_largest_and_k_smallest_scores():
+    """A fixed-rate model codes as before adaptive rates existed: exactly k pairs per vector,
+    from the full-k selection, on a real radiograph."""
+    from primis.io.images import read_image
+    from primis.modelstore import load_model
+    from tests.conftest import cxr_images
+
+    network = load_model("cxr").network
+    assert network.thresholds is None and not any("threshold" in n for n in network.state_dict())
+    x = torch.from_numpy(read_image(cxr_images()[0])[0][:256, :256].copy())[None, None]
+    k = network.config.k
+    z = network.analysis(x)
+    top = z.topk(k, dim=2).indices
+    bottom = z.scatter(2, top, torch.inf).topk(k, dim=2, largest=False).indices
+    expected = torch.zeros(z.shape, dtype=torch.int8).scatter_(2, top, 1).scatter_(2, bottom, -1)
+    assert torch.equal(network.encode(x), expected)
+    assert torch.equal(network.ternarize(z, k), expected)

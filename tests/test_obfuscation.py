@@ -140,3 +140,24 @@ def test_keys_coded_in_chunks_equal_keys_coded_at_once(monkeypatch, mask):
     monkeypatch.setattr(obfuscation, "_chunks", lambda count: chunks(count, 7))
     assert make_key(code, public, 2, mask) == whole
     assert np.array_equal(disambiguate(public, whole, 2, mask), code)
+
+
+def test_strict_key_bits_count_each_vectors_support_and_the_counts_entropy():
+    from primis.obfuscation import PRIVACY_PRESETS, ambiguate_maps, image_key_bits, strict_key_bits
+
+    n, k, maps = 32, 3, 2
+    code = random_code(60, n, k, seed=9)
+    strict = PRIVACY_PRESETS["strict"]
+    public, _ = ambiguate_maps(code, maps, k, strict)
+    fixed = image_key_bits(public, maps, k, strict)
+    assert math.isclose(strict_key_bits(code), fixed, rel_tol=1e-12)
+    # Counts 3, 1, 1, 0: each vector's support and signs, plus 4 times H(1/4, 1/2, 1/4) = 6 bits.
+    variable = code[:4].copy()
+    for row, count in zip(variable, (3, 1, 1, 0), strict=True):
+        for sign in (1, -1):
+            row[np.flatnonzero(row == sign)[count:]] = 0
+    support = sum(math.log2(math.comb(n, 2 * s) * math.comb(2 * s, s)) for s in (3, 1, 1, 0))
+    assert math.isclose(strict_key_bits(variable), support + 6, rel_tol=1e-12)
+    variable[0, np.flatnonzero(variable[0] == 1)[0]] = 0  # two entries -1 for one +1
+    with pytest.raises(ValueError, match="s entries -1"):
+        strict_key_bits(variable)

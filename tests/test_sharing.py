@@ -1,13 +1,22 @@
-"""Tiled encoding and decoding (`primis.sharing.Tiling`) against whole-image processing, and
-the key sizes of rate-distortion optimised coding and rate control (`RateControl`)."""
+"""Tiled encoding and decoding (`primis.sharing.Tiling`) against whole-image processing, the
+key sizes of rate-distortion optimised coding and rate control (`RateControl`), and sharing
+with an adaptive-rate model."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from primis.config import ObfuscationConfig
 from primis.errors import PrimisError
+from primis.formats import KeyFile, PublicFile
+from primis.io.images import read_image
 from primis.io.pixels import IntensityMapping, pad_to_multiple
-from primis.modelstore import load_model
+from primis.model import SparseTernaryAutoEncoder
+from primis.modelstore import load_model, save_model
+from primis.obfuscation import PRIVACY_PRESETS
 from primis.sharing import (
     RATE_WEIGHT,
     RATE_WEIGHTS,
@@ -20,7 +29,14 @@ from primis.sharing import (
     reconstruct,
     share_image,
 )
-from tests.conftest import smooth_image
+from tests.conftest import (
+    TINY,
+    ambiguate_cli,
+    assert_clean_failure,
+    cxr_images,
+    run_cli,
+    smooth_image,
+)
 
 WHOLE = Tiling(cells=10**6, region=10**6)
 
@@ -194,3 +210,82 @@ def test_a_region_is_padded_as_the_whole_image_is(shape):
     for outer, _ in Tiling(cells=6, halo=2).tiles(grid):
         pixels = _scaled(outer, 16)
         assert np.array_equal(_padded_region(unit, pixels), whole[pixels])
+
+
+ADAPTIVE = TINY.model_copy(update={"adaptive_rate": True, "k": 3})
+
+
+@pytest.fixture(scope="module")
+def adaptive_model(tmp_path_factory) -> Path:
+    """A tiny untrained adaptive-rate model whose thresholds give radiographs' vectors every
+    count 0..k, exported with a key model fitted to its codes (`primis export --key-data`)."""
+    torch.manual_seed(0)
+    network = SparseTernaryAutoEncoder(ADAPTIVE).eval()
+    with torch.no_grad():
+        network.thresholds.copy_(torch.tensor([1.8, 1.4]))  # counts 0, 1 in map 0; 2, 3 in map 1
+    run = tmp_path_factory.mktemp("adaptive-run")
+    save_model(run, network, ObfuscationConfig())
+    listing = run / "key-data.txt"
+    listing.write_text("".join(f"{path}\n" for path in cxr_images()[2:5]))
+    out = tmp_path_factory.mktemp("adaptive-model")
+    run_cli("export", run, "--out", out, "--key-data", listing, check=True)
+    return out
+
+
+def test_an_adaptive_model_shares_a_radiograph_in_the_strict_mode_and_restores_it_exactly(
+    adaptive_model, tmp_path
+):
+    model = load_model(adaptive_model)
+    assert model.key_model is not None and model.key_model.fits(2, ADAPTIVE.n, ADAPTIVE.k)
+    source = cxr_images()[0]
+    strict = ("--privacy", "strict", "--refine-steps", "0")
+    ambiguate_cli(adaptive_model, source, out=tmp_path, extra=strict)
+    key = KeyFile.from_bytes((tmp_path / "keys" / f"{source.stem}.primiskey").read_bytes())
+    assert key.header.coding == "context" and key.header.variable_rate
+    public = tmp_path / "public" / f"{source.stem}.primis"
+    restored_dir = tmp_path / "restored"
+    run_cli(
+        "disambiguate", public, "--model", adaptive_model, "--key-dir", tmp_path / "keys",
+        "--out-dir", restored_dir, check=True,
+    )  # fmt: skip
+    restored = np.asarray(Image.open(restored_dir / f"{source.stem}.png"))
+    pixels, mapping = read_image(source)[0], IntensityMapping.from_dict(key.header.intensity)
+    code = encode_images(model, [pixels], ADAPTIVE.k, refine_steps=0)[0]
+    counts = (code == 1).sum(2)
+    assert torch.equal(counts, (code == -1).sum(2))
+    assert set(counts.unique().tolist()) == set(range(ADAPTIVE.k + 1))  # a mix of counts
+    decoded = decode_codes(model, [code])[0][: pixels.shape[0], : pixels.shape[1]]
+    expected = mapping.inverse(decoded)
+    assert restored.shape == pixels.shape and np.array_equal(restored, expected)
+
+
+def test_an_adaptive_models_public_file_size_depends_only_on_the_image_size(adaptive_model):
+    model = load_model(adaptive_model)
+    sizes, keys = [], []
+    for path in cxr_images()[:2]:
+        pixels = read_image(path)[0][:200, :240]  # two radiographs, one size
+        mapping = IntensityMapping.of(pixels)
+        shared = share_image(pixels, mapping, model, PRIVACY_PRESETS["strict"], refine_steps=0)
+        entries = PublicFile.from_bytes(shared.public).vectors
+        assert np.all(np.abs(entries) == 1)  # every entry a fair random sign (5 sigma)
+        assert abs(entries.mean()) < 5 / np.sqrt(entries.size)
+        sizes.append(len(shared.public))
+        keys.append(len(shared.key))
+    assert sizes[0] == sizes[1] and keys[0] != keys[1]  # only the key follows the content
+
+
+@pytest.mark.parametrize("privacy", ["compact", "paper"])
+def test_an_adaptive_model_refuses_the_modes_that_show_counts(adaptive_model, tmp_path, privacy):
+    source = cxr_images()[0]
+    result = ambiguate_cli(adaptive_model, source, out=tmp_path, extra=("--privacy", privacy))
+    assert_clean_failure(result, "shares only in the strict mode")
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_an_adaptive_model_without_a_key_model_says_what_it_needs(tmp_path):
+    network = SparseTernaryAutoEncoder(ADAPTIVE).eval()
+    save_model(tmp_path, network, ObfuscationConfig())
+    pixels = (smooth_image(64, 80, 2) * 255).astype(np.uint8)
+    mapping = IntensityMapping.of(pixels)
+    with pytest.raises(PrimisError, match="export --key-data"):
+        share_image(mapping.forward(pixels), mapping, load_model(tmp_path), ObfuscationConfig())

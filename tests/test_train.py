@@ -4,9 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
-from primis.config import ModelConfig, RunConfig, TrainConfig
+from primis.config import ModelConfig, RunConfig, TrainConfig, parse_config
 from primis.data import RandomCropDataset, resolve_sources, split_paths
 from primis.errors import PrimisError
 from primis.model import SparseTernaryAutoEncoder
@@ -262,9 +263,9 @@ def _train_cli(config: Path, images: Path, run: Path, *extra, check: bool = Fals
     )  # fmt: skip
 
 
-def _tiny_config_file(tmp_path: Path, **train) -> Path:
+def _tiny_config_file(tmp_path: Path, model: ModelConfig = TINY, **train) -> Path:
     settings = {"steps": 4, "batch_size": 2, "crop": 32, "validate_every": 2} | train
-    config = RunConfig(model=TINY, train=TrainConfig(**settings))
+    config = RunConfig(model=model, train=TrainConfig(**settings))
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config.model_dump()))
     return path
@@ -307,7 +308,7 @@ def test_shipped_configs_validate():
     from primis.config import FinetuneConfig, load_config, load_run_config
 
     folder = Path(__file__).resolve().parents[1] / "configs"
-    configs = sorted(folder.glob("*.yaml"))
+    configs = sorted(folder.rglob("*.yaml"))  # the design study's pilots too
     assert configs
     for path in configs:
         load_config(FinetuneConfig if path.stem.endswith("-finetune") else RunConfig, path)
@@ -326,8 +327,6 @@ def test_bfloat16_autocast_only_where_it_is_native_or_asked_for():
 
 
 def test_runs_from_before_atom_norm_resume_without_it(tmp_path):
-    import yaml
-
     from primis.train import load_run
 
     run = tmp_path / "run"
@@ -419,3 +418,58 @@ def test_machine_info_names_the_cpu_its_flags_and_the_numeric_type_used():
     native = use_autocast(torch.device("cpu"), amp=True)
     assert info["dtype"] == ("bfloat16 autocast" if native else "float32")
     assert info["dtype"] in describe_machine(info) and info["cpu"] in describe_machine(info)
+
+
+ADAPTIVE = TINY.model_copy(update={"adaptive_rate": True})
+
+
+def test_a_rate_weight_makes_an_adaptive_model_keep_fewer_pairs(tmp_path):
+    """The rate term acts: a few training steps under a large weight drop pairs (the same steps
+    without it keep them), and validation reports the strict-mode bits of the counts."""
+    from primis.io.images import read_image
+    from primis.obfuscation import code_to_vectors, strict_key_bits
+
+    images = _tiny_training_folder(tmp_path)
+    crops = [smooth_image(32, 32, seed) for seed in range(4)]
+    batch = torch.from_numpy(np.stack(crops).astype(np.float32))[:, None]
+    bpp = {}
+    for weight in (0.0, 1000.0):
+        config = _tiny_config_file(
+            tmp_path, ADAPTIVE, steps=15, lr=0.03, warmup_steps=0, rate_weight=weight, batch_size=4,
+            validate_every=15,
+        )  # fmt: skip
+        run = tmp_path / f"run-{weight}"
+        _train_cli(config, images, run, check=True)
+        network = load_model(run).network
+        [record] = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+        image = read_image(images / "0.png")[0]  # 40 x 48: whole code cells
+        code = network.encode(torch.from_numpy(image)[None, None])
+        assert record["key_bpp"] == round(strict_key_bits(code_to_vectors(code)) / image.size, 4)
+        with torch.no_grad():
+            _, bits = network.train()(batch, with_bits=True)  # as the training steps saw it
+        bpp[weight] = float(bits.sum()) / batch.numel()
+    full = 2 * 17.72 / 64  # every pair kept: 2 maps of 32 atoms, 2 pairs each, per 8x8 pixels
+    assert bpp[0.0] > 0.98 * full and bpp[1000.0] < 0.9 * bpp[0.0], bpp
+
+
+def test_a_rate_weight_needs_an_adaptive_model_and_an_adaptive_model_the_strict_mode():
+    with pytest.raises(PrimisError, match=r"rate_weight > 0 needs model\.adaptive_rate"):
+        parse_config(RunConfig, {"train": {"rate_weight": 0.1}}, "run.yaml")
+    adaptive = {"model": {"adaptive_rate": True}, "train": {"rate_weight": 0.1}}
+    assert parse_config(RunConfig, adaptive, "run.yaml").model.adaptive_rate
+    with pytest.raises(PrimisError, match="shares only in the strict mode"):
+        parse_config(RunConfig, adaptive | {"obfuscation": {"fill": 0.5}}, "run.yaml")
+
+
+def test_runs_from_before_adaptive_rates_resume_with_a_fixed_rate(tmp_path):
+    """(Model files: `test_model_files_keep_running_statistics_and_older_hashes`.)"""
+    from primis.train import load_run
+
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    config = RunConfig(model=TINY).model_dump()
+    del config["model"]["adaptive_rate"], config["train"]["rate_weight"]  # as written before
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert load_run(run) == RunConfig(model=TINY)
+    fixed, adaptive = (SparseTernaryAutoEncoder(c).state_dict() for c in (TINY, ADAPTIVE))
+    assert set(adaptive) - set(fixed) == {"thresholds"}  # fixed-rate weight files unchanged
