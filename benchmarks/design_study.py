@@ -10,10 +10,10 @@ that ends mid-pilot loses nothing:
 
 `train` starts a pilot or resumes it from its checkpoint until its budget is spent. `report`
 reads each pilot's learning curve (validation PSNR against CPU time), measures the kept model on
-the held-out sources (splits/heldout: unrefined codes, strict-mode ideal key bits, as the
-validation does, and JPEG 2000 at each image's key rate), fits PSNR(t) = a - b * t**-c to the curve to extrapolate it to a longer
-budget, prints a Markdown table and writes JSON and two plots: PSNR against CPU time, and PSNR
-against key bits per pixel.
+the held-out sources (splits/heldout: unrefined codes and strict-mode ideal key bits, as the
+validation computes them, and JPEG 2000 at each image's key rate), fits PSNR(t) = a - b * t**-c
+to the curve to extrapolate it to a longer budget, prints a Markdown table and writes JSON and
+two plots: PSNR against CPU time, and PSNR against key bits per pixel.
 """
 
 from __future__ import annotations
