@@ -40,6 +40,7 @@ from primis.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from primis.config import (
     ObfuscationConfig,
     RunConfig,
+    TrainConfig,
     parse_config,
     save_config,
     with_later_options,
@@ -59,6 +60,16 @@ from primis.obfuscation import (
     strict_key_bits,
     vectors_to_code,
 )
+
+# A resumed run reseeds torch with seed + RESUME_SEED_STRIDE * steps done, so that its crops are
+# not those of the slice before; each step draws its k from a generator seeded with
+# seed * K_SEED_STRIDE + step, the same on every rank and in every slice.
+RESUME_SEED_STRIDE = 7919
+K_SEED_STRIDE = 1_000_003
+# Crops are drawn with replacement from an endless sampler: the budget, not epochs, ends a run.
+ENDLESS = 10**9
+# Share of the data that validates when a run is given no validation images.
+VALID_SHARE = 0.05
 
 
 def learning_rate(config: RunConfig, progress: float, step: int) -> float:
@@ -351,31 +362,14 @@ def train(
         state.update(saved)
         if group.main:
             print(f"resuming {out} at step {state['step']}", flush=True)
-        torch.manual_seed(t.seed + group.rank + 7919 * state["step"])
+        torch.manual_seed(t.seed + group.rank + RESUME_SEED_STRIDE * state["step"])
     # Pure-ternary steps leave the encoder without gradients, real-valued ones the magnitudes.
     model = (
         DistributedDataParallel(network, find_unused_parameters=True)
         if group.world > 1
         else network
     )
-    dataset = RandomCropDataset(
-        train_paths,
-        t.crop,
-        t.hflip,
-        t.gamma_jitter,
-        t.scale_jitter,
-        t.invert,
-        t.noise,
-        t.bit_depths,
-    )
-    sampler = RandomSampler(dataset, replacement=True, num_samples=10**9)
-    loader = DataLoader(
-        dataset,
-        batch_size=t.batch_size,
-        sampler=sampler,
-        num_workers=t.workers,
-        persistent_workers=t.workers > 0,
-    )
+    loader = _crop_loader(train_paths, t)
     log = (
         RunLog(
             out,
@@ -388,7 +382,6 @@ def train(
         else None
     )
     autocast = use_autocast(device, t.amp)
-    adaptive = config.model.adaptive_rate
     start = time.monotonic() - state["elapsed"]
     nonfinite = 0
     batches = iter(loader)
@@ -406,21 +399,10 @@ def train(
         if weight > 0 and not state["magnitudes_fitted"]:
             _fit_magnitudes(network, batches, device, config.model.k, group)
             state["magnitudes_fitted"] = True
-        k = random.Random(t.seed * 1_000_003 + step).choice(t.k_choices or [config.model.k])
+        k = random.Random(t.seed * K_SEED_STRIDE + step).choice(t.k_choices or [config.model.k])
         x = next(batches).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            output = model(
-                x,
-                k=k,
-                ternary_weight=weight,
-                straight_through=t.straight_through,
-                map_mask=random_map_mask(len(x), config.model.m, t.map_dropout, x.device),
-                with_bits=adaptive,
-            )
-            y, bits = output if adaptive else (output, None)
-            error = torch.mean((y.float() - x) ** 2)
-            bpp = None if bits is None else bits.sum() / x.numel()  # key bits per pixel
-            loss = error if bpp is None else error + t.rate_weight * bpp
+            loss, error, bpp = _batch_loss(model, x, config, k, weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(parameters, t.grad_clip)
@@ -473,6 +455,42 @@ def train(
     return TrainResult(step, time.monotonic() - start, best, history)
 
 
+def _crop_loader(paths: list[Path], t: TrainConfig) -> DataLoader:
+    """Batches of augmented random crops of ``paths``, drawn with replacement, without end."""
+    dataset = RandomCropDataset(
+        paths, t.crop, t.hflip, t.gamma_jitter, t.scale_jitter, t.invert, t.noise, t.bit_depths
+    )
+    return DataLoader(
+        dataset,
+        batch_size=t.batch_size,
+        sampler=RandomSampler(dataset, replacement=True, num_samples=ENDLESS),
+        num_workers=t.workers,
+        persistent_workers=t.workers > 0,
+    )
+
+
+def _batch_loss(
+    model: torch.nn.Module, x: torch.Tensor, config: RunConfig, k: int, weight: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(loss, MSE, key bits per pixel or None) of one batch: the MSE, plus ``rate_weight`` times
+    the code's key bits per pixel for an adaptive-rate model."""
+    t, adaptive = config.train, config.model.adaptive_rate
+    output = model(
+        x,
+        k=k,
+        ternary_weight=weight,
+        straight_through=t.straight_through,
+        map_mask=random_map_mask(len(x), config.model.m, t.map_dropout, x.device),
+        with_bits=adaptive,
+    )
+    y, bits = output if adaptive else (output, None)
+    error = torch.mean((y.float() - x) ** 2)
+    if bits is None:
+        return error, error, None
+    bpp = bits.sum() / x.numel()
+    return error + t.rate_weight * bpp, error, bpp
+
+
 @dataclass
 class RunInputs:
     """The images a run trains and validates on, and the unreadable ones left out."""
@@ -492,7 +510,7 @@ def new_run(
     if valid is not None:
         valid_paths = resolve_sources(valid)
     else:
-        parts = split_paths(paths, (0.95, 0.05, 0.0), config.train.seed)
+        parts = split_paths(paths, (1 - VALID_SHARE, VALID_SHARE, 0.0), config.train.seed)
         paths, valid_paths = parts["train"], parts["valid"] or parts["train"][:1]
     paths, problems = scan_images(paths, strict)
     valid_paths, valid_problems = scan_images(valid_paths, strict)
