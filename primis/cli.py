@@ -816,6 +816,13 @@ def demo(image, model_dir, out, refine_steps) -> None:
     help="YAML or JSON: how long the learned attacks train, and the seed (see AttackConfig)",
 )
 @click.option("--quick", is_flag=True, help="every attack, trained briefly (a smoke test)")
+@click.option(
+    "--linkage",
+    "linkage_only",
+    is_flag=True,
+    help="only the linkage attack (fast): rank the targets' originals among the attacker's "
+    "images for each public file (linkage.md, linkage.json)",
+)
 def attack(
     model_dir,
     attacker_data,
@@ -823,6 +830,7 @@ def attack(
     fill,
     mask_signs,
     frontier,
+    linkage_only,
     budget_check,
     masks,
     out,
@@ -846,6 +854,13 @@ def attack(
     from primis.data import resolve_sources
 
     attackers, targets = resolve_sources(attacker_data), resolve_sources(target_data)
+    if linkage_only:
+        from primis.linkage import run_linkage
+
+        obfuscation = _obfuscation(model, fill, mask_signs)
+        click.echo(run_linkage(model, attackers, targets, obfuscation, config, refine_steps, out))
+        click.echo(f"report: {out / 'linkage.md'}, {out / 'linkage.json'}")
+        return
     if frontier:
         from primis.frontier import frontier as measure
         from primis.frontier import write_frontier

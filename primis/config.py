@@ -205,6 +205,11 @@ class AttackConfig(Strict):
     utility_steps: int = Field(
         400, ge=1, description="U-Net training steps of the segmentation study (--masks)"
     )
+    linkage_refine_steps: list[int] = Field(
+        [0],
+        description="refinement steps of the linkage attacker's candidate codes, one "
+        "measurement each (0: the encoder's code)",
+    )
     seed: int = 0
 
 
