@@ -290,10 +290,10 @@ _privacy_option = click.option(
     type=click.Choice(["strict", "compact", "paper"]),
     expose_value=False,  # kept for `_obfuscation`, so every command that shares takes it alike
     callback=_keep_privacy,
-    help="a named privacy mode (README 'Privacy modes'): strict (default; the public file is "
-    "independent of the image), compact (half the noise: a key 17% smaller, no image "
-    "recovered in our measurements, some support structure shown) or paper (public signs: "
-    "as small a key, the image leaks); --fill and --mask-signs change it (recorded as custom)",
+    help="a named privacy mode (README 'Privacy modes'): strict (default, the only private "
+    "one: the public file is independent of the image), compact (half the noise: a smaller "
+    "key; the public file links to its image) or paper (public signs: as small a key; "
+    "linkable and the image leaks); --fill and --mask-signs change it (recorded as custom)",
 )
 
 
