@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from primis.config import ObfuscationConfig
+from primis.obfuscation import class_grid, crop_grid, pad_public
 
 CONTENT_STATISTICS = ("containment", "usage")
 TOP = (1, 5)
@@ -71,8 +72,7 @@ class Candidate:
 
 def _maps(vectors: np.ndarray, maps: int, grid: tuple[int, int], common: tuple[int, int]):
     """(maps, positions, n) view of ``vectors`` on the top-left ``common`` part of ``grid``."""
-    per_map = vectors.reshape(maps, grid[0], grid[1], -1)[:, : common[0], : common[1]]
-    return per_map.reshape(maps, common[0] * common[1], -1)
+    return crop_grid(vectors, maps, grid, common).reshape(maps, common[0] * common[1], -1)
 
 
 def _sign_planes(vectors: np.ndarray, mask_signs: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -127,23 +127,6 @@ def usage(shown: Shown, candidate: Candidate) -> float:
     if x.std() == 0 or y.std() == 0:
         return 0.0
     return float(np.corrcoef(x, y)[0, 1])
-
-
-def size_class(side: int, multiple: int) -> int:
-    """The padded side of a coarse size class: the smallest ``multiple`` * 2^i or
-    ``multiple`` * 3 * 2^(i-1) pixels at least ``side``; at most half as many again per side."""
-    power = multiple
-    while True:
-        if power >= side:
-            return power
-        if power >= 2 * multiple and power * 3 // 2 >= side:
-            return power * 3 // 2
-        power *= 2
-
-
-def class_grid(grid: tuple[int, int], multiple: int) -> tuple[int, int]:
-    """The public grid of an image whose code grid is ``grid``, padded to its size class."""
-    return tuple(size_class(cells * multiple, multiple) // multiple for cells in grid)
 
 
 def size_match(shown: Shown, candidate: Candidate, multiple: int) -> bool:
@@ -263,20 +246,9 @@ def subset(result: dict, part: slice, seed: int = 0) -> dict:
     return result | {"targets": len(truth), "by_refine": by_refine}
 
 
-def link_targets(
-    model,
-    targets: list,
-    distractors: list[np.ndarray],
-    obf: ObfuscationConfig,
-    candidate_refine_steps: list[int] | tuple[int, ...] = (0,),
-    seed: int = 0,
-    pad_size_class: bool = False,
-) -> dict:
-    """Rank, for each target's public file (`attacks.Target`, made with ``obf``; with
-    ``pad_size_class`` padded as `pad_public` pads it), all candidates: the targets' originals
-    and the ``distractors``, their codes computed at each of ``candidate_refine_steps``.
-    Returns ``{"targets", "candidates", "pad_size_class", "by_refine": {steps: {statistic:
-    metrics}}, "scores": {steps: {statistic: (targets, candidates) matrix}}}``."""
+def shown_files(model, targets: list, obf: ObfuscationConfig) -> list[Shown]:
+    """What the public files of ``targets`` (`attacks.Target`, made with ``obf``) show, padded
+    as `pad_public` pads them where ``obf.pad_size_class``."""
     from primis.obfuscation import effective
 
     cfg = model.network.config
@@ -284,23 +256,43 @@ def link_targets(
     shown = []
     for target in targets:
         grid, vectors = target.grid, target.public
-        if pad_size_class:
+        if obf.pad_size_class:
             grid, vectors = pad_public(vectors, cfg.m, grid, cfg.downsampling)
         shown.append(Shown(vectors, grid, cfg.m, obf.mask_signs, permuted))
-    images = [t.image for t in targets] + list(distractors)
-    truth = list(range(len(targets)))
+    return shown
+
+
+def link_sets(
+    shown: list[Shown], candidate_sets: dict[str, list[Candidate]], multiple: int, seed: int = 0
+) -> dict:
+    """`link` once per set of candidate codes (e.g. per refinement), public file ``i`` made
+    from candidate ``i`` of each set. Returns ``{"targets", "candidates", "by_refine": {set:
+    {statistic: metrics}}, "scores": {set: {statistic: (targets, candidates) matrix}}}``."""
+    truth = list(range(len(shown)))
     by_refine, scores = {}, {}
-    for steps in candidate_refine_steps:
-        candidates = candidate_codes(model, images, steps)
-        by_refine[str(steps)], matrices = link(shown, candidates, truth, cfg.downsampling, seed)
-        scores[str(steps)] = {name: matrix.tolist() for name, matrix in matrices.items()}
-    return {
-        "targets": len(targets),
-        "candidates": len(images),
-        "pad_size_class": pad_size_class,
-        "by_refine": by_refine,
-        "scores": scores,
-    }
+    for name, candidates in candidate_sets.items():
+        by_refine[name], matrices = link(shown, candidates, truth, multiple, seed)
+        scores[name] = {statistic: matrix.tolist() for statistic, matrix in matrices.items()}
+    count = len(next(iter(candidate_sets.values())))
+    return {"targets": len(shown), "candidates": count, "by_refine": by_refine, "scores": scores}
+
+
+def link_targets(
+    model,
+    targets: list,
+    distractors: list[np.ndarray],
+    obf: ObfuscationConfig,
+    candidate_refine_steps: list[int] | tuple[int, ...] = (0,),
+    seed: int = 0,
+) -> dict:
+    """`link_sets` for the public files of ``targets`` (`shown_files`) against their
+    originals and the ``distractors``, the candidates' codes computed at each of
+    ``candidate_refine_steps``."""
+    shown = shown_files(model, targets, obf)
+    images = [t.image for t in targets] + list(distractors)
+    sets = {str(steps): candidate_codes(model, images, steps) for steps in candidate_refine_steps}
+    result = link_sets(shown, sets, model.network.config.downsampling, seed)
+    return result | {"pad_size_class": obf.pad_size_class}
 
 
 def linkage_attack(
@@ -311,7 +303,6 @@ def linkage_attack(
     target_refine_steps: int = 0,
     candidate_refine_steps: list[int] | tuple[int, ...] = (0,),
     seed: int = 0,
-    pad_size_class: bool = False,
 ) -> dict:
     """`link_targets` on public files made from ``target_images`` as `primis ambiguate` makes
     them (``target_refine_steps``)."""
@@ -323,24 +314,8 @@ def linkage_attack(
         targets = make_targets(
             model, target_images, obf, model.network.config.k, target_refine_steps
         )
-    result = link_targets(
-        model, targets, distractor_images, obf, candidate_refine_steps, seed, pad_size_class
-    )
+    result = link_targets(model, targets, distractor_images, obf, candidate_refine_steps, seed)
     return result | {"target_refine_steps": target_refine_steps}
-
-
-def pad_public(
-    vectors: np.ndarray, maps: int, grid: tuple[int, int], multiple: int
-) -> tuple[tuple[int, int], np.ndarray]:
-    """Public vectors of a strict file padded to the grid's size class with fresh noise (the
-    real ones top-left): (class grid, vectors)."""
-    from primis.obfuscation import secure_uniform_bits
-
-    padded_grid = class_grid(grid, multiple)
-    n = vectors.shape[1]
-    noise = secure_uniform_bits((maps, *padded_grid, n)).astype(np.int8) * 2 - 1
-    noise[:, : grid[0], : grid[1]] = vectors.reshape(maps, *grid, n)
-    return padded_grid, noise.reshape(-1, n)
 
 
 def strongest(result: dict) -> dict:

@@ -123,8 +123,8 @@ def privacy_warning(obfuscation: ObfuscationConfig) -> str | None:
 
 
 def privacy_preset_name(obfuscation: ObfuscationConfig) -> str:
-    """The preset whose settings ``obfuscation`` applies, or "custom"."""
-    applied = effective(obfuscation)
+    """The preset whose settings ``obfuscation`` applies (size classes or not), or "custom"."""
+    applied = effective(obfuscation).model_copy(update={"pad_size_class": False})
     named = (name for name, preset in PRIVACY_PRESETS.items() if effective(preset) == applied)
     return next(named, CUSTOM)
 
@@ -214,6 +214,52 @@ def permutation_radices(n: int, count: int) -> np.ndarray:
 def permutation_from_digits(digits: list[int]) -> np.ndarray:
     available = list(range(len(digits)))
     return np.array([available.pop(int(d)) for d in digits])
+
+
+def size_class(side: int, multiple: int) -> int:
+    """The padded side of a coarse size class: the smallest ``multiple`` * 2^i or
+    ``multiple`` * 3 * 2^(i-1) pixels at least ``side``; at most half as many again per side."""
+    power = multiple
+    while True:
+        if power >= side:
+            return power
+        if power >= 2 * multiple and power * 3 // 2 >= side:
+            return power * 3 // 2
+        power *= 2
+
+
+def class_grid(grid: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """The public grid of an image whose code grid is ``grid``, padded to its size class."""
+    return tuple(size_class(cells * multiple, multiple) // multiple for cells in grid)
+
+
+def crop_grid(
+    vectors: np.ndarray, maps: int, grid: tuple[int, int], part: tuple[int, int]
+) -> np.ndarray:
+    """The vectors of the top-left ``part`` of each map of a ``grid`` (map-major rows)."""
+    n = vectors.shape[1]
+    return vectors.reshape(maps, *grid, n)[:, : part[0], : part[1]].reshape(-1, n)
+
+
+def image_grid(public_grid: tuple[int, int], shape: tuple[int, int], multiple: int):
+    """The code grid of an image of ``shape`` whose public file shows ``public_grid``: the
+    public grid, or the part of it the image covers where the file is padded to its size
+    class (`pad_public`)."""
+    grid = tuple(-(-side // multiple) for side in shape)
+    padded = grid != tuple(public_grid) and class_grid(grid, multiple) == tuple(public_grid)
+    return grid if padded else tuple(public_grid)
+
+
+def pad_public(
+    vectors: np.ndarray, maps: int, grid: tuple[int, int], multiple: int
+) -> tuple[tuple[int, int], np.ndarray]:
+    """Public vectors of a strict file padded to the grid's size class with fresh noise (the
+    real ones top-left): (class grid, vectors)."""
+    padded_grid = class_grid(grid, multiple)
+    n = vectors.shape[1]
+    noise = secure_uniform_bits((maps, *padded_grid, n)).astype(np.int8) * 2 - 1
+    noise[:, : grid[0], : grid[1]] = vectors.reshape(maps, *grid, n)
+    return padded_grid, noise.reshape(-1, n)
 
 
 def ambiguate_maps(

@@ -14,16 +14,21 @@ from primis.linkage import (
     Candidate,
     Shown,
     candidate_codes,
-    class_grid,
     containment,
     link,
     linkage_attack,
     ranks,
-    size_class,
     usage,
 )
 from primis.modelstore import load_model
-from primis.obfuscation import PRIVACY_PRESETS, ambiguate, ambiguate_maps, reveals_nothing
+from primis.obfuscation import (
+    PRIVACY_PRESETS,
+    ambiguate,
+    ambiguate_maps,
+    class_grid,
+    reveals_nothing,
+    size_class,
+)
 from tests.conftest import cxr_images, run_cli, smooth_image
 
 TARGETS, DISTRACTORS = 4, 12
@@ -160,3 +165,35 @@ def test_primis_attack_linkage_writes_its_report(tmp_path, tiny_model_dir):
     assert "is not private" in result.stderr and "containment" in result.stdout
     report = json.loads((tmp_path / "out" / "linkage.json").read_text())
     assert report["candidates"] == 6 and not report["strongest"]["at_chance"]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "context_model_dir"])
+def test_size_classes_hide_the_size_and_restore_the_same_image(request, fixture):
+    """A strict public file padded to its size class shows the class's grid only; the key
+    (no larger) restores the image exactly as the unpadded pair does; other modes refuse it."""
+    import primis
+    from primis.formats import KeyFile, PublicFile
+
+    model = primis.load_model(request.getfixturevalue(fixture))
+    shapes = [(70, 100), (66, 110)]
+    pixels = [(smooth_image(*shape, 3) * 255).astype(np.uint8) for shape in shapes]
+    padded = {"pad_size_class": True, "permute_atoms": False}
+    grids, key_bytes = set(), []
+    for image in pixels:
+        plain = primis.share(image, model=model, refine_steps=0, privacy="strict")
+        shared = primis.share(image, model=model, refine_steps=0, obfuscation=padded)
+        header = PublicFile.from_bytes(shared.public).header
+        grids.add(tuple(header.grid))
+        assert header.privacy == "strict" and len(shared.public) > len(plain.public)
+        assert KeyFile.from_bytes(shared.key).header.shape == image.shape
+        key_bytes.append((len(plain.key), len(shared.key)))
+        np.testing.assert_array_equal(
+            primis.restore(shared.public, shared.key, model=model),
+            primis.restore(plain.public, plain.key, model=model),
+        )
+    multiple = model.network.config.downsampling
+    assert grids == {class_grid((-(-70 // multiple), -(-100 // multiple)), multiple)}
+    assert len({(-(-a // multiple), -(-b // multiple)) for a, b in shapes}) == 2
+    assert all(abs(a - b) <= 2 for a, b in key_bytes)  # the same key bits (header aside)
+    with pytest.raises(primis.PrimisError, match="pad_size_class needs"):
+        primis.share(pixels[0], model=model, privacy="compact", obfuscation={"pad_size_class": 1})
