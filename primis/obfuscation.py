@@ -87,7 +87,7 @@ LINKS = (
     "which public file it is (re-identification)"
 )
 SHOWS = "leaks the image to an attacker who trains on images of the same kind"
-MEASURED = "measured in SECURITY.md 'Privacy modes'; only --privacy strict is private"
+MEASURED = "measured in the README's 'Privacy modes'; only --privacy strict is private"
 CUSTOM = "custom"
 
 

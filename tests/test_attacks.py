@@ -287,6 +287,10 @@ def test_the_frontier_scores_each_mode_per_source(tmp_path, tiny_model_dir):
     assert strict["preset"] == "strict" and leaky["preset"] == "custom"
     assert strict["targets"] == 2 and strict["key_bpp"] > leaky["key_bpp"] > 0
     assert leaky["support_chance"] > strict["support_chance"]
+    assert strict["linkage"]["candidates"] == 8  # the 4 targets of both sources and 4 attackers
+    assert strict["linkage"]["at_chance"] and strict["linkage"]["auc"] == 0.5
+    assert leaky["linkage"]["top1"] == 1.0 and not leaky["linkage"]["at_chance"]
+    assert not leaky["private"]
     machine = {"cpu": "x", "flags": [], "kernels": "x", "threads": 1, "torch": "x", "dtype": "x"}
     text = write_frontier(series, tmp_path / "out", machine)
     assert "| public signs, fill 0.25, secret order | custom |" in text
