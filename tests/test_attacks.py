@@ -191,6 +191,10 @@ def test_attack_command_reports_every_attack_against_prior_only(tmp_path, tiny_m
     checks = {c["target"]: c for c in report["targets"]}
     assert checks["at least 128 key bits per image"]["holds"]
     assert "## Targets" in (out / "attack.md").read_text()
+    assert "## Linkage" in (out / "attack.md").read_text()
+    linkage = report["linkage"]["by_refine"]["0"]["containment"]
+    assert report["linkage"]["targets"] == 3 and linkage["auc"] == 0.5  # strict: nothing to rank
+    assert any(c["target"].startswith("linkage") and c["holds"] for c in report["targets"])
     same = run_cli(
         "attack",
         "--model",
