@@ -56,40 +56,22 @@ def key_bits(model, codes: list, obf: ObfuscationConfig) -> float:
     bits = []
     for candidate in codes:
         public, perms = ambiguate_maps(candidate.code, cfg.m, cfg.k, obf)
-        per_map = len(public) // cfg.m
-        bits.append(
-            sum(
-                key_size(
-                    public[j * per_map : (j + 1) * per_map], cfg.k, obf.mask_signs, p is not None
-                )[0]
-                for j, p in enumerate(perms)
-            )
-        )
+        parts = zip(np.split(public, cfg.m), perms, strict=True)
+        bits.append(sum(key_size(p, cfg.k, obf.mask_signs, o is not None)[0] for p, o in parts))
     return float(np.mean(bits))
 
 
+METRICS = ("statistic", "candidate_refine_steps", "top1", "top5", "auc")
+METRICS += ("top1_chance", "top5_chance", "at_chance")
+
+
 def row(name: str, result: dict, extra: dict) -> dict:
+    """One table row: the strongest content statistic (`linkage.strongest`), with the size as
+    a feature and alone."""
     best = strongest(result)
-    return (
-        {"mode": name, **extra, "targets": result["targets"], "candidates": result["candidates"]}
-        | {
-            f: best[f]
-            for f in (
-                "statistic",
-                "candidate_refine_steps",
-                "top1",
-                "top5",
-                "auc",
-                "top1_chance",
-                "top5_chance",
-                "at_chance",
-            )
-        }
-        | {
-            "with_size": {f: best["with_size"][f] for f in ("top1", "top5", "auc")},
-            "size": {f: best["size"][f] for f in ("top1", "top5", "auc")},
-        }
-    )
+    channels = {c: {f: best[c][f] for f in ("top1", "top5", "auc")} for c in ("with_size", "size")}
+    counts = {"targets": result["targets"], "candidates": result["candidates"]}
+    return {"mode": name, **extra, **counts} | {f: best[f] for f in METRICS} | channels
 
 
 def table(rows: list[dict]) -> str:

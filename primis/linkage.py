@@ -54,9 +54,9 @@ class Shown:
     @classmethod
     def of_file(cls, path: Path) -> Shown:
         """Read a public file as an attacker does (no key, no model needed)."""
-        from primis.formats import read_public
+        from primis.formats import PublicFile
 
-        public = read_public(path.read_bytes(), path.name)
+        public = PublicFile.from_bytes(path.read_bytes(), path.name)
         h = public.header
         return cls(public.vectors, tuple(h.grid), h.m, h.mask_signs, h.permuted)
 

@@ -3,6 +3,7 @@ attack must find it where it can."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -197,3 +198,20 @@ def test_size_classes_hide_the_size_and_restore_the_same_image(request, fixture)
     assert all(abs(a - b) <= 2 for a, b in key_bytes)  # the same key bits (header aside)
     with pytest.raises(primis.PrimisError, match="pad_size_class needs"):
         primis.share(pixels[0], model=model, privacy="compact", obfuscation={"pad_size_class": 1})
+
+
+def test_an_attacker_reads_what_a_public_file_shows(tmp_path, tiny_model_dir):
+    """`Shown.of_file` needs no key: a compact file links to its image, a strict one does not."""
+    import primis
+
+    model = load_model(tiny_model_dir)
+    images = [smooth_image(64, 80, seed).astype(np.float32) for seed in range(4)]
+    candidates = candidate_codes(model, images)
+    for privacy, linked in (("compact", True), ("strict", False)):
+        with pytest.warns(primis.PrivacyWarning) if linked else contextlib.nullcontext():
+            shared = primis.share(images[0], model=model, refine_steps=0, privacy=privacy)
+        path = tmp_path / f"{privacy}.primis"
+        path.write_bytes(shared.public)
+        shown = Shown.of_file(path)
+        scores = [containment(shown, candidate) for candidate in candidates]
+        assert (scores[0] == 1.0 and max(scores[1:]) < 1.0) == linked, scores
