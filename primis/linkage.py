@@ -30,11 +30,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from primis.config import ObfuscationConfig
 from primis.obfuscation import class_grid, crop_grid, pad_public
+
+if TYPE_CHECKING:  # torch is imported where used
+    from primis.config import AttackConfig
+    from primis.modelstore import LoadedModel
 
 CONTENT_STATISTICS = ("containment", "usage")
 TOP = (1, 5)
@@ -70,9 +75,14 @@ class Candidate:
     grid: tuple[int, int]
 
 
-def _maps(vectors: np.ndarray, maps: int, grid: tuple[int, int], common: tuple[int, int]):
-    """(maps, positions, n) view of ``vectors`` on the top-left ``common`` part of ``grid``."""
-    return crop_grid(vectors, maps, grid, common).reshape(maps, common[0] * common[1], -1)
+def _aligned(shown: Shown, candidate: Candidate) -> tuple[np.ndarray, np.ndarray]:
+    """The public vectors and the candidate's code on the (top-left) grid both cover, each
+    (maps, positions, n)."""
+    common = (min(shown.grid[0], candidate.grid[0]), min(shown.grid[1], candidate.grid[1]))
+    return tuple(
+        crop_grid(vectors, shown.maps, grid, common).reshape(shown.maps, -1, vectors.shape[1])
+        for vectors, grid in ((shown.vectors, shown.grid), (candidate.code, candidate.grid))
+    )
 
 
 def _sign_planes(vectors: np.ndarray, mask_signs: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -88,9 +98,7 @@ def containment(shown: Shown, candidate: Candidate) -> float:
     vectors can hold; with a secret atom order, under each map's best atom assignment."""
     from scipy.optimize import linear_sum_assignment
 
-    common = (min(shown.grid[0], candidate.grid[0]), min(shown.grid[1], candidate.grid[1]))
-    public = _maps(shown.vectors, shown.maps, shown.grid, common)
-    code = _maps(candidate.code, shown.maps, candidate.grid, common)
+    public, code = _aligned(shown, candidate)
     plus, minus = _sign_planes(public, shown.mask_signs)
     code_plus, code_minus = (code == 1).astype(np.float32), (code == -1).astype(np.float32)
     total = float(code_plus.sum() + code_minus.sum())
@@ -116,9 +124,7 @@ def _rates(planes: list[np.ndarray], permuted: bool) -> np.ndarray:
 def usage(shown: Shown, candidate: Candidate) -> float:
     """Correlation of the public per-(map, atom) non-zero rates with the candidate's atom
     usage (0 where either is constant)."""
-    common = (min(shown.grid[0], candidate.grid[0]), min(shown.grid[1], candidate.grid[1]))
-    public = _maps(shown.vectors, shown.maps, shown.grid, common)
-    code = _maps(candidate.code, shown.maps, candidate.grid, common)
+    public, code = _aligned(shown, candidate)
     if shown.mask_signs:
         seen, used = [public != 0], [code != 0]
     else:
@@ -202,7 +208,9 @@ def linkage_metrics(scores: np.ndarray, truth: np.ndarray, rng: np.random.Genera
     return result
 
 
-def candidate_codes(model, images: list[np.ndarray], refine_steps: int = 0) -> list[Candidate]:
+def candidate_codes(
+    model: LoadedModel, images: list[np.ndarray], refine_steps: int = 0
+) -> list[Candidate]:
     """Each candidate image's code as `primis ambiguate` computes it (at ``refine_steps``)."""
     import torch
 
@@ -246,7 +254,7 @@ def subset(result: dict, part: slice, seed: int = 0) -> dict:
     return result | {"targets": len(truth), "by_refine": by_refine}
 
 
-def shown_files(model, targets: list, obf: ObfuscationConfig) -> list[Shown]:
+def shown_files(model: LoadedModel, targets: list, obf: ObfuscationConfig) -> list[Shown]:
     """What the public files of ``targets`` (`attacks.Target`, made with ``obf``) show, padded
     as `pad_public` pads them where ``obf.pad_size_class``."""
     from primis.obfuscation import effective
@@ -278,7 +286,7 @@ def link_sets(
 
 
 def link_targets(
-    model,
+    model: LoadedModel,
     targets: list,
     distractors: list[np.ndarray],
     obf: ObfuscationConfig,
@@ -296,7 +304,7 @@ def link_targets(
 
 
 def linkage_attack(
-    model,
+    model: LoadedModel,
     target_images: list[np.ndarray],
     distractor_images: list[np.ndarray],
     obf: ObfuscationConfig,
@@ -364,11 +372,11 @@ def linkage_table(result: dict) -> str:
 
 
 def run_linkage(
-    model,
+    model: LoadedModel,
     attacker_paths: list[Path],
     target_paths: list[Path],
     obf: ObfuscationConfig,
-    config,
+    config: AttackConfig,
     refine_steps: int,
     out: Path,
 ) -> str:
