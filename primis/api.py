@@ -144,9 +144,10 @@ def share(
     only, ``refine_steps`` improves the code before sharing (0: the encoder's code, fastest),
     ``obfuscation`` changes the model's obfuscation settings (see `obfuscation_for`),
     ``privacy`` starts from a named preset instead ("strict": the public file is independent
-    of the image; "compact": half the noise, a smaller key; "paper": public signs, as small a
-    key that leaks the image; see README "Privacy modes"; both files record the preset, or
-    "custom"; a mode measured to leak the image warns with `PrivacyWarning`), and
+    of the image, the only private mode; "compact": half the noise, a smaller key, and the
+    public file links to its image; "paper": public signs, as small a key, linkable and the
+    image leaks; see README "Privacy modes"; both files record the preset, or "custom"; every
+    mode but strict warns what it leaks with `PrivacyWarning`), and
     ``keep_header`` puts a DICOM input's original header into the key. The
     key's size: ``rate_weight`` trades quality for key bits in the choice of code (default:
     `sharing.RATE_WEIGHT` when refining, 0 without),

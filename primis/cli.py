@@ -200,6 +200,14 @@ def _refine_option(func):
     )(func)
 
 
+_pad_option = click.option(
+    "--pad-size-class/--no-pad-size-class",
+    default=None,
+    help="strict mode: pad the public grid to a coarse size class (the key alone holds the "
+    "image's size; no key bits, a larger public file)",
+)
+
+
 def _sharing_options(func):
     """The options of how an image is shared, as `ambiguate` and `serve` take them (see
     `_share_options`)."""
@@ -213,6 +221,7 @@ def _sharing_options(func):
                 default=None,
                 help="hide the signs of true entries",
             ),
+            _pad_option,
             click.option(
                 "--maps",
                 callback=lambda _ctx, _param, value: _parse_ints(value, "--maps"),
@@ -229,7 +238,7 @@ def _sharing_options(func):
     return func
 
 
-def _share_options(model, k, fill, mask_signs, maps, refine_steps, keep_header):
+def _share_options(model, k, fill, mask_signs, pad_size_class, maps, refine_steps, keep_header):
     """The `primis.api.ShareOptions` of `_sharing_options`' values."""
     from primis.api import ShareOptions
     from primis.sharing import RateControl
@@ -240,7 +249,7 @@ def _share_options(model, k, fill, mask_signs, maps, refine_steps, keep_header):
         "k": k,
         "maps": maps,
         "refine_steps": refine_steps,
-        "obfuscation": _obfuscation(model, fill, mask_signs),
+        "obfuscation": _obfuscation(model, fill, mask_signs, pad_size_class),
         "keep_header": keep_header,
         **rate,
     }
@@ -290,20 +299,22 @@ _privacy_option = click.option(
     type=click.Choice(["strict", "compact", "paper"]),
     expose_value=False,  # kept for `_obfuscation`, so every command that shares takes it alike
     callback=_keep_privacy,
-    help="a named privacy mode (README 'Privacy modes'): strict (default; the public file is "
-    "independent of the image), compact (half the noise: a key 17% smaller, no image "
-    "recovered in our measurements, some support structure shown) or paper (public signs: "
-    "as small a key, the image leaks); --fill and --mask-signs change it (recorded as custom)",
+    help="a named privacy mode (README 'Privacy modes'): strict (default, the only private "
+    "one: the public file is independent of the image), compact (half the noise: a smaller "
+    "key; the public file links to its image) or paper (public signs: as small a key; "
+    "linkable and the image leaks); --fill and --mask-signs change it (recorded as custom)",
 )
 
 
-def _obfuscation(model, fill: float | None, mask_signs: bool | None):
+def _obfuscation(
+    model, fill: float | None, mask_signs: bool | None, pad_size_class: bool | None = None
+):
     """The model's obfuscation settings, or those of `--privacy`, with the command line's
     overrides, validated; says on stderr what a mode that leaks was measured to leak."""
     from primis.api import obfuscation_for
     from primis.obfuscation import privacy_warning
 
-    chosen = {"fill": fill, "mask_signs": mask_signs}
+    chosen = {"fill": fill, "mask_signs": mask_signs, "pad_size_class": pad_size_class}
     privacy = click.get_current_context().meta.get("primis.privacy")
     settings = {name: v for name, v in chosen.items() if v is not None}
     obfuscation = obfuscation_for(model, settings, privacy)
@@ -373,6 +384,7 @@ def ambiguate(
     k,
     fill,
     mask_signs,
+    pad_size_class,
     maps,
     refine_steps,
     keep_header,
@@ -396,7 +408,9 @@ def ambiguate(
     model = _load_model(model_dir)  # then what needs torch
     from primis.api import FileSharer, named_by_id
 
-    options = _share_options(model, k, fill, mask_signs, maps, refine_steps, keep_header)
+    options = _share_options(
+        model, k, fill, mask_signs, pad_size_class, maps, refine_steps, keep_header
+    )
     device = click.get_current_context().meta.get("primis.device", "auto")
     clashes = duplicate_stems([p for p in items if not named_by_id(p, names)])
     with SharingOutputs(public_dir, key_dir) as outputs:
@@ -562,6 +576,7 @@ def serve(
     k,
     fill,
     mask_signs,
+    pad_size_class,
     maps,
     refine_steps,
     keep_header,
@@ -597,7 +612,9 @@ def serve(
         queue_size=queue_size,
         queue_timeout=queue_timeout,
         max_associations=max_associations,
-        **_share_options(model, k, fill, mask_signs, maps, refine_steps, keep_header),
+        **_share_options(
+            model, k, fill, mask_signs, pad_size_class, maps, refine_steps, keep_header
+        ),
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO log shows data sets
@@ -789,6 +806,7 @@ def demo(image, model_dir, out, refine_steps) -> None:
 @_privacy_option
 @click.option("--fill", type=float, help="obfuscation fill (default: the model's)")
 @click.option("--mask-signs/--no-mask-signs", default=None)
+@_pad_option
 @click.option(
     "--frontier",
     is_flag=True,
@@ -816,13 +834,22 @@ def demo(image, model_dir, out, refine_steps) -> None:
     help="YAML or JSON: how long the learned attacks train, and the seed (see AttackConfig)",
 )
 @click.option("--quick", is_flag=True, help="every attack, trained briefly (a smoke test)")
+@click.option(
+    "--linkage",
+    "linkage_only",
+    is_flag=True,
+    help="only the linkage attack (fast): rank the targets' originals among the attacker's "
+    "images for each public file (linkage.md, linkage.json)",
+)
 def attack(
     model_dir,
     attacker_data,
     target_data,
     fill,
     mask_signs,
+    pad_size_class,
     frontier,
+    linkage_only,
     budget_check,
     masks,
     out,
@@ -835,8 +862,10 @@ def attack(
 
     if quick and config_file:
         raise PrimisError("--quick and --config exclude each other")
-    if frontier and (fill is not None or mask_signs is not None):
-        raise PrimisError("--frontier attacks every mode: leave out --fill and --mask-signs")
+    if frontier and (fill is not None or mask_signs is not None or pad_size_class is not None):
+        raise PrimisError(
+            "--frontier attacks every mode: leave out --fill, --mask-signs and --pad-size-class"
+        )
     config = load_config(AttackConfig, config_file) if config_file else AttackConfig()
     config = (QUICK_ATTACKS if quick else config).model_copy(
         update={"budget_check": budget_check or config.budget_check}
@@ -846,6 +875,13 @@ def attack(
     from primis.data import resolve_sources
 
     attackers, targets = resolve_sources(attacker_data), resolve_sources(target_data)
+    if linkage_only:
+        from primis.linkage import run_linkage
+
+        obfuscation = _obfuscation(model, fill, mask_signs, pad_size_class)
+        click.echo(run_linkage(model, attackers, targets, obfuscation, config, refine_steps, out))
+        click.echo(f"report: {out / 'linkage.md'}, {out / 'linkage.json'}")
+        return
     if frontier:
         from primis.frontier import frontier as measure
         from primis.frontier import write_frontier
@@ -859,7 +895,7 @@ def attack(
         model,
         attackers,
         targets,
-        _obfuscation(model, fill, mask_signs),
+        _obfuscation(model, fill, mask_signs, pad_size_class),
         config,
         masks=masks,
         refine_steps=refine_steps,

@@ -109,6 +109,21 @@ class ObfuscationConfig(Strict):
     permute_atoms: bool = Field(
         True, description="shuffle each map's atom order per file (log2(n!) key bits per map)"
     )
+    pad_size_class: bool = Field(
+        False,
+        description="strict only (fill 1, masked signs): the public grid is the image's padded "
+        "with noise to a coarse size class (the model's granularity times 2^i or 3*2^(i-1) "
+        "per side); the key, not the header, holds the size; no key bits, more public bytes",
+    )
+
+    @model_validator(mode="after")
+    def _padding(self) -> ObfuscationConfig:
+        if self.pad_size_class and not (self.fill == 1.0 and self.mask_signs):
+            raise ValueError(
+                "pad_size_class needs fill 1 and masked signs (the strict mode), where the "
+                "public vectors are independent of the image"
+            )
+        return self
 
 
 class TrainConfig(Strict):
@@ -221,6 +236,11 @@ class AttackConfig(Strict):
     )
     utility_steps: int = Field(
         400, ge=1, description="U-Net training steps of the segmentation study (--masks)"
+    )
+    linkage_refine_steps: list[int] = Field(
+        [0],
+        description="refinement steps of the linkage attacker's candidate codes, one "
+        "measurement each (0: the encoder's code)",
     )
     seed: int = 0
 

@@ -6,7 +6,10 @@ atom order secret or shown (meaningless where the public vectors reveal nothing,
 offered there). For each mode the frontier measures what the key costs (bits per pixel of its
 coded payload), the authorized PSNR, the best attack's PSNR and SSIM against the prior-only
 baseline, the lung segmentation Dice of the best attack's images against prior-only (with
-lung masks), and the distinguisher's ROC AUC against the prior-only classifier's. `primis
+lung masks), the distinguisher's ROC AUC against the prior-only classifier's, and linkage
+(`primis.linkage`: top-1, top-5 and AUC of finding each target's original among the attacker's
+images). A mode is called private only where linkage is at chance and the best attack's image
+within the margins of prior-only. `primis
 attack --frontier` and `benchmarks/privacy_frontier.py` write it as JSON, a Markdown table and
 a plot of key bits per pixel against attack gain.
 """
@@ -98,6 +101,7 @@ def _row(mode: ObfuscationConfig, report: dict, part: slice) -> dict:
     prior = "prior only (mean image)"
     best = max((n for n in rows if n not in NOT_ATTACKS), key=psnr.get)
     found, blind = report["distinguisher"], report["distinguisher_prior_only"]
+    best_ssim = max(v for n, v in ssim.items() if n not in NOT_ATTACKS)
     return {
         "mode": mode_name(mode),
         "preset": privacy_preset_name(mode),
@@ -112,8 +116,8 @@ def _row(mode: ObfuscationConfig, report: dict, part: slice) -> dict:
         "best_attack": best,
         "best_psnr": psnr[best],
         "psnr_gain": psnr[best] - psnr[prior],
-        "best_ssim": max(v for n, v in ssim.items() if n not in NOT_ATTACKS),
-        "ssim_gain": max(v for n, v in ssim.items() if n not in NOT_ATTACKS) - ssim[prior],
+        "best_ssim": best_ssim,
+        "ssim_gain": best_ssim - ssim[prior],
         "attacks_psnr": psnr,
         "auc": mean(found["auc_per_image"]),
         "auc_prior_only": mean(blind["auc_per_image"]),
@@ -121,6 +125,29 @@ def _row(mode: ObfuscationConfig, report: dict, part: slice) -> dict:
         "support_found_prior_only": mean(blind["support_found_per_image"]),
         "support_chance": found["support_chance"],
         "budget": report["budget"],
+    } | _linkage(report, part, psnr[best] - psnr[prior], best_ssim - ssim[prior])
+
+
+def _linkage(report: dict, part: slice, psnr_gain: float, ssim_gain: float) -> dict:
+    """A row's linkage columns (the strongest content statistic on the targets ``part``, with
+    and without the size) and whether the mode is private there: linkage at chance and the
+    best attack within the margins of prior-only (`attacks.PSNR_MARGIN`, `SSIM_MARGIN`)."""
+    from primis.attacks import PSNR_MARGIN, SSIM_MARGIN
+    from primis.linkage import strongest, subset
+
+    link = strongest(subset(report["linkage"], part))
+    fields = ("top1", "top5", "auc")
+    return {
+        "linkage": {f: link[f] for f in (*fields, "top1_chance", "top5_chance", "at_chance")}
+        | {
+            "statistic": link["statistic"],
+            "candidate_refine_steps": link["candidate_refine_steps"],
+            "candidates": report["linkage"]["candidates"],
+            "with_size": {f: link["with_size"][f] for f in fields},
+        },
+        "private": bool(
+            link["at_chance"] and psnr_gain <= PSNR_MARGIN and ssim_gain <= SSIM_MARGIN
+        ),
     }
 
 
@@ -169,6 +196,7 @@ def frontier_table(rows: list[dict]) -> str:
     header = ["mode", "preset", "key bpp", "authorized dB", "best attack", "PSNR dB (gain)"]
     header += ["SSIM (gain)"] + (["lung Dice: attack / prior"] if dice else [])
     header += ["AUC (prior-only)", "support found (prior-only, random)"]
+    header += ["linkage top-1 / top-5 (chance)", "linkage AUC (+ size)", "private"]
     table = []
     for r in rows:
         line = [r["mode"], r["preset"], f"{r['key_bpp']:.3f}", f"{r['authorized_psnr']:.2f}"]
@@ -180,6 +208,13 @@ def frontier_table(rows: list[dict]) -> str:
         blind = r.get("support_found_prior_only")
         blind = "" if blind is None else f"{blind:.3f}, "
         line += [f"{r['support_found']:.3f} ({blind}{r['support_chance']:.3f})"]
+        link = r["linkage"]
+        line += [
+            f"{link['top1']:.2f} / {link['top5']:.2f} ({link['top1_chance']:.2f} / "
+            f"{link['top5_chance']:.2f})",
+            f"{link['auc']:.3f} ({link['with_size']['auc']:.3f})",
+            "yes" if r["private"] else "no",
+        ]
         table.append(line)
     return markdown_table(header, table)
 

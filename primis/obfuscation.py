@@ -82,21 +82,20 @@ def check_mode_for_rate(obfuscation: ObfuscationConfig, adaptive_rate: bool) -> 
 
 # Named points of the privacy frontier (`primis.frontier`, README "Privacy modes"): `primis
 # ambiguate --privacy NAME`, recorded in both files' headers. Any other setting is "custom".
+# Only strict is private: in the others the public vectors depend on the code, so a public
+# file links to its image (`primis.linkage`); they buy a smaller key with that leak.
 PRIVACY_PRESETS = {
     "strict": ObfuscationConfig(fill=1.0, mask_signs=True, permute_atoms=False),
     "compact": ObfuscationConfig(fill=0.5, mask_signs=True, permute_atoms=False),
     "paper": ObfuscationConfig(fill=1.0, mask_signs=False, permute_atoms=False),
 }
-# What the frontier measured (README "Privacy modes"), said whenever a mode that leaks is used.
-PAPER_LEAK = (
-    "on chest X-rays a network trained on the attacker's own images recovers it at +10.2 dB "
-    "PSNR over the prior-only baseline (lung Dice 0.92, prior-only 0.74, with the key 0.93)"
+# What a mode that is not private leaks (the measured figures: SECURITY.md "Privacy modes").
+LINKS = (
+    "links each public file to its image: anyone who holds a copy of the image can tell "
+    "which public file it is (re-identification)"
 )
-LOW_FILL_LEAK = (
-    "at fill 0.25 a network trained on the attacker's own images recovers it at +9.4 dB PSNR "
-    "over the prior-only baseline (lung Dice 0.91, prior-only 0.74); fill 0.5 "
-    "(--privacy compact) was measured below prior-only"
-)
+SHOWS = "leaks the image to an attacker who trains on images of the same kind"
+MEASURED = "measured in the README's 'Privacy modes'; only --privacy strict is private"
 CUSTOM = "custom"
 
 
@@ -107,24 +106,33 @@ def effective(obfuscation: ObfuscationConfig) -> ObfuscationConfig:
     return obfuscation
 
 
-def privacy_warning(obfuscation: ObfuscationConfig) -> str | None:
-    """What the privacy frontier measured a mode to leak, for modes whose public file shows the
-    image to a trained attacker (public signs, or a fill below 0.5, in the model's atom order);
-    None for the others."""
+def shows_image(obfuscation: ObfuscationConfig) -> bool:
+    """Whether a trained attacker was measured to see the image in such public files (public
+    signs, or a fill below 0.5, in the model's atom order)."""
     applied = effective(obfuscation)
-    if applied.permute_atoms:
+    return not applied.permute_atoms and (not applied.mask_signs or applied.fill < 0.5)
+
+
+def privacy_warning(obfuscation: ObfuscationConfig) -> str | None:
+    """What a mode that is not private leaks: every mode whose public vectors depend on the
+    image links them to it, and some show the image too; None for the private mode."""
+    applied = effective(obfuscation)
+    if reveals_nothing(applied):
         return None
-    if not applied.mask_signs:
-        name = "--privacy paper" if privacy_preset_name(applied) == "paper" else "public signs"
-        return f"{name} leaks the image: {PAPER_LEAK}, for a key 17% smaller than strict's"
-    if applied.fill < 0.5:
-        return f"--fill {applied.fill:g} with masked signs leaks the image: {LOW_FILL_LEAK}"
-    return None
+    name = privacy_preset_name(applied)
+    if name != CUSTOM:
+        label = f"--privacy {name}"
+    elif not applied.mask_signs:
+        label = "public signs"
+    else:
+        label = f"--fill {applied.fill:g} with masked signs"
+    what = f"{SHOWS} and {LINKS}" if shows_image(applied) else LINKS
+    return f"{label} is not private: it {what} ({MEASURED})"
 
 
 def privacy_preset_name(obfuscation: ObfuscationConfig) -> str:
-    """The preset whose settings ``obfuscation`` applies, or "custom"."""
-    applied = effective(obfuscation)
+    """The preset whose settings ``obfuscation`` applies (size classes or not), or "custom"."""
+    applied = effective(obfuscation).model_copy(update={"pad_size_class": False})
     named = (name for name, preset in PRIVACY_PRESETS.items() if effective(preset) == applied)
     return next(named, CUSTOM)
 
@@ -214,6 +222,52 @@ def permutation_radices(n: int, count: int) -> np.ndarray:
 def permutation_from_digits(digits: list[int]) -> np.ndarray:
     available = list(range(len(digits)))
     return np.array([available.pop(int(d)) for d in digits])
+
+
+def size_class(side: int, multiple: int) -> int:
+    """The padded side of a coarse size class: the smallest ``multiple`` * 2^i or
+    ``multiple`` * 3 * 2^(i-1) pixels at least ``side``; at most half as many again per side."""
+    power = multiple
+    while True:
+        if power >= side:
+            return power
+        if power >= 2 * multiple and power * 3 // 2 >= side:
+            return power * 3 // 2
+        power *= 2
+
+
+def class_grid(grid: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """The public grid of an image whose code grid is ``grid``, padded to its size class."""
+    return tuple(size_class(cells * multiple, multiple) // multiple for cells in grid)
+
+
+def crop_grid(
+    vectors: np.ndarray, maps: int, grid: tuple[int, int], part: tuple[int, int]
+) -> np.ndarray:
+    """The vectors of the top-left ``part`` of each map of a ``grid`` (map-major rows)."""
+    n = vectors.shape[1]
+    return vectors.reshape(maps, *grid, n)[:, : part[0], : part[1]].reshape(-1, n)
+
+
+def image_grid(public_grid: tuple[int, int], shape: tuple[int, int], multiple: int):
+    """The code grid of an image of ``shape`` whose public file shows ``public_grid``: the
+    public grid, or the part of it the image covers where the file is padded to its size
+    class (`pad_public`)."""
+    grid = tuple(-(-side // multiple) for side in shape)
+    padded = grid != tuple(public_grid) and class_grid(grid, multiple) == tuple(public_grid)
+    return grid if padded else tuple(public_grid)
+
+
+def pad_public(
+    vectors: np.ndarray, maps: int, grid: tuple[int, int], multiple: int
+) -> tuple[tuple[int, int], np.ndarray]:
+    """Public vectors of a strict file padded to the grid's size class with fresh noise (the
+    real ones top-left): (class grid, vectors)."""
+    padded_grid = class_grid(grid, multiple)
+    n = vectors.shape[1]
+    noise = secure_uniform_bits((maps, *padded_grid, n)).astype(np.int8) * 2 - 1
+    noise[:, : grid[0], : grid[1]] = vectors.reshape(maps, *grid, n)
+    return padded_grid, noise.reshape(-1, n)
 
 
 def ambiguate_maps(

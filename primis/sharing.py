@@ -39,10 +39,13 @@ from primis.obfuscation import (
     ambiguate_maps,
     check_mode_for_rate,
     code_to_vectors,
+    crop_grid,
+    image_grid,
     key_size,
     make_context_key,
     make_key,
     noise_count,
+    pad_public,
     privacy_preset_name,
     read_context_key,
     read_key,
@@ -552,10 +555,13 @@ def _package(
     vectors = code_to_vectors(code)
     public_vectors, perms = ambiguate_maps(vectors, cfg.m, k, obfuscation)
     _, _, _, rows, cols = code.shape
+    grid, shown = (rows, cols), public_vectors
+    if obfuscation.pad_size_class:  # strict only: the key codes the image's part alone
+        grid, shown = pad_public(public_vectors, cfg.m, grid, cfg.downsampling)
     header = PublicHeader(
         file_id=new_file_id(),
         model_hash=model.hash,
-        grid=(rows, cols),
+        grid=grid,
         n=cfg.n,
         m=cfg.m,
         k=k,
@@ -587,7 +593,7 @@ def _package(
         variable_rate=model.key_model is not None and variable,
         privacy=header.privacy,
     )
-    public, key = seal_pair(PublicFile(header, public_vectors), KeyFile(key_header, payload))
+    public, key = seal_pair(PublicFile(header, shown), KeyFile(key_header, payload))
     return SharedImage(header.file_id, public, key, ideal, image.unit.size, rate_weight)
 
 
@@ -654,25 +660,32 @@ def _check_model(public: PublicFile, model: LoadedModel, name: str) -> None:
     MAX_PIXELS.check(rows * cols * cfg.downsampling**2, name)
 
 
-def recover_code(public: PublicFile, key: KeyFile, key_model: KeyModel | None = None) -> np.ndarray:
+def recover_code(
+    public: PublicFile, key: KeyFile, key_model: KeyModel | None = None, multiple: int = 0
+) -> np.ndarray:
     """The true code vectors of the maps the key opens (other maps are zero); a context-coded
-    key needs the model's ``key_model``."""
+    key needs the model's ``key_model``. With the model's granularity ``multiple``, a public
+    file padded to a size class gives the vectors of the image's grid only (`image_grid`)."""
     h = public.header
-    per_map = h.grid[0] * h.grid[1]
+    grid = image_grid(h.grid, key.header.shape, multiple) if multiple else tuple(h.grid)
+    shown = (
+        public.vectors if grid == tuple(h.grid) else crop_grid(public.vectors, h.m, h.grid, grid)
+    )
+    per_map = grid[0] * grid[1]
     if any(not 0 <= j < h.m for j in key.header.maps) or len(set(key.header.maps)) != len(
         key.header.maps
     ):
         raise PrimisError("key names code maps the public file does not have")
-    vectors = np.zeros_like(public.vectors)
+    vectors = np.zeros_like(shown)
     parts = [slice(j * per_map, (j + 1) * per_map) for j in key.header.maps]
     if key.header.coding == "context":
         if key_model is None:
             raise PrimisError("the key is context coded, but the model has no key model")
         opened = read_context_key(
-            [public.vectors[part] for part in parts],
+            [shown[part] for part in parts],
             key.payload,
             key.header.maps,
-            h.grid,
+            grid,
             h.k,
             h.mask_signs,
             h.permuted,
@@ -686,7 +699,7 @@ def recover_code(public: PublicFile, key: KeyFile, key_model: KeyModel | None = 
     for j in key.header.maps:
         part = slice(j * per_map, (j + 1) * per_map)
         vectors[part], used = read_key(
-            public.vectors[part], key.payload[offset:], h.k, h.mask_signs, h.permuted
+            shown[part], key.payload[offset:], h.k, h.mask_signs, h.permuted
         )
         offset += used
     if offset != len(key.payload):
@@ -740,12 +753,17 @@ def reconstruct_many(
     for public_bytes, key_bytes in pairs:
         public, key = read_pair(public_bytes, key_bytes)
         _check_model(public, model, "public file")
-        opened.append((public, key, recover_code(public, key, model.key_model)))
-    codes = [
-        vectors_to_code(code, public.header.m, public.header.grid) for public, _, code in opened
-    ]
-    units = decode_codes(model, codes, batch_size)
-    return [_restore(unit, key) for unit, (_, key, _) in zip(units, opened, strict=True)]
+        opened.append((key, opened_code(public, key, model)))
+    units = decode_codes(model, [code for _, code in opened], batch_size)
+    return [_restore(unit, key) for unit, (key, _) in zip(units, opened, strict=True)]
+
+
+def opened_code(public: PublicFile, key: KeyFile, model: LoadedModel) -> torch.Tensor:
+    """The code (1, m, n, rows, cols) the key opens, on the image's grid."""
+    multiple = model.network.config.downsampling
+    vectors = recover_code(public, key, model.key_model, multiple)
+    grid = image_grid(public.header.grid, key.header.shape, multiple)
+    return vectors_to_code(vectors, public.header.m, grid)
 
 
 def _restore(unit: np.ndarray, key: KeyFile, key_name: str = "key") -> tuple[np.ndarray, KeyFile]:
@@ -769,14 +787,7 @@ def reconstruct(
     """Authorized reconstruction in the input's own dtype and range, and the key it used."""
     public, key = read_pair(public_bytes, key_bytes, public_name, key_name)
     _check_model(public, model, public_name)
-    unit = decode_codes(
-        model,
-        [
-            vectors_to_code(
-                recover_code(public, key, model.key_model), public.header.m, public.header.grid
-            )
-        ],
-    )[0]
+    unit = decode_codes(model, [opened_code(public, key, model)])[0]
     return _restore(unit, key, key_name)
 
 

@@ -191,6 +191,10 @@ def test_attack_command_reports_every_attack_against_prior_only(tmp_path, tiny_m
     checks = {c["target"]: c for c in report["targets"]}
     assert checks["at least 128 key bits per image"]["holds"]
     assert "## Targets" in (out / "attack.md").read_text()
+    assert "## Linkage" in (out / "attack.md").read_text()
+    linkage = report["linkage"]["by_refine"]["0"]["containment"]
+    assert report["linkage"]["targets"] == 3 and linkage["auc"] == 0.5  # strict: nothing to rank
+    assert any(c["target"].startswith("linkage") and c["holds"] for c in report["targets"])
     same = run_cli(
         "attack",
         "--model",
@@ -287,6 +291,10 @@ def test_the_frontier_scores_each_mode_per_source(tmp_path, tiny_model_dir):
     assert strict["preset"] == "strict" and leaky["preset"] == "custom"
     assert strict["targets"] == 2 and strict["key_bpp"] > leaky["key_bpp"] > 0
     assert leaky["support_chance"] > strict["support_chance"]
+    assert strict["linkage"]["candidates"] == 8  # the 4 targets of both sources and 4 attackers
+    assert strict["linkage"]["at_chance"] and strict["linkage"]["auc"] == 0.5
+    assert leaky["linkage"]["top1"] == 1.0 and not leaky["linkage"]["at_chance"]
+    assert not leaky["private"]
     machine = {"cpu": "x", "flags": [], "kernels": "x", "threads": 1, "torch": "x", "dtype": "x"}
     text = write_frontier(series, tmp_path / "out", machine)
     assert "| public signs, fill 0.25, secret order | custom |" in text

@@ -104,20 +104,24 @@ def test_info_describes_files(tiny_model_dir, shared):
     [
         ([], "strict", None),
         (["--privacy", "strict"], "strict", None),
-        (["--privacy", "paper"], "paper", "warning: --privacy paper leaks the image"),
-        (["--privacy", "compact"], "compact", None),
-        (["--fill", "0.5"], "custom", None),  # with the model's secret atom order
-        (["--privacy", "paper", "--fill", "0.5"], "custom", "warning: public signs leaks"),
-        (["--privacy", "compact", "--fill", "0.25"], "custom", "warning: --fill 0.25 with"),
-        (["--no-mask-signs"], "custom", None),  # with the model's secret atom order
+        (["--privacy", "paper"], "paper", "warning: --privacy paper is not private: it leaks the"),
+        (
+            ["--privacy", "compact"],
+            "compact",
+            "warning: --privacy compact is not private: it links",
+        ),
+        (["--fill", "0.5"], "custom", "warning: --fill 0.5 with masked signs is not private"),
+        (["--privacy", "paper", "--fill", "0.5"], "custom", "warning: public signs is not priv"),
+        (["--privacy", "compact", "--fill", "0.25"], "custom", "it leaks the image to an"),
+        (["--no-mask-signs"], "custom", "warning: public signs is not private: it links"),
     ],
 )
 def test_privacy_presets_are_recorded_in_both_files_and_shown(
     tmp_path, image_files, tiny_model_dir, options, preset, warning
 ):
     """The model's default settings are the strict preset (its secret atom order is not
-    applied there); a preset changed by --fill or --mask-signs is custom; modes measured to
-    leak say so."""
+    applied there); a preset changed by --fill or --mask-signs is custom; every mode but
+    strict says what it leaks (linkage; the image where measured)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = ambiguate_cli(tiny_model_dir, image_files[0], out=tmp_path, extra=options)
