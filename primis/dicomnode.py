@@ -25,7 +25,12 @@ instance the sender retries meanwhile is acknowledged as already shared). Stoppi
 requests on open ones (0xA700: the sender retries later), shares what is queued and answers its
 senders, then closes. The log has one line per instance naming its random spool id, the
 calling AE title, the SOP class and the file id, never patient data (pynetdicom's own INFO log
-prints data set attributes: `primis serve` keeps it at WARNING).
+prints data set attributes: `DicomNode.start` keeps it at WARNING, see `quiet_pynetdicom`).
+
+The node never hangs on one instance: whatever goes wrong while sharing it (a bug included)
+answers that instance with 0x0110 Processing Failure and the worker goes on; a C-STORE waits at
+most ``answer_timeout`` seconds for its answer (then 0xA700: the instance stays queued, and a
+retry is acknowledged once it is shared).
 """
 
 from __future__ import annotations
@@ -72,6 +77,15 @@ def receivable_transfer_syntaxes() -> list[str]:
             if get_decoder(uid).is_available:
                 found.append(uid)
     return sorted(found, key=lambda uid: uid.is_compressed)
+
+
+def quiet_pynetdicom() -> None:
+    """Keep pynetdicom's log to warnings and errors: at INFO and DEBUG it prints the attributes
+    of the data sets it receives and sends (patient data). A logger set to WARNING or above is
+    left as it is; set it lower after `DicomNode.start` to debug the protocol on test data."""
+    pynetdicom_log = logging.getLogger("pynetdicom")
+    if pynetdicom_log.level < logging.WARNING:
+        pynetdicom_log.setLevel(logging.WARNING)
 
 
 def check_ae_title(title: str) -> str:
@@ -145,10 +159,15 @@ class DicomNode:
         queue_size: int = 8,
         queue_timeout: float = 30.0,
         max_associations: int = 10,
+        answer_timeout: float = 3600.0,
         **options: Unpack[ShareOptions],
     ) -> None:
-        if queue_size < 1 or queue_timeout < 0 or max_associations < 1:
-            raise PrimisError("queue size and associations must be at least 1, queue timeout >= 0")
+        if queue_size < 1 or queue_timeout < 0 or max_associations < 1 or answer_timeout <= 0:
+            raise PrimisError(
+                "queue size and associations must be at least 1, queue timeout >= 0, "
+                "answer timeout > 0"
+            )
+        self.answer_timeout = answer_timeout
         self.public_dir, self.key_dir = Path(public_dir), Path(key_dir)
         self.spool_dir = Path(spool_dir) if spool_dir else self.key_dir / "spool"
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
@@ -180,6 +199,7 @@ class DicomNode:
 
         if self._server is not None:
             raise PrimisError("the DICOM node is running already")
+        quiet_pynetdicom()
         self._stopping = False
         ae = AE(self.ae_title)
         ae.require_calling_aet = self.allow
@@ -281,15 +301,51 @@ class DicomNode:
             if not queued:
                 path.unlink(missing_ok=True)
                 return self._refuse(calling_ae, "the node is stopping")
-            job.done.wait()
-            return job.status
+            return self._wait(job)
         finally:
             self._slots.release()
 
     def _work(self) -> None:
+        """The worker: share queued instances one at a time until the None that `stop` queues.
+        Whatever goes wrong with one instance (a bug included) answers that instance with a
+        failure status; the worker goes on with the next."""
         while (job := self._queue.get()) is not None:
-            job.status = self._share(job)
-            job.done.set()
+            try:
+                job.status = self._share(job)
+            except Exception as err:  # a bug past _share's own handling: never kill the worker
+                self._count("failed")
+                job.status = PROCESSING_FAILURE
+                LOG.error(
+                    "failed instance %s from %s (0x%04X): %s",
+                    job.path.stem,
+                    job.calling_ae,
+                    PROCESSING_FAILURE,
+                    type(err).__name__,  # not the message: it may quote the data set
+                )
+                with contextlib.suppress(Exception):
+                    self._set_aside(job, f"internal error ({type(err).__name__})")
+            finally:
+                job.done.set()
+
+    def _wait(self, job: _Job) -> int:
+        """Wait for the worker's answer for ``job``: its status, or 0x0110 Processing Failure
+        when the worker is gone, or 0xA700 when ``answer_timeout`` passes first (the instance
+        stays queued and spooled; a retry is acknowledged once it is shared)."""
+        deadline = time.monotonic() + self.answer_timeout
+        while not job.done.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
+            if self._worker is None or not self._worker.is_alive():
+                self._count("failed")
+                LOG.error(
+                    "no worker to share instance %s: answering 0x%04X",
+                    job.path.stem,
+                    PROCESSING_FAILURE,
+                )
+                return PROCESSING_FAILURE
+            if time.monotonic() >= deadline:
+                return self._refuse(
+                    job.calling_ae, f"not shared within {self.answer_timeout:g} s; still queued"
+                )
+        return job.status
 
     def _share(self, job: _Job) -> int:
         """Share one spooled instance; its status for the sender."""

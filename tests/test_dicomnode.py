@@ -7,6 +7,7 @@ import contextlib
 import errno
 import io
 import json
+import logging
 import os
 import queue
 import re
@@ -44,7 +45,13 @@ from pynetdicom.sop_class import (
 
 import primis
 from primis import dicomnode
-from primis.dicomnode import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, DicomNode
+from primis.dicomnode import (
+    CANNOT_UNDERSTAND,
+    OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
+    SUCCESS,
+    DicomNode,
+)
 from primis.metrics import psnr
 from tests.conftest import assert_clean_failure, run_cli, smooth_image
 
@@ -258,6 +265,66 @@ def test_concurrent_associations_and_back_pressure(tmp_path, model, monkeypatch)
             sender.join(60)
     assert [answers.get_nowait() for _ in senders] == [[SUCCESS], [SUCCESS]]
     assert (node.stats.stored, node.stats.refused) == (2, 1)
+
+
+def test_a_worker_failure_answers_that_instance_and_the_node_goes_on(tmp_path, model, monkeypatch):
+    """An exception past the share's own handling (a bug) fails that instance with 0x0110, the
+    next instance is shared; a worker that is gone answers 0x0110 at once, not never."""
+    share = DicomNode._share
+    calls = []
+
+    def flaky(self, job):
+        calls.append(job.path.name)
+        if len(calls) == 1:
+            raise RuntimeError(f"bug while sharing {PATIENT_NAME}")
+        return share(self, job)
+
+    monkeypatch.setattr(DicomNode, "_share", flaky)
+    with DicomNode(tmp_path / "p", tmp_path / "k", model, port=0, refine_steps=0) as node:
+        assert store(node.address, [instance(40), instance(41)]) == [PROCESSING_FAILURE, SUCCESS]
+    assert (node.stats.stored, node.stats.failed) == (1, 1)
+    assert len(files(tmp_path / "k" / "spool" / "failed", ".dcm")) == 1
+    monkeypatch.setattr(DicomNode, "_work", lambda self: None)  # the worker ends at once
+    with DicomNode(tmp_path / "p2", tmp_path / "k2", model, port=0, answer_timeout=60) as node:
+        started = time.monotonic()
+        assert store(node.address, [instance(42)]) == [PROCESSING_FAILURE]
+        assert time.monotonic() - started < 30
+
+
+def test_the_wait_for_an_answer_is_bounded(tmp_path, model, monkeypatch):
+    release = threading.Event()
+    share_file = dicomnode.share_file
+
+    def slow_share(*args, **kwargs):
+        release.wait(30)
+        return share_file(*args, **kwargs)
+
+    monkeypatch.setattr(dicomnode, "share_file", slow_share)
+    options = {"port": 0, "refine_steps": 0, "answer_timeout": 0.5}
+    ds = instance(43)
+    with DicomNode(tmp_path / "p", tmp_path / "k", model, **options) as node:
+        assert store(node.address, [ds]) == [OUT_OF_RESOURCES]  # still queued: retry later
+        release.set()
+        deadline = time.monotonic() + 30
+        while node.stats.stored < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store(node.address, [ds]) == [SUCCESS]  # the retry: already shared
+    assert (node.stats.stored, node.stats.duplicates) == (1, 1)
+    with pytest.raises(primis.PrimisError, match="answer timeout"):
+        DicomNode(tmp_path / "p", tmp_path / "k", model, answer_timeout=0)
+
+
+def test_a_node_used_from_python_keeps_data_sets_out_of_the_log(tmp_path, model, caplog):
+    """pynetdicom logs data set attributes at INFO and DEBUG; DicomNode keeps its logger at
+    WARNING whatever the application's logging says."""
+    logging.getLogger("pynetdicom").setLevel(logging.NOTSET)
+    caplog.set_level(logging.DEBUG)
+    ds = instance(44)
+    with DicomNode(tmp_path / "p", tmp_path / "k", model, port=0, refine_steps=0) as node:
+        assert store(node.address, [ds]) == [SUCCESS]
+    assert "shared instance" in caplog.text
+    assert PATIENT_NAME not in caplog.text and PATIENT_ID not in caplog.text
+    assert str(ds.SOPInstanceUID) not in caplog.text
 
 
 class Served:
