@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import primis
 from primis.formats import PUBLIC_MAGIC
 from tests.conftest import ambiguate_cli, assert_clean_failure, run_cli, smooth_image
 
@@ -59,6 +60,11 @@ def test_round_trip_keeps_size_dtype_and_range(tmp_path, image_files, tiny_model
             restored.dtype == np.int32 and "deep" in source.name
         )
         assert restored.min() >= original.min() and restored.max() <= original.max()
+        # The pixels written are the reconstruction of this key, value for value.
+        public = public_dir / f"{source.stem}.primis"
+        key = key_dir / f"{source.stem}.primiskey"
+        expected = primis.restore(public.read_bytes(), key.read_bytes(), model=tiny_model_dir)
+        np.testing.assert_array_equal(restored, expected)
 
 
 def test_key_files_are_private_and_public_files_anonymous(image_files, shared):

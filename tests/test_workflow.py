@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from PIL import Image
 
+import primis
 from primis.errors import PrimisError
 from primis.formats import KeyFile
 from tests.conftest import ambiguate_cli, assert_clean_failure, run_cli, smooth_image
@@ -121,6 +122,9 @@ def test_dicom_round_trip_with_and_without_the_original_header(tmp_path, tiny_mo
         assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
         assert ds.PhotometricInterpretation == "MONOCHROME1" and ds.BitsStored == 12
         assert ds.pixel_array.shape == pixels.shape and ds.pixel_array.dtype == np.uint16
+        key = (out / "keys" / f"{public_path.stem}.primiskey").read_bytes()
+        expected = primis.restore(public, key, model=tiny_model_dir)
+        np.testing.assert_array_equal(ds.pixel_array, expected)  # stored values, not inverted
         if keep:
             assert ds.PatientName == "Doe^Jane" and ds.StudyDescription == "CHEST PA"
         else:
