@@ -503,6 +503,18 @@ def test_restore_dicom_makes_any_input_a_dicom_file(tmp_path, model):
 
 # ---- Orthanc (Debian package `orthanc`): a real DICOM server sends to `primis serve` ----
 
+
+def need_peer(found: object, what: str, package: str) -> None:
+    """Skip unless ``found`` (a peer program); fail instead where PRIMIS_REQUIRE_PEERS=1 says
+    the peers must be there (.ci/run sets it after installing them)."""
+    if found:
+        return
+    message = f"{what} is not installed (apt-get install {package}; .ci/run does)"
+    if os.environ.get("PRIMIS_REQUIRE_PEERS") == "1":
+        pytest.fail(f"{message}, and PRIMIS_REQUIRE_PEERS=1 requires it")
+    pytest.skip(message)
+
+
 ORTHANC = shutil.which("Orthanc") or next(
     (p for p in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc") if os.access(p, os.X_OK)), None
 )
@@ -567,13 +579,11 @@ class Orthanc:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    ORTHANC is None, reason="Orthanc is not installed (apt-get install orthanc; .ci/run does)"
-)
 def test_orthanc_sends_studies_to_primis_serve_and_receives_restorations(tmp_path):
     """Orthanc sends one study by C-MOVE and one by C-STORE (its REST store) to `primis serve`
     with the bundled model; every instance is shared, public files hold no patient data, keys
     restore the pixels; `restore-to` sends the reconstructions back into Orthanc."""
+    need_peer(ORTHANC, "Orthanc", "orthanc")
     started = time.perf_counter()
     moved, pushed = generate_uid(), generate_uid()
     syntaxes = [ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless]
@@ -643,3 +653,13 @@ def test_orthanc_sends_studies_to_primis_serve_and_receives_restorations(tmp_pat
         f"{seconds:.2f} s; serve {summary}; {len(back)} restorations sent back; median PSNR "
         f"{np.median(quality):.2f} dB; {time.perf_counter() - started:.1f} s in all"
     )
+
+
+def test_a_missing_peer_fails_where_ci_requires_peers(monkeypatch):
+    monkeypatch.delenv("PRIMIS_REQUIRE_PEERS", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        need_peer(None, "Orthanc", "orthanc")
+    monkeypatch.setenv("PRIMIS_REQUIRE_PEERS", "1")
+    with pytest.raises(pytest.fail.Exception, match="PRIMIS_REQUIRE_PEERS=1"):
+        need_peer(None, "Orthanc", "orthanc")
+    need_peer("/usr/sbin/Orthanc", "Orthanc", "orthanc")  # found: nothing happens
