@@ -437,6 +437,49 @@ def _wrapped_key_options(func):
     )(func)
 
 
+def _tls_options(side: str):
+    """--tls-cert, --tls-key, --tls-ca of `serve` (side "node") and `restore-to` ("client");
+    see `_tls_context`."""
+    ca_help = {
+        "node": "PEM bundle of the authorities whose client certificates are accepted: "
+        "mutual TLS, a client without one is refused",
+        "client": "PEM bundle of the authorities trusted to sign the node's certificate "
+        "(default with --tls: the system's)",
+    }[side]
+
+    def decorate(func):
+        path = click.Path(path_type=Path)
+        for name, text in reversed(
+            [
+                ("--tls-cert", f"this {side}'s certificate chain (PEM); with --tls-key: TLS"),
+                ("--tls-key", f"this {side}'s private key (PEM)"),
+                ("--tls-ca", ca_help),
+            ]
+        ):
+            func = click.option(name, type=path, help=text)(func)
+        return func
+
+    return decorate
+
+
+def _tls_context(side: str, cert: Path | None, key: Path | None, ca: Path | None, on=False):
+    """The ssl context of `_tls_options`' values (None: plain TCP). A node needs a certificate
+    and key for TLS; a client uses TLS when ``on`` or any of the three is given."""
+    from primis.dicomnode import client_tls, server_tls
+
+    if (cert is None) != (key is None):
+        raise PrimisError("--tls-cert and --tls-key go together")
+    if side == "node":
+        if cert is None:
+            if ca is not None:
+                raise PrimisError("--tls-ca needs --tls-cert and --tls-key (the node's own)")
+            return None
+        return server_tls(cert, key, ca)
+    if not (on or cert or ca):
+        return None
+    return client_tls(ca, cert, key)
+
+
 def _key_secrets(identity: Path | None, ask_passphrase: bool):
     """The loaded identity and the passphrase of `_wrapped_key_options`' values."""
     from primis.keywrap import load_identity
@@ -519,7 +562,17 @@ def disambiguate(
 
 @cli.command()
 @click.option("--ae-title", default="PRIMIS", show_default=True, help="this node's AE title")
-@click.option("--host", default="0.0.0.0", show_default=True, help="address to listen on")
+@click.option(
+    "--require-called-ae",
+    is_flag=True,
+    help="refuse associations addressed to another AE title than --ae-title",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="address to listen on (0.0.0.0: every interface)",
+)
 @click.option(
     "--port", type=click.IntRange(0, 65535), default=11112, show_default=True, help="0: any free"
 )
@@ -551,8 +604,10 @@ def disambiguate(
     help="seconds an instance waits for room before it is refused (0xA700)",
 )
 @click.option("--max-associations", type=click.IntRange(min=1), default=10, show_default=True)
+@_tls_options("node")
 def serve(
     ae_title,
+    require_called_ae,
     host,
     port,
     public_dir,
@@ -569,6 +624,9 @@ def serve(
     queue_size,
     queue_timeout,
     max_associations,
+    tls_cert,
+    tls_key,
+    tls_ca,
 ) -> None:
     """Run a DICOM node: share every instance received by C-STORE as `ambiguate` does.
 
@@ -582,6 +640,7 @@ def serve(
     import signal
     import threading
 
+    tls = _tls_context("node", tls_cert, tls_key, tls_ca)
     model = _load_model(model_dir)  # then what needs torch
     from primis.dicomnode import DicomNode
 
@@ -597,6 +656,8 @@ def serve(
         queue_size=queue_size,
         queue_timeout=queue_timeout,
         max_associations=max_associations,
+        tls=tls,
+        require_called_ae=require_called_ae,
         **_share_options(model, k, fill, mask_signs, maps, refine_steps, keep_header),
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -606,8 +667,9 @@ def serve(
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: stop.set())
     listening, bound = node.address
+    security = "plain TCP" if tls is None else "TLS" + (" with client certificates" * bool(tls_ca))
     click.echo(
-        f"listening as {ae_title} on {listening}:{bound}"
+        f"listening as {ae_title} on {listening}:{bound} ({security})"
         + (f" for {', '.join(allow)}" if allow else "")
         + f"; public files -> {public_dir}, keys -> {key_dir}",
         err=True,
@@ -633,8 +695,23 @@ def serve(
 @click.option("--calling-ae", default="PRIMIS", show_default=True, help="this side's AE title")
 @_wrapped_key_options
 @click.option("--shard", help="I/N: process every N-th file from the I-th (0-based)")
+@click.option("--tls", "use_tls", is_flag=True, help="send over TLS (implied by --tls-*)")
+@_tls_options("client")
 def restore_to(
-    publics, model_dir, key_dir, host, port, called_ae, calling_ae, identity, ask_passphrase, shard
+    publics,
+    model_dir,
+    key_dir,
+    host,
+    port,
+    called_ae,
+    calling_ae,
+    identity,
+    ask_passphrase,
+    shard,
+    use_tls,
+    tls_cert,
+    tls_key,
+    tls_ca,
 ) -> None:
     """Send the authorized reconstruction of each PUBLIC file to a DICOM node by C-STORE.
 
@@ -645,6 +722,7 @@ def restore_to(
     from primis.batch import duplicate_stems, expand, select_shard
 
     items = select_shard(expand(publics, lambda p: p.suffix == ".primis"), shard)
+    tls = _tls_context("client", tls_cert, tls_key, tls_ca, on=use_tls)
     secret, passphrase = _key_secrets(identity, ask_passphrase)
     model = _load_model(model_dir)  # then what needs torch
     from primis.dicomnode import StorageClient
@@ -654,7 +732,7 @@ def restore_to(
         status = send_restored(path, key_dir, node, model, identity=secret, passphrase=passphrase)
         return f"{path.name} -> {called_ae} at {host}:{port} (status 0x{status:04X})"
 
-    with StorageClient(host, port, called_ae, calling_ae) as node:
+    with StorageClient(host, port, called_ae, calling_ae, tls=tls) as node:
         _run_batch(items, work, "restore-to", duplicate_stems(items))
 
 

@@ -40,6 +40,7 @@ import logging
 import os
 import queue
 import secrets
+import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -99,6 +100,93 @@ def check_ae_title(title: str) -> str:
     return title
 
 
+# PS3.15 Annex B.9 (BCP 195, RFC 9325): TLS 1.2 or later, forward-secret AEAD suites only.
+BCP195_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
+
+
+class _ServerContext(ssl.SSLContext):
+    """A server context whose handshake runs in the association's thread, not in the thread
+    that accepts connections: pynetdicom wraps each accepted socket in its accept loop, where a
+    peer that connects and sends nothing would otherwise stop every later connection. The
+    socket gets ``timeout`` (seconds) for the handshake and every read after it."""
+
+    timeout: float = 60.0
+
+    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, **kwargs):
+        sock.settimeout(self.timeout)
+        return super().wrap_socket(
+            sock, server_side=server_side, do_handshake_on_connect=False, **kwargs
+        )
+
+
+def _bcp195(context: ssl.SSLContext) -> ssl.SSLContext:
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(BCP195_CIPHERS)  # TLS 1.3 suites are all AEAD and stay enabled
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    return context
+
+
+def _load_chain(context: ssl.SSLContext, cert: Path, key: Path) -> None:
+    try:
+        context.load_cert_chain(cert, key)
+    except FileNotFoundError as err:
+        raise PrimisError(f"{err.filename}: no such file") from None
+    except (ssl.SSLError, OSError) as err:
+        raise PrimisError(
+            f"{cert}, {key}: not a matching PEM certificate and private key ({err})"
+        ) from None
+
+
+def _load_ca(context: ssl.SSLContext, ca: Path) -> None:
+    try:
+        context.load_verify_locations(cafile=ca)
+    except FileNotFoundError:
+        raise PrimisError(f"{ca}: no such file") from None
+    except (ssl.SSLError, OSError) as err:
+        raise PrimisError(f"{ca}: not a PEM certificate bundle ({err})") from None
+
+
+def server_tls(
+    cert: str | os.PathLike,
+    key: str | os.PathLike,
+    ca: str | os.PathLike | None = None,
+    timeout: float = 60.0,
+) -> ssl.SSLContext:
+    """The TLS settings of a node (`DicomNode` ``tls``; `primis serve --tls-*`): its
+    certificate chain ``cert`` and private ``key`` (PEM), BCP 195 (TLS 1.2 or later, ECDHE or
+    DHE with AES-GCM or ChaCha20-Poly1305). With ``ca`` (PEM bundle), mutual TLS: a client
+    must present a certificate that these authorities signed, or the handshake fails.
+    ``timeout`` bounds the handshake and each later read, in seconds."""
+    context = _bcp195(_ServerContext(ssl.PROTOCOL_TLS_SERVER))
+    context.timeout = timeout
+    _load_chain(context, Path(cert), Path(key))
+    if ca is not None:
+        _load_ca(context, Path(ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_tls(
+    ca: str | os.PathLike | None = None,
+    cert: str | os.PathLike | None = None,
+    key: str | os.PathLike | None = None,
+) -> ssl.SSLContext:
+    """The TLS settings of a client (`StorageClient` ``tls``; `primis restore-to --tls-*`):
+    the peer's certificate must be signed by ``ca`` (PEM bundle; default: the system's
+    authorities) and name the host connected to; ``cert`` and ``key`` (PEM) are this side's
+    certificate for a node that requires one. BCP 195 as in `server_tls`."""
+    if (cert is None) != (key is None):
+        raise PrimisError("a TLS client certificate needs both --tls-cert and --tls-key")
+    context = _bcp195(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))  # verifies peer and host name
+    if ca is not None:
+        _load_ca(context, Path(ca))
+    else:
+        context.load_default_certs()
+    if cert is not None:
+        _load_chain(context, Path(cert), Path(key))
+    return context
+
+
 def _private_folder(folder: Path) -> Path:
     """A folder for patient data: created 0700 (an existing one is left as it is)."""
     output_folders(folder.parent)
@@ -136,8 +224,13 @@ class DicomNode:
 
     ``spool_dir`` (default KEY_DIR/spool) holds received instances until they are shared, and
     in ``failed/`` those that could not be: patient data, 0600 files in a 0700 folder.
-    ``allow`` restricts the calling AE titles (empty: any); ``max_associations`` bounds the
-    concurrent associations. ``port`` 0 picks a free port (see `address`).
+    ``allow`` restricts the calling AE titles (empty: any), ``require_called_ae`` refuses an
+    association addressed to another AE title than ``ae_title``; ``max_associations`` bounds
+    the concurrent associations. ``host`` is the address listened on (default 127.0.0.1: this
+    machine only); ``port`` 0 picks a free port (see `address`). ``tls`` (`server_tls`) makes
+    it a DICOM TLS node: plain TCP is refused, and with a CA every client must present a
+    certificate it signed. An AE title is a name any caller can claim; only TLS with client
+    certificates authenticates callers.
 
     Use it as a context manager, or call `start` and `stop`::
 
@@ -152,10 +245,12 @@ class DicomNode:
         model: ModelLike = None,
         *,
         ae_title: str = "PRIMIS",
-        host: str = "0.0.0.0",
+        host: str = "127.0.0.1",
         port: int = 11112,
         spool_dir: str | os.PathLike | None = None,
         allow: Sequence[str] = (),
+        tls: ssl.SSLContext | None = None,
+        require_called_ae: bool = False,
         queue_size: int = 8,
         queue_timeout: float = 30.0,
         max_associations: int = 10,
@@ -174,6 +269,7 @@ class DicomNode:
         self.options = options
         self.ae_title, self.allow = check_ae_title(ae_title), [check_ae_title(a) for a in allow]
         self.host, self.port = host, port
+        self.tls, self.require_called_ae = tls, require_called_ae
         self.queue_timeout, self.max_associations = queue_timeout, max_associations
         self.stats = NodeStats()
         self._slots = threading.BoundedSemaphore(queue_size)
@@ -203,6 +299,7 @@ class DicomNode:
         self._stopping = False
         ae = AE(self.ae_title)
         ae.require_calling_aet = self.allow
+        ae.require_called_aet = self.require_called_ae
         ae.maximum_associations = self.max_associations
         syntaxes = receivable_transfer_syntaxes()
         for context in StoragePresentationContexts:
@@ -216,10 +313,14 @@ class DicomNode:
             LOG.info("sharing %d instance(s) left in the spool by a previous run", len(left))
         for path in left:
             self._queue.put(_Job(path, "(spool)"))
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected)]
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+        ]
         try:
             self._server = ae.start_server(
-                (self.host, self.port), block=False, evt_handlers=handlers
+                (self.host, self.port), block=False, evt_handlers=handlers, ssl_context=self.tls
             )
         except OSError as err:
             self._outputs.close()
@@ -264,6 +365,25 @@ class DicomNode:
         self._count("refused")
         LOG.warning("refused an instance from %s (0x%04X): %s", calling_ae, OUT_OF_RESOURCES, why)
         return OUT_OF_RESOURCES
+
+    def _on_accepted(self, event) -> None:
+        """Log who associated: calling AE title, address, and over TLS the protocol, cipher
+        and the client certificate's subject."""
+        how = "plain TCP"
+        sock = getattr(event.assoc.dul.socket, "socket", None)
+        if isinstance(sock, ssl.SSLSocket):
+            cipher = sock.cipher()
+            how = f"{sock.version()} {cipher[0] if cipher else ''}".strip()
+            peer = sock.getpeercert()
+            if peer:
+                subject = ", ".join(f"{k}={v}" for part in peer.get("subject", ()) for k, v in part)
+                how += f", client certificate {subject}"
+        LOG.info(
+            "association from AE %r at %s (%s)",
+            event.assoc.requestor.ae_title,
+            event.assoc.requestor.address,
+            how,
+        )
 
     def _on_rejected(self, event) -> None:
         title = event.assoc.requestor.ae_title
@@ -448,6 +568,7 @@ class StorageClient:
 
     Every storage SOP class pynetdicom knows is proposed in Explicit VR Little Endian, the
     transfer syntax of PRIMIS's DICOM outputs. ``timeout`` bounds each wait for the peer.
+    ``tls`` (`client_tls`) sends over TLS, the peer's certificate checked for ``host``.
     """
 
     def __init__(
@@ -457,9 +578,10 @@ class StorageClient:
         called_ae: str,
         calling_ae: str = "PRIMIS",
         timeout: float = 60.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.called_ae, self.calling_ae = check_ae_title(called_ae), check_ae_title(calling_ae)
-        self.host, self.port, self.timeout = host, port, timeout
+        self.host, self.port, self.timeout, self.tls = host, port, timeout, tls
         self._association = None
 
     def __enter__(self) -> StorageClient:
@@ -470,7 +592,8 @@ class StorageClient:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
         for context in StoragePresentationContexts:
             ae.add_requested_context(context.abstract_syntax, ExplicitVRLittleEndian)
-        association = ae.associate(self.host, self.port, ae_title=self.called_ae)
+        tls_args = (self.tls, self.host) if self.tls is not None else None
+        association = ae.associate(self.host, self.port, ae_title=self.called_ae, tls_args=tls_args)
         if not association.is_established:
             why = "rejected" if association.is_rejected else "no answer, or aborted"
             peer = f"{self.called_ae} at {self.host}:{self.port}"
