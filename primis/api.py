@@ -23,14 +23,14 @@ import base64
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypedDict, Unpack
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from torch.utils.data import Dataset
 
 from primis import sharing
@@ -49,7 +49,7 @@ from primis.io.images import (
     source_from_array,
 )
 from primis.io.pixels import IntensityMapping
-from primis.keywrap import is_wrapped, load_identity, unwrap
+from primis.keywrap import KeyWrapping, is_wrapped, load_identity, unwrap
 from primis.modelstore import LoadedModel, pick_device, save_model
 from primis.modelstore import load_model as _load_model
 from primis.obfuscation import PRIVACY_PRESETS, privacy_warning
@@ -228,6 +228,8 @@ def share_file(
     overwrite: bool = False,
     outputs: SharingOutputs | None = None,
     source: str | None = None,
+    recipients: Sequence[X25519PublicKey | str | os.PathLike] = (),
+    passphrase: str | None = None,
     **options: Unpack[ShareOptions],
 ) -> SharedFile | None:
     """What `primis ambiguate` does for one input: write PUBLIC_DIR/NAME.primis and
@@ -240,9 +242,16 @@ def share_file(
     compacted once. ``source`` names the input in the private manifest (default: its absolute
     path), e.g. the SOP Instance UID of an instance received over the network, whose file is
     temporary.
+
+    ``recipients`` (X25519 public keys or NAME.pub files) and/or ``passphrase`` write the key
+    wrapped for them (`primis.keywrap`), never in clear on disk; with ``outputs``, give them
+    to `SharingOutputs` (``wrapping``) instead.
     """
+    if outputs is not None and (recipients or passphrase):
+        raise PrimisError("with outputs=, give the key wrapping to SharingOutputs(wrapping=)")
     if outputs is None:
-        with SharingOutputs(Path(public_dir), Path(key_dir)) as opened:
+        wrapping = KeyWrapping(recipients, passphrase) if recipients or passphrase else None
+        with SharingOutputs(Path(public_dir), Path(key_dir), wrapping) as opened:
             return _share_into(opened, Path(path), model, names, overwrite, source, options)
     return _share_into(outputs, Path(path), model, names, overwrite, source, options)
 
@@ -261,6 +270,7 @@ class FileSharer:
     names: Names = "auto"
     overwrite: bool = False
     options: ShareOptions = field(default_factory=dict)
+    wrapping: KeyWrapping | None = None  # keys written wrapped (`SharingOutputs`)
 
     def reuse(self, model: LoadedModel, outputs: SharingOutputs) -> FileSharer:
         """Give this process's loaded model and open outputs to the sharer (no second load)."""
@@ -274,7 +284,8 @@ class FileSharer:
     def __call__(self, path: Path) -> SharedFile | None:
         if self._opened not in _OPENED:  # once per process
             model = load_model(self.model, self.device)
-            _OPENED[self._opened] = model, SharingOutputs(self.public_dir, self.key_dir)
+            outputs = SharingOutputs(self.public_dir, self.key_dir, self.wrapping)
+            _OPENED[self._opened] = model, outputs
         model, outputs = _OPENED[self._opened]
         return share_file(
             path,

@@ -247,6 +247,87 @@ def _share_options(model, k, fill, mask_signs, maps, refine_steps, keep_header):
     return options
 
 
+def _key_protection_options(func):
+    """--to, --passphrase and --passphrase-file: who the keys written are wrapped for (see
+    `_key_wrapping`)."""
+    func = click.option(
+        "--passphrase-file",
+        type=click.Path(path_type=Path),
+        help="wrap keys for the passphrase on this file's first line",
+    )(func)
+    func = click.option(
+        "--passphrase",
+        "use_passphrase",
+        is_flag=True,
+        help="wrap keys for a passphrase (prompt, or PRIMIS_PASSPHRASE)",
+    )(func)
+    return click.option(
+        "--to",
+        "recipients",
+        multiple=True,
+        type=click.Path(path_type=Path),
+        help="wrap keys for this recipient's public key NAME.pub (repeatable); keys are then "
+        "never written in clear",
+    )(func)
+
+
+def _key_wrapping(recipients, use_passphrase: bool, passphrase_file: Path | None):
+    """The `KeyWrapping` of `_key_protection_options`' values, or None (plain keys)."""
+    from primis.keywrap import KeyWrapping, read_passphrase_file
+
+    if use_passphrase and passphrase_file:
+        raise PrimisError("--passphrase and --passphrase-file: give one")
+    passphrase = read_passphrase_file(passphrase_file) if passphrase_file else None
+    if use_passphrase:
+        passphrase = _passphrase(confirm=True)
+    if not recipients and not passphrase:
+        return None
+    return KeyWrapping(recipients, passphrase)
+
+
+def _tls_options(side: str):
+    """--tls-cert, --tls-key, --tls-ca of `serve` (side "node") and `restore-to` ("client");
+    see `_tls_context`."""
+    ca_help = {
+        "node": "PEM bundle of the authorities whose client certificates are accepted: "
+        "mutual TLS, a client without one is refused",
+        "client": "PEM bundle of the authorities trusted to sign the node's certificate "
+        "(default with --tls: the system's)",
+    }[side]
+
+    def decorate(func):
+        path = click.Path(path_type=Path)
+        for name, text in reversed(
+            [
+                ("--tls-cert", f"this {side}'s certificate chain (PEM); with --tls-key: TLS"),
+                ("--tls-key", f"this {side}'s private key (PEM)"),
+                ("--tls-ca", ca_help),
+            ]
+        ):
+            func = click.option(name, type=path, help=text)(func)
+        return func
+
+    return decorate
+
+
+def _tls_context(side: str, cert: Path | None, key: Path | None, ca: Path | None, on=False):
+    """The ssl context of `_tls_options`' values (None: plain TCP). A node needs a certificate
+    and key for TLS; a client uses TLS when ``on`` or any of the three is given."""
+    from primis.dicomnode import client_tls, server_tls
+
+    if (cert is None) != (key is None):
+        raise PrimisError("--tls-cert and --tls-key go together")
+    if side == "node":
+        if cert is None:
+            if ca is not None:
+                raise PrimisError("--tls-ca needs --tls-cert and --tls-key (the node's own)")
+            return None
+        return server_tls(cert, key, ca)
+    if not (on or cert or ca):
+        return None
+    return client_tls(ca, cert, key)
+
+
 def _keep_rate(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
     if value is not None:
         ctx.meta.setdefault("primis.rate", {})[param.name] = value
@@ -365,6 +446,7 @@ def _run_batch(
     help="output names: the input's stem, or its random file id (the mapping stays in the "
     "private manifest); auto: file id for DICOM inputs, whose names often hold UIDs",
 )
+@_key_protection_options
 def ambiguate(
     inputs,
     model_dir,
@@ -380,6 +462,9 @@ def ambiguate(
     shard,
     workers,
     names,
+    recipients,
+    use_passphrase,
+    passphrase_file,
 ) -> None:
     """Turn each image into PUBLIC_DIR/NAME.primis and KEY_DIR/NAME.primiskey, where NAME is
     the input's stem or its random file id (--names).
@@ -387,21 +472,24 @@ def ambiguate(
     INPUTS are files, folders (searched recursively) or glob patterns. KEY_DIR/manifest.jsonl
     (0600) maps each input to its file id, public file and key, once per input;
     PUBLIC_DIR/manifest.jsonl lists only file ids, digests and sizes, and may travel with the
-    public files. A rerun after an interruption completes what is missing.
+    public files. A rerun after an interruption completes what is missing. With --to and/or a
+    passphrase, keys are wrapped in memory and written only wrapped (recommended for real
+    data: a key holds the image, and with --keep-header the patient header).
     """
     from primis.batch import SharingOutputs, duplicate_stems, expand, select_shard
     from primis.io.images import is_image_file
 
     items = select_shard(expand(inputs, is_image_file), shard)
+    wrapping = _key_wrapping(recipients, use_passphrase, passphrase_file)
     model = _load_model(model_dir)  # then what needs torch
     from primis.api import FileSharer, named_by_id
 
     options = _share_options(model, k, fill, mask_signs, maps, refine_steps, keep_header)
     device = click.get_current_context().meta.get("primis.device", "auto")
     clashes = duplicate_stems([p for p in items if not named_by_id(p, names)])
-    with SharingOutputs(public_dir, key_dir) as outputs:
+    with SharingOutputs(public_dir, key_dir, wrapping) as outputs:
         sharer = FileSharer(
-            str(model.directory), device, public_dir, key_dir, names, overwrite, options
+            str(model.directory), device, public_dir, key_dir, names, overwrite, options, wrapping
         ).reuse(model, outputs)
         work = functools.partial(_shared_report, sharer)
         _run_batch(items, work, "ambiguate", clashes, workers)
@@ -424,8 +512,13 @@ def _shared_report(sharer, path: Path) -> str:
 
 
 def _wrapped_key_options(func):
-    """--identity and --passphrase: what opens keys wrapped for recipients (see
-    `_key_secrets`)."""
+    """--identity, --passphrase and --passphrase-file: what opens keys wrapped for recipients
+    (see `_key_secrets`)."""
+    func = click.option(
+        "--passphrase-file",
+        type=click.Path(path_type=Path),
+        help="keys are wrapped with the passphrase on this file's first line",
+    )(func)
     func = click.option(
         "--passphrase",
         "ask_passphrase",
@@ -437,54 +530,15 @@ def _wrapped_key_options(func):
     )(func)
 
 
-def _tls_options(side: str):
-    """--tls-cert, --tls-key, --tls-ca of `serve` (side "node") and `restore-to` ("client");
-    see `_tls_context`."""
-    ca_help = {
-        "node": "PEM bundle of the authorities whose client certificates are accepted: "
-        "mutual TLS, a client without one is refused",
-        "client": "PEM bundle of the authorities trusted to sign the node's certificate "
-        "(default with --tls: the system's)",
-    }[side]
-
-    def decorate(func):
-        path = click.Path(path_type=Path)
-        for name, text in reversed(
-            [
-                ("--tls-cert", f"this {side}'s certificate chain (PEM); with --tls-key: TLS"),
-                ("--tls-key", f"this {side}'s private key (PEM)"),
-                ("--tls-ca", ca_help),
-            ]
-        ):
-            func = click.option(name, type=path, help=text)(func)
-        return func
-
-    return decorate
-
-
-def _tls_context(side: str, cert: Path | None, key: Path | None, ca: Path | None, on=False):
-    """The ssl context of `_tls_options`' values (None: plain TCP). A node needs a certificate
-    and key for TLS; a client uses TLS when ``on`` or any of the three is given."""
-    from primis.dicomnode import client_tls, server_tls
-
-    if (cert is None) != (key is None):
-        raise PrimisError("--tls-cert and --tls-key go together")
-    if side == "node":
-        if cert is None:
-            if ca is not None:
-                raise PrimisError("--tls-ca needs --tls-cert and --tls-key (the node's own)")
-            return None
-        return server_tls(cert, key, ca)
-    if not (on or cert or ca):
-        return None
-    return client_tls(ca, cert, key)
-
-
-def _key_secrets(identity: Path | None, ask_passphrase: bool):
+def _key_secrets(identity: Path | None, ask_passphrase: bool, passphrase_file: Path | None):
     """The loaded identity and the passphrase of `_wrapped_key_options`' values."""
-    from primis.keywrap import load_identity
+    from primis.keywrap import load_identity, read_passphrase_file
 
+    if ask_passphrase and passphrase_file:
+        raise PrimisError("--passphrase and --passphrase-file: give one")
     secret = load_identity(identity) if identity else None
+    if passphrase_file:
+        return secret, read_passphrase_file(passphrase_file)
     return secret, _passphrase(confirm=False) if ask_passphrase else None
 
 
@@ -512,6 +566,7 @@ def disambiguate(
     without_key,
     identity,
     ask_passphrase,
+    passphrase_file,
     overwrite,
     shard,
     output_mode,
@@ -534,7 +589,7 @@ def disambiguate(
     if not 0 <= mode <= 0o777:
         raise PrimisError(f"--output-mode {output_mode}: expected octal permissions like 600")
     items = select_shard(expand(publics, lambda p: p.suffix == ".primis"), shard)
-    secret, passphrase = _key_secrets(identity, ask_passphrase)
+    secret, passphrase = _key_secrets(identity, ask_passphrase, passphrase_file)
     model = _load_model(model_dir)  # then what needs torch
     from primis.api import attacker_view_file, restore_file
 
@@ -605,6 +660,7 @@ def disambiguate(
 )
 @click.option("--max-associations", type=click.IntRange(min=1), default=10, show_default=True)
 @_tls_options("node")
+@_key_protection_options
 def serve(
     ae_title,
     require_called_ae,
@@ -627,6 +683,9 @@ def serve(
     tls_cert,
     tls_key,
     tls_ca,
+    recipients,
+    use_passphrase,
+    passphrase_file,
 ) -> None:
     """Run a DICOM node: share every instance received by C-STORE as `ambiguate` does.
 
@@ -641,6 +700,7 @@ def serve(
     import threading
 
     tls = _tls_context("node", tls_cert, tls_key, tls_ca)
+    wrapping = _key_wrapping(recipients, use_passphrase, passphrase_file)
     model = _load_model(model_dir)  # then what needs torch
     from primis.dicomnode import DicomNode
 
@@ -658,6 +718,7 @@ def serve(
         max_associations=max_associations,
         tls=tls,
         require_called_ae=require_called_ae,
+        wrapping=wrapping,
         **_share_options(model, k, fill, mask_signs, maps, refine_steps, keep_header),
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -707,6 +768,7 @@ def restore_to(
     calling_ae,
     identity,
     ask_passphrase,
+    passphrase_file,
     shard,
     use_tls,
     tls_cert,
@@ -723,7 +785,7 @@ def restore_to(
 
     items = select_shard(expand(publics, lambda p: p.suffix == ".primis"), shard)
     tls = _tls_context("client", tls_cert, tls_key, tls_ca, on=use_tls)
-    secret, passphrase = _key_secrets(identity, ask_passphrase)
+    secret, passphrase = _key_secrets(identity, ask_passphrase, passphrase_file)
     model = _load_model(model_dir)  # then what needs torch
     from primis.dicomnode import StorageClient
     from primis.dicomnode import restore_to as send_restored
@@ -776,37 +838,25 @@ def keys_gen(out: Path) -> None:
 
 @keys.command("wrap")
 @click.argument("keyfiles", nargs=-1, required=True)
-@click.option(
-    "--to",
-    "recipients",
-    multiple=True,
-    type=click.Path(path_type=Path),
-    help="recipient public key NAME.pub (repeatable)",
-)
-@click.option(
-    "--passphrase",
-    "use_passphrase",
-    is_flag=True,
-    help="also wrap for a passphrase (prompt, or PRIMIS_PASSPHRASE)",
-)
-def keys_wrap(keyfiles, recipients, use_passphrase) -> None:
-    """Encrypt key files in place for recipients and/or a passphrase."""
+@_key_protection_options
+def keys_wrap(keyfiles, recipients, use_passphrase, passphrase_file) -> None:
+    """Encrypt key files in place for recipients and/or a passphrase (keys written by
+    `ambiguate` or `serve` with --to or a passphrase are wrapped already, never in clear)."""
     from primis.batch import expand
     from primis.formats import KeyFile, read_file
     from primis.io.files import write_atomic
-    from primis.keywrap import is_wrapped, load_recipient, wrap
+    from primis.keywrap import is_wrapped
 
-    publics = [load_recipient(path) for path in recipients]
-    passphrase = _passphrase(confirm=True) if use_passphrase else None
-    if not publics and not passphrase:
-        raise PrimisError("keys wrap needs --to NAME.pub or --passphrase")
+    wrapping = _key_wrapping(recipients, use_passphrase, passphrase_file)
+    if wrapping is None:
+        raise PrimisError("keys wrap needs --to NAME.pub, --passphrase or --passphrase-file")
 
     def work(path: Path) -> str:
         data = read_file(path)
         if is_wrapped(data):
             raise PrimisError(f"{path}: already wrapped")
         KeyFile.from_bytes(data, str(path))  # wrap only valid keys
-        write_atomic(path, wrap(data, publics, passphrase), mode=0o600)
+        write_atomic(path, wrapping.wrap(data), mode=0o600)
         return f"{path}: wrapped"
 
     _run_batch(expand(keyfiles, lambda p: p.suffix == ".primiskey"), work, "wrap", {})

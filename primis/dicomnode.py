@@ -52,6 +52,7 @@ from primis.api import ModelLike, ShareOptions, load_model, restore_dicom, share
 from primis.batch import SharingOutputs, describe_os_error, output_folders
 from primis.errors import PrimisError, one_line
 from primis.io.files import clean_stale_parts, sync_folder, write_atomic
+from primis.keywrap import KeyWrapping
 from primis.modelstore import LoadedModel
 
 LOG = logging.getLogger("primis.dicomnode")
@@ -222,8 +223,10 @@ class DicomNode:
     id; ``options`` are those of `primis.api.share`). See the module docstring for what happens
     to an instance and which status its sender gets.
 
-    ``spool_dir`` (default KEY_DIR/spool) holds received instances until they are shared, and
-    in ``failed/`` those that could not be: patient data, 0600 files in a 0700 folder.
+    ``wrapping`` (`primis.keywrap.KeyWrapping`) writes every key wrapped for its recipients
+    and/or passphrase, never in clear. ``spool_dir`` (default KEY_DIR/spool) holds received
+    instances until they are shared, and in ``failed/`` those that could not be: patient data,
+    0600 files in a 0700 folder.
     ``allow`` restricts the calling AE titles (empty: any), ``require_called_ae`` refuses an
     association addressed to another AE title than ``ae_title``; ``max_associations`` bounds
     the concurrent associations. ``host`` is the address listened on (default 127.0.0.1: this
@@ -255,6 +258,7 @@ class DicomNode:
         queue_timeout: float = 30.0,
         max_associations: int = 10,
         answer_timeout: float = 3600.0,
+        wrapping: KeyWrapping | None = None,
         **options: Unpack[ShareOptions],
     ) -> None:
         if queue_size < 1 or queue_timeout < 0 or max_associations < 1 or answer_timeout <= 0:
@@ -262,7 +266,7 @@ class DicomNode:
                 "queue size and associations must be at least 1, queue timeout >= 0, "
                 "answer timeout > 0"
             )
-        self.answer_timeout = answer_timeout
+        self.answer_timeout, self.wrapping = answer_timeout, wrapping
         self.public_dir, self.key_dir = Path(public_dir), Path(key_dir)
         self.spool_dir = Path(spool_dir) if spool_dir else self.key_dir / "spool"
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
@@ -305,7 +309,7 @@ class DicomNode:
         for context in StoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification)
-        self._outputs = SharingOutputs(self.public_dir, self.key_dir)
+        self._outputs = SharingOutputs(self.public_dir, self.key_dir, self.wrapping)
         _private_folder(self.spool_dir)
         clean_stale_parts(self.spool_dir)
         left = sorted(self.spool_dir.glob("*.dcm"), key=lambda p: p.stat().st_mtime)

@@ -34,6 +34,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from primis import keywrap
 from tests.conftest import run_cli, smooth_image
 from tests.test_dicom import _write_dicom
 
@@ -284,9 +285,12 @@ def _base_files(folder: Path, model: Path) -> dict[str, Path]:
     wrapped = folder / "wrapped.primiskey"
     wrapped.write_bytes((folder / "scan.primiskey").read_bytes())
     os.environ["PRIMIS_PASSPHRASE"] = PASSPHRASE
+    written = keywrap.SCRYPT
+    keywrap.SCRYPT = {"n": 2**14, "r": 8, "p": 1}  # a file's own parameters open it: fast cases
     try:
         run_cli("keys", "wrap", wrapped, "--to", folder / "alice.pub", "--passphrase", check=True)
     finally:
+        keywrap.SCRYPT = written
         del os.environ["PRIMIS_PASSPHRASE"]
     return {p.name: p for p in folder.iterdir()}
 

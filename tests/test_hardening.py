@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from PIL import Image
 
 from primis import formats
@@ -129,6 +130,9 @@ def test_decoding_a_grid_is_bounded_by_the_pixel_limit(tmp_path, tiny_model_dir,
 
 
 # Finding 2: wrapped-key headers of the wrong types.
+WRAPPED = wrap(b"plain", [X25519PrivateKey.generate().public_key()], None)  # any wrapped key
+
+
 def _rewrapped(data: bytes, header: bytes) -> bytes:
     """A wrapped key with its header replaced (the AEAD no longer matches, which is the point:
     validation must refuse it first, in one line)."""
@@ -152,7 +156,7 @@ def _rewrapped(data: bytes, header: bytes) -> bytes:
     ],
 )
 def test_wrapped_key_headers_of_wrong_types_are_refused(header):
-    data = _rewrapped(wrap(b"plain", [], "pass"), header)
+    data = _rewrapped(WRAPPED, header)
     with pytest.raises(PrimisError, match="corrupted wrapped key header"):
         unwrap(data, None, "pass")
 
@@ -179,9 +183,10 @@ def _scrypt_slot(n: int) -> dict:
 )
 def test_scrypt_cost_and_slot_count_are_bounded(slots, message):
     header = json.dumps({"cipher": "chacha20-poly1305", "slots": slots}).encode()
+    data = _rewrapped(WRAPPED, header)
     started = time.perf_counter()
     with pytest.raises(PrimisError, match=message):
-        unwrap(_rewrapped(wrap(b"plain", [], "pass"), header), None, "pass")
+        unwrap(data, None, "pass")
     assert time.perf_counter() - started < 1
 
 
