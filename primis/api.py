@@ -199,8 +199,9 @@ class SharedFile:
 
 
 def named_by_id(path: Path, names: Names) -> bool:
-    """Whether an input's outputs are named by its random file id (``names`` "id", or "auto"
-    for DICOM, whose file names often hold UIDs) rather than by its stem."""
+    """Whether an input's outputs are named by its random file id (``names`` "id", the
+    default: a file name often holds a patient's name, an accession number or a UID; or "auto"
+    for DICOM only, the former default) rather than by its stem ("stem")."""
     return names == "id" or (names == "auto" and is_dicom(Path(path)))
 
 
@@ -224,7 +225,7 @@ def share_file(
     key_dir: str | os.PathLike,
     model: ModelLike = None,
     *,
-    names: Names = "auto",
+    names: Names = "id",
     overwrite: bool = False,
     outputs: SharingOutputs | None = None,
     source: str | None = None,
@@ -233,9 +234,9 @@ def share_file(
     **options: Unpack[ShareOptions],
 ) -> SharedFile | None:
     """What `primis ambiguate` does for one input: write PUBLIC_DIR/NAME.primis and
-    KEY_DIR/NAME.primiskey (0600) together, with their manifest lines, where NAME is the
-    input's stem or its file id (``names``). Returns None, writing nothing, when the input's
-    outputs exist already (``overwrite`` redoes them).
+    KEY_DIR/NAME.primiskey (0600) together, with their manifest lines, where NAME is its
+    random file id (``names`` "id", the default) or the input's stem ("stem"). Returns None,
+    writing nothing, when the input's outputs exist already (``overwrite`` redoes them).
 
     ``options`` are those of `share`. A batch passes one open ``outputs`` (the
     `SharingOutputs` of these two folders) to every call, so the manifests are read and
@@ -267,7 +268,7 @@ class FileSharer:
     device: str
     public_dir: Path
     key_dir: Path
-    names: Names = "auto"
+    names: Names = "id"
     overwrite: bool = False
     options: ShareOptions = field(default_factory=dict)
     wrapping: KeyWrapping | None = None  # keys written wrapped (`SharingOutputs`)

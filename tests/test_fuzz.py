@@ -278,8 +278,8 @@ def _base_files(folder: Path, model: Path) -> dict[str, Path]:
     np.save(folder / "scan.npy", pixels.astype(np.float32))
     _write_dicom(folder / "scan.dcm", pixels.astype(np.uint16) * 16, "MONOCHROME2")
     run_cli(
-        "ambiguate", folder / "scan.png", "--model", model, "--public-dir", folder,
-        "--key-dir", folder, "--refine-steps", "0", check=True,
+        "ambiguate", "--names", "stem", folder / "scan.png", "--model", model,
+        "--public-dir", folder, "--key-dir", folder, "--refine-steps", "0", check=True,
     )  # fmt: skip
     run_cli("keys", "gen", "--out", folder / "alice", check=True)
     wrapped = folder / "wrapped.primiskey"
@@ -354,8 +354,9 @@ def _cases(base: dict[str, Path], model: Path, work: Path, count: int, seed: int
                 (folder / source.name).write_bytes(_image_header(source, data, rng))
             else:
                 (folder / source.name).write_bytes(_damage(data, rng))
-            args = ["ambiguate", folder / source.name, "--model", model, "--public-dir", out,
-                    "--key-dir", folder / "keys", "--refine-steps", "0"]  # fmt: skip
+            args = ["ambiguate", "--names", "stem", folder / source.name, "--model", model,
+                    "--public-dir", out, "--key-dir", folder / "keys",
+                    "--refine-steps", "0"]  # fmt: skip
             strict = False  # a damaged image may still be a valid image
         elif kind == "info":
             victim = rng.choice([public, key, wrapped])

@@ -489,7 +489,7 @@ def test_dicom_outputs_hide_uids_and_do_not_overclaim(tmp_path, tiny_model_dir, 
     source = _write_dicom(tmp_path / "in" / f"{uid}.dcm", pixels, "MONOCHROME2",
                           BurnedInAnnotation="YES")  # fmt: skip
     out = tmp_path / "out"
-    _ambiguate(tiny_model_dir, source, out=out).check_returncode()
+    _ambiguate(tiny_model_dir, source, out=out, extra=["--names", "id"]).check_returncode()
     (public,) = (out / "public").glob("*.primis")
     assert uid not in public.name and uid not in (out / "public" / "manifest.jsonl").read_text()
     assert uid in (out / "keys" / "manifest.jsonl").read_text()

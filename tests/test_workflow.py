@@ -101,8 +101,9 @@ def test_dicom_round_trip_with_and_without_the_original_header(tmp_path, tiny_mo
     )
     for keep, out in ((True, tmp_path / "kept"), (False, tmp_path / "anon")):
         extra = ["--keep-header"] if keep else []
-        ambiguate_cli(tiny_model_dir, source, out=out, extra=extra)
-        # DICOM outputs are named by their random file id (names often hold UIDs).
+        ambiguate_cli(tiny_model_dir, source, out=out, extra=["--names", "auto", *extra])
+        # DICOM outputs are named by their random file id (names often hold UIDs), even
+        # with --names auto (stems for other inputs).
         (public_path,) = (out / "public").glob("*.primis")
         public = public_path.read_bytes()
         for secret in (b"Doe", b"PID-12345", b"CHEST", b"MONOCHROME", b"cxr"):
@@ -218,6 +219,8 @@ def test_a_killed_batch_leaves_no_partial_output_and_reruns_to_completion(tmp_pa
         "-m",
         "primis",
         "ambiguate",
+        "--names",
+        "stem",
         str(inputs),
         "--model",
         str(tiny_model_dir),
