@@ -440,11 +440,12 @@ def _run_batch(
 )
 @click.option(
     "--names",
-    type=click.Choice(["auto", "stem", "id"]),
-    default="auto",
+    type=click.Choice(["id", "stem", "auto"]),
+    default="id",
     show_default=True,
-    help="output names: the input's stem, or its random file id (the mapping stays in the "
-    "private manifest); auto: file id for DICOM inputs, whose names often hold UIDs",
+    help="output names: the input's random file id (the mapping stays in the private "
+    "manifest), or its stem (names often hold patient names or accession numbers: only for "
+    "inputs whose names carry nothing); auto: file id for DICOM inputs, stem for others",
 )
 @_key_protection_options
 def ambiguate(
@@ -467,7 +468,7 @@ def ambiguate(
     passphrase_file,
 ) -> None:
     """Turn each image into PUBLIC_DIR/NAME.primis and KEY_DIR/NAME.primiskey, where NAME is
-    the input's stem or its random file id (--names).
+    its random file id (default) or the input's stem (--names stem).
 
     INPUTS are files, folders (searched recursively) or glob patterns. KEY_DIR/manifest.jsonl
     (0600) maps each input to its file id, public file and key, once per input;
@@ -644,12 +645,26 @@ def disambiguate(
     "--allow", multiple=True, help="accept associations only from this calling AE (repeatable)"
 )
 @click.option(
+    "--ack",
+    type=click.Choice(["after-spool", "after-share"]),
+    default="after-spool",
+    show_default=True,
+    help="answer C-STORE once the instance is synced in the spool and its header checked "
+    "(store-and-forward: seconds, whatever the refinement), or only once it is shared",
+)
+@click.option(
     "--queue",
     "queue_size",
     type=click.IntRange(min=1),
-    default=8,
+    help="instances spooled and not yet shared at most; more wait for room (back-pressure) "
+    "[default: 1000 with --ack after-spool, 8 with after-share]",
+)
+@click.option(
+    "--spool-quota-mb",
+    type=click.IntRange(min=1),
+    default=4096,
     show_default=True,
-    help="instances waiting to be shared at most; more wait for room (back-pressure)",
+    help="MiB of instances spooled and not yet shared at most; more wait for room",
 )
 @click.option(
     "--queue-timeout",
@@ -677,7 +692,9 @@ def serve(
     refine_steps,
     keep_header,
     allow,
+    ack,
     queue_size,
+    spool_quota_mb,
     queue_timeout,
     max_associations,
     tls_cert,
@@ -691,9 +708,11 @@ def serve(
 
     A Storage SCP (the common storage SOP classes, every transfer syntax pydicom decodes) and
     Verification SCP. Each instance is spooled to disk first, then shared into
-    PUBLIC_DIR/<file id>.primis and KEY_DIR/<file id>.primiskey; the sender gets success only
-    once both are on disk. A restart shares what a killed node left in the spool. SIGTERM or
-    Ctrl-C stops it cleanly: queued instances are shared and answered first.
+    PUBLIC_DIR/<file id>.primis and KEY_DIR/<file id>.primiskey; the sender gets success once
+    it is synced in the spool and its header passes the fast checks (--ack after-spool), or
+    only once both files are on disk (--ack after-share). A restart shares what a killed node
+    left in the spool. SIGTERM or Ctrl-C stops it cleanly: queued instances are shared (and,
+    with after-share, answered) first.
     """
     import logging
     import signal
@@ -715,6 +734,8 @@ def serve(
         allow=allow,
         queue_size=queue_size,
         queue_timeout=queue_timeout,
+        ack=ack,
+        spool_max_bytes=spool_quota_mb << 20,
         max_associations=max_associations,
         tls=tls,
         require_called_ae=require_called_ae,

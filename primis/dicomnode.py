@@ -46,11 +46,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Unpack
+from typing import Literal, Unpack
 
 from primis.api import ModelLike, ShareOptions, load_model, restore_dicom, share_file
 from primis.batch import SharingOutputs, describe_os_error, output_folders
 from primis.errors import PrimisError, one_line
+from primis.io.dicom import check_dicom_header
 from primis.io.files import clean_stale_parts, sync_folder, write_atomic
 from primis.keywrap import KeyWrapping
 from primis.modelstore import LoadedModel
@@ -213,8 +214,12 @@ class NodeStats:
 class _Job:
     path: Path
     calling_ae: str
+    size: int = 0  # bytes held in the spool's quota until the job is done
     done: threading.Event = field(default_factory=threading.Event)
     status: int = PROCESSING_FAILURE
+
+
+Ack = Literal["after-spool", "after-share"]
 
 
 class DicomNode:
@@ -254,13 +259,21 @@ class DicomNode:
         allow: Sequence[str] = (),
         tls: ssl.SSLContext | None = None,
         require_called_ae: bool = False,
-        queue_size: int = 8,
+        queue_size: int | None = None,
         queue_timeout: float = 30.0,
+        ack: Ack = "after-spool",
+        spool_max_bytes: int = 4 << 30,
         max_associations: int = 10,
         answer_timeout: float = 3600.0,
         wrapping: KeyWrapping | None = None,
         **options: Unpack[ShareOptions],
     ) -> None:
+        if queue_size is None:
+            queue_size = 1000 if ack == "after-spool" else 8
+        if ack not in ("after-spool", "after-share"):
+            raise PrimisError(f"ack {ack!r}: after-spool or after-share")
+        if spool_max_bytes < 1:
+            raise PrimisError("the spool quota must be at least 1 byte")
         if queue_size < 1 or queue_timeout < 0 or max_associations < 1 or answer_timeout <= 0:
             raise PrimisError(
                 "queue size and associations must be at least 1, queue timeout >= 0, "
@@ -276,7 +289,9 @@ class DicomNode:
         self.tls, self.require_called_ae = tls, require_called_ae
         self.queue_timeout, self.max_associations = queue_timeout, max_associations
         self.stats = NodeStats()
-        self._slots = threading.BoundedSemaphore(queue_size)
+        self.ack, self.queue_size, self.spool_max_bytes = ack, queue_size, spool_max_bytes
+        self._room = threading.Condition()  # guards the two counters below
+        self._pending = self._pending_bytes = 0  # spooled, not yet shared (the quota)
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._stopping = False
@@ -316,7 +331,11 @@ class DicomNode:
         if left:
             LOG.info("sharing %d instance(s) left in the spool by a previous run", len(left))
         for path in left:
-            self._queue.put(_Job(path, "(spool)"))
+            size = path.stat().st_size
+            with self._room:  # counted in the quota, whatever it is now
+                self._pending += 1
+                self._pending_bytes += size
+            self._queue.put(_Job(path, "(spool)", size))
         handlers = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -402,32 +421,73 @@ class DicomNode:
             why,
         )
 
+    def _reserve(self, size: int) -> str | None:
+        """Take room in the spool for an instance of ``size`` bytes, waiting up to
+        ``queue_timeout`` seconds; None, or why there is none."""
+        if size > self.spool_max_bytes:
+            return f"{size} B is more than the spool quota ({self.spool_max_bytes} B)"
+        deadline = time.monotonic() + self.queue_timeout
+        with self._room:
+            while (
+                self._pending >= self.queue_size
+                or self._pending_bytes + size > self.spool_max_bytes
+            ):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return (
+                        f"spool full ({self._pending} instances, {self._pending_bytes} B "
+                        f"waiting to be shared) for {self.queue_timeout:g} s"
+                    )
+                self._room.wait(left)
+            self._pending += 1
+            self._pending_bytes += size
+        return None
+
+    def _free(self, size: int) -> None:
+        with self._room:
+            self._pending -= 1
+            self._pending_bytes -= size
+            self._room.notify_all()
+
     def _on_store(self, event) -> int:
-        """The C-STORE handler (one thread per association): spool, queue, wait, answer."""
+        """The C-STORE handler (one thread per association): take room in the spool, spool,
+        check the header, queue; answer now (after-spool) or once shared (after-share)."""
         calling_ae = event.assoc.requestor.ae_title
-        if not self._slots.acquire(timeout=self.queue_timeout):
-            return self._refuse(calling_ae, f"queue full for {self.queue_timeout:g} s")
+        data = event.encoded_dataset()
+        why = self._reserve(len(data))
+        if why is not None:
+            return self._refuse(calling_ae, why)
+        job = _Job(self.spool_dir / f"{secrets.token_hex(8)}.dcm", calling_ae, len(data))
+        queued = False
         try:
             if self._stopping:
                 return self._refuse(calling_ae, "the node is stopping")
-            path = self.spool_dir / f"{secrets.token_hex(8)}.dcm"
             try:
-                write_atomic(path, event.encoded_dataset(), 0o600)
+                write_atomic(job.path, data, 0o600)
                 sync_folder(self.spool_dir)
             except OSError as err:
                 return self._refuse(calling_ae, f"cannot spool it: {describe_os_error(err)}")
+            del data
             self._count("received")
-            job = _Job(path, calling_ae)
+            if self.ack == "after-spool":
+                try:  # what can fail fast fails with a status, not after the answer
+                    check_dicom_header(job.path)
+                except PrimisError as err:
+                    return self._fail(job, CANNOT_UNDERSTAND, one_line(err), "unknown")
             with self._lock:
                 queued = not self._stopping
                 if queued:
                     self._queue.put(job)
             if not queued:
-                path.unlink(missing_ok=True)
+                job.path.unlink(missing_ok=True)
                 return self._refuse(calling_ae, "the node is stopping")
-            return self._wait(job)
         finally:
-            self._slots.release()
+            if not queued:
+                self._free(job.size)
+        if self.ack == "after-spool":
+            LOG.info("acknowledged instance %s from %s once spooled", job.path.stem, calling_ae)
+            return SUCCESS
+        return self._wait(job)
 
     def _work(self) -> None:
         """The worker: share queued instances one at a time until the None that `stop` queues.
@@ -449,6 +509,7 @@ class DicomNode:
                 with contextlib.suppress(Exception):
                     self._set_aside(job, f"internal error ({type(err).__name__})")
             finally:
+                self._free(job.size)
                 job.done.set()
 
     def _wait(self, job: _Job) -> int:
@@ -503,19 +564,7 @@ class DicomNode:
             return OUT_OF_RESOURCES
         except Exception as err:  # PrimisError: not shareable; anything else: a bug
             status = CANNOT_UNDERSTAND if isinstance(err, PrimisError) else PROCESSING_FAILURE
-            reason = one_line(err)
-            self._count("failed")
-            self._set_aside(job, reason)
-            LOG.error(
-                "failed instance %s (%s) from %s (0x%04X): %s; moved to %s",
-                spool_id,
-                what,
-                job.calling_ae,
-                status,
-                reason,
-                self.spool_dir / "failed",
-            )
-            return status
+            return self._fail(job, status, one_line(err), what)
         job.path.unlink()
         if done is None:
             self._count("duplicates")
@@ -540,6 +589,22 @@ class DicomNode:
                 time.perf_counter() - started,
             )
         return SUCCESS
+
+    def _fail(self, job: _Job, status: int, reason: str, what: str) -> int:
+        """Count and log an instance that cannot be shared, move it to SPOOL/failed/, and
+        return ``status``."""
+        self._count("failed")
+        self._set_aside(job, reason)
+        LOG.error(
+            "failed instance %s (%s) from %s (0x%04X): %s; moved to %s",
+            job.path.stem,
+            what,
+            job.calling_ae,
+            status,
+            reason,
+            self.spool_dir / "failed",
+        )
+        return status
 
     def _set_aside(self, job: _Job, reason: str) -> None:
         """Move a spooled instance that cannot be shared to SPOOL/failed/, the reason beside

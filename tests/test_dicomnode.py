@@ -136,7 +136,8 @@ def test_every_received_instance_is_shared_as_ambiguate_shares_it(tmp_path, mode
         instance(4, syntax=JPEG2000Lossless),
     ]
     caplog.set_level("INFO", logger="primis.dicomnode")
-    with DicomNode(tmp_path / "public", tmp_path / "keys", model, port=0, refine_steps=0) as node:
+    options = {"port": 0, "refine_steps": 0, "ack": "after-share"}
+    with DicomNode(tmp_path / "public", tmp_path / "keys", model, **options) as node:
         ae = AE("ECHOSCU")
         ae.add_requested_context(Verification)
         echo = ae.associate(*node.address, ae_title="PRIMIS")
@@ -216,7 +217,7 @@ def test_a_full_disk_answers_out_of_resources_and_keeps_the_instance(tmp_path, m
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(dicomnode, "share_file", full)
-    with DicomNode(tmp_path / "p", tmp_path / "k", model, port=0) as node:
+    with DicomNode(tmp_path / "p", tmp_path / "k", model, port=0, ack="after-share") as node:
         assert store(node.address, [instance(9)]) == [OUT_OF_RESOURCES]
     assert len(files(tmp_path / "k" / "spool", ".dcm")) == 1  # shared at the next start
     assert files(tmp_path / "p", ".primis") == []
@@ -280,12 +281,14 @@ def test_a_worker_failure_answers_that_instance_and_the_node_goes_on(tmp_path, m
         return share(self, job)
 
     monkeypatch.setattr(DicomNode, "_share", flaky)
-    with DicomNode(tmp_path / "p", tmp_path / "k", model, port=0, refine_steps=0) as node:
+    options = {"port": 0, "refine_steps": 0, "ack": "after-share"}
+    with DicomNode(tmp_path / "p", tmp_path / "k", model, **options) as node:
         assert store(node.address, [instance(40), instance(41)]) == [PROCESSING_FAILURE, SUCCESS]
     assert (node.stats.stored, node.stats.failed) == (1, 1)
     assert len(files(tmp_path / "k" / "spool" / "failed", ".dcm")) == 1
     monkeypatch.setattr(DicomNode, "_work", lambda self: None)  # the worker ends at once
-    with DicomNode(tmp_path / "p2", tmp_path / "k2", model, port=0, answer_timeout=60) as node:
+    options = {"port": 0, "answer_timeout": 60, "ack": "after-share"}
+    with DicomNode(tmp_path / "p2", tmp_path / "k2", model, **options) as node:
         started = time.monotonic()
         assert store(node.address, [instance(42)]) == [PROCESSING_FAILURE]
         assert time.monotonic() - started < 30
@@ -300,7 +303,7 @@ def test_the_wait_for_an_answer_is_bounded(tmp_path, model, monkeypatch):
         return share_file(*args, **kwargs)
 
     monkeypatch.setattr(dicomnode, "share_file", slow_share)
-    options = {"port": 0, "refine_steps": 0, "answer_timeout": 0.5}
+    options = {"port": 0, "refine_steps": 0, "answer_timeout": 0.5, "ack": "after-share"}
     ds = instance(43)
     with DicomNode(tmp_path / "p", tmp_path / "k", model, **options) as node:
         assert store(node.address, [ds]) == [OUT_OF_RESOURCES]  # still queued: retry later
@@ -325,6 +328,55 @@ def test_a_node_used_from_python_keeps_data_sets_out_of_the_log(tmp_path, model,
     assert "shared instance" in caplog.text
     assert PATIENT_NAME not in caplog.text and PATIENT_ID not in caplog.text
     assert str(ds.SOPInstanceUID) not in caplog.text
+
+
+def test_after_spool_acknowledges_before_sharing_and_fails_fast_what_it_can(
+    tmp_path, model, monkeypatch
+):
+    """The default (--ack after-spool): success once the instance is in the spool, while the
+    share has not even started; an instance that fails the header checks gets 0xC000 at once;
+    stopping shares what was acknowledged."""
+    release = threading.Event()
+    share_file = dicomnode.share_file
+
+    def held(*args, **kwargs):
+        release.wait(60)
+        return share_file(*args, **kwargs)
+
+    monkeypatch.setattr(dicomnode, "share_file", held)
+    frames = instance(50)
+    frames.NumberOfFrames, frames.Rows = 2, frames.Rows // 2
+    with DicomNode(tmp_path / "p", tmp_path / "k", model, port=0, refine_steps=0) as node:
+        assert node.ack == "after-spool"
+        started = time.monotonic()
+        assert store(node.address, [instance(51), frames, instance(52)]) == [
+            SUCCESS,
+            CANNOT_UNDERSTAND,
+            SUCCESS,
+        ]
+        assert time.monotonic() - started < 30 and not release.is_set()
+        assert files(tmp_path / "p", ".primis") == []  # acknowledged, not shared yet
+        assert len(files(tmp_path / "k" / "spool", ".dcm")) == 2
+        release.set()
+    assert (node.stats.stored, node.stats.failed) == (2, 1)
+    assert len(files(tmp_path / "p", ".primis")) == 2
+    assert files(tmp_path / "k" / "spool", ".dcm") == []
+
+
+def test_the_spool_quota_refuses_what_does_not_fit(tmp_path, model, monkeypatch):
+    release = threading.Event()
+    share_file = dicomnode.share_file
+    monkeypatch.setattr(
+        dicomnode, "share_file", lambda *a, **k: release.wait(60) and share_file(*a, **k)
+    )
+    options = {"port": 0, "refine_steps": 0, "queue_timeout": 0.0, "spool_max_bytes": 9000}
+    with DicomNode(tmp_path / "p", tmp_path / "k", model, **options) as node:
+        # each instance is under 9000 B, two are over: the first fits, the second does not
+        assert store(node.address, [instance(53), instance(54)]) == [SUCCESS, OUT_OF_RESOURCES]
+        big = instance(55, (200, 200))
+        assert store(node.address, [big]) == [OUT_OF_RESOURCES]  # more than the whole quota
+        release.set()
+    assert (node.stats.stored, node.stats.refused) == (1, 2)
 
 
 class Served:
@@ -397,20 +449,26 @@ def test_serve_stops_cleanly_on_sigterm_after_answering_its_senders(tmp_path, ti
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("ack", ["after-spool", "after-share"])
 def test_an_instance_received_by_a_node_killed_while_sharing_is_shared_at_restart(
-    tmp_path, tiny_model_dir
+    tmp_path, tiny_model_dir, ack
 ):
     arguments = ["--model", tiny_model_dir, "--public-dir", tmp_path / "p", "--key-dir"]
-    arguments += [tmp_path / "k", "--refine-steps", "100"]
+    arguments += [tmp_path / "k", "--refine-steps", "100", "--ack", ack]
     with Served(*arguments) as served:
         answer: queue.Queue = queue.Queue()
         address = ("127.0.0.1", served.port)
         sender = threading.Thread(target=lambda: answer.put(store(address, [instance(19)])))
         sender.start()
         wait_until_spooled(tmp_path / "k" / "spool")
+        if ack == "after-spool":  # acknowledged once synced in the spool, then killed
+            sender.join(60)
+            assert answer.get_nowait() == [SUCCESS]
+            served.wait_for("acknowledged instance", 10)
         served.process.kill()
         sender.join(60)
-    assert answer.get_nowait() != [SUCCESS]  # the sender saw no success and keeps its copy
+    if ack == "after-share":
+        assert answer.get_nowait() != [SUCCESS]  # the sender saw no success, keeps its copy
     assert files(tmp_path / "p", ".primis") == []
     with Served(*arguments) as restarted:
         assert restarted.stop() == 0

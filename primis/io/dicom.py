@@ -59,16 +59,7 @@ def read_dicom(path: Path) -> SourceImage:
     except InvalidDicomError:
         ds = _read_bare_dataset(path)
         syntax = str(ds.file_meta.TransferSyntaxUID)
-    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
-        raise PrimisError(f"{path}: floating-point DICOM pixel data is not supported")
-    if "PixelData" not in ds:
-        raise PrimisError(f"{path}: DICOM file has no pixel data")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise PrimisError(f"{path}: multi-frame DICOM ({frames} frames) is not supported")
-    if "Rows" not in ds or "Columns" not in ds:
-        raise PrimisError(f"{path}: DICOM pixel data without Rows and Columns")
-    check_size(int(ds.Rows) * int(ds.Columns), path)
+    _check_image_header(ds, path)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     try:
         # as_rgb off: YBR_FULL(_422) stays YCbCr, whose first channel is the luminance itself
@@ -113,6 +104,38 @@ def read_dicom(path: Path) -> SourceImage:
         reason = validation_reason(err)
         raise PrimisError(f"{path}: unusable DICOM attributes ({reason})") from None
     return SourceImage(pixels, details, invert=(photometric == "MONOCHROME1") != inverse)
+
+
+def _check_image_header(ds, path: Path) -> None:
+    """What PRIMIS refuses from a DICOM data set's header alone: no pixel data or floating
+    point pixel data, multi-frame, no Rows and Columns, too many pixels."""
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        raise PrimisError(f"{path}: floating-point DICOM pixel data is not supported")
+    if "PixelData" not in ds:
+        raise PrimisError(f"{path}: DICOM file has no pixel data")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise PrimisError(f"{path}: multi-frame DICOM ({frames} frames) is not supported")
+    if "Rows" not in ds or "Columns" not in ds:
+        raise PrimisError(f"{path}: DICOM pixel data without Rows and Columns")
+    check_size(int(ds.Rows) * int(ds.Columns), path)
+
+
+def check_dicom_header(path: Path) -> None:
+    """Fail fast (a PrimisError) on a DICOM file with file meta that `read_dicom` would refuse
+    from its header alone (see `_check_image_header`), without decoding its pixels: what the
+    DICOM node checks before it acknowledges an instance it will share later."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        if str(meta.get("TransferSyntaxUID", "")) == DEFLATED_DICOM:
+            _check_inflated(path, 132 + 12 + int(meta.FileMetaInformationGroupLength))
+        ds = pydicom.dcmread(path, defer_size=1024)
+    except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError) as err:
+        raise PrimisError(f"{path}: not a readable DICOM instance ({one_line(err)})") from None
+    _check_image_header(ds, path)
 
 
 def _check_inflated(path: Path, start: int) -> None:
