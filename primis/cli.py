@@ -674,6 +674,41 @@ def disambiguate(
     help="seconds an instance waits for room before it is refused (0xA700)",
 )
 @click.option("--max-associations", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--sop-classes",
+    default="image",
+    show_default=True,
+    help="storage SOP classes accepted: image (the image storage classes), all, or UIDs "
+    "separated by commas",
+)
+@click.option(
+    "--max-pdu-kb",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="a PDU declaring more closes the connection before it is read",
+)
+@click.option(
+    "--max-instance-mb",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="an instance (data set) larger than this closes the connection while it arrives",
+)
+@click.option(
+    "--failed-keep",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    help="instances kept in SPOOL/failed/ at most (the newest)",
+)
+@click.option(
+    "--failed-days",
+    type=click.FloatRange(min=0),
+    default=7.0,
+    show_default=True,
+    help="days an instance is kept in SPOOL/failed/ at most",
+)
 @_tls_options("node")
 @_key_protection_options
 def serve(
@@ -697,6 +732,11 @@ def serve(
     spool_quota_mb,
     queue_timeout,
     max_associations,
+    sop_classes,
+    max_pdu_kb,
+    max_instance_mb,
+    failed_keep,
+    failed_days,
     tls_cert,
     tls_key,
     tls_ca,
@@ -719,6 +759,7 @@ def serve(
     import threading
 
     tls = _tls_context("node", tls_cert, tls_key, tls_ca)
+    classes = _sop_classes(sop_classes)
     wrapping = _key_wrapping(recipients, use_passphrase, passphrase_file)
     model = _load_model(model_dir)  # then what needs torch
     from primis.dicomnode import DicomNode
@@ -736,6 +777,11 @@ def serve(
         queue_timeout=queue_timeout,
         ack=ack,
         spool_max_bytes=spool_quota_mb << 20,
+        max_pdu_bytes=max_pdu_kb << 10,
+        max_instance_bytes=max_instance_mb << 20,
+        sop_classes=classes,
+        failed_keep=failed_keep,
+        failed_days=failed_days,
         max_associations=max_associations,
         tls=tls,
         require_called_ae=require_called_ae,
@@ -765,6 +811,23 @@ def serve(
         f"{stats.duplicates} already shared, {stats.failed} failed, {stats.refused} refused",
         err=True,
     )
+
+
+def _sop_classes(text: str) -> list[str] | None:
+    """`serve --sop-classes`: None for image (the node's default), or the classes' UIDs."""
+    from pydicom.uid import UID
+
+    from primis.dicomnode import all_storage_classes
+
+    if text == "image":
+        return None
+    if text == "all":
+        return all_storage_classes()
+    uids = [UID(part.strip()) for part in text.split(",") if part.strip()]
+    bad = [str(uid) for uid in uids if not uid.is_valid]
+    if not uids or bad:
+        raise PrimisError(f"--sop-classes: image, all, or UIDs separated by commas, not {text!r}")
+    return [str(uid) for uid in uids]
 
 
 @cli.command("restore-to")

@@ -82,6 +82,75 @@ def receivable_transfer_syntaxes() -> list[str]:
     return sorted(found, key=lambda uid: uid.is_compressed)
 
 
+def image_storage_classes() -> list[str]:
+    """The image storage SOP classes pynetdicom knows (those whose name says "Image Storage":
+    CR, DX, MG, CT, MR, US, Secondary Capture, ...): what the node accepts by default. Reports,
+    PDFs, structured reports, waveforms and RT objects are refused at association time."""
+    from pynetdicom import StoragePresentationContexts
+
+    return [
+        str(c.abstract_syntax)
+        for c in StoragePresentationContexts
+        if "Image Storage" in c.abstract_syntax.name
+    ]
+
+
+def all_storage_classes() -> list[str]:
+    """Every storage SOP class pynetdicom knows (``--sop-classes all``)."""
+    from pynetdicom import StoragePresentationContexts
+
+    return [str(c.abstract_syntax) for c in StoragePresentationContexts]
+
+
+class _BoundedReads:
+    """An association socket's reads, bounded as they happen: a PDU that declares more than
+    ``max_pdu`` bytes, or P-DATA that carries more than ``max_instance`` bytes of one data set,
+    closes the connection before the rest is read (pynetdicom reads a whole PDU of any
+    declared length, up to 4 GiB, and a whole data set, before any handler runs)."""
+
+    _PDU_TYPES = frozenset(range(1, 8))
+
+    def __init__(self, recv, max_pdu: int, max_instance: int, peer: str) -> None:
+        self.recv, self.max_pdu, self.max_instance, self.peer = recv, max_pdu, max_instance, peer
+        self.body: tuple[int, int] | None = None  # (PDU type, length) of the body to come
+        self.instance = 0  # data set bytes of the message being received
+
+    def __call__(self, count: int) -> bytearray:
+        if self.body is not None and count == self.body[1]:
+            kind, self.body = self.body[0], None
+            if count > self.max_pdu:
+                raise self._close(f"a PDU of {count} B declared (at most {self.max_pdu} B)")
+            data = self.recv(count)
+            if kind == 0x04:  # P-DATA-TF
+                self._count(data)
+            return data
+        data = self.recv(count)
+        if count == 6 and len(data) == 6 and data[0] in self._PDU_TYPES:
+            self.body = (data[0], int.from_bytes(data[2:6], "big"))
+        return data
+
+    def _count(self, data: bytearray) -> None:
+        """Add the data set fragments of a P-DATA-TF body (PDV items: length u32, context id,
+        control header; bit 0 of the header set for a command, bit 1 for the last fragment)."""
+        at = 0
+        while at + 6 <= len(data):
+            length = int.from_bytes(data[at : at + 4], "big")
+            control = data[at + 5]
+            if not control & 1:
+                self.instance += max(length - 2, 0)
+                if self.instance > self.max_instance:
+                    raise self._close(
+                        f"a data set of more than {self.max_instance} B (the instance limit)"
+                    )
+                if control & 2:
+                    self.instance = 0
+            at += 4 + length
+
+    def _close(self, why: str) -> OSError:
+        LOG.warning("closing the connection from %s: %s", self.peer, why)
+        return OSError(why)
+
+
 def quiet_pynetdicom() -> None:
     """Keep pynetdicom's log to warnings and errors: at INFO and DEBUG it prints the attributes
     of the data sets it receives and sends (patient data). A logger set to WARNING or above is
@@ -263,6 +332,11 @@ class DicomNode:
         queue_timeout: float = 30.0,
         ack: Ack = "after-spool",
         spool_max_bytes: int = 4 << 30,
+        max_pdu_bytes: int = 1 << 20,
+        max_instance_bytes: int = 256 << 20,
+        sop_classes: Sequence[str] | None = None,
+        failed_keep: int = 100,
+        failed_days: float = 7.0,
         max_associations: int = 10,
         answer_timeout: float = 3600.0,
         wrapping: KeyWrapping | None = None,
@@ -272,8 +346,13 @@ class DicomNode:
             queue_size = 1000 if ack == "after-spool" else 8
         if ack not in ("after-spool", "after-share"):
             raise PrimisError(f"ack {ack!r}: after-spool or after-share")
-        if spool_max_bytes < 1:
-            raise PrimisError("the spool quota must be at least 1 byte")
+        if min(spool_max_bytes, max_pdu_bytes, max_instance_bytes) < 1024:
+            raise PrimisError("the spool quota, PDU and instance limits must be at least 1 KiB")
+        if failed_keep < 0 or failed_days < 0:
+            raise PrimisError("the retention of failed instances cannot be negative")
+        self.max_pdu_bytes, self.max_instance_bytes = max_pdu_bytes, max_instance_bytes
+        self.failed_keep, self.failed_days = failed_keep, failed_days
+        self.sop_classes = list(sop_classes) if sop_classes is not None else None
         if queue_size < 1 or queue_timeout < 0 or max_associations < 1 or answer_timeout <= 0:
             raise PrimisError(
                 "queue size and associations must be at least 1, queue timeout >= 0, "
@@ -309,7 +388,7 @@ class DicomNode:
 
     def start(self) -> DicomNode:
         """Queue what a previous run left in the spool, listen, and start sharing."""
-        from pynetdicom import AE, StoragePresentationContexts, evt
+        from pynetdicom import AE, evt
         from pynetdicom.sop_class import Verification
 
         if self._server is not None:
@@ -321,12 +400,13 @@ class DicomNode:
         ae.require_called_aet = self.require_called_ae
         ae.maximum_associations = self.max_associations
         syntaxes = receivable_transfer_syntaxes()
-        for context in StoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, syntaxes)
+        for sop_class in self.sop_classes or image_storage_classes():
+            ae.add_supported_context(sop_class, syntaxes)
         ae.add_supported_context(Verification)
         self._outputs = SharingOutputs(self.public_dir, self.key_dir, self.wrapping)
         _private_folder(self.spool_dir)
         clean_stale_parts(self.spool_dir)
+        self._prune_failed()
         left = sorted(self.spool_dir.glob("*.dcm"), key=lambda p: p.stat().st_mtime)
         if left:
             LOG.info("sharing %d instance(s) left in the spool by a previous run", len(left))
@@ -340,6 +420,7 @@ class DicomNode:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_CONN_OPEN, self._on_connection),
         ]
         try:
             self._server = ae.start_server(
@@ -388,6 +469,13 @@ class DicomNode:
         self._count("refused")
         LOG.warning("refused an instance from %s (0x%04X): %s", calling_ae, OUT_OF_RESOURCES, why)
         return OUT_OF_RESOURCES
+
+    def _on_connection(self, event) -> None:
+        """Bound what the new connection's reads may buffer (`_BoundedReads`); this runs
+        before the association's thread reads anything."""
+        sock = event.assoc.dul.socket
+        peer = str(event.address[0]) if event.address else "unknown"
+        sock.recv = _BoundedReads(sock.recv, self.max_pdu_bytes, self.max_instance_bytes, peer)
 
     def _on_accepted(self, event) -> None:
         """Log who associated: calling AE title, address, and over TLS the protocol, cipher
@@ -614,6 +702,26 @@ class DicomNode:
             note = f"from {job.calling_ae} at {time.strftime('%Y-%m-%dT%H:%M:%S')}: {reason}\n"
             write_atomic(failed / f"{job.path.stem}.txt", note.encode(), 0o600)
             os.replace(job.path, failed / job.path.name)
+        self._prune_failed()
+
+    def _prune_failed(self) -> None:
+        """Apply the retention rule to SPOOL/failed/: keep at most ``failed_keep`` instances
+        (the newest), none older than ``failed_days``; the log says how many went, nothing of
+        what they held."""
+        failed = self.spool_dir / "failed"
+        if not failed.is_dir():
+            return
+        with contextlib.suppress(OSError):
+            kept = sorted(failed.glob("*.dcm"), key=lambda p: p.stat().st_mtime, reverse=True)
+            cutoff = time.time() - self.failed_days * 86400
+            gone = [
+                p for n, p in enumerate(kept) if n >= self.failed_keep or p.stat().st_mtime < cutoff
+            ]
+            for path in gone:
+                path.unlink(missing_ok=True)
+                path.with_suffix(".txt").unlink(missing_ok=True)
+            if gone:
+                LOG.info("deleted %d failed instance(s) past the retention rule", len(gone))
 
 
 def _instance(path: Path) -> tuple[str, str]:

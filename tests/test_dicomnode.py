@@ -198,7 +198,8 @@ def test_what_cannot_be_shared_fails_with_a_status_and_nothing_half_written(tmp_
     report.SOPClassUID, report.SOPInstanceUID = EncapsulatedPDFStorage, generate_uid()
     report.PatientName, report.MIMETypeOfEncapsulatedDocument = PATIENT_NAME, "application/pdf"
     report.EncapsulatedDocument = b"%PDF-1.4 not an image"
-    with DicomNode(tmp_path / "p", tmp_path / "k", model, port=0, refine_steps=0) as node:
+    options = {"port": 0, "refine_steps": 0, "sop_classes": dicomnode.all_storage_classes()}
+    with DicomNode(tmp_path / "p", tmp_path / "k", model, **options) as node:
         assert store(node.address, [frames, report, instance(8)]) == [
             CANNOT_UNDERSTAND,
             CANNOT_UNDERSTAND,
@@ -377,6 +378,64 @@ def test_the_spool_quota_refuses_what_does_not_fit(tmp_path, model, monkeypatch)
         assert store(node.address, [big]) == [OUT_OF_RESOURCES]  # more than the whole quota
         release.set()
     assert (node.stats.stored, node.stats.refused) == (1, 2)
+
+
+def test_only_image_storage_classes_are_accepted_by_default(tmp_path, model):
+    ae = AE("STORESCU")
+    ae.add_requested_context(EncapsulatedPDFStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+    with DicomNode(tmp_path / "p", tmp_path / "k", model, port=0) as node:
+        association = ae.associate(*node.address, ae_title="PRIMIS")
+        accepted = {str(c.abstract_syntax) for c in association.accepted_contexts}
+        association.release()
+    assert accepted == {str(DigitalXRayImageStorageForPresentation)}
+
+
+def _raw_pdu_flood(address, declared: int, sent: int) -> int:
+    """Open a TCP connection, send a PDU header (A-ASSOCIATE-RQ) declaring ``declared`` bytes,
+    then zeros; the bytes the node took before it closed the connection."""
+    taken = 0
+    with socket.create_connection(address, timeout=30) as raw:
+        raw.sendall(bytes([1, 0]) + declared.to_bytes(4, "big"))
+        chunk = bytes(1 << 16)
+        with contextlib.suppress(OSError):
+            while taken < sent:
+                raw.sendall(chunk)
+                taken += len(chunk)
+    return taken
+
+
+def test_network_input_is_bounded_while_it_arrives(tmp_path, model, caplog):
+    """A PDU that declares more than the limit is not read: the connection closes at once
+    (here after at most the socket buffers, not the 64 MB sent); an instance larger than the
+    instance limit closes its association while it arrives; the node serves others after."""
+    caplog.set_level("WARNING", logger="primis.dicomnode")
+    options = {"port": 0, "refine_steps": 0, "max_instance_bytes": 4096}
+    with DicomNode(tmp_path / "p", tmp_path / "k", model, **options) as node:
+        assert _raw_pdu_flood(node.address, 1 << 30, 64 << 20) < 64 << 20
+        assert store(node.address, [instance(60, (48, 60))]) == [None]  # 5760 B of pixels
+        assert store(node.address, [instance(61, (20, 24))]) == [SUCCESS]
+    assert "a PDU of 1073741824 B declared" in caplog.text
+    assert "more than 4096 B (the instance limit)" in caplog.text
+    assert node.stats.stored == 1
+
+
+def test_failed_instances_are_kept_by_the_retention_rule(tmp_path, model):
+    def multi_frame(seed):
+        ds = instance(seed)
+        ds.NumberOfFrames, ds.Rows = 2, ds.Rows // 2
+        return ds
+
+    options = {"port": 0, "refine_steps": 0, "failed_keep": 2}
+    failed = tmp_path / "k" / "spool" / "failed"
+    with DicomNode(tmp_path / "p", tmp_path / "k", model, **options) as node:
+        assert (
+            store(node.address, [multi_frame(s) for s in (62, 63, 64)]) == [CANNOT_UNDERSTAND] * 3
+        )
+    assert len(files(failed, ".dcm")) == len(files(failed, ".txt")) == 2
+    with DicomNode(tmp_path / "p", tmp_path / "k", model, port=0, failed_days=0):
+        pass
+    assert files(failed, ".dcm") == files(failed, ".txt") == []
 
 
 class Served:
