@@ -171,6 +171,8 @@ def check_ae_title(title: str) -> str:
     return title
 
 
+READ_TIMEOUT = 60.0  # seconds a connection may stay silent in the middle of a PDU
+
 # PS3.15 Annex B.9 (BCP 195, RFC 9325): TLS 1.2 or later, forward-secret AEAD suites only.
 BCP195_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
 
@@ -474,6 +476,8 @@ class DicomNode:
         """Bound what the new connection's reads may buffer (`_BoundedReads`); this runs
         before the association's thread reads anything."""
         sock = event.assoc.dul.socket
+        with contextlib.suppress(OSError, AttributeError):
+            sock.socket.settimeout(READ_TIMEOUT)  # a peer silent this long mid-PDU is dropped
         peer = str(event.address[0]) if event.address else "unknown"
         sock.recv = _BoundedReads(sock.recv, self.max_pdu_bytes, self.max_instance_bytes, peer)
 
