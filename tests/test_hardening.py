@@ -498,11 +498,18 @@ def test_dicom_outputs_hide_uids_and_do_not_overclaim(tmp_path, tiny_model_dir, 
     assert ds.BurnedInAnnotation == "YES" and ds.PatientIdentityRemoved == "NO"
     assert len(ds.DeidentificationMethod) <= 64
     assert not [w for w in recwarn if "DeidentificationMethod" in str(w.message)]
-    plain = _write_dicom(tmp_path / "in2" / "plain.dcm", pixels, "MONOCHROME2")
-    _ambiguate(tiny_model_dir, plain, out=out, extra=["--names", "stem"]).check_returncode()
-    _disambiguate(tiny_model_dir, out / "public" / "plain.primis", out / "keys", tmp_path / "r")
-    ds = pydicom.dcmread(tmp_path / "r" / "plain.dcm")
-    assert ds.PatientIdentityRemoved == "YES" and len(ds.DeidentificationMethod) <= 64
+    # Identity removed is claimed only where the input says there is no burned-in text.
+    for name, said, removed in (
+        ("plain", {}, "NO"),
+        ("clean", {"BurnedInAnnotation": "NO"}, "YES"),
+    ):
+        plain = _write_dicom(tmp_path / "in2" / f"{name}.dcm", pixels, "MONOCHROME2", **said)
+        _ambiguate(tiny_model_dir, plain, out=out, extra=["--names", "stem"]).check_returncode()
+        public = out / "public" / f"{name}.primis"
+        _disambiguate(tiny_model_dir, public, out / "keys", tmp_path / "r").check_returncode()
+        ds = pydicom.dcmread(tmp_path / "r" / f"{name}.dcm")
+        assert ds.PatientIdentityRemoved == removed and len(ds.DeidentificationMethod) <= 64
+        assert ("DeidentificationMethodCodeSequence" in ds) == (removed == "YES")
 
 
 # Finding 13: image sizes are checked from headers, before decoding.

@@ -98,6 +98,7 @@ def test_dicom_round_trip_with_and_without_the_original_header(tmp_path, tiny_mo
         RescaleIntercept="0",
         Modality="DX",
         StudyDescription="CHEST PA",
+        BurnedInAnnotation="NO",
     )
     for keep, out in ((True, tmp_path / "kept"), (False, tmp_path / "anon")):
         extra = ["--keep-header"] if keep else []
@@ -130,7 +131,8 @@ def test_dicom_round_trip_with_and_without_the_original_header(tmp_path, tiny_mo
             assert ds.PatientName == "Doe^Jane" and ds.StudyDescription == "CHEST PA"
         else:
             assert "Doe" not in str(ds) and "PID-12345" not in str(ds)
-            assert ds.PatientIdentityRemoved == "YES"
+            assert ds.PatientIdentityRemoved == "YES"  # the input says: no burned-in text
+            assert ds.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
 
 
 def test_wrapped_keys_open_only_for_their_recipient_or_passphrase(
