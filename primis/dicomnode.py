@@ -4,33 +4,43 @@ does (`DicomNode`, `primis serve`); send authorized reconstructions to a DICOM n
 
 What happens to a received instance::
 
-    C-STORE request (any storage SOP class, any transfer syntax pydicom decodes)
+    connection: every PDU's declared length checked against ``max_pdu_bytes`` before it is
+      read, the data set's bytes counted against ``max_instance_bytes`` as they arrive (over
+      either: the connection is closed); with ``tls``, the TLS handshake first
+    C-STORE request (the image storage SOP classes by default, any transfer syntax pydicom
+    decodes)
+      -> room in the spool: at most ``queue_size`` instances and ``spool_max_bytes`` bytes
+         waiting to be shared; past that the request waits up to ``queue_timeout`` seconds,
+         then is refused (0xA700 Out of Resources)
       -> SPOOL/<random>.dcm: the data set as sent, with its file meta (0600), written to a
          temporary name, synced, renamed, the folder synced
-      -> a queue of at most ``queue_size`` instances; past that the request waits up to
-         ``queue_timeout`` seconds for room, then is refused (0xA700 Out of Resources)
+      -> ``ack="after-spool"`` (the default): the header checks that can fail fast (pixel data
+         present, one frame, size limits; else 0xC000 and SPOOL/failed/), then 0x0000 Success
       -> one worker shares it with `primis.api.share_file`: PUBLIC_DIR/<file id>.primis and
-         KEY_DIR/<file id>.primiskey written together, the private manifest keyed by the SOP
-         Instance UID (an instance sent again is acknowledged, not shared twice), folders synced
-      -> the C-STORE response: 0x0000 Success once both files are on disk; 0xC000 Cannot
-         Understand for an instance PRIMIS cannot share (no or undecodable pixel data,
-         multi-frame, too large), its spooled file moved to SPOOL/failed/ with the reason beside
-         it; 0xA700 for a full disk or another OS error, its spooled file kept for the next
-         start.
+         KEY_DIR/<file id>.primiskey written together (the key wrapped where ``wrapping`` says),
+         the private manifest keyed by the SOP Instance UID and a fingerprint of the content
+         (an instance sent again with the same content is a duplicate; one with other content
+         is a new file), folders synced
+      -> ``ack="after-share"``: the C-STORE response now: 0x0000 once both files are on disk;
+         0xC000 Cannot Understand for an instance PRIMIS cannot share (its spooled file moved
+         to SPOOL/failed/ with the reason beside it, under the retention rule ``failed_keep``
+         and ``failed_days``); 0xA700 for a full disk or another OS error (its spooled file
+         kept for the next start).
 
 A spooled file goes only once its outputs are in place, so a node killed at any point loses
-nothing it received: the next start shares what is left in the spool ahead of anything new (an
-instance the sender retries meanwhile is acknowledged as already shared). Stopping
+nothing it acknowledged: the next start shares what is left in the spool ahead of anything new
+(an instance the sender retries meanwhile is acknowledged as already shared). Stopping
 (`DicomNode.stop`, SIGTERM for `primis serve`) accepts no new association, refuses new C-STORE
-requests on open ones (0xA700: the sender retries later), shares what is queued and answers its
-senders, then closes. The log has one line per instance naming its random spool id, the
-calling AE title, the SOP class and the file id, never patient data (pynetdicom's own INFO log
-prints data set attributes: `DicomNode.start` keeps it at WARNING, see `quiet_pynetdicom`).
+requests on open ones (0xA700: the sender retries later), shares what is queued (answering its
+senders with after-share), then closes. The log has one line per association (AE title,
+address, TLS, client certificate) and per instance naming its random spool id, the calling AE
+title, the SOP class and the file id, never patient data (pynetdicom's own INFO log prints data
+set attributes: `DicomNode.start` keeps it at WARNING, see `quiet_pynetdicom`).
 
 The node never hangs on one instance: whatever goes wrong while sharing it (a bug included)
-answers that instance with 0x0110 Processing Failure and the worker goes on; a C-STORE waits at
-most ``answer_timeout`` seconds for its answer (then 0xA700: the instance stays queued, and a
-retry is acknowledged once it is shared).
+fails that instance (0x0110 Processing Failure with after-share) and the worker goes on; a
+C-STORE waits at most ``answer_timeout`` seconds for its answer (then 0xA700: the instance stays
+queued, and a retry is acknowledged once it is shared).
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ from typing import Literal, Unpack
 from primis.api import ModelLike, ShareOptions, load_model, restore_dicom, share_file
 from primis.batch import SharingOutputs, describe_os_error, output_folders
 from primis.errors import PrimisError, one_line
-from primis.io.dicom import check_dicom_header
+from primis.io.dicom import check_dicom_header, content_fingerprint
 from primis.io.files import clean_stale_parts, sync_folder, write_atomic
 from primis.keywrap import KeyWrapping
 from primis.modelstore import LoadedModel
@@ -630,7 +640,7 @@ class DicomNode:
         spool_id, what = job.path.stem, "unknown SOP class"
         try:
             uid, what = _instance(job.path)
-            source = f"dicom-instance:{uid}"
+            source = self._source(uid, content_fingerprint(job.path), spool_id)
             done = share_file(
                 job.path,
                 self.public_dir,
@@ -681,6 +691,26 @@ class DicomNode:
                 time.perf_counter() - started,
             )
         return SUCCESS
+
+    def _source(self, uid: str, fingerprint: str, spool_id: str) -> str:
+        """How the private manifest names a received instance: its SOP Instance UID and the
+        fingerprint of its content (`content_fingerprint`), so that an instance sent again with
+        the same content is a duplicate, and one with a known UID but other content (a
+        correction, or someone claiming the UID) is shared as a new file. The conflict is
+        logged by spool id, without identifiers. A record from before fingerprints (the UID
+        alone) counts as the same content."""
+        legacy, source = f"dicom-instance:{uid}", f"dicom-instance:{uid}#{fingerprint}"
+        if legacy in self._outputs.known:
+            return legacy
+        if source not in self._outputs.known and any(
+            known.startswith(legacy + "#") for known in self._outputs.known
+        ):
+            LOG.warning(
+                "instance %s: its SOP Instance UID was received before with other content "
+                "(pixels or how they are shown); shared as a new file",
+                spool_id,
+            )
+        return source
 
     def _fail(self, job: _Job, status: int, reason: str, what: str) -> int:
         """Count and log an instance that cannot be shared, move it to SPOOL/failed/, and

@@ -149,7 +149,7 @@ def test_every_received_instance_is_shared_as_ambiguate_shares_it(tmp_path, mode
     assert node.stats.stored == 4 and node.stats.failed == 0
     assert files(tmp_path / "keys" / "spool", ".dcm") == []
     records = [json.loads(line) for line in (tmp_path / "keys" / "manifest.jsonl").open()]
-    by_uid = {r["input"].removeprefix("dicom-instance:"): r for r in records}
+    by_uid = {r["input"].removeprefix("dicom-instance:").split("#")[0]: r for r in records}
     assert set(by_uid) == {str(d.SOPInstanceUID) for d in sent}
     for public in publics:
         data = public.read_bytes()
@@ -177,6 +177,28 @@ def test_an_instance_sent_again_is_acknowledged_not_shared_twice(tmp_path, model
         assert store(node.address, [ds, ds]) == [SUCCESS, SUCCESS]
     assert (node.stats.stored, node.stats.duplicates) == (1, 1)
     assert len(files(tmp_path / "p", ".primis")) == 1
+
+
+def test_a_known_uid_with_other_content_is_shared_as_a_new_file(tmp_path, model, caplog):
+    """Duplicates by content: the same instance in another transfer syntax is acknowledged
+    as a duplicate; a correction under the same SOP Instance UID (MONOCHROME1 instead of
+    MONOCHROME2) is shared as a new file, the conflict logged without identifiers."""
+    caplog.set_level("INFO", logger="primis.dicomnode")
+    ds = instance(45)
+    again = instance(45, syntax=RLELossless)
+    again.SOPInstanceUID = ds.SOPInstanceUID
+    corrected = instance(45)
+    corrected.SOPInstanceUID, corrected.PhotometricInterpretation = ds.SOPInstanceUID, "MONOCHROME1"
+    options = {"port": 0, "refine_steps": 0}
+    with DicomNode(tmp_path / "p", tmp_path / "k", model, **options) as node:
+        assert store(node.address, [ds]) == [SUCCESS]
+        assert store(node.address, [again, corrected]) == [SUCCESS, SUCCESS]
+    assert (node.stats.stored, node.stats.duplicates) == (2, 1)
+    assert len(files(tmp_path / "p", ".primis")) == 2
+    records = [json.loads(line) for line in (tmp_path / "k" / "manifest.jsonl").open()]
+    assert {r["input"].split("#")[0] for r in records} == {f"dicom-instance:{ds.SOPInstanceUID}"}
+    assert "received before with other content" in caplog.text
+    assert str(ds.SOPInstanceUID) not in caplog.text
 
 
 def test_only_allowed_calling_ae_titles_may_associate(tmp_path, model):
@@ -741,7 +763,7 @@ def test_orthanc_sends_studies_to_primis_serve_and_receives_restorations(tmp_pat
             publics = files(tmp_path / "p", ".primis")
             assert len(publics) == len(sent)
             records = [json.loads(line) for line in (tmp_path / "k" / "manifest.jsonl").open()]
-            by_uid = {r["input"].removeprefix("dicom-instance:"): r for r in records}
+            by_uid = {r["input"].removeprefix("dicom-instance:").split("#")[0]: r for r in records}
             model = primis.load_model("cxr", device="cpu")
             quality = []
             for ds in sent:

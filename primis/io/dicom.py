@@ -107,6 +107,39 @@ def read_dicom(path: Path) -> SourceImage:
     return SourceImage(pixels, details, invert=(photometric == "MONOCHROME1") != inverse)
 
 
+_DISPLAY_KEYWORDS = (
+    "ModalityLUTSequence",
+    "VOILUTSequence",
+    "VOILUTFunction",
+    "PresentationLUTSequence",
+    "PresentationLUTShape",
+    "RescaleType",
+)
+
+
+def content_fingerprint(path: Path) -> str:
+    """SHA-256 of what a DICOM instance shows: its decoded pixels (dtype and shape included)
+    and every attribute that changes how they are shown (photometric interpretation, bit
+    depth, rescale, window, LUTs, presentation LUT), not its transfer syntax or identifiers.
+    The same image sent again in another transfer syntax has the same fingerprint; a
+    correction (e.g. MONOCHROME1 for MONOCHROME2) has another."""
+    import hashlib
+    import json
+
+    import pydicom
+
+    source = read_dicom(path)
+    shown = {k: v for k, v in source.details.items() if k != "transfer_syntax"}
+    digest = hashlib.sha256(json.dumps(shown, sort_keys=True, default=str).encode())
+    digest.update(f"{source.pixels.dtype.str}{source.pixels.shape}".encode())
+    digest.update(np.ascontiguousarray(source.pixels).tobytes())
+    header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    for keyword in _DISPLAY_KEYWORDS:
+        if keyword in header:
+            digest.update(f"{keyword}={header[keyword].value!r}".encode())
+    return digest.hexdigest()
+
+
 def _check_image_header(ds, path: Path) -> None:
     """What PRIMIS refuses from a DICOM data set's header alone: no pixel data or floating
     point pixel data, multi-frame, no Rows and Columns, too many pixels."""
