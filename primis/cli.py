@@ -815,7 +815,7 @@ def serve(
 
 def _sop_classes(text: str) -> list[str] | None:
     """`serve --sop-classes`: None for image (the node's default), or the classes' UIDs."""
-    from pydicom.uid import UID
+    import re
 
     from primis.dicomnode import all_storage_classes
 
@@ -823,11 +823,11 @@ def _sop_classes(text: str) -> list[str] | None:
         return None
     if text == "all":
         return all_storage_classes()
-    uids = [UID(part.strip()) for part in text.split(",") if part.strip()]
-    bad = [str(uid) for uid in uids if not uid.is_valid]
-    if not uids or bad:
+    uids = [part.strip() for part in text.split(",") if part.strip()]
+    valid = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
+    if not uids or any(len(uid) > 64 or not valid.fullmatch(uid) for uid in uids):
         raise PrimisError(f"--sop-classes: image, all, or UIDs separated by commas, not {text!r}")
-    return [str(uid) for uid in uids]
+    return uids
 
 
 @cli.command("restore-to")

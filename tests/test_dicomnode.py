@@ -562,6 +562,13 @@ def test_serve_refuses_bad_settings_in_one_line(tmp_path, tiny_model_dir):
     folders = ["--public-dir", tmp_path / "p", "--key-dir", tmp_path / "k"]
     model = ["--model", tiny_model_dir]
     assert_clean_failure(run_cli("serve", *model, *folders, "--ae-title", "A" * 17), "AE title")
+    bad = {
+        "--sop-classes": (["--sop-classes", "not-a-uid"], "--sop-classes"),
+        "--to": (["--to", tmp_path / "missing.pub"], "not a PRIMIS recipient public key"),
+        "both": (["--passphrase", "--passphrase-file", tmp_path / "x"], "give one"),
+    }
+    for extra, message in bad.values():
+        assert_clean_failure(run_cli("serve", *model, *folders, *extra), message)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

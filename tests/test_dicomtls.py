@@ -4,6 +4,7 @@ certificate authority, node and client certificates made here."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -13,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import pydicom
@@ -173,6 +175,26 @@ def test_tls_settings_follow_bcp_195():
         assert context.check_hostname and context.verify_mode == ssl.CERT_REQUIRED
         ciphers = [c["name"] for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"]
         assert ciphers and all(("GCM" in c or "CHACHA20" in c) and "DHE" in c for c in ciphers)
+
+
+def test_tls_1_2_clients_get_a_bcp_195_suite_and_older_ones_are_refused(
+    tmp_path, pki, model, caplog
+):
+    caplog.set_level("INFO", logger="primis.dicomnode")
+    with DicomNode(tmp_path / "p", tmp_path / "k", model, port=0, tls=_mutual(pki)) as node:
+        twelve = client_tls(pki / "ca.crt", pki / "client.crt", pki / "client.key")
+        twelve.maximum_version = ssl.TLSVersion.TLSv1_2
+        association = _associate(node.address, twelve)
+        assert association.is_established
+        association.release()
+        old = client_tls(pki / "ca.crt", pki / "client.crt", pki / "client.key")
+        with warnings.catch_warnings():  # TLS 1.1 is deprecated: that is the point
+            warnings.simplefilter("ignore", DeprecationWarning)
+            old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+            old.maximum_version = ssl.TLSVersion.TLSv1_1
+        with contextlib.suppress(ssl.SSLError):  # OpenSSL here may refuse to offer TLS 1.1
+            assert not _associate(node.address, old).is_established
+    assert re.search(r"\(TLSv1\.2 ECDHE-RSA-(AES\d+-GCM-SHA\d+|CHACHA20-POLY1305)", caplog.text)
 
 
 def test_the_called_ae_title_can_be_required(tmp_path, model):
