@@ -128,6 +128,19 @@ def restored_pixels(public: Path, key_dir: Path, model) -> np.ndarray:
     return primis.restore(public.read_bytes(), key, model)
 
 
+def hold_sharing(monkeypatch) -> threading.Event:
+    """Make the node's sharing wait (up to 60 s) until the returned event is set."""
+    release = threading.Event()
+    share_file = dicomnode.share_file
+
+    def held(*args, **kwargs):
+        release.wait(60)
+        return share_file(*args, **kwargs)
+
+    monkeypatch.setattr(dicomnode, "share_file", held)
+    return release
+
+
 def test_every_received_instance_is_shared_as_ambiguate_shares_it(tmp_path, model, caplog):
     sent = [
         instance(1),
@@ -318,14 +331,7 @@ def test_a_worker_failure_answers_that_instance_and_the_node_goes_on(tmp_path, m
 
 
 def test_the_wait_for_an_answer_is_bounded(tmp_path, model, monkeypatch):
-    release = threading.Event()
-    share_file = dicomnode.share_file
-
-    def slow_share(*args, **kwargs):
-        release.wait(30)
-        return share_file(*args, **kwargs)
-
-    monkeypatch.setattr(dicomnode, "share_file", slow_share)
+    release = hold_sharing(monkeypatch)
     options = {"port": 0, "refine_steps": 0, "answer_timeout": 0.5, "ack": "after-share"}
     ds = instance(43)
     with DicomNode(tmp_path / "p", tmp_path / "k", model, **options) as node:
@@ -359,14 +365,7 @@ def test_after_spool_acknowledges_before_sharing_and_fails_fast_what_it_can(
     """The default (--ack after-spool): success once the instance is in the spool, while the
     share has not even started; an instance that fails the header checks gets 0xC000 at once;
     stopping shares what was acknowledged."""
-    release = threading.Event()
-    share_file = dicomnode.share_file
-
-    def held(*args, **kwargs):
-        release.wait(60)
-        return share_file(*args, **kwargs)
-
-    monkeypatch.setattr(dicomnode, "share_file", held)
+    release = hold_sharing(monkeypatch)
     frames = instance(50)
     frames.NumberOfFrames, frames.Rows = 2, frames.Rows // 2
     with DicomNode(tmp_path / "p", tmp_path / "k", model, port=0, refine_steps=0) as node:
@@ -387,11 +386,7 @@ def test_after_spool_acknowledges_before_sharing_and_fails_fast_what_it_can(
 
 
 def test_the_spool_quota_refuses_what_does_not_fit(tmp_path, model, monkeypatch):
-    release = threading.Event()
-    share_file = dicomnode.share_file
-    monkeypatch.setattr(
-        dicomnode, "share_file", lambda *a, **k: release.wait(60) and share_file(*a, **k)
-    )
+    release = hold_sharing(monkeypatch)
     options = {"port": 0, "refine_steps": 0, "queue_timeout": 0.0, "spool_max_bytes": 9000}
     with DicomNode(tmp_path / "p", tmp_path / "k", model, **options) as node:
         # each instance is under 9000 B, two are over: the first fits, the second does not
