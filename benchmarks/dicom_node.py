@@ -95,7 +95,7 @@ def measure(
     megapixels per second of the latter."""
     with tempfile.TemporaryDirectory() as tmp:
         folders = (Path(tmp) / "public", Path(tmp) / "keys")
-        node = DicomNode(*folders, model, host="127.0.0.1", port=0, refine_steps=refine_steps)
+        node = DicomNode(*folders, model, port=0, refine_steps=refine_steps, ack="after-share")
         send(node.start().address, [warm_up], [])
         waits: list[float] = []
         senders = [

@@ -23,14 +23,14 @@ import base64
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypedDict, Unpack
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from torch.utils.data import Dataset
 
 from primis import sharing
@@ -49,7 +49,7 @@ from primis.io.images import (
     source_from_array,
 )
 from primis.io.pixels import IntensityMapping
-from primis.keywrap import is_wrapped, load_identity, unwrap
+from primis.keywrap import KeyWrapping, is_wrapped, load_identity, unwrap
 from primis.modelstore import LoadedModel, pick_device, save_model
 from primis.modelstore import load_model as _load_model
 from primis.obfuscation import PRIVACY_PRESETS, check_mode_for_rate, privacy_warning
@@ -204,8 +204,9 @@ class SharedFile:
 
 
 def named_by_id(path: Path, names: Names) -> bool:
-    """Whether an input's outputs are named by its random file id (``names`` "id", or "auto"
-    for DICOM, whose file names often hold UIDs) rather than by its stem."""
+    """Whether an input's outputs are named by its random file id (``names`` "id", the
+    default: a file name often holds a patient's name, an accession number or a UID; or "auto"
+    for DICOM only, the former default) rather than by its stem ("stem")."""
     return names == "id" or (names == "auto" and is_dicom(Path(path)))
 
 
@@ -229,25 +230,34 @@ def share_file(
     key_dir: str | os.PathLike,
     model: ModelLike = None,
     *,
-    names: Names = "auto",
+    names: Names = "id",
     overwrite: bool = False,
     outputs: SharingOutputs | None = None,
     source: str | None = None,
+    recipients: Sequence[X25519PublicKey | str | os.PathLike] = (),
+    passphrase: str | None = None,
     **options: Unpack[ShareOptions],
 ) -> SharedFile | None:
     """What `primis ambiguate` does for one input: write PUBLIC_DIR/NAME.primis and
-    KEY_DIR/NAME.primiskey (0600) together, with their manifest lines, where NAME is the
-    input's stem or its file id (``names``). Returns None, writing nothing, when the input's
-    outputs exist already (``overwrite`` redoes them).
+    KEY_DIR/NAME.primiskey (0600) together, with their manifest lines, where NAME is its
+    random file id (``names`` "id", the default) or the input's stem ("stem"). Returns None,
+    writing nothing, when the input's outputs exist already (``overwrite`` redoes them).
 
     ``options`` are those of `share`. A batch passes one open ``outputs`` (the
     `SharingOutputs` of these two folders) to every call, so the manifests are read and
     compacted once. ``source`` names the input in the private manifest (default: its absolute
     path), e.g. the SOP Instance UID of an instance received over the network, whose file is
     temporary.
+
+    ``recipients`` (X25519 public keys or NAME.pub files) and/or ``passphrase`` write the key
+    wrapped for them (`primis.keywrap`), never in clear on disk; with ``outputs``, give them
+    to `SharingOutputs` (``wrapping``) instead.
     """
+    if outputs is not None and (recipients or passphrase):
+        raise PrimisError("with outputs=, give the key wrapping to SharingOutputs(wrapping=)")
     if outputs is None:
-        with SharingOutputs(Path(public_dir), Path(key_dir)) as opened:
+        wrapping = KeyWrapping(recipients, passphrase) if recipients or passphrase else None
+        with SharingOutputs(Path(public_dir), Path(key_dir), wrapping) as opened:
             return _share_into(opened, Path(path), model, names, overwrite, source, options)
     return _share_into(outputs, Path(path), model, names, overwrite, source, options)
 
@@ -263,9 +273,10 @@ class FileSharer:
     device: str
     public_dir: Path
     key_dir: Path
-    names: Names = "auto"
+    names: Names = "id"
     overwrite: bool = False
     options: ShareOptions = field(default_factory=dict)
+    wrapping: KeyWrapping | None = None  # keys written wrapped (`SharingOutputs`)
 
     def reuse(self, model: LoadedModel, outputs: SharingOutputs) -> FileSharer:
         """Give this process's loaded model and open outputs to the sharer (no second load)."""
@@ -279,7 +290,8 @@ class FileSharer:
     def __call__(self, path: Path) -> SharedFile | None:
         if self._opened not in _OPENED:  # once per process
             model = load_model(self.model, self.device)
-            _OPENED[self._opened] = model, SharingOutputs(self.public_dir, self.key_dir)
+            outputs = SharingOutputs(self.public_dir, self.key_dir, self.wrapping)
+            _OPENED[self._opened] = model, outputs
         model, outputs = _OPENED[self._opened]
         return share_file(
             path,

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from primis.errors import PrimisError, PrivacyWarning
 from primis.formats import KeyFile, PublicFile, read_file, sha256
 from primis.io.files import clean_stale_parts, default_mode, write_temporary, write_together
-from primis.keywrap import is_wrapped
+from primis.keywrap import KeyWrapping, is_wrapped
 
 SKIPPED = "skipped"
 # OS errors after which no later file of the batch can succeed: stop with one message.
@@ -178,13 +178,22 @@ class SharingOutputs:
     key; PUBLIC_DIR/manifest.jsonl lists only file ids, digests and sizes (none when both
     folders are one: the private manifest holds all it would).
 
-    Opening it creates the folders and removes a killed writer's temporary files; closing it
-    (the end of a ``with`` block) rewrites both manifests with each entry once.
+    Opening it creates the folders (a new key folder 0700) and removes a killed writer's
+    temporary files; closing it (the end of a ``with`` block) rewrites both manifests with each
+    entry once. With ``wrapping`` (`primis.keywrap.KeyWrapping`: recipients and/or a
+    passphrase) every key is encrypted in memory before it is written: no plain key, not even
+    a temporary one, reaches the key folder.
     """
 
-    def __init__(self, public_dir: Path, key_dir: Path) -> None:
+    def __init__(self, public_dir: Path, key_dir: Path, wrapping: KeyWrapping | None = None):
         self.public_dir, self.key_dir = Path(public_dir), Path(key_dir)
-        output_folders(self.public_dir, self.key_dir)
+        self.wrapping = wrapping
+        output_folders(self.public_dir)
+        if not self.key_dir.exists():
+            output_folders(self.key_dir.parent)
+            with contextlib.suppress(FileExistsError):
+                self.key_dir.mkdir(mode=0o700)
+        output_folders(self.key_dir)
         for folder in (self.public_dir, self.key_dir):
             clean_stale_parts(folder)
         self.private = Manifest(self.key_dir / "manifest.jsonl", "input", mode=0o600)
@@ -240,9 +249,11 @@ class SharingOutputs:
     def write(
         self, source: str, name: str, file_id: str, public: bytes, key: bytes, previous: dict | None
     ) -> dict:
-        """Write NAME.primis and NAME.primiskey together with the private manifest line (see
-        `write_together`), remove the input's outputs under other names, and return the
-        record."""
+        """Write NAME.primis and NAME.primiskey (wrapped where this has a ``wrapping``)
+        together with the private manifest line (see `write_together`), remove the input's
+        outputs under other names, and return the record."""
+        if self.wrapping is not None:
+            key = self.wrapping.wrap(key)
         public_path = (self.public_dir / f"{name}.primis").absolute()
         key_path = (self.key_dir / f"{name}.primiskey").absolute()
         record = {

@@ -256,6 +256,87 @@ def _share_options(model, k, fill, mask_signs, pad_size_class, maps, refine_step
     return options
 
 
+def _key_protection_options(func):
+    """--to, --passphrase and --passphrase-file: who the keys written are wrapped for (see
+    `_key_wrapping`)."""
+    func = click.option(
+        "--passphrase-file",
+        type=click.Path(path_type=Path),
+        help="wrap keys for the passphrase on this file's first line",
+    )(func)
+    func = click.option(
+        "--passphrase",
+        "use_passphrase",
+        is_flag=True,
+        help="wrap keys for a passphrase (prompt, or PRIMIS_PASSPHRASE)",
+    )(func)
+    return click.option(
+        "--to",
+        "recipients",
+        multiple=True,
+        type=click.Path(path_type=Path),
+        help="wrap keys for this recipient's public key NAME.pub (repeatable); keys are then "
+        "never written in clear",
+    )(func)
+
+
+def _key_wrapping(recipients, use_passphrase: bool, passphrase_file: Path | None):
+    """The `KeyWrapping` of `_key_protection_options`' values, or None (plain keys)."""
+    from primis.keywrap import KeyWrapping, read_passphrase_file
+
+    if use_passphrase and passphrase_file:
+        raise PrimisError("--passphrase and --passphrase-file: give one")
+    passphrase = read_passphrase_file(passphrase_file) if passphrase_file else None
+    if use_passphrase:
+        passphrase = _passphrase(confirm=True)
+    if not recipients and not passphrase:
+        return None
+    return KeyWrapping(recipients, passphrase)
+
+
+def _tls_options(side: str):
+    """--tls-cert, --tls-key, --tls-ca of `serve` (side "node") and `restore-to` ("client");
+    see `_tls_context`."""
+    ca_help = {
+        "node": "PEM bundle of the authorities whose client certificates are accepted: "
+        "mutual TLS, a client without one is refused",
+        "client": "PEM bundle of the authorities trusted to sign the node's certificate "
+        "(default with --tls: the system's)",
+    }[side]
+
+    def decorate(func):
+        path = click.Path(path_type=Path)
+        for name, text in reversed(
+            [
+                ("--tls-cert", f"this {side}'s certificate chain (PEM); with --tls-key: TLS"),
+                ("--tls-key", f"this {side}'s private key (PEM)"),
+                ("--tls-ca", ca_help),
+            ]
+        ):
+            func = click.option(name, type=path, help=text)(func)
+        return func
+
+    return decorate
+
+
+def _tls_context(side: str, cert: Path | None, key: Path | None, ca: Path | None, on=False):
+    """The ssl context of `_tls_options`' values (None: plain TCP). A node needs a certificate
+    and key for TLS; a client uses TLS when ``on`` or any of the three is given."""
+    from primis.dicomnode import client_tls, server_tls
+
+    if (cert is None) != (key is None):
+        raise PrimisError("--tls-cert and --tls-key go together")
+    if side == "node":
+        if cert is None:
+            if ca is not None:
+                raise PrimisError("--tls-ca needs --tls-cert and --tls-key (the node's own)")
+            return None
+        return server_tls(cert, key, ca)
+    if not (on or cert or ca):
+        return None
+    return client_tls(ca, cert, key)
+
+
 def _keep_rate(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
     if value is not None:
         ctx.meta.setdefault("primis.rate", {})[param.name] = value
@@ -370,12 +451,14 @@ def _run_batch(
 )
 @click.option(
     "--names",
-    type=click.Choice(["auto", "stem", "id"]),
-    default="auto",
+    type=click.Choice(["id", "stem", "auto"]),
+    default="id",
     show_default=True,
-    help="output names: the input's stem, or its random file id (the mapping stays in the "
-    "private manifest); auto: file id for DICOM inputs, whose names often hold UIDs",
+    help="output names: the input's random file id (the mapping stays in the private "
+    "manifest), or its stem (names often hold patient names or accession numbers: only for "
+    "inputs whose names carry nothing); auto: file id for DICOM inputs, stem for others",
 )
+@_key_protection_options
 def ambiguate(
     inputs,
     model_dir,
@@ -392,19 +475,25 @@ def ambiguate(
     shard,
     workers,
     names,
+    recipients,
+    use_passphrase,
+    passphrase_file,
 ) -> None:
     """Turn each image into PUBLIC_DIR/NAME.primis and KEY_DIR/NAME.primiskey, where NAME is
-    the input's stem or its random file id (--names).
+    its random file id (default) or the input's stem (--names stem).
 
     INPUTS are files, folders (searched recursively) or glob patterns. KEY_DIR/manifest.jsonl
     (0600) maps each input to its file id, public file and key, once per input;
     PUBLIC_DIR/manifest.jsonl lists only file ids, digests and sizes, and may travel with the
-    public files. A rerun after an interruption completes what is missing.
+    public files. A rerun after an interruption completes what is missing. With --to and/or a
+    passphrase, keys are wrapped in memory and written only wrapped (recommended for real
+    data: a key holds the image, and with --keep-header the patient header).
     """
     from primis.batch import SharingOutputs, duplicate_stems, expand, select_shard
     from primis.io.images import is_image_file
 
     items = select_shard(expand(inputs, is_image_file), shard)
+    wrapping = _key_wrapping(recipients, use_passphrase, passphrase_file)
     model = _load_model(model_dir)  # then what needs torch
     from primis.api import FileSharer, named_by_id
 
@@ -413,9 +502,9 @@ def ambiguate(
     )
     device = click.get_current_context().meta.get("primis.device", "auto")
     clashes = duplicate_stems([p for p in items if not named_by_id(p, names)])
-    with SharingOutputs(public_dir, key_dir) as outputs:
+    with SharingOutputs(public_dir, key_dir, wrapping) as outputs:
         sharer = FileSharer(
-            str(model.directory), device, public_dir, key_dir, names, overwrite, options
+            str(model.directory), device, public_dir, key_dir, names, overwrite, options, wrapping
         ).reuse(model, outputs)
         work = functools.partial(_shared_report, sharer)
         _run_batch(items, work, "ambiguate", clashes, workers)
@@ -438,8 +527,13 @@ def _shared_report(sharer, path: Path) -> str:
 
 
 def _wrapped_key_options(func):
-    """--identity and --passphrase: what opens keys wrapped for recipients (see
-    `_key_secrets`)."""
+    """--identity, --passphrase and --passphrase-file: what opens keys wrapped for recipients
+    (see `_key_secrets`)."""
+    func = click.option(
+        "--passphrase-file",
+        type=click.Path(path_type=Path),
+        help="keys are wrapped with the passphrase on this file's first line",
+    )(func)
     func = click.option(
         "--passphrase",
         "ask_passphrase",
@@ -451,11 +545,15 @@ def _wrapped_key_options(func):
     )(func)
 
 
-def _key_secrets(identity: Path | None, ask_passphrase: bool):
+def _key_secrets(identity: Path | None, ask_passphrase: bool, passphrase_file: Path | None):
     """The loaded identity and the passphrase of `_wrapped_key_options`' values."""
-    from primis.keywrap import load_identity
+    from primis.keywrap import load_identity, read_passphrase_file
 
+    if ask_passphrase and passphrase_file:
+        raise PrimisError("--passphrase and --passphrase-file: give one")
     secret = load_identity(identity) if identity else None
+    if passphrase_file:
+        return secret, read_passphrase_file(passphrase_file)
     return secret, _passphrase(confirm=False) if ask_passphrase else None
 
 
@@ -483,6 +581,7 @@ def disambiguate(
     without_key,
     identity,
     ask_passphrase,
+    passphrase_file,
     overwrite,
     shard,
     output_mode,
@@ -505,7 +604,7 @@ def disambiguate(
     if not 0 <= mode <= 0o777:
         raise PrimisError(f"--output-mode {output_mode}: expected octal permissions like 600")
     items = select_shard(expand(publics, lambda p: p.suffix == ".primis"), shard)
-    secret, passphrase = _key_secrets(identity, ask_passphrase)
+    secret, passphrase = _key_secrets(identity, ask_passphrase, passphrase_file)
     model = _load_model(model_dir)  # then what needs torch
     from primis.api import attacker_view_file, restore_file
 
@@ -533,7 +632,17 @@ def disambiguate(
 
 @cli.command()
 @click.option("--ae-title", default="PRIMIS", show_default=True, help="this node's AE title")
-@click.option("--host", default="0.0.0.0", show_default=True, help="address to listen on")
+@click.option(
+    "--require-called-ae",
+    is_flag=True,
+    help="refuse associations addressed to another AE title than --ae-title",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="address to listen on (0.0.0.0: every interface)",
+)
 @click.option(
     "--port", type=click.IntRange(0, 65535), default=11112, show_default=True, help="0: any free"
 )
@@ -550,12 +659,26 @@ def disambiguate(
     "--allow", multiple=True, help="accept associations only from this calling AE (repeatable)"
 )
 @click.option(
+    "--ack",
+    type=click.Choice(["after-spool", "after-share"]),
+    default="after-spool",
+    show_default=True,
+    help="answer C-STORE once the instance is synced in the spool and its header checked "
+    "(store-and-forward: seconds, whatever the refinement), or only once it is shared",
+)
+@click.option(
     "--queue",
     "queue_size",
     type=click.IntRange(min=1),
-    default=8,
+    help="instances spooled and not yet shared at most; more wait for room (back-pressure) "
+    "[default: 1000 with --ack after-spool, 8 with after-share]",
+)
+@click.option(
+    "--spool-quota-mb",
+    type=click.IntRange(min=1),
+    default=4096,
     show_default=True,
-    help="instances waiting to be shared at most; more wait for room (back-pressure)",
+    help="MiB of instances spooled and not yet shared at most; more wait for room",
 )
 @click.option(
     "--queue-timeout",
@@ -565,8 +688,46 @@ def disambiguate(
     help="seconds an instance waits for room before it is refused (0xA700)",
 )
 @click.option("--max-associations", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--sop-classes",
+    default="image",
+    show_default=True,
+    help="storage SOP classes accepted: image (the image storage classes), all, or UIDs "
+    "separated by commas",
+)
+@click.option(
+    "--max-pdu-kb",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="a PDU declaring more closes the connection before it is read",
+)
+@click.option(
+    "--max-instance-mb",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="an instance (data set) larger than this closes the connection while it arrives",
+)
+@click.option(
+    "--failed-keep",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    help="instances kept in SPOOL/failed/ at most (the newest)",
+)
+@click.option(
+    "--failed-days",
+    type=click.FloatRange(min=0),
+    default=7.0,
+    show_default=True,
+    help="days an instance is kept in SPOOL/failed/ at most",
+)
+@_tls_options("node")
+@_key_protection_options
 def serve(
     ae_title,
+    require_called_ae,
     host,
     port,
     public_dir,
@@ -581,22 +742,40 @@ def serve(
     refine_steps,
     keep_header,
     allow,
+    ack,
     queue_size,
+    spool_quota_mb,
     queue_timeout,
     max_associations,
+    sop_classes,
+    max_pdu_kb,
+    max_instance_mb,
+    failed_keep,
+    failed_days,
+    tls_cert,
+    tls_key,
+    tls_ca,
+    recipients,
+    use_passphrase,
+    passphrase_file,
 ) -> None:
     """Run a DICOM node: share every instance received by C-STORE as `ambiguate` does.
 
     A Storage SCP (the common storage SOP classes, every transfer syntax pydicom decodes) and
     Verification SCP. Each instance is spooled to disk first, then shared into
-    PUBLIC_DIR/<file id>.primis and KEY_DIR/<file id>.primiskey; the sender gets success only
-    once both are on disk. A restart shares what a killed node left in the spool. SIGTERM or
-    Ctrl-C stops it cleanly: queued instances are shared and answered first.
+    PUBLIC_DIR/<file id>.primis and KEY_DIR/<file id>.primiskey; the sender gets success once
+    it is synced in the spool and its header passes the fast checks (--ack after-spool), or
+    only once both files are on disk (--ack after-share). A restart shares what a killed node
+    left in the spool. SIGTERM or Ctrl-C stops it cleanly: queued instances are shared (and,
+    with after-share, answered) first.
     """
     import logging
     import signal
     import threading
 
+    tls = _tls_context("node", tls_cert, tls_key, tls_ca)
+    classes = _sop_classes(sop_classes)
+    wrapping = _key_wrapping(recipients, use_passphrase, passphrase_file)
     model = _load_model(model_dir)  # then what needs torch
     from primis.dicomnode import DicomNode
 
@@ -611,7 +790,17 @@ def serve(
         allow=allow,
         queue_size=queue_size,
         queue_timeout=queue_timeout,
+        ack=ack,
+        spool_max_bytes=spool_quota_mb << 20,
+        max_pdu_bytes=max_pdu_kb << 10,
+        max_instance_bytes=max_instance_mb << 20,
+        sop_classes=classes,
+        failed_keep=failed_keep,
+        failed_days=failed_days,
         max_associations=max_associations,
+        tls=tls,
+        require_called_ae=require_called_ae,
+        wrapping=wrapping,
         **_share_options(
             model, k, fill, mask_signs, pad_size_class, maps, refine_steps, keep_header
         ),
@@ -623,8 +812,9 @@ def serve(
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: stop.set())
     listening, bound = node.address
+    security = "plain TCP" if tls is None else "TLS" + (" with client certificates" * bool(tls_ca))
     click.echo(
-        f"listening as {ae_title} on {listening}:{bound}"
+        f"listening as {ae_title} on {listening}:{bound} ({security})"
         + (f" for {', '.join(allow)}" if allow else "")
         + f"; public files -> {public_dir}, keys -> {key_dir}",
         err=True,
@@ -640,6 +830,23 @@ def serve(
     )
 
 
+def _sop_classes(text: str) -> list[str] | None:
+    """`serve --sop-classes`: None for image (the node's default), or the classes' UIDs."""
+    import re
+
+    from primis.dicomnode import all_storage_classes
+
+    if text == "image":
+        return None
+    if text == "all":
+        return all_storage_classes()
+    uids = [part.strip() for part in text.split(",") if part.strip()]
+    valid = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
+    if not uids or any(len(uid) > 64 or not valid.fullmatch(uid) for uid in uids):
+        raise PrimisError(f"--sop-classes: image, all, or UIDs separated by commas, not {text!r}")
+    return uids
+
+
 @cli.command("restore-to")
 @click.argument("publics", nargs=-1, required=True)
 @_model_option
@@ -650,8 +857,24 @@ def serve(
 @click.option("--calling-ae", default="PRIMIS", show_default=True, help="this side's AE title")
 @_wrapped_key_options
 @click.option("--shard", help="I/N: process every N-th file from the I-th (0-based)")
+@click.option("--tls", "use_tls", is_flag=True, help="send over TLS (implied by --tls-*)")
+@_tls_options("client")
 def restore_to(
-    publics, model_dir, key_dir, host, port, called_ae, calling_ae, identity, ask_passphrase, shard
+    publics,
+    model_dir,
+    key_dir,
+    host,
+    port,
+    called_ae,
+    calling_ae,
+    identity,
+    ask_passphrase,
+    passphrase_file,
+    shard,
+    use_tls,
+    tls_cert,
+    tls_key,
+    tls_ca,
 ) -> None:
     """Send the authorized reconstruction of each PUBLIC file to a DICOM node by C-STORE.
 
@@ -662,7 +885,8 @@ def restore_to(
     from primis.batch import duplicate_stems, expand, select_shard
 
     items = select_shard(expand(publics, lambda p: p.suffix == ".primis"), shard)
-    secret, passphrase = _key_secrets(identity, ask_passphrase)
+    tls = _tls_context("client", tls_cert, tls_key, tls_ca, on=use_tls)
+    secret, passphrase = _key_secrets(identity, ask_passphrase, passphrase_file)
     model = _load_model(model_dir)  # then what needs torch
     from primis.dicomnode import StorageClient
     from primis.dicomnode import restore_to as send_restored
@@ -671,7 +895,7 @@ def restore_to(
         status = send_restored(path, key_dir, node, model, identity=secret, passphrase=passphrase)
         return f"{path.name} -> {called_ae} at {host}:{port} (status 0x{status:04X})"
 
-    with StorageClient(host, port, called_ae, calling_ae) as node:
+    with StorageClient(host, port, called_ae, calling_ae, tls=tls) as node:
         _run_batch(items, work, "restore-to", duplicate_stems(items))
 
 
@@ -715,37 +939,25 @@ def keys_gen(out: Path) -> None:
 
 @keys.command("wrap")
 @click.argument("keyfiles", nargs=-1, required=True)
-@click.option(
-    "--to",
-    "recipients",
-    multiple=True,
-    type=click.Path(path_type=Path),
-    help="recipient public key NAME.pub (repeatable)",
-)
-@click.option(
-    "--passphrase",
-    "use_passphrase",
-    is_flag=True,
-    help="also wrap for a passphrase (prompt, or PRIMIS_PASSPHRASE)",
-)
-def keys_wrap(keyfiles, recipients, use_passphrase) -> None:
-    """Encrypt key files in place for recipients and/or a passphrase."""
+@_key_protection_options
+def keys_wrap(keyfiles, recipients, use_passphrase, passphrase_file) -> None:
+    """Encrypt key files in place for recipients and/or a passphrase (keys written by
+    `ambiguate` or `serve` with --to or a passphrase are wrapped already, never in clear)."""
     from primis.batch import expand
     from primis.formats import KeyFile, read_file
     from primis.io.files import write_atomic
-    from primis.keywrap import is_wrapped, load_recipient, wrap
+    from primis.keywrap import is_wrapped
 
-    publics = [load_recipient(path) for path in recipients]
-    passphrase = _passphrase(confirm=True) if use_passphrase else None
-    if not publics and not passphrase:
-        raise PrimisError("keys wrap needs --to NAME.pub or --passphrase")
+    wrapping = _key_wrapping(recipients, use_passphrase, passphrase_file)
+    if wrapping is None:
+        raise PrimisError("keys wrap needs --to NAME.pub, --passphrase or --passphrase-file")
 
     def work(path: Path) -> str:
         data = read_file(path)
         if is_wrapped(data):
             raise PrimisError(f"{path}: already wrapped")
         KeyFile.from_bytes(data, str(path))  # wrap only valid keys
-        write_atomic(path, wrap(data, publics, passphrase), mode=0o600)
+        write_atomic(path, wrapping.wrap(data), mode=0o600)
         return f"{path}: wrapped"
 
     _run_batch(expand(keyfiles, lambda p: p.suffix == ".primiskey"), work, "wrap", {})

@@ -9,6 +9,11 @@ the header, which is authenticated as associated data, holds that data key wrapp
 recipient (ephemeral X25519 + HKDF-SHA256 + ChaCha20-Poly1305) or derived from a passphrase
 (scrypt). All primitives come from the `cryptography` library.
 
+Version 2 (written now) names no recipient: an identity finds its slot by trial decryption, as
+age does, so a wrapped key does not link a patient's key to the clinicians it is for; its
+passphrase slot uses scrypt with n = 2^18 (age's work factor). Version 1 files (recipients
+named, n = 2^15) still open.
+
 The header is validated (types, sizes, base64) before use; the slot count, at most one
 passphrase slot, and scrypt's memory (128 * n * r * p bytes) are bounded by `primis.limits`
 before any key derivation runs, so a hostile file cannot make opening it slow or large.
@@ -21,6 +26,7 @@ import binascii
 import json
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -34,13 +40,14 @@ from pydantic import BeforeValidator, Field, ValidationError
 
 from primis.config import Strict
 from primis.errors import PrimisError
-from primis.formats import validation_reason
+from primis.formats import read_file, validation_reason
 from primis.limits import MAX_KEY_SLOTS, MAX_SCRYPT_BYTES
 
 WRAPPED_MAGIC = b"PRIMIS\x00W"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _PREFIX = struct.Struct(">8sHI")
-SCRYPT = {"n": 2**15, "r": 8, "p": 1}
+SCRYPT = {"n": 2**18, "r": 8, "p": 1}  # written; a file's own parameters open it
 MAX_HEADER = 1 << 16
 _INFO = b"primis key wrap v1"
 
@@ -73,7 +80,7 @@ class _Slot(Strict):
 
 class X25519Slot(_Slot):
     type: Literal["x25519"]
-    recipient: _encoded(32)
+    recipient: _encoded(32) | None = None  # version 1 only: version 2 names no recipient
     ephemeral: _encoded(32)
 
 
@@ -101,7 +108,7 @@ def _header(data: bytes, name: str) -> tuple[WrappedHeader, int]:
     if len(data) < _PREFIX.size or not is_wrapped(data):
         raise PrimisError(f"{name}: not a wrapped PRIMIS key")
     _, version, length = _PREFIX.unpack_from(data)
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
         raise PrimisError(f"{name}: unsupported wrapped-key version {version}")
     end = _PREFIX.size + length
     if length > MAX_HEADER:
@@ -115,6 +122,12 @@ def _header(data: bytes, name: str) -> tuple[WrappedHeader, int]:
             f"{name}: corrupted wrapped key header ({validation_reason(err)})"
         ) from None
     MAX_KEY_SLOTS.check(len(header.slots), name)
+    for slot in header.slots:
+        if isinstance(slot, X25519Slot) and (slot.recipient is None) != (version >= 2):
+            raise PrimisError(
+                f"{name}: corrupted wrapped key header (recipient field does not fit "
+                f"version {version})"
+            )
     scrypt = [slot for slot in header.slots if isinstance(slot, ScryptSlot)]
     if len(scrypt) > 1:
         raise PrimisError(f"{name}: more than one passphrase slot")
@@ -130,12 +143,19 @@ def describe(data: bytes, name: str = "key") -> dict:
     """What `primis info` shows of a wrapped key: its slots, never their secrets."""
     header, _ = _header(data, name)
     slots = [
-        {"type": "x25519", "recipient": _b64(slot.recipient)}
+        ({"type": "x25519"} | ({"recipient": _b64(slot.recipient)} if slot.recipient else {}))
         if isinstance(slot, X25519Slot)
         else {"type": "scrypt", "params": slot.params.model_dump()}
         for slot in header.slots
     ]
-    return {"kind": "wrapped key", "cipher": header.cipher, "slots": slots, "bytes": len(data)}
+    version = _PREFIX.unpack_from(data)[1]
+    return {
+        "kind": "wrapped key",
+        "version": version,
+        "cipher": header.cipher,
+        "slots": slots,
+        "bytes": len(data),
+    }
 
 
 def generate_identity() -> tuple[bytes, bytes]:
@@ -186,42 +206,87 @@ def _scrypt(passphrase: str, salt: bytes, params: dict[str, int]) -> bytes:
     return Scrypt(salt=salt, length=32, **params).derive(passphrase.encode())
 
 
-def wrap(plain: bytes, recipients: list[X25519PublicKey], passphrase: str | None) -> bytes:
-    """Encrypt a key file's bytes for the recipients and/or a passphrase."""
-    if not recipients and not passphrase:
-        raise PrimisError("wrap needs at least one --to recipient or a passphrase")
-    data_key = ChaCha20Poly1305.generate_key()
-    slots = []
-    for recipient in recipients:
-        ephemeral = X25519PrivateKey.generate()
-        eph_raw, rec_raw = _raw(ephemeral.public_key()), _raw(recipient)
-        kek = _kek_from_exchange(ephemeral.exchange(recipient), eph_raw, rec_raw)
+class KeyWrapping:
+    """Who a key is wrapped for: X25519 ``recipients`` and/or a ``passphrase``. One object
+    wraps any number of keys (`wrap`); the passphrase's scrypt key is derived once, on the
+    first key, with one random salt, so a batch pays for scrypt once (each key still gets its
+    own random data key and nonces). Picklable, for batch workers."""
+
+    def __init__(
+        self,
+        recipients: Sequence[X25519PublicKey | str | os.PathLike] = (),
+        passphrase: str | None = None,
+    ) -> None:
+        loaded = [r if isinstance(r, X25519PublicKey) else load_recipient(r) for r in recipients]
+        self.recipients = [_raw(r) for r in loaded]
+        if not self.recipients and not passphrase:
+            raise PrimisError("wrapping needs at least one --to recipient or a passphrase")
+        self.passphrase = passphrase or None
+        self._scrypt: tuple[bytes, bytes] | None = None  # (salt, key-encryption key)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_scrypt": None}  # each process derives its own
+
+    def __repr__(self) -> str:
+        passphrase = ", a passphrase" if self.passphrase else ""
+        return f"KeyWrapping({len(self.recipients)} recipient(s){passphrase})"
+
+    def wrap(self, plain: bytes) -> bytes:
+        """A key file's bytes encrypted for these recipients and passphrase (version 2)."""
+        data_key = ChaCha20Poly1305.generate_key()
+        slots = []
+        for rec_raw in self.recipients:
+            ephemeral = X25519PrivateKey.generate()
+            eph_raw = _raw(ephemeral.public_key())
+            shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(rec_raw))
+            kek = _kek_from_exchange(shared, eph_raw, rec_raw)
+            nonce = os.urandom(12)
+            slots.append(
+                {
+                    "type": "x25519",
+                    "ephemeral": _b64(eph_raw),
+                    "nonce": _b64(nonce),
+                    "wrapped": _b64(ChaCha20Poly1305(kek).encrypt(nonce, data_key, None)),
+                }
+            )
+        if self.passphrase:
+            if self._scrypt is None:
+                salt = os.urandom(16)
+                self._scrypt = salt, _scrypt(self.passphrase, salt, SCRYPT)
+            salt, kek = self._scrypt
+            nonce = os.urandom(12)
+            slots.append(
+                {
+                    "type": "scrypt",
+                    "salt": _b64(salt),
+                    "params": SCRYPT,
+                    "nonce": _b64(nonce),
+                    "wrapped": _b64(ChaCha20Poly1305(kek).encrypt(nonce, data_key, None)),
+                }
+            )
+        header = json.dumps({"cipher": "chacha20-poly1305", "slots": slots}).encode()
+        prefix = _PREFIX.pack(WRAPPED_MAGIC, VERSION, len(header)) + header
         nonce = os.urandom(12)
-        slots.append(
-            {
-                "type": "x25519",
-                "recipient": _b64(rec_raw),
-                "ephemeral": _b64(eph_raw),
-                "nonce": _b64(nonce),
-                "wrapped": _b64(ChaCha20Poly1305(kek).encrypt(nonce, data_key, None)),
-            }
-        )
-    if passphrase:
-        salt, nonce = os.urandom(16), os.urandom(12)
-        kek = _scrypt(passphrase, salt, SCRYPT)
-        slots.append(
-            {
-                "type": "scrypt",
-                "salt": _b64(salt),
-                "params": SCRYPT,
-                "nonce": _b64(nonce),
-                "wrapped": _b64(ChaCha20Poly1305(kek).encrypt(nonce, data_key, None)),
-            }
-        )
-    header = json.dumps({"cipher": "chacha20-poly1305", "slots": slots}).encode()
-    prefix = _PREFIX.pack(WRAPPED_MAGIC, VERSION, len(header)) + header
-    nonce = os.urandom(12)
-    return prefix + nonce + ChaCha20Poly1305(data_key).encrypt(nonce, plain, prefix)
+        return prefix + nonce + ChaCha20Poly1305(data_key).encrypt(nonce, plain, prefix)
+
+
+def wrap(plain: bytes, recipients: list[X25519PublicKey], passphrase: str | None) -> bytes:
+    """Encrypt a key file's bytes for the recipients and/or a passphrase (`KeyWrapping`)."""
+    return KeyWrapping(recipients, passphrase).wrap(plain)
+
+
+def read_passphrase_file(path: str | os.PathLike) -> str:
+    """The passphrase in a file: its first line, without the line ending. An empty one, or a
+    file that cannot be read, is a PrimisError."""
+    path = Path(path)
+    try:
+        text = read_file(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise PrimisError(f"{path}: a passphrase file must be UTF-8 text") from None
+    lines = text.splitlines()
+    if not lines or not lines[0]:
+        raise PrimisError(f"{path}: empty passphrase")
+    return lines[0]
 
 
 def is_wrapped(data: bytes) -> bool:
@@ -259,7 +324,8 @@ def _open_slots(
     mine = _raw(identity.public_key()) if identity is not None else None
     for slot in slots:
         try:
-            if isinstance(slot, X25519Slot) and slot.recipient == mine:
+            # Version 1 names the recipient; version 2 does not: every x25519 slot is tried.
+            if isinstance(slot, X25519Slot) and mine and slot.recipient in (None, mine):
                 shared = identity.exchange(X25519PublicKey.from_public_bytes(slot.ephemeral))
                 kek = _kek_from_exchange(shared, slot.ephemeral, mine)
             elif isinstance(slot, ScryptSlot) and passphrase is not None:

@@ -96,7 +96,9 @@ def run_cli(*args: object, check: bool = False) -> subprocess.CompletedProcess:
 
 
 def ambiguate_cli(model: Path, *inputs: Path, out: Path, extra=()) -> subprocess.CompletedProcess:
-    """`primis ambiguate INPUTS` into OUT/public and OUT/keys with the given model."""
+    """`primis ambiguate INPUTS` into OUT/public and OUT/keys with the given model; outputs
+    named by the inputs' stems unless ``extra`` says --names."""
+    names = [] if "--names" in extra else ["--names", "stem"]
     return run_cli(
         "ambiguate",
         *inputs,
@@ -106,6 +108,7 @@ def ambiguate_cli(model: Path, *inputs: Path, out: Path, extra=()) -> subprocess
         out / "public",
         "--key-dir",
         out / "keys",
+        *names,
         *extra,
     )
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import primis
 from primis.formats import PUBLIC_MAGIC
 from tests.conftest import ambiguate_cli, assert_clean_failure, run_cli, smooth_image
 
@@ -23,6 +24,8 @@ def shared(tmp_path, image_files, tiny_model_dir):
     public_dir, key_dir = tmp_path / "public", tmp_path / "keys"
     run_cli(
         "ambiguate",
+        "--names",
+        "stem",
         *image_files,
         "--model",
         tiny_model_dir,
@@ -59,6 +62,11 @@ def test_round_trip_keeps_size_dtype_and_range(tmp_path, image_files, tiny_model
             restored.dtype == np.int32 and "deep" in source.name
         )
         assert restored.min() >= original.min() and restored.max() <= original.max()
+        # The pixels written are the reconstruction of this key, value for value.
+        public = public_dir / f"{source.stem}.primis"
+        key = key_dir / f"{source.stem}.primiskey"
+        expected = primis.restore(public.read_bytes(), key.read_bytes(), model=tiny_model_dir)
+        np.testing.assert_array_equal(restored, expected)
 
 
 def test_key_files_are_private_and_public_files_anonymous(image_files, shared):
@@ -168,7 +176,18 @@ def test_info_and_argument_errors_answer_without_torch(shared, tmp_path):
     calls = [
         ["info", public_dir / "patient_gray.primis"],
         ["info", key_dir / "patient_gray.primiskey"],
-        ["ambiguate", public_dir, "--public-dir", tmp_path, "--key-dir", tmp_path, "--shard", "x"],
+        [
+            "ambiguate",
+            "--names",
+            "stem",
+            public_dir,
+            "--public-dir",
+            tmp_path,
+            "--key-dir",
+            tmp_path,
+            "--shard",
+            "x",
+        ],
         ["disambiguate", public_dir, "--out-dir", tmp_path],
         ["keys", "--help"],
     ]
@@ -217,6 +236,8 @@ def test_key_of_an_older_public_file_fails_cleanly(tmp_path, image_files, tiny_m
     newer = tmp_path / "newer"
     run_cli(
         "ambiguate",
+        "--names",
+        "stem",
         gray,
         "--model",
         tiny_model_dir,
@@ -279,6 +300,8 @@ def test_missing_key_and_bad_inputs_fail_cleanly(tmp_path, tiny_model_dir, share
     not_image.write_text("hello")
     result = run_cli(
         "ambiguate",
+        "--names",
+        "stem",
         not_image,
         "--model",
         tiny_model_dir,
@@ -290,6 +313,8 @@ def test_missing_key_and_bad_inputs_fail_cleanly(tmp_path, tiny_model_dir, share
     assert_clean_failure(result, "cannot read image")
     result = run_cli(
         "ambiguate",
+        "--names",
+        "stem",
         not_image,
         "--model",
         tmp_path,
@@ -309,6 +334,8 @@ def test_a_failing_file_does_not_stop_the_batch(tmp_path, image_files, tiny_mode
     broken.write_bytes(b"\xff\xd8\xff" + bytes(20))
     result = run_cli(
         "ambiguate",
+        "--names",
+        "stem",
         broken,
         *image_files,
         "--model",
@@ -355,6 +382,8 @@ def test_outputs_keep_the_inputs_type_dtype_and_range(tmp_path, tiny_model_dir, 
         np.save(source, pixels)
     run_cli(
         "ambiguate",
+        "--names",
+        "stem",
         source,
         "--model",
         tiny_model_dir,
@@ -390,6 +419,8 @@ def test_lower_k_at_ambiguate_gives_a_smaller_key_that_still_opens(
         out = tmp_path / f"k{k}"
         run_cli(
             "ambiguate",
+            "--names",
+            "stem",
             gray,
             "--model",
             tiny_model_dir,
@@ -418,6 +449,8 @@ def test_lower_k_at_ambiguate_gives_a_smaller_key_that_still_opens(
     assert sizes[1] < sizes[2]
     result = run_cli(
         "ambiguate",
+        "--names",
+        "stem",
         gray,
         "--model",
         tiny_model_dir,
@@ -491,9 +524,11 @@ def test_export_half_writes_a_smaller_loadable_model(tmp_path, tiny_model_dir):
 def test_device_option_names_where_the_model_runs(tmp_path, tiny_model_dir, image_files):
     common = [image_files[0], "--model", tiny_model_dir, "--refine-steps", "0"]
     out = ["--public-dir", tmp_path / "p", "--key-dir", tmp_path / "k"]
-    assert_clean_failure(run_cli("ambiguate", *common, *out, "--device", "cuda"), "no CUDA")
+    assert_clean_failure(
+        run_cli("ambiguate", "--names", "stem", *common, *out, "--device", "cuda"), "no CUDA"
+    )
     assert not (tmp_path / "p").exists()
-    run_cli("ambiguate", *common, *out, "--device", "cpu", check=True)
+    run_cli("ambiguate", "--names", "stem", *common, *out, "--device", "cpu", check=True)
     assert len(list((tmp_path / "p").glob("*.primis"))) == 1
 
 

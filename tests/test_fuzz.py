@@ -2,7 +2,10 @@
 
 Cases are mutations of valid files: raw byte damage (bit flips, truncation, insertion,
 deletion, extreme integers), and structured edits with the checksum recomputed (header fields
-set to huge numbers, wrong types, deep nesting; key payload bits). Each case runs the
+set to huge numbers, wrong types, deep nesting; key payload bits). Most structured edits of a
+public file or a key are then resealed (`_reseal`: the pair bound to each other again as
+`formats.seal_pair` binds it), so that the hostile content reaches the header checks and
+decoders instead of stopping at the binding. Each case runs the
 `primis` command line in one worker process under a 2 GB address-space limit
 (`resource.setrlimit`) and a 30 s alarm; a case that crashes or hangs the worker fails and the
 worker restarts after it. Every case must end with exit 0 or a one-line `error:` (no
@@ -31,6 +34,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from primis import keywrap
 from tests.conftest import run_cli, smooth_image
 from tests.test_dicom import _write_dicom
 
@@ -39,6 +43,9 @@ CASE_SECONDS = 30
 ROOT = Path(__file__).resolve().parents[1]
 PASSPHRASE = "fuzz passphrase"
 EXTREMES = [0, 1, -1, 2**31, 2**32 + 1, 2**63, 10**30, 1e308, -1e308, "1e999", 0.5]
+RESEALED = ("public edited", "public huge", "key edited", "key payload")
+# What the binding of a pair says when an edit was not resealed (see `formats.open_pair`).
+BINDING_REFUSALS = ("the key was edited", "made for a different version", "checksum mismatch")
 ODD_VALUES = [None, True, "x" * 5000, [], {}, [[[[1]]]], {"a": {"b": 1}}, "", "\u0000"]
 
 
@@ -150,6 +157,29 @@ def _container(prefix: bytes, header: object, payload: bytes) -> bytes:
     return body + hashlib.sha256(body).digest()
 
 
+def _reseal(public: bytes, key: bytes) -> tuple[bytes, bytes]:
+    """The pair bound again after an edit, as `formats.seal_pair` binds it: the key's
+    commitment into the public header, the public file's digest into the key, checksums
+    recomputed; the readers then meet the edited content itself, not a digest mismatch. A key
+    whose header no longer parses cannot be committed to; it is bound to the public file
+    only."""
+    from primis.errors import PrimisError
+    from primis.formats import KeyFile
+
+    prefix, header, payload = _container_parts(public)
+    try:
+        commitment = KeyFile.from_bytes(key).commitment()
+    except PrimisError:
+        commitment = None
+    if commitment is not None and isinstance(header, dict):
+        public = _container(prefix, {**header, "key_commitment": commitment}, payload)
+    key_prefix, key_header, key_payload = _container_parts(key)
+    if isinstance(key_header, dict):
+        key_header = {**key_header, "public_sha256": hashlib.sha256(public).hexdigest()}
+        key = _container(key_prefix, key_header, key_payload)
+    return public, key
+
+
 def _odd(rng: random.Random) -> object:
     value = rng.choice(EXTREMES + ODD_VALUES)
     return float(value) if value == "1e999" else value
@@ -248,16 +278,19 @@ def _base_files(folder: Path, model: Path) -> dict[str, Path]:
     np.save(folder / "scan.npy", pixels.astype(np.float32))
     _write_dicom(folder / "scan.dcm", pixels.astype(np.uint16) * 16, "MONOCHROME2")
     run_cli(
-        "ambiguate", folder / "scan.png", "--model", model, "--public-dir", folder,
-        "--key-dir", folder, "--refine-steps", "0", check=True,
+        "ambiguate", "--names", "stem", folder / "scan.png", "--model", model,
+        "--public-dir", folder, "--key-dir", folder, "--refine-steps", "0", check=True,
     )  # fmt: skip
     run_cli("keys", "gen", "--out", folder / "alice", check=True)
     wrapped = folder / "wrapped.primiskey"
     wrapped.write_bytes((folder / "scan.primiskey").read_bytes())
     os.environ["PRIMIS_PASSPHRASE"] = PASSPHRASE
+    written = keywrap.SCRYPT
+    keywrap.SCRYPT = {"n": 2**14, "r": 8, "p": 1}  # a file's own parameters open it: fast cases
     try:
         run_cli("keys", "wrap", wrapped, "--to", folder / "alice.pub", "--passphrase", check=True)
     finally:
+        keywrap.SCRYPT = written
         del os.environ["PRIMIS_PASSPHRASE"]
     return {p.name: p for p in folder.iterdir()}
 
@@ -304,9 +337,13 @@ def _cases(base: dict[str, Path], model: Path, work: Path, count: int, seed: int
         elif kind.startswith("wrapped"):
             case_key = (_damage if kind == "wrapped damaged" else _edit_wrapped)(wrapped, rng)
             disambiguate += rng.choice([["--passphrase"], ["--identity", base["alice"]]])
+        resealed = False
         if kind.startswith("public") and rng.random() < 0.4:
             disambiguate = [*disambiguate[:4], "--without-key", *disambiguate[6:]]
             strict = kind == "public damaged"  # an edited public file is just another file
+        elif kind in RESEALED and rng.random() < 0.8:  # past the binding, to the decoders
+            case_public, case_key = _reseal(case_public, case_key)
+            resealed, strict = True, False  # a resealed edit is another, consistent pair
         (folder / "scan.primis").write_bytes(case_public)
         (folder / "keys" / "scan.primiskey").write_bytes(case_key)
         args = disambiguate
@@ -317,8 +354,9 @@ def _cases(base: dict[str, Path], model: Path, work: Path, count: int, seed: int
                 (folder / source.name).write_bytes(_image_header(source, data, rng))
             else:
                 (folder / source.name).write_bytes(_damage(data, rng))
-            args = ["ambiguate", folder / source.name, "--model", model, "--public-dir", out,
-                    "--key-dir", folder / "keys", "--refine-steps", "0"]  # fmt: skip
+            args = ["ambiguate", "--names", "stem", folder / source.name, "--model", model,
+                    "--public-dir", out, "--key-dir", folder / "keys",
+                    "--refine-steps", "0"]  # fmt: skip
             strict = False  # a damaged image may still be a valid image
         elif kind == "info":
             victim = rng.choice([public, key, wrapped])
@@ -329,7 +367,7 @@ def _cases(base: dict[str, Path], model: Path, work: Path, count: int, seed: int
             args, out, strict = ["info", folder / "file"], None, False
         cases.append(
             {"id": index, "kind": kind, "args": [str(a) for a in args],
-             "out": str(out) if out else None, "strict": strict}
+             "out": str(out) if out else None, "strict": strict, "resealed": resealed}
         )  # fmt: skip
     return cases
 
@@ -354,9 +392,13 @@ def test_fuzz_every_reader(tmp_path, tiny_model_dir):
         same = wrote == ["scan.png"] and (Path(case["out"]) / "scan.png").read_bytes() == expected
         if not clean or (case["strict"] and wrote and not same):
             problems.append(f"case {case['id']} ({case['kind']}): {result} {case['args']}")
+        if case["resealed"] and any(text in result["stderr"] for text in BINDING_REFUSALS):
+            problems.append(f"case {case['id']} ({case['kind']}): not resealed: {result}")
     assert not problems, f"{len(problems)} of {len(cases)} cases failed:\n" + "\n".join(
         problems[:20]
     )
     assert len(results) == count
     kinds = {case["kind"] for case in cases}
     assert len(kinds) == 10 or count < 100, kinds
+    resealed = [case for case in cases if case["resealed"]]
+    assert len(resealed) >= count // 5, "too few hostile pairs got past the binding"

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from PIL import Image
 
 from primis import formats
@@ -129,6 +130,9 @@ def test_decoding_a_grid_is_bounded_by_the_pixel_limit(tmp_path, tiny_model_dir,
 
 
 # Finding 2: wrapped-key headers of the wrong types.
+WRAPPED = wrap(b"plain", [X25519PrivateKey.generate().public_key()], None)  # any wrapped key
+
+
 def _rewrapped(data: bytes, header: bytes) -> bytes:
     """A wrapped key with its header replaced (the AEAD no longer matches, which is the point:
     validation must refuse it first, in one line)."""
@@ -152,7 +156,7 @@ def _rewrapped(data: bytes, header: bytes) -> bytes:
     ],
 )
 def test_wrapped_key_headers_of_wrong_types_are_refused(header):
-    data = _rewrapped(wrap(b"plain", [], "pass"), header)
+    data = _rewrapped(WRAPPED, header)
     with pytest.raises(PrimisError, match="corrupted wrapped key header"):
         unwrap(data, None, "pass")
 
@@ -179,9 +183,10 @@ def _scrypt_slot(n: int) -> dict:
 )
 def test_scrypt_cost_and_slot_count_are_bounded(slots, message):
     header = json.dumps({"cipher": "chacha20-poly1305", "slots": slots}).encode()
+    data = _rewrapped(WRAPPED, header)
     started = time.perf_counter()
     with pytest.raises(PrimisError, match=message):
-        unwrap(_rewrapped(wrap(b"plain", [], "pass"), header), None, "pass")
+        unwrap(data, None, "pass")
     assert time.perf_counter() - started < 1
 
 
@@ -484,7 +489,7 @@ def test_dicom_outputs_hide_uids_and_do_not_overclaim(tmp_path, tiny_model_dir, 
     source = _write_dicom(tmp_path / "in" / f"{uid}.dcm", pixels, "MONOCHROME2",
                           BurnedInAnnotation="YES")  # fmt: skip
     out = tmp_path / "out"
-    _ambiguate(tiny_model_dir, source, out=out).check_returncode()
+    _ambiguate(tiny_model_dir, source, out=out, extra=["--names", "id"]).check_returncode()
     (public,) = (out / "public").glob("*.primis")
     assert uid not in public.name and uid not in (out / "public" / "manifest.jsonl").read_text()
     assert uid in (out / "keys" / "manifest.jsonl").read_text()
@@ -493,11 +498,18 @@ def test_dicom_outputs_hide_uids_and_do_not_overclaim(tmp_path, tiny_model_dir, 
     assert ds.BurnedInAnnotation == "YES" and ds.PatientIdentityRemoved == "NO"
     assert len(ds.DeidentificationMethod) <= 64
     assert not [w for w in recwarn if "DeidentificationMethod" in str(w.message)]
-    plain = _write_dicom(tmp_path / "in2" / "plain.dcm", pixels, "MONOCHROME2")
-    _ambiguate(tiny_model_dir, plain, out=out, extra=["--names", "stem"]).check_returncode()
-    _disambiguate(tiny_model_dir, out / "public" / "plain.primis", out / "keys", tmp_path / "r")
-    ds = pydicom.dcmread(tmp_path / "r" / "plain.dcm")
-    assert ds.PatientIdentityRemoved == "YES" and len(ds.DeidentificationMethod) <= 64
+    # Identity removed is claimed only where the input says there is no burned-in text.
+    for name, said, removed in (
+        ("plain", {}, "NO"),
+        ("clean", {"BurnedInAnnotation": "NO"}, "YES"),
+    ):
+        plain = _write_dicom(tmp_path / "in2" / f"{name}.dcm", pixels, "MONOCHROME2", **said)
+        _ambiguate(tiny_model_dir, plain, out=out, extra=["--names", "stem"]).check_returncode()
+        public = out / "public" / f"{name}.primis"
+        _disambiguate(tiny_model_dir, public, out / "keys", tmp_path / "r").check_returncode()
+        ds = pydicom.dcmread(tmp_path / "r" / f"{name}.dcm")
+        assert ds.PatientIdentityRemoved == removed and len(ds.DeidentificationMethod) <= 64
+        assert ("DeidentificationMethodCodeSequence" in ds) == (removed == "YES")
 
 
 # Finding 13: image sizes are checked from headers, before decoding.

@@ -73,11 +73,26 @@ def test_noise_is_indistinguishable_by_value_and_sign():
 
 
 def test_noise_comes_from_the_os_csprng(monkeypatch):
-    calls = []
-    real = os.urandom
-    monkeypatch.setattr(os, "urandom", lambda size: calls.append(size) or real(size))
-    ambiguate(random_code(10, 32, 2), 2, ObfuscationConfig(fill=0.5))
-    assert calls, "ambiguation drew no randomness from os.urandom"
+    """All of ambiguation's randomness is os.urandom's: with os.urandom replaced by a seeded
+    stream the public code is a function of the stream (same stream, same code; another
+    stream, another code). Noise from any other source (numpy's generator, `random`, `secrets`
+    bound at import) would make two runs on the same stream differ."""
+    code = random_code(200, 64, 3, seed=6)
+
+    def public_for(seed: int) -> np.ndarray:
+        stream = np.random.default_rng(seed)
+        calls = []
+        monkeypatch.setattr(os, "urandom", lambda size: calls.append(size) or stream.bytes(size))
+        shown = ambiguate(code, 3, ObfuscationConfig(fill=0.5))
+        assert calls, "ambiguation drew no randomness from os.urandom"
+        return shown
+
+    first = public_for(1)
+    np.testing.assert_array_equal(public_for(1), first)
+    assert not np.array_equal(public_for(2), first)
+    monkeypatch.setattr(os, "urandom", lambda size: bytes(size))  # all-zero "randomness"
+    zeros = ambiguate(code, 3, ObfuscationConfig(fill=0.5))
+    np.testing.assert_array_equal(zeros, ambiguate(code, 3, ObfuscationConfig(fill=0.5)))
 
 
 def test_two_ambiguations_differ():

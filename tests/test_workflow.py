@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from PIL import Image
 
+import primis
 from primis.errors import PrimisError
 from primis.formats import KeyFile
 from tests.conftest import ambiguate_cli, assert_clean_failure, run_cli, smooth_image
@@ -97,11 +98,13 @@ def test_dicom_round_trip_with_and_without_the_original_header(tmp_path, tiny_mo
         RescaleIntercept="0",
         Modality="DX",
         StudyDescription="CHEST PA",
+        BurnedInAnnotation="NO",
     )
     for keep, out in ((True, tmp_path / "kept"), (False, tmp_path / "anon")):
         extra = ["--keep-header"] if keep else []
-        ambiguate_cli(tiny_model_dir, source, out=out, extra=extra)
-        # DICOM outputs are named by their random file id (names often hold UIDs).
+        ambiguate_cli(tiny_model_dir, source, out=out, extra=["--names", "auto", *extra])
+        # DICOM outputs are named by their random file id (names often hold UIDs), even
+        # with --names auto (stems for other inputs).
         (public_path,) = (out / "public").glob("*.primis")
         public = public_path.read_bytes()
         for secret in (b"Doe", b"PID-12345", b"CHEST", b"MONOCHROME", b"cxr"):
@@ -121,11 +124,15 @@ def test_dicom_round_trip_with_and_without_the_original_header(tmp_path, tiny_mo
         assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
         assert ds.PhotometricInterpretation == "MONOCHROME1" and ds.BitsStored == 12
         assert ds.pixel_array.shape == pixels.shape and ds.pixel_array.dtype == np.uint16
+        key = (out / "keys" / f"{public_path.stem}.primiskey").read_bytes()
+        expected = primis.restore(public, key, model=tiny_model_dir)
+        np.testing.assert_array_equal(ds.pixel_array, expected)  # stored values, not inverted
         if keep:
             assert ds.PatientName == "Doe^Jane" and ds.StudyDescription == "CHEST PA"
         else:
             assert "Doe" not in str(ds) and "PID-12345" not in str(ds)
-            assert ds.PatientIdentityRemoved == "YES"
+            assert ds.PatientIdentityRemoved == "YES"  # the input says: no burned-in text
+            assert ds.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
 
 
 def test_wrapped_keys_open_only_for_their_recipient_or_passphrase(
@@ -214,6 +221,8 @@ def test_a_killed_batch_leaves_no_partial_output_and_reruns_to_completion(tmp_pa
         "-m",
         "primis",
         "ambiguate",
+        "--names",
+        "stem",
         str(inputs),
         "--model",
         str(tiny_model_dir),

@@ -26,6 +26,7 @@ DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"
 # At most 64 characters: DeidentificationMethod is an LO element.
 DEIDENTIFICATION_METHOD = "PRIMIS reconstruction; new header, PS3.15 Annex E basic profile"
 BURNED_IN_METHOD = "PRIMIS reconstruction; new header; burned-in text kept"
+UNKNOWN_TEXT_METHOD = "PRIMIS reconstruction; new header; pixels not checked for text"
 
 
 def _numbers(value) -> float | list[float]:
@@ -59,16 +60,7 @@ def read_dicom(path: Path) -> SourceImage:
     except InvalidDicomError:
         ds = _read_bare_dataset(path)
         syntax = str(ds.file_meta.TransferSyntaxUID)
-    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
-        raise PrimisError(f"{path}: floating-point DICOM pixel data is not supported")
-    if "PixelData" not in ds:
-        raise PrimisError(f"{path}: DICOM file has no pixel data")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise PrimisError(f"{path}: multi-frame DICOM ({frames} frames) is not supported")
-    if "Rows" not in ds or "Columns" not in ds:
-        raise PrimisError(f"{path}: DICOM pixel data without Rows and Columns")
-    check_size(int(ds.Rows) * int(ds.Columns), path)
+    _check_image_header(ds, path)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     try:
         # as_rgb off: YBR_FULL(_422) stays YCbCr, whose first channel is the luminance itself
@@ -113,6 +105,71 @@ def read_dicom(path: Path) -> SourceImage:
         reason = validation_reason(err)
         raise PrimisError(f"{path}: unusable DICOM attributes ({reason})") from None
     return SourceImage(pixels, details, invert=(photometric == "MONOCHROME1") != inverse)
+
+
+_DISPLAY_KEYWORDS = (
+    "ModalityLUTSequence",
+    "VOILUTSequence",
+    "VOILUTFunction",
+    "PresentationLUTSequence",
+    "PresentationLUTShape",
+    "RescaleType",
+)
+
+
+def content_fingerprint(path: Path) -> str:
+    """SHA-256 of what a DICOM instance shows: its decoded pixels (dtype and shape included)
+    and every attribute that changes how they are shown (photometric interpretation, bit
+    depth, rescale, window, LUTs, presentation LUT), not its transfer syntax or identifiers.
+    The same image sent again in another transfer syntax has the same fingerprint; a
+    correction (e.g. MONOCHROME1 for MONOCHROME2) has another."""
+    import hashlib
+    import json
+
+    import pydicom
+
+    source = read_dicom(path)
+    shown = {k: v for k, v in source.details.items() if k != "transfer_syntax"}
+    digest = hashlib.sha256(json.dumps(shown, sort_keys=True, default=str).encode())
+    digest.update(f"{source.pixels.dtype.str}{source.pixels.shape}".encode())
+    digest.update(np.ascontiguousarray(source.pixels).tobytes())
+    header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    for keyword in _DISPLAY_KEYWORDS:
+        if keyword in header:
+            digest.update(f"{keyword}={header[keyword].value!r}".encode())
+    return digest.hexdigest()
+
+
+def _check_image_header(ds, path: Path) -> None:
+    """What PRIMIS refuses from a DICOM data set's header alone: no pixel data or floating
+    point pixel data, multi-frame, no Rows and Columns, too many pixels."""
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        raise PrimisError(f"{path}: floating-point DICOM pixel data is not supported")
+    if "PixelData" not in ds:
+        raise PrimisError(f"{path}: DICOM file has no pixel data")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise PrimisError(f"{path}: multi-frame DICOM ({frames} frames) is not supported")
+    if "Rows" not in ds or "Columns" not in ds:
+        raise PrimisError(f"{path}: DICOM pixel data without Rows and Columns")
+    check_size(int(ds.Rows) * int(ds.Columns), path)
+
+
+def check_dicom_header(path: Path) -> None:
+    """Fail fast (a PrimisError) on a DICOM file with file meta that `read_dicom` would refuse
+    from its header alone (see `_check_image_header`), without decoding its pixels: what the
+    DICOM node checks before it acknowledges an instance it will share later."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        if str(meta.get("TransferSyntaxUID", "")) == DEFLATED_DICOM:
+            _check_inflated(path, 132 + 12 + int(meta.FileMetaInformationGroupLength))
+        ds = pydicom.dcmread(path, defer_size=1024)
+    except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError) as err:
+        raise PrimisError(f"{path}: not a readable DICOM instance ({one_line(err)})") from None
+    _check_image_header(ds, path)
 
 
 def _check_inflated(path: Path, start: int) -> None:
@@ -176,11 +233,28 @@ def is_dicom(path: Path) -> bool:
 def original_header(path: Path) -> bytes:
     """The input's DICOM header without pixel data, serialised as a DICOM file."""
     import pydicom
+    from pydicom.errors import InvalidDicomError
 
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:  # no preamble and file meta (read as `read_dicom` reads it)
+        ds = _read_bare_dataset(path)
+        for pixels in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            if pixels in ds:
+                delattr(ds, pixels)
     buffer = io.BytesIO()
     ds.save_as(buffer)
     return buffer.getvalue()
+
+
+def _own_rescale_units(sop_class) -> bool:
+    """Whether the SOP class's image module defines the rescale's units itself (CT: Hounsfield
+    units unless Rescale Type says otherwise; MR and PET likewise), so that PRIMIS must not add
+    a Rescale Type of its own."""
+    from pydicom.uid import UID
+
+    name = UID(str(sop_class)).name
+    return any(kind in name for kind in ("CT Image", "MR Image", "PET Image"))
 
 
 def _set_pixels(ds, pixels: np.ndarray, details: dict) -> None:
@@ -207,20 +281,25 @@ def _set_pixels(ds, pixels: np.ndarray, details: dict) -> None:
     if "rescale_slope" in details:
         ds.RescaleSlope = f"{details['rescale_slope']:g}"
         ds.RescaleIntercept = f"{details['rescale_intercept']:g}"
+        if "RescaleType" not in ds and not _own_rescale_units(ds.SOPClassUID):
+            ds.RescaleType = "US"  # Type 1C with a rescale (Modality LUT): unspecified
     ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
     ds["PixelData"].VR = "OB" if allocated == 8 else "OW"
 
 
 def _deidentified(ds, burned_in: bool | None) -> None:
-    """The de-identification attributes of a new header. Pixels with burned-in annotation may
-    show identifying text, so such an output says so instead of claiming identity removed."""
+    """The de-identification attributes of a new header, claiming only what was done: the
+    header is new, the pixels are the input's. Identity removed (and the Basic Application
+    Confidentiality Profile code) only where the input said BurnedInAnnotation NO; pixels with
+    burned-in annotation, or of unknown annotation (a non-DICOM input, or a DICOM input that
+    does not say), may show identifying text, so such an output says identity not removed."""
     import pydicom
 
     if burned_in is not None:
         ds.BurnedInAnnotation = "YES" if burned_in else "NO"
-    if burned_in:
+    if burned_in is not False:
         ds.PatientIdentityRemoved = "NO"
-        ds.DeidentificationMethod = BURNED_IN_METHOD
+        ds.DeidentificationMethod = BURNED_IN_METHOD if burned_in else UNKNOWN_TEXT_METHOD
         return
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = DEIDENTIFICATION_METHOD
@@ -248,7 +327,8 @@ def encode_dicom(pixels: np.ndarray, details: dict, header: bytes | None, file_i
             ds = None
         if ds is None or "SOPClassUID" not in ds:
             raise PrimisError("the key's stored DICOM header is unreadable")
-        ds.ImageType = ["DERIVED", "SECONDARY"]
+        # Values 3 and on (e.g. AXIAL for CT, required by the CT and MR image modules) stay.
+        ds.ImageType = ["DERIVED", "SECONDARY", *list(ds.get("ImageType") or [])[2:]]
         ds.DerivationDescription = "PRIMIS authorized reconstruction"
     else:
         ds = pydicom.Dataset()
@@ -262,6 +342,8 @@ def encode_dicom(pixels: np.ndarray, details: dict, header: bytes | None, file_i
         ds.ConversionType = "WSD"
         ds.SeriesNumber, ds.InstanceNumber = 1, 1
         ds.ImageType = ["DERIVED", "SECONDARY"]
+        # Type 2C in General Series and General Image: empty (unknown) rather than absent.
+        ds.Laterality = ds.PatientOrientation = ""
         _deidentified(ds, details.get("burned_in_annotation"))
         for keyword, name in (("WindowCenter", "window_center"), ("WindowWidth", "window_width")):
             if name in details:
