@@ -61,7 +61,10 @@ PILOTS: dict[str, tuple[str, dict]] = {
     ),
     "adaptive": (
         "content-adaptive rate: per-vector pair count s <= k under a rate term",
-        {"model": {"adaptive_rate": True}, "train": {"rate_weight": 0.0008}},
+        {
+            "model": {"adaptive_rate": True},
+            "train": {"rate_weight": 0.0008, "threshold_lr_scale": 50.0},
+        },
     ),
     "maps4k2": (
         "layout: 4 maps of k=2 (same non-zeros per position)",

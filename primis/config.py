@@ -147,6 +147,13 @@ class TrainConfig(Strict):
         ge=0,
         description="lambda of the loss MSE + lambda * key bits per pixel (adaptive-rate models)",
     )
+    threshold_lr_scale: float = Field(
+        1.0,
+        ge=1,
+        description="an adaptive-rate model's thresholds learn this many times faster than the"
+        " other weights (Adam moves a parameter by about lr per step; a threshold must cross"
+        " the scale of the pair strengths)",
+    )
     map_dropout: float = Field(
         0.0,
         ge=0,

@@ -348,7 +348,9 @@ def train(
     if t.init and not resume:
         _load_initial_weights(network, t.init)
     parameters = _trainable_parameters(network, t.trainable)
-    optimizer = torch.optim.AdamW(parameters, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(
+        _parameter_groups(network, parameters, t), lr=t.lr, weight_decay=t.weight_decay
+    )
     state = {
         "step": 0,
         "elapsed": 0.0,
@@ -394,7 +396,7 @@ def train(
         done = progress(step)
         lr = learning_rate(config, done, step)
         for param_group in optimizer.param_groups:
-            param_group["lr"] = lr
+            param_group["lr"] = lr * param_group.get("lr_scale", 1.0)
         weight = ternary_weight(config, done)
         if weight > 0 and not state["magnitudes_fitted"]:
             _fit_magnitudes(network, batches, device, config.model.k, group)
@@ -578,6 +580,20 @@ def _trainable_parameters(network: SparseTernaryAutoEncoder, which: str) -> list
     for parameter in network.parameters():
         parameter.requires_grad_(id(parameter) in keep)
     return chosen
+
+
+def _parameter_groups(
+    network: SparseTernaryAutoEncoder, parameters: list, t: TrainConfig
+) -> list[dict]:
+    """The optimizer's parameter groups: one, or with ``threshold_lr_scale`` an adaptive-rate
+    model's thresholds in a group of their own whose learning rate is scaled by it (its
+    ``lr_scale``) and that has no weight decay."""
+    thresholds = network.thresholds
+    others = [p for p in parameters if p is not thresholds]
+    if t.threshold_lr_scale == 1 or len(others) == len(parameters):
+        return [{"params": parameters}]
+    scaled = {"params": [thresholds], "lr_scale": t.threshold_lr_scale, "weight_decay": 0.0}
+    return [{"params": others}, scaled]
 
 
 def _training_mode(network: SparseTernaryAutoEncoder, trainable: str) -> None:

@@ -452,6 +452,24 @@ def test_a_rate_weight_makes_an_adaptive_model_keep_fewer_pairs(tmp_path):
     assert bpp[0.0] > 0.98 * full and bpp[1000.0] < 0.9 * bpp[0.0], bpp
 
 
+def test_threshold_lr_scale_makes_the_thresholds_move_that_much_faster(tmp_path):
+    """A scaled threshold learning rate moves an adaptive model's thresholds further in the same
+    steps (Adam's steps are about lr each), the rest of the optimisation unchanged; the run
+    resumes with its two parameter groups."""
+    images = _tiny_training_folder(tmp_path)
+    moved = {}
+    for scale in (1.0, 20.0):
+        config = _tiny_config_file(
+            tmp_path, ADAPTIVE, steps=6, lr=0.001, warmup_steps=0, rate_weight=10.0,
+            threshold_lr_scale=scale, validate_every=6, checkpoint_every=3,
+        )  # fmt: skip
+        run = tmp_path / f"run-{scale}"
+        _train_cli(config, images, run, check=True)
+        moved[scale] = float(load_model(run).network.thresholds.abs().max())
+    assert moved[1.0] <= 6 * 0.001 * 1.01 and moved[20.0] > 5 * moved[1.0], moved
+    run_cli("train", "--resume", tmp_path / "run-20.0", "--max-steps", 8, check=True)
+
+
 def test_a_rate_weight_needs_an_adaptive_model_and_an_adaptive_model_the_strict_mode():
     with pytest.raises(PrimisError, match=r"rate_weight > 0 needs model\.adaptive_rate"):
         parse_config(RunConfig, {"train": {"rate_weight": 0.1}}, "run.yaml")
