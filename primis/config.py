@@ -215,7 +215,7 @@ QUICK_ATTACKS = AttackConfig(inversion_steps=30, distinguisher_steps=50, utility
 class UtilityConfig(Strict):
     """How `primis utility` measures (issue 27): image size, the classifier, the bootstrap, the
     segmentation network, the texture discretisation and the attack suite whose images it
-    reuses. The defaults make the measurement MODEL_CARD.md reports."""
+    reuses (`configs/utility-small.yaml`: a smaller run, the one MODEL_CARD.md reports)."""
 
     max_side: int = Field(
         256, ge=32, description="every image is first resized to at most this longer side"

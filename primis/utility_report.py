@@ -369,7 +369,9 @@ def classification_study(
     scores = {name: np.zeros(len(labels)) for name in views}
     reverse = np.zeros(len(labels))
     single_class = 0
-    for number, test in enumerate(tqdm(folds, desc=f"{task.name}: folds", leave=False)):
+    for number, test in enumerate(
+        tqdm(folds, desc=f"{task.name}: folds", leave=False, disable=None)
+    ):
         train = np.setdiff1d(np.arange(len(labels)), test)
         single_class += len(set(labels[train])) < 2
         seed = config.seed + number
@@ -484,6 +486,7 @@ def texture_study(views: dict[str, list[np.ndarray]], masks: list[np.ndarray], b
                 desc=f"texture: {name}",
                 leave=False,
                 total=len(masks),
+                disable=None,
             )
         ]
         for name, images in views.items()
