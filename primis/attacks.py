@@ -476,9 +476,43 @@ def run_attacks(
         from primis.errors import PrimisError
 
         raise PrimisError("attacker and target images must be disjoint")
-    k = model.network.config.k
     attacker_images = [read_image(p)[0] for p in attacker_paths]
     target_images = [read_image(p)[0] for p in target_paths]
+    report, views, attackers = attack_images(
+        model, attacker_images, target_images, obf, config, refine_steps
+    )
+    if masks is not None:
+        from primis.utility import load_mask, mask_for, utility_study
+
+        def authorized(images: list[np.ndarray]) -> list[np.ndarray]:
+            with torch.no_grad():
+                return [_decode(model, t.code, t) for t in attackers]
+
+        report["utility_dice"] = utility_study(
+            attacker_images,
+            [load_mask(mask_for(p, masks)) for p in attacker_paths],
+            authorized,
+            {"original": target_images, **views},
+            [load_mask(mask_for(p, masks)) for p in target_paths],
+            steps=config.utility_steps,
+        )
+    report["model_hash"] = model.hash
+    report["targets"] = target_checks(report)
+    return report, {"originals": target_images, **views}
+
+
+def attack_images(
+    model: LoadedModel,
+    attacker_images: list[np.ndarray],
+    target_images: list[np.ndarray],
+    obf: ObfuscationConfig,
+    config: AttackConfig,
+    refine_steps: int = REFINE_STEPS,
+) -> tuple[dict, dict[str, list[np.ndarray]], list[Target]]:
+    """`run_attacks` on images in [0, 1] already read (the attacker's and the targets'):
+    (report without the model hash and target checks, each attack's image per target, the
+    attacker's own codes)."""
+    k = model.network.config.k
     with torch.no_grad():
         targets = make_targets(model, target_images, obf, k, refine_steps, keys=True)
         attackers = make_targets(model, attacker_images, obf, k, refine_steps)
@@ -524,8 +558,8 @@ def run_attacks(
     pixels = [t.image.size for t in targets]
     key_bits = [t.key_bits for t in targets]
     report = {
-        "attacker_images": len(attacker_paths),
-        "target_images": len(target_paths),
+        "attacker_images": len(attacker_images),
+        "target_images": len(target_images),
         "obfuscation": obf.model_dump(),
         "refine_steps": refine_steps,
         "attacks": rows,
@@ -544,29 +578,12 @@ def run_attacks(
         "key_bits_per_image": key_bits,
         "pixels_per_image": pixels,
     }
-    if masks is not None:
-        from primis.utility import load_mask, mask_for, utility_study
-
-        def authorized(images: list[np.ndarray]) -> list[np.ndarray]:
-            with torch.no_grad():
-                return [_decode(model, t.code, t) for t in attackers]
-
-        report["utility_dice"] = utility_study(
-            attacker_images,
-            [load_mask(mask_for(p, masks)) for p in attacker_paths],
-            authorized,
-            {"original": target_images, **views},
-            [load_mask(mask_for(p, masks)) for p in target_paths],
-            steps=config.utility_steps,
-        )
     from primis.linkage import link_targets
 
     report["linkage"] = link_targets(
         model, targets, attacker_images, obf, config.linkage_refine_steps, config.seed
     )
-    report["model_hash"] = model.hash
-    report["targets"] = target_checks(report)
-    return report, {"originals": target_images, **views}
+    return report, views, attackers
 
 
 NOT_ATTACKS = ("authorized (with key)", "prior only (mean image)")

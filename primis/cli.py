@@ -1001,6 +1001,18 @@ def demo(image, model_dir, out, refine_steps) -> None:
     click.echo(f"files in {report['files']}; {time.perf_counter() - started:.1f} s in all")
 
 
+def _study_config(cls, quick_config, config_file: Path | None, quick: bool):
+    """The settings of a measuring command: ``--quick``'s, or ``--config``'s file, or the
+    defaults."""
+    from primis.config import load_config
+
+    if quick and config_file:
+        raise PrimisError("--quick and --config exclude each other")
+    if quick:
+        return quick_config
+    return load_config(cls, config_file) if config_file else cls()
+
+
 @cli.command()
 @_model_option
 @click.option(
@@ -1070,18 +1082,14 @@ def attack(
     quick,
 ) -> None:
     """Run every attack of the threat model against public files; report vs prior-only."""
-    from primis.config import QUICK_ATTACKS, AttackConfig, load_config
+    from primis.config import QUICK_ATTACKS, AttackConfig
 
-    if quick and config_file:
-        raise PrimisError("--quick and --config exclude each other")
     if frontier and (fill is not None or mask_signs is not None or pad_size_class is not None):
         raise PrimisError(
             "--frontier attacks every mode: leave out --fill, --mask-signs and --pad-size-class"
         )
-    config = load_config(AttackConfig, config_file) if config_file else AttackConfig()
-    config = (QUICK_ATTACKS if quick else config).model_copy(
-        update={"budget_check": budget_check or config.budget_check}
-    )
+    config = _study_config(AttackConfig, QUICK_ATTACKS, config_file, quick)
+    config = config.model_copy(update={"budget_check": budget_check or config.budget_check})
     model = _load_model(model_dir)  # then what needs torch
     from primis.attacks import run_attacks, write_report
     from primis.data import resolve_sources
@@ -1114,6 +1122,93 @@ def attack(
     )
     click.echo(write_report(report, views, out))
     click.echo(f"report: {out / 'attack.md'}, {out / 'attack.json'}, {out / 'attacks.png'}")
+
+
+@cli.command()
+@_model_option
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=Path("../shared/data"),
+    show_default=True,
+    help="folder holding cxr/ (images and lung masks) and cxr-multi/ (the tasks' sources)",
+)
+@click.option(
+    "--attacker-data",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="the attacker's own images (folder or list); study images among them are left out",
+)
+@click.option(
+    "--attackers",
+    type=click.IntRange(min=2),
+    default=60,
+    show_default=True,
+    help="at most this many attacker images (a seeded choice)",
+)
+@click.option(
+    "--tasks",
+    default="pneumonia,covid",
+    show_default=True,
+    help="classification tasks (pneumonia, covid; empty: none)",
+)
+@click.option(
+    "--per-source",
+    type=click.IntRange(min=2),
+    help="at most N images of each source folder per task (a seeded choice)",
+)
+@click.option(
+    "--masked-images",
+    type=click.IntRange(min=0),
+    help="at most N of cxr's masked images for texture and segmentation (0: none)",
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=Path("primis-utility"), show_default=True
+)
+@_privacy_option
+@_refine_option
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    help="YAML or JSON: image size, classifier, bootstrap, U-Net, bins, attacks (UtilityConfig)",
+)
+@click.option("--quick", is_flag=True, help="every study, briefly (a smoke test)")
+def utility(
+    model_dir,
+    data,
+    attacker_data,
+    attackers,
+    tasks,
+    per_source,
+    masked_images,
+    out,
+    refine_steps,
+    config_file,
+    quick,
+) -> None:
+    """Classification, texture and segmentation on originals, authorized reconstructions,
+    JPEG 2000 at the key's bytes, the best attack and prior-only (utility.md, .json, plots)."""
+    from primis.config import QUICK_UTILITY, UtilityConfig
+
+    config = _study_config(UtilityConfig, QUICK_UTILITY, config_file, quick)
+    model = _load_model(model_dir)
+    import primis.utility_report as study
+    from primis.data import resolve_sources
+    from primis.report import machine_info
+
+    names = tuple(n.strip() for n in tasks.split(",") if n.strip())
+    inputs = study.UtilityInputs(
+        study.standard_tasks(data, per_source, config.seed, names) if names else [],
+        [] if masked_images == 0 else study.masked_images(data / "cxr", masked_images, config.seed),
+        resolve_sources(attacker_data),
+        attackers,
+    )
+    report, views = study.utility_report(
+        model, inputs, config, refine_steps, _obfuscation(model, None, None)
+    )
+    click.echo(study.write_utility_report(report, views, out, machine_info()))
+    click.echo(f"report: {out / 'utility.md'}, {out / 'utility.json'}, plots in {out}")
 
 
 @cli.command()

@@ -256,6 +256,32 @@ class AttackConfig(Strict):
 QUICK_ATTACKS = AttackConfig(inversion_steps=30, distinguisher_steps=50, utility_steps=20)
 
 
+class UtilityConfig(Strict):
+    """How `primis utility` measures (issue 27): image size, the classifier, the bootstrap, the
+    segmentation network, the texture discretisation and the attack suite whose images it
+    reuses (`configs/utility-small.yaml`: a smaller run, the one MODEL_CARD.md reports)."""
+
+    max_side: int = Field(
+        256, ge=32, description="every image is first resized to at most this longer side"
+    )
+    cnn_size: int = Field(128, ge=16, description="classifier input side in pixels")
+    cnn_steps: int = Field(300, ge=1, description="classifier training steps per fold")
+    folds: int = Field(5, ge=2, description="grouped cross-validation folds")
+    bootstrap: int = Field(1000, ge=10, description="bootstrap resamples of each AUC")
+    unet_steps: int = Field(400, ge=1, description="U-Net training steps (segmentation)")
+    texture_bins: int = Field(
+        32, ge=2, description="fixed bin number of the texture features' discretisation"
+    )
+    attack: AttackConfig = AttackConfig()
+    seed: int = 0
+
+
+# `primis utility --quick`: every study runs, briefly; a smoke test, not a measurement.
+QUICK_UTILITY = UtilityConfig(
+    max_side=128, cnn_size=32, cnn_steps=20, bootstrap=50, unet_steps=10, attack=QUICK_ATTACKS
+)
+
+
 class RunConfig(Strict):
     """Everything a training run needs; the file `primis train --config` reads."""
 

@@ -305,13 +305,14 @@ def test_crops_load_in_dataloader_workers(tmp_path):
 
 
 def test_shipped_configs_validate():
-    from primis.config import FinetuneConfig, load_config, load_run_config
+    from primis.config import FinetuneConfig, UtilityConfig, load_config, load_run_config
 
     folder = Path(__file__).resolve().parents[1] / "configs"
     configs = sorted(folder.rglob("*.yaml"))  # the design study's pilots too
     assert configs
     for path in configs:
-        load_config(FinetuneConfig if path.stem.endswith("-finetune") else RunConfig, path)
+        kind = FinetuneConfig if path.stem.endswith("-finetune") else RunConfig
+        load_config(UtilityConfig if path.stem.startswith("utility") else kind, path)
     assert load_run_config(folder / "default.yaml") == RunConfig()
 
 

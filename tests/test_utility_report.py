@@ -1,0 +1,138 @@
+"""The utility study (`primis utility`): its statistics, its invariants, and a run on real data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from primis.utility_report import (
+    AUTHORIZED,
+    ORIGINAL,
+    VERSIONS,
+    auc_with_interval,
+    ccc,
+    group_of,
+    grouped_folds,
+    paired_difference,
+    texture_study,
+)
+from tests.conftest import CXR, run_cli, smooth_image
+
+SHARED = CXR.parent
+
+
+def test_lins_ccc_is_one_for_equal_samples_and_near_zero_for_independent_ones():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=2000)
+    assert ccc(x, x) == pytest.approx(1.0)
+    assert abs(ccc(x, rng.normal(size=2000))) < 0.1
+    # A shift or a scale lowers it (unlike Pearson's r), a constant pair is concordant.
+    assert ccc(x, x + 1) < 0.7
+    assert ccc(x, 2 * x) < 0.9
+    assert ccc(np.ones(5), np.ones(5)) == 1.0
+    assert np.isnan(ccc(np.array([1.0, np.nan]), np.array([1.0, 2.0])))
+
+
+def test_patients_group_where_the_file_name_says_and_folds_keep_groups_whole():
+    assert group_of(Path("00001543_002.png"), "nih_cxr14") == "patient:nih_cxr14:00001543"
+    assert group_of(Path("COVID-00003b.jpg"), "figure1_covid") == "patient:figure1_covid:00003"
+    assert group_of(Path("COVID-00003a.jpg"), "figure1_covid") == "patient:figure1_covid:00003"
+    assert group_of(Path("011.jpeg"), "covid_cxnet") == "source:covid_cxnet"
+    groups = [f"g{i % 7}" for i in range(40)] + ["big"] * 12
+    folds = grouped_folds(groups, 4, seed=0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(len(groups)))
+    for fold in folds:
+        inside = {groups[i] for i in fold}
+        outside = {groups[i] for other in folds if other is not fold for i in other}
+        assert not inside & outside
+
+
+def test_the_originals_against_themselves_differ_by_zero_auc():
+    rng = np.random.default_rng(1)
+    labels = np.arange(60) % 2 == 0
+    scores = labels + rng.normal(size=60)
+    from primis.utility_report import _resamples
+
+    resamples = _resamples(labels, 200, 0)
+    same = paired_difference(scores, scores, labels, resamples)
+    assert same == {"difference": 0.0, "low": 0.0, "high": 0.0}
+    row = auc_with_interval(scores, labels, resamples)
+    assert row["low"] <= row["auc"] <= row["high"]
+    assert auc_with_interval(np.zeros(60), labels, resamples)["auc"] == 0.5
+
+
+def test_texture_originals_are_concordant_with_themselves_and_noise_is_not():
+    """MIRP's IBSI features inside a mask: CCC 1 for the originals, near 0 for noise."""
+    images = [smooth_image(64, 72, seed).astype(np.float32) for seed in range(10)]
+    yy, xx = np.mgrid[0:64, 0:72]
+    masks = [((yy - 32) ** 2 + (xx - 36) ** 2 < (14 + s) ** 2) for s in range(10)]
+    rng = np.random.default_rng(0)
+    noise = [rng.random(i.shape).astype(np.float32) for i in images]
+    result = texture_study({ORIGINAL: images, "noise": noise}, masks, bins=32)
+    families = result["versions"][ORIGINAL]["families"]
+    assert set(families) == {
+        "first order",
+        "GLCM",
+        "GLRLM",
+        "GLSZM",
+        "GLDM (MIRP: NGLDM)",
+        "NGTDM",
+        "all",
+    }
+    assert all(f["features"] > 0 for f in families.values())
+    assert families["all"]["share_ccc_0.90"] == 1.0
+    assert all(np.isclose(v, 1.0) for v in result["versions"][ORIGINAL]["ccc"].values())
+    noisy = result["versions"]["noise"]["families"]["all"]
+    assert abs(noisy["median_ccc"]) < 0.2
+    assert noisy["share_ccc_0.75"] < 0.15
+
+
+@pytest.mark.slow
+def test_utility_command_runs_every_study_on_a_small_subset(tmp_path, tiny_model_dir):
+    multi = SHARED / "cxr-multi"
+    if not (multi / "nih_cxr14").is_dir() or not (CXR / "lung-masks").is_dir():
+        pytest.skip(f"the study's data not found at {SHARED.resolve()} (../shared/data)")
+    out = tmp_path / "utility"
+    result = run_cli(
+        "utility",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(SHARED),
+        "--attacker-data",
+        str(CXR / "images"),
+        "--attackers",
+        "3",
+        "--per-source",
+        "3",
+        "--masked-images",
+        "4",
+        "--refine-steps",
+        "2",
+        "--quick",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "utility.json").read_text())
+    for name in ("pneumonia", "covid"):
+        task = report["classification"][name]
+        assert set(VERSIONS) <= set(task["versions"])
+        original = task["versions"][ORIGINAL]["vs_original"]
+        assert original == {"difference": 0.0, "low": 0.0, "high": 0.0}
+        assert len(task["targets"]) == 3
+    assert "different sources" in report["classification"]["covid"]["note"]
+    texture = report["texture"]["versions"]
+    assert texture[ORIGINAL]["families"]["all"]["share_ccc_0.90"] == 1.0
+    assert set(texture) == set(VERSIONS)
+    assert set(report["segmentation"]["dice"]) == set(VERSIONS)
+    # The default authorized version is the attack suite's "authorized", up to 8-bit rounding.
+    assert report["authorized_vs_attack_suite"]["mean"] <= 1 / 255
+    assert report["key_bits_per_pixel"] > 0 and report["jpeg2000_bits_per_pixel"] > 0
+    for name in ("utility.md", "auc.png", "texture.png", "versions.png"):
+        assert (out / name).stat().st_size > 0
+    markdown = (out / "utility.md").read_text()
+    assert "Run time" in markdown and AUTHORIZED in markdown
