@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from torch.utils.data import Dataset
 
 from primis import sharing
-from primis.batch import SharingOutputs, expand, output_folders
+from primis.batch import SKIPPED, SharingOutputs, StagedPair, expand, output_folders, stage_pair
 from primis.config import REFINE_STEPS, ObfuscationConfig, parse_config
 from primis.errors import PrimisError, PrivacyWarning
 from primis.formats import KeyFile, read_file
@@ -197,6 +197,16 @@ class SharedFile:
     def key_bits_per_pixel(self) -> float:
         return 8 * self.key_bytes / self.pixels
 
+    def summary(self) -> str:
+        """The one-line report `primis ambiguate` prints for this file."""
+        quality = "" if self.psnr is None else f", restored {self.psnr:.2f} dB"
+        return (
+            f"{self.input.name}: public {self.public_bytes} B, key {self.key_bytes} B "
+            f"({self.key_bits_per_pixel:.3f} bpp; "
+            f"ideal support {self.ideal_key_bits / 8:.0f} B; rate weight {self.rate_weight:g}"
+            f"{quality}) in {self.seconds:.2f} s"
+        )
+
 
 def named_by_id(path: Path, names: Names) -> bool:
     """Whether an input's outputs are named by its random file id (``names`` "id", or "auto"
@@ -300,19 +310,44 @@ def _share_into(
     source: str | None,
     options: ShareOptions,
 ) -> SharedFile | None:
-    source, by_id = source or str(path.absolute()), named_by_id(path, names)
-    previous = outputs.previous(source, None if by_id else path.stem)
+    source = source or str(path.absolute())
+    previous = outputs.previous(source, output_stem(path, names))
     if not overwrite and outputs.done(source, previous):
         return None
+    staged, shared = stage_share(
+        path, outputs.public_dir, outputs.key_dir, model, names, source, options
+    )
+    outputs.commit(staged, previous)
+    return shared
+
+
+def output_stem(path: Path, names: Names) -> str | None:
+    """The stem an input's outputs take, or None where they are named by file id."""
+    return None if named_by_id(path, names) else path.stem
+
+
+def stage_share(
+    path: Path,
+    public_dir: Path,
+    key_dir: Path,
+    model: ModelLike,
+    names: Names,
+    source: str,
+    options: ShareOptions,
+) -> tuple[StagedPair, SharedFile]:
+    """Share one input and stage its pair in the output folders (`batch.stage_pair`): the work
+    of one file of `ambiguate`, wherever it runs; `SharingOutputs.commit` then places it."""
     started = time.perf_counter()
     shared = share(path, model, **options)
-    name = shared.file_id if by_id else path.stem
-    record = outputs.write(source, name, shared.file_id, shared.public, shared.key, previous)
-    return SharedFile(
+    name = output_stem(path, names) or shared.file_id
+    staged = stage_pair(
+        public_dir, key_dir, source, name, shared.file_id, shared.public, shared.key
+    )
+    done = SharedFile(
         path,
         shared.file_id,
-        Path(record["public"]),
-        Path(record["key"]),
+        Path(staged.record["public"]),
+        Path(staged.record["key"]),
         len(shared.public),
         len(shared.key),
         shared.pixels,
@@ -321,6 +356,7 @@ def _share_into(
         shared.rate_weight,
         shared.psnr,
     )
+    return staged, done
 
 
 def _identity(identity: Identity) -> X25519PrivateKey | None:
@@ -430,6 +466,38 @@ def _restored_file(
     return suffix, encode_image(pixels, suffix, details.get("photometric"))
 
 
+def restore_report(
+    path: Path,
+    key_dir: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    model: ModelLike,
+    *,
+    identity: Identity = None,
+    passphrase: str | None = None,
+    mode: int = 0o600,
+    overwrite: bool = False,
+    without_key: bool = False,
+) -> str:
+    """One file of `primis disambiguate`, wherever it runs: `restore_file` (or, ``without_key``,
+    `attacker_view_file`), as its report line or `batch.SKIPPED` when its output exists."""
+    if without_key:
+        target = attacker_view_file(path, out_dir, model, overwrite=overwrite)
+        return SKIPPED if target is None else f"{path.name} -> {target} (attacker's view)"
+    if key_dir is None:
+        raise PrimisError("a key folder is required (or without_key for the attacker's view)")
+    target = restore_file(
+        path,
+        key_dir,
+        out_dir,
+        model,
+        identity=identity,
+        passphrase=passphrase,
+        mode=mode,
+        overwrite=overwrite,
+    )
+    return SKIPPED if target is None else f"{path.name} -> {target}"
+
+
 def attacker_view(public: bytes, model: ModelLike = None) -> np.ndarray:
     """What anyone decodes from a public file alone (no key): a float32 image in [0, 1] of the
     code grid's padded size (only the key holds the exact size)."""
@@ -527,6 +595,8 @@ __all__ = [
     "obfuscation_for",
     "restore",
     "restore_file",
+    "restore_report",
     "share",
     "share_file",
+    "stage_share",
 ]

@@ -330,16 +330,38 @@ def _run_batch(
     failed: dict[Path, str],
     workers: int = 1,
 ) -> None:
-    """`batch.run_batch`, then its summary line; any failed item makes the exit status 1."""
+    """`batch.run_batch`, then its summary line (see `_summary`)."""
     from primis.batch import run_batch
 
-    result = run_batch(items, work, label, failed, workers)
+    _summary(run_batch(items, work, label, failed, workers), label)
+
+
+def _summary(result, label: str) -> None:
+    """A batch's summary line; any failed item makes the exit status 1."""
     summary = [f"{result.done} done", f"{len(result.failures)} failed"]
     if result.skipped:  # said only when some were, with why
         summary.insert(1, f"{result.skipped} skipped (outputs exist; --overwrite to redo)")
     click.echo(f"{label}: {', '.join(summary)}")
     if result.failures:
         raise PrimisError(f"{len(result.failures)} of {result.items} file(s) failed")
+
+
+def _cluster_option(func):
+    return click.option(
+        "--cluster",
+        metavar="ADDRESS",
+        help="run on a Dask cluster: a scheduler's address (tcp://host:8786), or local:N for N "
+        "worker processes here; needs pip install 'primis[cluster]' and shared storage",
+    )(func)
+
+
+def _connect(address: str, workers: int):
+    """`primis.cluster.connect` (a one-line error without the ``cluster`` extra)."""
+    from primis.cluster import connect
+
+    if workers != 1:
+        raise PrimisError("give --workers or --cluster, not both")
+    return connect(address)
 
 
 @cli.command()
@@ -357,6 +379,7 @@ def _run_batch(
     show_default=True,
     help="processes sharing the inputs, each on cores/N torch threads",
 )
+@_cluster_option
 @click.option(
     "--names",
     type=click.Choice(["auto", "stem", "id"]),
@@ -379,6 +402,7 @@ def ambiguate(
     overwrite,
     shard,
     workers,
+    cluster,
     names,
 ) -> None:
     """Turn each image into PUBLIC_DIR/NAME.primis and KEY_DIR/NAME.primiskey, where NAME is
@@ -387,7 +411,8 @@ def ambiguate(
     INPUTS are files, folders (searched recursively) or glob patterns. KEY_DIR/manifest.jsonl
     (0600) maps each input to its file id, public file and key, once per input;
     PUBLIC_DIR/manifest.jsonl lists only file ids, digests and sizes, and may travel with the
-    public files. A rerun after an interruption completes what is missing.
+    public files. A rerun after an interruption completes what is missing. With --cluster,
+    Dask workers share the inputs (README "Sharing on a cluster").
     """
     from primis.batch import SharingOutputs, duplicate_stems, expand, select_shard
     from primis.io.images import is_image_file
@@ -398,8 +423,24 @@ def ambiguate(
 
     options = _share_options(model, k, fill, mask_signs, maps, refine_steps, keep_header)
     device = click.get_current_context().meta.get("primis.device", "auto")
+    if cluster:
+        with _connect(cluster, workers) as client:
+            from primis.cluster import share_many
+
+            result = share_many(
+                items,
+                public_dir,
+                key_dir,
+                model,
+                client=client,
+                device=device,
+                names=names,
+                overwrite=overwrite,
+                **options,
+            )
+        return _summary(result, "ambiguate")
     clashes = duplicate_stems([p for p in items if not named_by_id(p, names)])
-    with SharingOutputs(public_dir, key_dir) as outputs:
+    with SharingOutputs(public_dir, key_dir, [str(p.absolute()) for p in items]) as outputs:
         sharer = FileSharer(
             str(model.directory), device, public_dir, key_dir, names, overwrite, options
         ).reuse(model, outputs)
@@ -412,15 +453,7 @@ def _shared_report(sharer, path: Path) -> str:
     from primis.batch import SKIPPED
 
     done = sharer(path)
-    if done is None:
-        return SKIPPED
-    quality = "" if done.psnr is None else f", restored {done.psnr:.2f} dB"
-    return (
-        f"{path.name}: public {done.public_bytes} B, key {done.key_bytes} B "
-        f"({done.key_bits_per_pixel:.3f} bpp; "
-        f"ideal support {done.ideal_key_bits / 8:.0f} B; rate weight {done.rate_weight:g}"
-        f"{quality}) in {done.seconds:.2f} s"
-    )
+    return SKIPPED if done is None else done.summary()
 
 
 def _wrapped_key_options(func):
@@ -454,6 +487,7 @@ def _key_secrets(identity: Path | None, ask_passphrase: bool):
 @_wrapped_key_options
 @click.option("--overwrite", is_flag=True, help="redo files whose output exists")
 @click.option("--shard", help="I/N: process every N-th file from the I-th (0-based)")
+@_cluster_option
 @click.option(
     "--output-mode",
     default="600",
@@ -471,6 +505,7 @@ def disambiguate(
     ask_passphrase,
     overwrite,
     shard,
+    cluster,
     output_mode,
 ) -> None:
     """Reconstruct each PUBLIC file with its key (or, --without-key, show the attacker's view).
@@ -479,7 +514,7 @@ def disambiguate(
     others in their own type (PNG, TIFF or .npy) with their size, dtype and range, as
     OUT_DIR/<public file's name>.<type>.
     """
-    from primis.batch import SKIPPED, duplicate_stems, expand, output_folders, select_shard
+    from primis.batch import duplicate_stems, expand, output_folders, select_shard
     from primis.io.files import clean_stale_parts
 
     if key_dir is None and not without_key:
@@ -491,29 +526,43 @@ def disambiguate(
     if not 0 <= mode <= 0o777:
         raise PrimisError(f"--output-mode {output_mode}: expected octal permissions like 600")
     items = select_shard(expand(publics, lambda p: p.suffix == ".primis"), shard)
+    if cluster and ask_passphrase:
+        raise PrimisError("--cluster opens wrapped keys with --identity only (no passphrase)")
     secret, passphrase = _key_secrets(identity, ask_passphrase)
     model = _load_model(model_dir)  # then what needs torch
-    from primis.api import attacker_view_file, restore_file
+    from primis.api import restore_report
 
+    if cluster:
+        device = click.get_current_context().meta.get("primis.device", "auto")
+        with _connect(cluster, 1) as client:
+            from primis.cluster import restore_many
+
+            result = restore_many(
+                items,
+                key_dir,
+                out_dir,
+                model,
+                client=client,
+                device=device,
+                identity=identity,
+                mode=mode,
+                overwrite=overwrite,
+                without_key=without_key,
+            )
+        return _summary(result, "disambiguate")
     output_folders(out_dir)
     clean_stale_parts(out_dir)
-
-    def work(path: Path) -> str:
-        if without_key:
-            target = attacker_view_file(path, out_dir, model, overwrite=overwrite)
-            return SKIPPED if target is None else f"{path.name} -> {target} (attacker's view)"
-        target = restore_file(
-            path,
-            key_dir,
-            out_dir,
-            model,
-            identity=secret,
-            passphrase=passphrase,
-            mode=mode,
-            overwrite=overwrite,
-        )
-        return SKIPPED if target is None else f"{path.name} -> {target}"
-
+    work = functools.partial(
+        restore_report,
+        key_dir=key_dir,
+        out_dir=out_dir,
+        model=model,
+        identity=secret,
+        passphrase=passphrase,
+        mode=mode,
+        overwrite=overwrite,
+        without_key=without_key,
+    )
     _run_batch(items, work, "disambiguate", duplicate_stems(items))
 
 
