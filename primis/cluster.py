@@ -41,10 +41,12 @@ from primis.batch import (
     StagedPair,
     attempt,
     duplicate_stems,
+    expand,
     output_folders,
 )
 from primis.errors import PrimisError
 from primis.io.files import clean_stale_parts
+from primis.io.images import is_image_file
 from primis.modelstore import ZOO, LoadedModel
 
 if TYPE_CHECKING:
@@ -122,11 +124,12 @@ def share_many(
     overwrite: bool = False,
     **options: Unpack[ShareOptions],
 ) -> BatchResult:
-    """`primis ambiguate` on the workers of a Dask ``client``: every input (files, not folders)
-    as `primis.api.share_file` would write it, with the same manifests, skips and reports;
-    ``model`` is loaded here and on each worker (by bundled name or shared path) on
-    ``device``. A failed file is reported and counted; a full disk stops the batch."""
-    items = [Path(path) for path in paths]
+    """`primis ambiguate` on the workers of a Dask ``client``: every input (files, folders
+    searched recursively, glob patterns) as `primis.api.share_file` would write it, with the
+    same manifests, skips and reports; ``model`` is loaded here and on each worker (by bundled
+    name or shared path) on ``device``. A failed file is reported and counted; a full disk
+    stops the batch."""
+    items = expand(paths, is_image_file)
     model = model if isinstance(model, LoadedModel) else load_model(model, device)
     reference, public_dir, key_dir = model_reference(model), Path(public_dir), Path(key_dir)
     clashes = duplicate_stems([path for path in items if not named_by_id(path, names)])
@@ -178,10 +181,10 @@ def restore_many(
     overwrite: bool = False,
     without_key: bool = False,
 ) -> BatchResult:
-    """`primis disambiguate` on the workers of a Dask ``client``: every public file restored
-    with KEY_DIR/<stem>.primiskey (see `primis.api.restore_report`); keys wrapped for a
-    recipient open with ``identity``, a private key file the workers read."""
-    items = [Path(path) for path in paths]
+    """`primis disambiguate` on the workers of a Dask ``client``: every public file (or folder
+    of them) restored with KEY_DIR/<stem>.primiskey (see `primis.api.restore_report`); keys
+    wrapped for a recipient open with ``identity``, a private key file the workers read."""
+    items = expand(paths, lambda path: path.suffix == ".primis")
     model = model if isinstance(model, LoadedModel) else load_model(model, device)
     reference, out_dir = model_reference(model), Path(out_dir)
     output_folders(out_dir)
