@@ -281,6 +281,11 @@ class FileSharer:
     def _opened(self) -> tuple:
         return self.model, self.device, self.public_dir, self.key_dir
 
+    def report(self, path: Path) -> str:
+        """One file of `ambiguate`: its report line, or `batch.SKIPPED` when its outputs exist."""
+        done = self(path)
+        return SKIPPED if done is None else done.summary()
+
     def __call__(self, path: Path) -> SharedFile | None:
         if self._opened not in _OPENED:  # once per process
             model = load_model(self.model, self.device)

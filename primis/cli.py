@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import click
@@ -355,10 +354,13 @@ def _cluster_option(func):
     )(func)
 
 
-def _connect(address: str, workers: int):
-    """`primis.cluster.connect` (a one-line error without the ``cluster`` extra)."""
+def _connect(address: str | None, workers: int = 1):
+    """`primis.cluster.connect` (a one-line error without the ``cluster`` extra); without an
+    address, no client (the batch runs here)."""
     from primis.cluster import connect
 
+    if address is None:
+        return nullcontext()
     if workers != 1:
         raise PrimisError("give --workers or --cluster, not both")
     return connect(address)
@@ -414,46 +416,29 @@ def ambiguate(
     public files. A rerun after an interruption completes what is missing. With --cluster,
     Dask workers share the inputs (README "Sharing on a cluster").
     """
-    from primis.batch import SharingOutputs, duplicate_stems, expand, select_shard
+    from primis.batch import expand, select_shard
     from primis.io.images import is_image_file
 
     items = select_shard(expand(inputs, is_image_file), shard)
     model = _load_model(model_dir)  # then what needs torch
-    from primis.api import FileSharer, named_by_id
+    from primis.cluster import share_many
 
     options = _share_options(model, k, fill, mask_signs, maps, refine_steps, keep_header)
     device = click.get_current_context().meta.get("primis.device", "auto")
-    if cluster:
-        with _connect(cluster, workers) as client:
-            from primis.cluster import share_many
-
-            result = share_many(
-                items,
-                public_dir,
-                key_dir,
-                model,
-                client=client,
-                device=device,
-                names=names,
-                overwrite=overwrite,
-                **options,
-            )
-        return _summary(result, "ambiguate")
-    clashes = duplicate_stems([p for p in items if not named_by_id(p, names)])
-    with SharingOutputs(public_dir, key_dir, [str(p.absolute()) for p in items]) as outputs:
-        sharer = FileSharer(
-            str(model.directory), device, public_dir, key_dir, names, overwrite, options
-        ).reuse(model, outputs)
-        work = functools.partial(_shared_report, sharer)
-        _run_batch(items, work, "ambiguate", clashes, workers)
-
-
-def _shared_report(sharer, path: Path) -> str:
-    """One file of `ambiguate`: its report line, or SKIPPED (module level: it pickles)."""
-    from primis.batch import SKIPPED
-
-    done = sharer(path)
-    return SKIPPED if done is None else done.summary()
+    with _connect(cluster, workers) as client:
+        result = share_many(
+            items,
+            public_dir,
+            key_dir,
+            model,
+            client=client,
+            workers=workers,
+            device=device,
+            names=names,
+            overwrite=overwrite,
+            **options,
+        )
+    _summary(result, "ambiguate")
 
 
 def _wrapped_key_options(func):
@@ -514,8 +499,7 @@ def disambiguate(
     others in their own type (PNG, TIFF or .npy) with their size, dtype and range, as
     OUT_DIR/<public file's name>.<type>.
     """
-    from primis.batch import duplicate_stems, expand, output_folders, select_shard
-    from primis.io.files import clean_stale_parts
+    from primis.batch import expand, select_shard
 
     if key_dir is None and not without_key:
         raise PrimisError("--key-dir is required (or --without-key for the attacker's view)")
@@ -530,40 +514,24 @@ def disambiguate(
         raise PrimisError("--cluster opens wrapped keys with --identity only (no passphrase)")
     secret, passphrase = _key_secrets(identity, ask_passphrase)
     model = _load_model(model_dir)  # then what needs torch
-    from primis.api import restore_report
+    from primis.cluster import restore_many
 
-    if cluster:
-        device = click.get_current_context().meta.get("primis.device", "auto")
-        with _connect(cluster, 1) as client:
-            from primis.cluster import restore_many
-
-            result = restore_many(
-                items,
-                key_dir,
-                out_dir,
-                model,
-                client=client,
-                device=device,
-                identity=identity,
-                mode=mode,
-                overwrite=overwrite,
-                without_key=without_key,
-            )
-        return _summary(result, "disambiguate")
-    output_folders(out_dir)
-    clean_stale_parts(out_dir)
-    work = functools.partial(
-        restore_report,
-        key_dir=key_dir,
-        out_dir=out_dir,
-        model=model,
-        identity=secret,
-        passphrase=passphrase,
-        mode=mode,
-        overwrite=overwrite,
-        without_key=without_key,
-    )
-    _run_batch(items, work, "disambiguate", duplicate_stems(items))
+    device = click.get_current_context().meta.get("primis.device", "auto")
+    with _connect(cluster) as client:
+        result = restore_many(
+            items,
+            key_dir,
+            out_dir,
+            model,
+            client=client,
+            device=device,
+            identity=identity if cluster else secret,
+            passphrase=passphrase,
+            mode=mode,
+            overwrite=overwrite,
+            without_key=without_key,
+        )
+    _summary(result, "disambiguate")
 
 
 @cli.command()

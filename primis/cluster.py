@@ -1,16 +1,19 @@
-"""Batches on a Dask cluster: `share_many` and `restore_many`, behind ``--cluster``.
+"""Batches of `ambiguate` and `disambiguate` (`share_many`, `restore_many`), here or on a Dask
+cluster (``--cluster``).
 
-The client (this process) skips the inputs whose outputs exist, as a local batch does, and
-submits the others, a bounded number at a time. Each worker loads the model once
-(`worker_model`), reads its input from shared storage and stages the pair beside its
-destinations (`primis.api.stage_share`, the work of one file of `ambiguate`); the client alone
-places each pair after its manifest line (`SharingOutputs.commit`), so the manifests have one
-writer and list the batch in input order. Dask reruns the tasks of a lost worker elsewhere; a
-killed client leaves whole pairs with their manifest lines, so a rerun completes what is missing.
+Without a client, a batch runs in this process (or ``workers`` processes, see
+`primis.batch.run_batch`). With one, the client (this process) skips the inputs whose outputs
+exist, as a local batch does, and submits the others, a bounded number at a time. Each worker
+loads the model once (`worker_model`), reads its input from shared storage and stages the pair
+beside its destinations (`primis.api.stage_share`, the work of one file of `ambiguate`); the
+client alone places each pair after its manifest line (`SharingOutputs.commit`), so the
+manifests have one writer and list the batch in input order. Dask reruns the tasks of a lost
+worker elsewhere; a killed client leaves whole pairs with their manifest lines, so a rerun
+completes what is missing.
 
-Needs the ``cluster`` extra (``pip install 'primis[cluster]'``): Dask is imported only here, on
-use. Workers need PRIMIS installed and the inputs, outputs and model at the same paths (or the
-model by a bundled name).
+The cluster needs the ``cluster`` extra (``pip install 'primis[cluster]'``): Dask is imported
+only on use. Workers need PRIMIS installed and the inputs, outputs and model at the same paths
+(or the model by a bundled name).
 """
 
 from __future__ import annotations
@@ -19,16 +22,22 @@ import contextlib
 import functools
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Unpack
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from primis.api import (
+    FileSharer,
+    Identity,
     Names,
     SharedFile,
     ShareOptions,
     load_model,
     named_by_id,
+    obfuscation_for,
     output_stem,
     restore_report,
     stage_share,
@@ -43,11 +52,13 @@ from primis.batch import (
     duplicate_stems,
     expand,
     output_folders,
+    run_batch,
 )
-from primis.errors import PrimisError
+from primis.errors import PrimisError, PrivacyWarning
 from primis.io.files import clean_stale_parts
 from primis.io.images import is_image_file
 from primis.modelstore import ZOO, LoadedModel
+from primis.obfuscation import privacy_warning
 
 if TYPE_CHECKING:
     from distributed import Client, Future
@@ -118,30 +129,41 @@ def share_many(
     key_dir: str | os.PathLike,
     model: LoadedModel | str | os.PathLike | None = None,
     *,
-    client: Client,
+    client: Client | None = None,
+    workers: int = 1,
     device: str = "auto",
     names: Names = "auto",
     overwrite: bool = False,
     **options: Unpack[ShareOptions],
 ) -> BatchResult:
-    """`primis ambiguate` on the workers of a Dask ``client``: every input (files, folders
-    searched recursively, glob patterns) as `primis.api.share_file` would write it, with the
-    same manifests, skips and reports; ``model`` is loaded here and on each worker (by bundled
-    name or shared path) on ``device``. A failed file is reported and counted; a full disk
-    stops the batch."""
+    """`primis ambiguate`: every input (files, folders searched recursively, glob patterns)
+    shared as `primis.api.share_file` shares it, here (in ``workers`` processes) or on the
+    workers of a Dask ``client``, with the same outputs, manifests, skips and reports;
+    ``model`` is loaded here and in each worker (by bundled name or shared path) on
+    ``device``. A failed file is reported and counted; a full disk stops the batch."""
     items = expand(paths, is_image_file)
     model = model if isinstance(model, LoadedModel) else load_model(model, device)
+    settings = obfuscation_for(model, options.get("obfuscation"), options.get("privacy"))
+    leak = privacy_warning(settings)
+    if leak:  # said here, once; the workers' copies are silenced
+        warnings.warn(leak, PrivacyWarning, stacklevel=2)
     reference, public_dir, key_dir = model_reference(model), Path(public_dir), Path(key_dir)
     clashes = duplicate_stems([path for path in items if not named_by_id(path, names)])
     sources = {path: str(path.absolute()) for path in items}
     previous: dict[Path, dict | None] = {}
     with SharingOutputs(public_dir, key_dir, order=[sources[p] for p in items]) as outputs:
+        if client is None:
+            sharer = FileSharer(
+                str(model.directory), device, public_dir, key_dir, names, overwrite, options
+            ).reuse(model, outputs)
+            return run_batch(items, sharer.report, "ambiguate", clashes, workers)
 
         def submit(path: Path) -> Future | None:
             source = sources[path]
-            previous[path] = outputs.previous(source, output_stem(path, names))
-            if not overwrite and outputs.done(source, previous[path]):
+            prior = outputs.previous(source, output_stem(path, names))
+            if not overwrite and outputs.done(source, prior):
                 return None
+            previous[path] = prior
             stage = functools.partial(
                 stage_share,
                 public_dir=public_dir,
@@ -165,7 +187,9 @@ def _share_task(
     path: Path, stage: Callable[..., Any], reference: str, digest: str, device: str
 ) -> tuple[str, Any]:
     """On a worker: `stage_share` one input with the worker's model, as an `attempt`."""
-    return attempt(lambda p: stage(p, model=worker_model(reference, digest, device)), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrivacyWarning)
+        return attempt(lambda p: stage(p, model=worker_model(reference, digest, device)), path)
 
 
 def restore_many(
@@ -174,38 +198,44 @@ def restore_many(
     out_dir: str | os.PathLike,
     model: LoadedModel | str | os.PathLike | None = None,
     *,
-    client: Client,
+    client: Client | None = None,
     device: str = "auto",
-    identity: str | os.PathLike | None = None,
+    identity: Identity = None,
+    passphrase: str | None = None,
     mode: int = 0o600,
     overwrite: bool = False,
     without_key: bool = False,
 ) -> BatchResult:
-    """`primis disambiguate` on the workers of a Dask ``client``: every public file (or folder
-    of them) restored with KEY_DIR/<stem>.primiskey (see `primis.api.restore_report`); keys
-    wrapped for a recipient open with ``identity``, a private key file the workers read."""
+    """`primis disambiguate`: every public file (or folder of them) restored with
+    KEY_DIR/<stem>.primiskey (see `primis.api.restore_report`), here or on the workers of a
+    Dask ``client``. Wrapped keys open with ``identity`` or ``passphrase``; on a cluster only
+    with ``identity`` as a private key file the workers read."""
     items = expand(paths, lambda path: path.suffix == ".primis")
     model = model if isinstance(model, LoadedModel) else load_model(model, device)
     reference, out_dir = model_reference(model), Path(out_dir)
     output_folders(out_dir)
     clean_stale_parts(out_dir)
+    if client is not None and (passphrase is not None or isinstance(identity, X25519PrivateKey)):
+        raise PrimisError("on a cluster, wrapped keys open with an identity file only")
     restore = functools.partial(
         restore_report,
         key_dir=key_dir,
         out_dir=out_dir,
         identity=identity,
+        passphrase=passphrase,
         mode=mode,
         overwrite=overwrite,
         without_key=without_key,
     )
+    clashes = duplicate_stems(items)
+    if client is None:
+        return run_batch(items, functools.partial(restore, model=model), "disambiguate", clashes)
 
     def submit(path: Path) -> Future:
         task = (_restore_task, path, restore, reference, model.hash, device)
         return client.submit(*task, pure=False)
 
-    return run_on_cluster(
-        client, items, submit, lambda _, report: report, "disambiguate", duplicate_stems(items)
-    )
+    return run_on_cluster(client, items, submit, lambda _, report: report, "disambiguate", clashes)
 
 
 def _restore_task(
