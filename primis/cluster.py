@@ -19,7 +19,9 @@ only on use. Workers need PRIMIS installed and the inputs, outputs and model at 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import logging
 import os
 import threading
 import warnings
@@ -90,7 +92,11 @@ def connect(address: str) -> Iterator[Client]:
     with (
         dask.config.set(environ),
         LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,  # not its warnings on shutdown
         ) as cluster,
         Client(cluster) as client,
     ):
@@ -103,6 +109,7 @@ def model_reference(model: LoadedModel) -> str:
     return directory.name if directory.parent == ZOO.resolve() else str(directory)
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 _MODELS: dict[tuple[str, str, str], LoadedModel] = {}  # this worker process's, see worker_model
 _LOADING = threading.Lock()
 
@@ -113,6 +120,7 @@ def worker_model(reference: str, digest: str, device: str) -> LoadedModel:
     with _LOADING:
         key = (reference, digest, device)
         if key not in _MODELS:
+            _keep_freed_memory()
             model = load_model(reference, device)
             if model.hash != digest:
                 raise PrimisError(
@@ -121,6 +129,21 @@ def worker_model(reference: str, digest: str, device: str) -> LoadedModel:
                 )
             _MODELS[key] = model
         return _MODELS[key]
+
+
+def _keep_freed_memory() -> None:
+    """Undo, in this worker process, the ``MALLOC_TRIM_THRESHOLD_`` that Dask's nanny sets: it
+    turns off glibc's adaptive mmap threshold, so every large buffer torch frees goes back to
+    the OS and the next one is mapped and faulted in anew, which slows the model down. These
+    are the limits glibc's adaptive threshold reaches after large frees."""
+    if os.environ.get("MALLOC_TRIM_THRESHOLD_") is None:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: the variable means nothing there
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
 def share_many(
