@@ -127,9 +127,8 @@ def main() -> None:
         "rows": rows,
         "scheduler_overhead_s_per_file": overhead,
     }
-    print(
-        f"{len(images)} chest X-rays ({megapixels:.2f} MP), model cxr; {describe_machine(machine)}"
-    )
+    print(f"{len(images)} chest X-rays ({megapixels:.2f} MP), model cxr")
+    print(f"{describe_machine(machine)} (here); each of N workers runs torch on cores/N threads")
     print(f"load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     header = (
         f"{'refine':>6s} {'mode':18s} {'cmd s':>7s} {'start s':>7s} {'files/s':>8s} {'MP/s':>6s} "

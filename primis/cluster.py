@@ -24,6 +24,7 @@ import functools
 import logging
 import os
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -286,8 +287,12 @@ def run_on_cluster(
     running: dict[Future, Path] = {}
     completed = as_completed()
 
+    window, asked = 4, 0.0  # how many tasks to keep in flight; when the scheduler was asked
+
     def refill(progress: BatchProgress) -> None:
-        window = max(4, 2 * sum(client.nthreads().values()))
+        nonlocal window, asked
+        if time.monotonic() - asked > 1:  # workers come and go (e.g. adaptive clusters)
+            window, asked = max(4, 2 * sum(client.nthreads().values())), time.monotonic()
         while len(running) < window:
             path = next(pending, None)
             if path is None:
