@@ -38,8 +38,10 @@ _EXPORTS = {
     "restore": "primis.api",
     "restore_dicom": "primis.api",
     "restore_file": "primis.api",
+    "restore_many": "primis.cluster",
     "share": "primis.api",
     "share_file": "primis.api",
+    "share_many": "primis.cluster",
 }
 
 __all__ = sorted(_EXPORTS)

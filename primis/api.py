@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from torch.utils.data import Dataset
 
 from primis import sharing
-from primis.batch import SharingOutputs, expand, output_folders
+from primis.batch import SKIPPED, SharingOutputs, StagedPair, expand, output_folders, stage_pair
 from primis.config import REFINE_STEPS, ObfuscationConfig, parse_config
 from primis.errors import PrimisError, PrivacyWarning
 from primis.formats import KeyFile, read_file
@@ -202,6 +202,16 @@ class SharedFile:
     def key_bits_per_pixel(self) -> float:
         return 8 * self.key_bytes / self.pixels
 
+    def summary(self) -> str:
+        """The one-line report `primis ambiguate` prints for this file."""
+        quality = "" if self.psnr is None else f", restored {self.psnr:.2f} dB"
+        return (
+            f"{self.input.name}: public {self.public_bytes} B, key {self.key_bytes} B "
+            f"({self.key_bits_per_pixel:.3f} bpp; "
+            f"ideal support {self.ideal_key_bits / 8:.0f} B; rate weight {self.rate_weight:g}"
+            f"{quality}) in {self.seconds:.2f} s"
+        )
+
 
 def named_by_id(path: Path, names: Names) -> bool:
     """Whether an input's outputs are named by its random file id (``names`` "id", the
@@ -287,6 +297,11 @@ class FileSharer:
     def _opened(self) -> tuple:
         return self.model, self.device, self.public_dir, self.key_dir
 
+    def report(self, path: Path) -> str:
+        """One file of `ambiguate`: its report line, or `batch.SKIPPED` when its outputs exist."""
+        done = self(path)
+        return SKIPPED if done is None else done.summary()
+
     def __call__(self, path: Path) -> SharedFile | None:
         if self._opened not in _OPENED:  # once per process
             model = load_model(self.model, self.device)
@@ -317,19 +332,46 @@ def _share_into(
     source: str | None,
     options: ShareOptions,
 ) -> SharedFile | None:
-    source, by_id = source or str(path.absolute()), named_by_id(path, names)
-    previous = outputs.previous(source, None if by_id else path.stem)
+    source = source or str(path.absolute())
+    previous = outputs.previous(source, output_stem(path, names))
     if not overwrite and outputs.done(source, previous):
         return None
+    staged, shared = stage_share(
+        path, outputs.public_dir, outputs.key_dir, model, names, source, options, outputs.wrapping
+    )
+    outputs.commit(staged, previous)
+    return shared
+
+
+def output_stem(path: Path, names: Names) -> str | None:
+    """The stem an input's outputs take, or None where they are named by file id."""
+    return None if named_by_id(path, names) else path.stem
+
+
+def stage_share(
+    path: Path,
+    public_dir: Path,
+    key_dir: Path,
+    model: ModelLike,
+    names: Names,
+    source: str,
+    options: ShareOptions,
+    wrapping: KeyWrapping | None = None,
+) -> tuple[StagedPair, SharedFile]:
+    """Share one input and stage its pair in the output folders (`batch.stage_pair`, the key
+    wrapped with ``wrapping``): the work of one file of `ambiguate`, wherever it runs;
+    `SharingOutputs.commit` then places it."""
     started = time.perf_counter()
     shared = share(path, model, **options)
-    name = shared.file_id if by_id else path.stem
-    record = outputs.write(source, name, shared.file_id, shared.public, shared.key, previous)
-    return SharedFile(
+    name = output_stem(path, names) or shared.file_id
+    staged = stage_pair(
+        public_dir, key_dir, source, name, shared.file_id, shared.public, shared.key, wrapping
+    )
+    done = SharedFile(
         path,
         shared.file_id,
-        Path(record["public"]),
-        Path(record["key"]),
+        Path(staged.record["public"]),
+        Path(staged.record["key"]),
         len(shared.public),
         len(shared.key),
         shared.pixels,
@@ -338,6 +380,7 @@ def _share_into(
         shared.rate_weight,
         shared.psnr,
     )
+    return staged, done
 
 
 def _identity(identity: Identity) -> X25519PrivateKey | None:
@@ -447,6 +490,38 @@ def _restored_file(
     return suffix, encode_image(pixels, suffix, details.get("photometric"))
 
 
+def restore_report(
+    path: Path,
+    key_dir: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    model: ModelLike,
+    *,
+    identity: Identity = None,
+    passphrase: str | None = None,
+    mode: int = 0o600,
+    overwrite: bool = False,
+    without_key: bool = False,
+) -> str:
+    """One file of `primis disambiguate`, wherever it runs: `restore_file` (or, ``without_key``,
+    `attacker_view_file`), as its report line or `batch.SKIPPED` when its output exists."""
+    if without_key:
+        target = attacker_view_file(path, out_dir, model, overwrite=overwrite)
+        return SKIPPED if target is None else f"{path.name} -> {target} (attacker's view)"
+    if key_dir is None:
+        raise PrimisError("a key folder is required (or without_key for the attacker's view)")
+    target = restore_file(
+        path,
+        key_dir,
+        out_dir,
+        model,
+        identity=identity,
+        passphrase=passphrase,
+        mode=mode,
+        overwrite=overwrite,
+    )
+    return SKIPPED if target is None else f"{path.name} -> {target}"
+
+
 def attacker_view(public: bytes, model: ModelLike = None) -> np.ndarray:
     """What anyone decodes from a public file alone (no key): a float32 image in [0, 1] of the
     code grid's padded size (only the key holds the exact size)."""
@@ -544,6 +619,8 @@ __all__ = [
     "obfuscation_for",
     "restore",
     "restore_file",
+    "restore_report",
     "share",
     "share_file",
+    "stage_share",
 ]

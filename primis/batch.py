@@ -24,19 +24,27 @@ import multiprocessing
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from tqdm import tqdm
 
 from primis.errors import PrimisError, PrivacyWarning
 from primis.formats import KeyFile, PublicFile, read_file, sha256
-from primis.io.files import clean_stale_parts, default_mode, write_temporary, write_together
+from primis.io.files import (
+    clean_stale_parts,
+    default_mode,
+    place_together,
+    write_temporaries,
+    write_temporary,
+)
 from primis.keywrap import KeyWrapping, is_wrapped
 
 SKIPPED = "skipped"
+T = TypeVar("T")
 # OS errors after which no later file of the batch can succeed: stop with one message.
 FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
@@ -153,10 +161,15 @@ class Manifest:
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
         os.replace(write_temporary(self.path, text, self.mode), self.path)
 
-    def compact(self) -> dict[str, dict]:
-        """Rewrite the file with each key once (its last record); return the records."""
+    def compact(self, order: Sequence[str] = ()) -> dict[str, dict]:
+        """Rewrite the file with each key once (its last record) and return the records: the
+        keys of ``order`` last, in that order, the others before them as they were."""
+        rank = {key: index for index, key in enumerate(order)}
         with self.locked():
-            records = self.records()
+            found = self.records().values()
+            records = {
+                r[self.key]: r for r in sorted(found, key=lambda r: rank.get(r[self.key], -1))
+            }
             self.replace(records.values())
         return records
 
@@ -180,14 +193,21 @@ class SharingOutputs:
 
     Opening it creates the folders (a new key folder 0700) and removes a killed writer's
     temporary files; closing it (the end of a ``with`` block) rewrites both manifests with each
-    entry once. With ``wrapping`` (`primis.keywrap.KeyWrapping`: recipients and/or a
-    passphrase) every key is encrypted in memory before it is written: no plain key, not even
-    a temporary one, reaches the key folder.
+    entry once, the inputs of ``order`` (a batch's, as manifest keys) last and in that order,
+    whichever finished first. With ``wrapping`` (`primis.keywrap.KeyWrapping`: recipients
+    and/or a passphrase) every key is encrypted in memory before it is staged (`stage_pair`):
+    no plain key, not even a temporary one, reaches the key folder.
     """
 
-    def __init__(self, public_dir: Path, key_dir: Path, wrapping: KeyWrapping | None = None):
+    def __init__(
+        self,
+        public_dir: Path,
+        key_dir: Path,
+        wrapping: KeyWrapping | None = None,
+        order: Sequence[str] = (),
+    ) -> None:
         self.public_dir, self.key_dir = Path(public_dir), Path(key_dir)
-        self.wrapping = wrapping
+        self.wrapping, self.order = wrapping, list(order)
         output_folders(self.public_dir)
         if not self.key_dir.exists():
             output_folders(self.key_dir.parent)
@@ -246,36 +266,27 @@ class SharingOutputs:
             self.known[source] = record
         return True
 
-    def write(
-        self, source: str, name: str, file_id: str, public: bytes, key: bytes, previous: dict | None
-    ) -> dict:
-        """Write NAME.primis and NAME.primiskey (wrapped where this has a ``wrapping``)
-        together with the private manifest line (see `write_together`), remove the input's
-        outputs under other names, and return the record."""
-        if self.wrapping is not None:
-            key = self.wrapping.wrap(key)
-        public_path = (self.public_dir / f"{name}.primis").absolute()
-        key_path = (self.key_dir / f"{name}.primiskey").absolute()
-        record = {
-            "input": source,
-            "file_id": file_id,
-            "public": str(public_path),
-            "key": str(key_path),
-            "public_sha256": sha256(public),
-        }
-        write_together(
-            [(key_path, key, 0o600), (public_path, public, None)],
+    def commit(self, staged: StagedPair, previous: dict | None) -> dict:
+        """Place a staged pair (see `stage_pair`) with its private manifest line written first
+        (see `place_together`), remove the input's outputs under other names, and return the
+        record. Only this object writes the manifests."""
+        record = staged.record
+        destinations = (Path(record["key"]), Path(record["public"]))
+        place_together(
+            list(zip(staged.temporaries, destinations, strict=True)),
             lambda: self.private.append(record),
         )
-        self.known[source] = record
+        self.known[record["input"]] = record
         _remove_replaced(previous, record)
         if self.public is not None:
-            self.public.append(_public_entry(record, len(public)))
+            self.public.append(_public_entry(record, staged.public_bytes))
         return record
 
     def close(self) -> None:
         """Rewrite the manifests with each entry once; the public one from the private one."""
-        records = self.private.compact()
+        records = self.private.compact(self.order)
+        for folder in (self.public_dir, self.key_dir):
+            clean_stale_parts(folder)  # a lost worker's staged pairs (their writer is gone)
         if self.public is not None:
             with self.public.locked():
                 self.public.replace(
@@ -283,6 +294,45 @@ class SharingOutputs:
                     for r in records.values()
                     if isinstance(r.get("public"), str) and Path(r["public"]).is_file()
                 )
+
+
+@dataclass(frozen=True)
+class StagedPair:
+    """A public file and its key written to temporaries beside their destinations (see
+    `stage_pair`), to be placed by `SharingOutputs.commit`; small enough to travel from a
+    worker to the process that writes the manifests."""
+
+    record: dict
+    public_bytes: int
+    temporaries: tuple[Path, Path]  # the key's, the public file's
+
+
+def stage_pair(
+    public_dir: Path,
+    key_dir: Path,
+    source: str,
+    name: str,
+    file_id: str,
+    public: bytes,
+    key: bytes,
+    wrapping: KeyWrapping | None = None,
+) -> StagedPair:
+    """Write NAME.primiskey (0600; wrapped in memory first with ``wrapping``) and NAME.primis
+    to temporaries in their folders and return them with the input's manifest record; nothing
+    is in place until `SharingOutputs.commit`."""
+    if wrapping is not None:
+        key = wrapping.wrap(key)
+    public_path = (Path(public_dir) / f"{name}.primis").absolute()
+    key_path = (Path(key_dir) / f"{name}.primiskey").absolute()
+    record = {
+        "input": source,
+        "file_id": file_id,
+        "public": str(public_path),
+        "key": str(key_path),
+        "public_sha256": sha256(public),
+    }
+    key_temp, public_temp = write_temporaries([(key_path, key, 0o600), (public_path, public, None)])
+    return StagedPair(record, len(public), (key_temp, public_temp))
 
 
 def _public_entry(record: dict, size: int) -> dict:
@@ -348,42 +398,63 @@ def run_batch(
     > 1, that many processes run the items (``work`` must then pickle, see `worker_pool`) and
     the reports still come in the items' order.
     """
-    done = skipped = 0
-    failures = dict(failed)
-    pending = [path for path in items if path not in failures]
-    show = sys.stderr.isatty()
-    with (
-        tqdm(total=len(items), desc=label, unit="file", disable=not show, file=sys.stderr) as bar,
-        worker_pool(workers) as pool,
-    ):
-        for path in items:
-            if path in failures:
-                tqdm.write(f"error: {failures[path]}", file=sys.stderr)
-                bar.update(1)
+    with BatchProgress(items, label, failed) as progress, worker_pool(workers) as pool:
+        pending = [path for path in items if path not in failed]
         attempts = functools.partial(attempt, work)
         outcomes = map(attempts, pending) if pool is None else pool.map(attempts, pending)
         for path, (outcome, report) in zip(pending, outcomes, strict=True):
-            if outcome == "fatal":
-                raise PrimisError(f"{report}; batch stopped after {done} done (rerun to go on)")
-            if outcome == SKIPPED:
-                skipped += 1
-                bar.total -= 1
-                bar.refresh()
-            elif outcome == "done":
-                done += 1
-                tqdm.write(report)
-                bar.update(1)
-            else:
-                failures[path] = report
-                tqdm.write(f"error: {report}", file=sys.stderr)
-                bar.update(1)
-    return BatchResult(len(items), done, skipped, failures)
+            progress.record(path, outcome, report)
+    return progress.result()
 
 
-def attempt(work: Callable[[Path], str], path: Path) -> tuple[str, str]:
-    """``work(path)`` as (outcome, report): "done" with its report, SKIPPED, "failed" with the
-    reason (a bad input, an OS error or a bug: the batch goes on), or "fatal" for an OS error
-    after which no file can succeed (`FATAL_ERRNOS`)."""
+class BatchProgress:
+    """A batch's progress bar on stderr (on a terminal) and its tally: each item's outcome (see
+    `attempt`) is recorded once, its report written above the bar. ``failed`` holds items that
+    failed before the batch (reported at once)."""
+
+    def __init__(self, items: list[Path], label: str, failed: dict[Path, str]) -> None:
+        self.items, self.done, self.skipped = len(items), 0, 0
+        self.failures = dict(failed)
+        show = sys.stderr.isatty()
+        self.bar = tqdm(
+            total=len(items), desc=label, unit="file", disable=not show, file=sys.stderr
+        )
+        for path in items:
+            if path in failed:
+                tqdm.write(f"error: {failed[path]}", file=sys.stderr)
+                self.bar.update(1)
+
+    def __enter__(self) -> BatchProgress:
+        return self
+
+    def __exit__(self, *error: object) -> None:
+        self.bar.close()
+
+    def record(self, path: Path, outcome: str, report: str) -> None:
+        """Count one item; a "fatal" outcome stops the batch with a PrimisError."""
+        if outcome == "fatal":
+            raise PrimisError(f"{report}; batch stopped after {self.done} done (rerun to go on)")
+        if outcome == SKIPPED:
+            self.skipped += 1
+            self.bar.total -= 1
+            self.bar.refresh()
+        elif outcome == "done":
+            self.done += 1
+            tqdm.write(report)
+            self.bar.update(1)
+        else:
+            self.failures[path] = report
+            tqdm.write(f"error: {report}", file=sys.stderr)
+            self.bar.update(1)
+
+    def result(self) -> BatchResult:
+        return BatchResult(self.items, self.done, self.skipped, self.failures)
+
+
+def attempt(work: Callable[[Path], T], path: Path) -> tuple[str, T | str]:
+    """``work(path)`` as (outcome, result): "done" with what it returned, SKIPPED (when it
+    returned SKIPPED), "failed" with the reason (a bad input, an OS error or a bug: the batch
+    goes on), or "fatal" for an OS error after which no file can succeed (`FATAL_ERRNOS`)."""
     try:
         report = work(path)
     except OSError as err:
@@ -393,7 +464,7 @@ def attempt(work: Callable[[Path], str], path: Path) -> tuple[str, str]:
         return "failed", str(err)
     except Exception as err:  # a bug must not stop the batch; say what it was
         return "failed", f"{path}: unexpected {type(err).__name__}: {err}".splitlines()[0]
-    return (SKIPPED, "") if report == SKIPPED else ("done", report)
+    return (SKIPPED, "") if isinstance(report, str) and report == SKIPPED else ("done", report)
 
 
 @contextlib.contextmanager

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import click
@@ -422,16 +421,41 @@ def _run_batch(
     failed: dict[Path, str],
     workers: int = 1,
 ) -> None:
-    """`batch.run_batch`, then its summary line; any failed item makes the exit status 1."""
+    """`batch.run_batch`, then its summary line (see `_summary`)."""
     from primis.batch import run_batch
 
-    result = run_batch(items, work, label, failed, workers)
+    _summary(run_batch(items, work, label, failed, workers), label)
+
+
+def _summary(result, label: str) -> None:
+    """A batch's summary line; any failed item makes the exit status 1."""
     summary = [f"{result.done} done", f"{len(result.failures)} failed"]
     if result.skipped:  # said only when some were, with why
         summary.insert(1, f"{result.skipped} skipped (outputs exist; --overwrite to redo)")
     click.echo(f"{label}: {', '.join(summary)}")
     if result.failures:
         raise PrimisError(f"{len(result.failures)} of {result.items} file(s) failed")
+
+
+def _cluster_option(func):
+    return click.option(
+        "--cluster",
+        metavar="ADDRESS",
+        help="run on a Dask cluster: a scheduler's address (tcp://host:8786), or local:N for N "
+        "worker processes here; needs pip install 'primis[cluster]' and shared storage",
+    )(func)
+
+
+def _connect(address: str | None, workers: int = 1):
+    """`primis.cluster.connect` (a one-line error without the ``cluster`` extra); without an
+    address, no client (the batch runs here)."""
+    from primis.cluster import connect
+
+    if address is None:
+        return nullcontext()
+    if workers != 1:
+        raise PrimisError("give --workers or --cluster, not both")
+    return connect(address)
 
 
 @cli.command()
@@ -449,6 +473,7 @@ def _run_batch(
     show_default=True,
     help="processes sharing the inputs, each on cores/N torch threads",
 )
+@_cluster_option
 @click.option(
     "--names",
     type=click.Choice(["id", "stem", "auto"]),
@@ -474,6 +499,7 @@ def ambiguate(
     overwrite,
     shard,
     workers,
+    cluster,
     names,
     recipients,
     use_passphrase,
@@ -487,43 +513,36 @@ def ambiguate(
     PUBLIC_DIR/manifest.jsonl lists only file ids, digests and sizes, and may travel with the
     public files. A rerun after an interruption completes what is missing. With --to and/or a
     passphrase, keys are wrapped in memory and written only wrapped (recommended for real
-    data: a key holds the image, and with --keep-header the patient header).
+    data: a key holds the image, and with --keep-header the patient header). With --cluster,
+    Dask workers share the inputs (README "Sharing on a cluster").
     """
-    from primis.batch import SharingOutputs, duplicate_stems, expand, select_shard
+    from primis.batch import expand, select_shard
     from primis.io.images import is_image_file
 
     items = select_shard(expand(inputs, is_image_file), shard)
     wrapping = _key_wrapping(recipients, use_passphrase, passphrase_file)
     model = _load_model(model_dir)  # then what needs torch
-    from primis.api import FileSharer, named_by_id
+    from primis.cluster import share_many
 
     options = _share_options(
         model, k, fill, mask_signs, pad_size_class, maps, refine_steps, keep_header
     )
     device = click.get_current_context().meta.get("primis.device", "auto")
-    clashes = duplicate_stems([p for p in items if not named_by_id(p, names)])
-    with SharingOutputs(public_dir, key_dir, wrapping) as outputs:
-        sharer = FileSharer(
-            str(model.directory), device, public_dir, key_dir, names, overwrite, options, wrapping
-        ).reuse(model, outputs)
-        work = functools.partial(_shared_report, sharer)
-        _run_batch(items, work, "ambiguate", clashes, workers)
-
-
-def _shared_report(sharer, path: Path) -> str:
-    """One file of `ambiguate`: its report line, or SKIPPED (module level: it pickles)."""
-    from primis.batch import SKIPPED
-
-    done = sharer(path)
-    if done is None:
-        return SKIPPED
-    quality = "" if done.psnr is None else f", restored {done.psnr:.2f} dB"
-    return (
-        f"{path.name}: public {done.public_bytes} B, key {done.key_bytes} B "
-        f"({done.key_bits_per_pixel:.3f} bpp; "
-        f"ideal support {done.ideal_key_bits / 8:.0f} B; rate weight {done.rate_weight:g}"
-        f"{quality}) in {done.seconds:.2f} s"
-    )
+    with _connect(cluster, workers) as client:
+        result = share_many(
+            items,
+            public_dir,
+            key_dir,
+            model,
+            client=client,
+            workers=workers,
+            device=device,
+            names=names,
+            overwrite=overwrite,
+            wrapping=wrapping,
+            **options,
+        )
+    _summary(result, "ambiguate")
 
 
 def _wrapped_key_options(func):
@@ -566,6 +585,7 @@ def _key_secrets(identity: Path | None, ask_passphrase: bool, passphrase_file: P
 @_wrapped_key_options
 @click.option("--overwrite", is_flag=True, help="redo files whose output exists")
 @click.option("--shard", help="I/N: process every N-th file from the I-th (0-based)")
+@_cluster_option
 @click.option(
     "--output-mode",
     default="600",
@@ -584,6 +604,7 @@ def disambiguate(
     passphrase_file,
     overwrite,
     shard,
+    cluster,
     output_mode,
 ) -> None:
     """Reconstruct each PUBLIC file with its key (or, --without-key, show the attacker's view).
@@ -592,8 +613,7 @@ def disambiguate(
     others in their own type (PNG, TIFF or .npy) with their size, dtype and range, as
     OUT_DIR/<public file's name>.<type>.
     """
-    from primis.batch import SKIPPED, duplicate_stems, expand, output_folders, select_shard
-    from primis.io.files import clean_stale_parts
+    from primis.batch import expand, select_shard
 
     if key_dir is None and not without_key:
         raise PrimisError("--key-dir is required (or --without-key for the attacker's view)")
@@ -604,30 +624,28 @@ def disambiguate(
     if not 0 <= mode <= 0o777:
         raise PrimisError(f"--output-mode {output_mode}: expected octal permissions like 600")
     items = select_shard(expand(publics, lambda p: p.suffix == ".primis"), shard)
+    if cluster and (ask_passphrase or passphrase_file):
+        raise PrimisError("--cluster opens wrapped keys with --identity only (no passphrase)")
     secret, passphrase = _key_secrets(identity, ask_passphrase, passphrase_file)
     model = _load_model(model_dir)  # then what needs torch
-    from primis.api import attacker_view_file, restore_file
+    from primis.cluster import restore_many
 
-    output_folders(out_dir)
-    clean_stale_parts(out_dir)
-
-    def work(path: Path) -> str:
-        if without_key:
-            target = attacker_view_file(path, out_dir, model, overwrite=overwrite)
-            return SKIPPED if target is None else f"{path.name} -> {target} (attacker's view)"
-        target = restore_file(
-            path,
+    device = click.get_current_context().meta.get("primis.device", "auto")
+    with _connect(cluster) as client:
+        result = restore_many(
+            items,
             key_dir,
             out_dir,
             model,
-            identity=secret,
+            client=client,
+            device=device,
+            identity=identity if cluster else secret,
             passphrase=passphrase,
             mode=mode,
             overwrite=overwrite,
+            without_key=without_key,
         )
-        return SKIPPED if target is None else f"{path.name} -> {target}"
-
-    _run_batch(items, work, "disambiguate", duplicate_stems(items))
+    _summary(result, "disambiguate")
 
 
 @cli.command()

@@ -63,24 +63,34 @@ def sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def write_together(files: list[tuple[Path, bytes, int | None]], before: Callable[[], None]) -> None:
-    """Write files that belong together (a key and its public file) so that none is left alone:
-    each goes to a temporary name first (see `write_temporary`), then ``before`` runs (e.g. the
-    manifest line), then each is renamed into place. On a failure the temporaries go, and once
-    a file was placed, every destination of the group goes too."""
+def write_temporaries(files: list[tuple[Path, bytes, int | None]]) -> list[Path]:
+    """Write each of ``files`` (destination, data, mode) to a temporary beside its destination
+    (see `write_temporary`) and return the temporaries; on a failure none is left."""
     temps: list[Path] = []
-    placed = False
     try:
         for path, data, mode in files:
             temps.append(write_temporary(path, data, mode))
-        before()
-        for (path, _, _), temp in zip(files, temps, strict=True):
-            os.replace(temp, path)
-            placed = True
     except BaseException:
         for temp in temps:
             temp.unlink(missing_ok=True)
-        for path, _, _ in files if placed else []:
+        raise
+    return temps
+
+
+def place_together(moves: list[tuple[Path, Path]], before: Callable[[], None]) -> None:
+    """Rename temporaries into place (``moves``: temporary, destination) after ``before`` runs
+    (e.g. the manifest line). On a failure the temporaries go, and once a file was placed,
+    every destination of the group goes too."""
+    placed = False
+    try:
+        before()
+        for temp, path in moves:
+            os.replace(temp, path)
+            placed = True
+    except BaseException:
+        for temp, _ in moves:
+            temp.unlink(missing_ok=True)
+        for _, path in moves if placed else []:
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
         raise
