@@ -157,7 +157,7 @@ def share_many(
     client: Client | None = None,
     workers: int = 1,
     device: str = "auto",
-    names: Names = "auto",
+    names: Names = "id",
     overwrite: bool = False,
     wrapping: KeyWrapping | None = None,
     **options: Unpack[ShareOptions],

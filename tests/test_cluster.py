@@ -82,10 +82,12 @@ def test_cluster_outputs_equal_ambiguates(tmp_path, client, model):
         tmp_path / "local/public",
         "--key-dir",
         tmp_path / "local/keys",
+        "--names",
+        "stem",
     )
     assert local.returncode == 0, local.stderr
     public, keys = tmp_path / "dask/public", tmp_path / "dask/keys"
-    result = share_many(images, public, keys, model, client=client, refine_steps=0)
+    result = share_many(images, public, keys, model, client=client, names="stem", refine_steps=0)
     assert (result.done, result.skipped, result.failures) == (4, 0, {})
     assert _names(public) == _names(tmp_path / "local/public")
     assert _names(keys) == _names(tmp_path / "local/keys")
@@ -104,7 +106,7 @@ def test_cluster_outputs_equal_ambiguates(tmp_path, client, model):
     # each worker that shared loaded the model once
     loaded = client.run(lambda: len(__import__("primis.cluster").cluster._MODELS))
     assert set(loaded.values()) <= {0, 1} and 1 in loaded.values()
-    again = share_many(images, public, keys, model, client=client, refine_steps=0)
+    again = share_many(images, public, keys, model, client=client, names="stem", refine_steps=0)
     assert (again.done, again.skipped) == (0, 4)
     # disambiguate on the cluster writes what it writes locally
     restore_many(sorted(public.glob("*.primis")), keys, tmp_path / "dask/out", model, client=client)
@@ -121,6 +123,37 @@ def test_cluster_outputs_equal_ambiguates(tmp_path, client, model):
     )
     out = {p.name: p.read_bytes() for p in (tmp_path / "dask/out").iterdir()}
     assert out == {p.name: p.read_bytes() for p in (tmp_path / "local/out").iterdir()}
+
+
+def test_keys_for_recipients_are_wrapped_on_the_workers(tmp_path, client, model):
+    """With a wrapping for a recipient, no key is in clear in the key folder (staged wrapped on
+    the worker), and the recipient's identity file opens them on the cluster; a passphrase,
+    which would travel to the workers, is refused."""
+    from primis.keywrap import KeyWrapping, generate_identity, is_wrapped
+
+    private, public_key = generate_identity()
+    (tmp_path / "alice").write_bytes(private)
+    (tmp_path / "alice.pub").write_bytes(public_key)
+    images = _images(2)
+    public, keys = tmp_path / "p", tmp_path / "k"
+    wrapping = KeyWrapping([tmp_path / "alice.pub"])
+    result = share_many(
+        images, public, keys, model, client=client, wrapping=wrapping, refine_steps=0
+    )
+    assert result.done == 2
+    written = sorted(keys.glob("*.primiskey"))
+    assert len(written) == 2 and all(is_wrapped(path.read_bytes()) for path in written)
+    out = tmp_path / "out"
+    alice = tmp_path / "alice"
+    restored = restore_many(
+        sorted(public.glob("*.primis")), keys, out, model, client=client, identity=alice
+    )
+    assert restored.done == 2 and len(list(out.iterdir())) == 2
+    with pytest.raises(primis.PrimisError, match="recipients only"):
+        share_many(
+            images, tmp_path / "p2", tmp_path / "k2", model, client=client,
+            wrapping=KeyWrapping(passphrase="a passphrase"), refine_steps=0,
+        )  # fmt: skip
 
 
 def test_a_failed_file_is_reported_and_the_batch_goes_on(tmp_path, client, model):
@@ -189,7 +222,9 @@ def test_a_worker_killed_mid_batch_and_the_batch_completes(tmp_path, model):
 
         watcher = threading.Thread(target=_when_pairs, args=(keys, 2, kill))
         watcher.start()
-        result = share_many(images, public, keys, model, client=connected, refine_steps=0)
+        result = share_many(
+            images, public, keys, model, client=connected, names="stem", refine_steps=0
+        )
         watcher.join()
     assert killed and killed[0] < len(images), "the batch finished before a worker was killed"
     assert (result.done, result.skipped, result.failures) == (16, 0, {})
@@ -217,6 +252,8 @@ def test_a_killed_client_and_the_rerun_completes_exactly_the_missing(tmp_path):
         "0",
         "--cluster",
         "local:2",
+        "--names",
+        "stem",
         "--public-dir",
         str(public),
         "--key-dir",
