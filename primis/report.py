@@ -87,7 +87,8 @@ def describe_machine(info: dict) -> str:
 
 class Chart:
     """A grayscale chart: a white canvas with x and y axes over ``x_range`` x ``y_range``,
-    axis titles and ``ticks`` tick labels each; `at` maps data to pixels, `draw` is Pillow's
+    axis titles and ``ticks`` tick labels each (count, x format, y format; an empty x format
+    for categories on x: no x labels); `at` maps data to pixels, `draw` is Pillow's
     handle, `png` the finished image."""
 
     def __init__(
@@ -110,7 +111,7 @@ class Chart:
         count, x_format, y_format = ticks
         for value in np.linspace(self.y0, self.y1, count):
             self.draw.text((5, self.at(self.x0, value)[1] - 6), f"{value:{y_format}}", fill=0)
-        for value in np.linspace(self.x0, self.x1, count):
+        for value in np.linspace(self.x0, self.x1, count) if x_format else ():
             where = (self.at(value, self.y0)[0] - 12, self.height - margin + 6)
             self.draw.text(where, f"{value:{x_format}}", fill=0)
 

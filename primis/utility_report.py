@@ -875,7 +875,7 @@ def auc_plot(report: dict) -> bytes:
         (0, max(1, len(tasks))),
         (0.0, 1.0),
         ("task (versions left to right, dark to light)", "ROC AUC"),
-        (max(2, len(tasks) + 1), ".0f", ".1f"),
+        (max(2, len(tasks) + 1), "", ".1f"),
     )
     for t, (name, task) in enumerate(tasks.items()):
         chart.draw.text(chart.at(t + 0.05, 0.04), name, fill=0)
@@ -904,7 +904,7 @@ def texture_plot(texture: dict) -> bytes:
         (0, len(families)),
         (0.0, 1.0),
         ("feature family", "share with CCC >= 0.90"),
-        (2, ".0f", ".1f"),
+        (2, "", ".1f"),
     )
     for f, family in enumerate(families):
         chart.draw.text((chart.at(f + 0.05, 0.0)[0], chart.height - 40), family[:16], fill=0)
