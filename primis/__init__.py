@@ -1,6 +1,6 @@
 """PRIMIS: privacy-preserving medical image sharing with sparse ternary codes and private keys.
 
-The Python API (see `primis.api` and the README's "Python API")::
+The Python API (see `primis.api` and docs/api.md)::
 
     import primis
 
@@ -15,8 +15,8 @@ import os
 from importlib import import_module
 
 # oneDNN (torch's CPU convolutions) keeps up to 1024 compiled primitives with their buffers, one
-# set per tile shape: hundreds of MB for a large image's tiles (README, "Images of any size").
-# 64 keep the speed; a value set by the user wins. Read when torch first convolves.
+# set per tile shape: hundreds of MB for a large image's tiles (docs/method.md, "Images of any
+# size"). 64 keep the speed; a value set by the user wins. Read when torch first convolves.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
 _EXPORTS = {

@@ -146,7 +146,7 @@ def share(
     ``privacy`` starts from a named preset instead ("strict": the public file is independent
     of the image, the only private mode; "compact": half the noise, a smaller key, and the
     public file links to its image; "paper": public signs, as small a key, linkable and the
-    image leaks; see README "Privacy modes"; both files record the preset, or "custom"; every
+    image leaks; see docs/privacy.md; both files record the preset, or "custom"; every
     mode but strict warns what it leaks with `PrivacyWarning`), and
     ``keep_header`` puts a DICOM input's original header into the key. The
     key's size: ``rate_weight`` trades quality for key bits in the choice of code (default:

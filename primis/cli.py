@@ -379,7 +379,7 @@ _privacy_option = click.option(
     type=click.Choice(["strict", "compact", "paper"]),
     expose_value=False,  # kept for `_obfuscation`, so every command that shares takes it alike
     callback=_keep_privacy,
-    help="a named privacy mode (README 'Privacy modes'): strict (default, the only private "
+    help="a named privacy mode (docs/privacy.md): strict (default, the only private "
     "one: the public file is independent of the image), compact (half the noise: a smaller "
     "key; the public file links to its image) or paper (public signs: as small a key; "
     "linkable and the image leaks); --fill and --mask-signs change it (recorded as custom)",
@@ -514,7 +514,7 @@ def ambiguate(
     public files. A rerun after an interruption completes what is missing. With --to and/or a
     passphrase, keys are wrapped in memory and written only wrapped (recommended for real
     data: a key holds the image, and with --keep-header the patient header). With --cluster,
-    Dask workers share the inputs (README "Sharing on a cluster").
+    Dask workers share the inputs (docs/cluster.md).
     """
     from primis.batch import expand, select_shard
     from primis.io.images import is_image_file

@@ -80,7 +80,7 @@ def check_mode_for_rate(obfuscation: ObfuscationConfig, adaptive_rate: bool) -> 
         raise PrimisError(ADAPTIVE_STRICT_ONLY)
 
 
-# Named points of the privacy frontier (`primis.frontier`, README "Privacy modes"): `primis
+# Named points of the privacy frontier (`primis.frontier`, docs/privacy.md): `primis
 # ambiguate --privacy NAME`, recorded in both files' headers. Any other setting is "custom".
 # Only strict is private: in the others the public vectors depend on the code, so a public
 # file links to its image (`primis.linkage`); they buy a smaller key with that leak.
@@ -95,7 +95,7 @@ LINKS = (
     "which public file it is (re-identification)"
 )
 SHOWS = "leaks the image to an attacker who trains on images of the same kind"
-MEASURED = "measured in the README's 'Privacy modes'; only --privacy strict is private"
+MEASURED = "measured in docs/privacy.md; only --privacy strict is private"
 CUSTOM = "custom"
 
 
