@@ -33,7 +33,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from torch.utils.data import Dataset
 
-from primis import sharing
+from primis import formats, sharing
 from primis.batch import SKIPPED, SharingOutputs, StagedPair, expand, output_folders, stage_pair
 from primis.config import REFINE_STEPS, ObfuscationConfig, parse_config
 from primis.errors import PrimisError, PrivacyWarning
@@ -472,7 +472,7 @@ def _restored_file(
 ) -> tuple[str, bytes]:
     """The authorized reconstruction of a public file as a file's suffix and bytes: DICOM for
     a DICOM input (or any input, ``as_dicom``), otherwise its own type (see `restore_file`)."""
-    key_path = Path(key_dir) / f"{public_path.stem}.primiskey"
+    key_path = formats.key_beside(public_path, Path(key_dir))
     pixels, key = _reconstruct(
         read_file(public_path),
         read_file(key_path),
@@ -571,9 +571,9 @@ class RestoredDataset(Dataset):
         public_dir, self.key_dir = Path(public_dir), Path(key_dir)
         if not public_dir.is_dir():
             raise PrimisError(f"{public_dir}: no such folder of public files")
-        self.paths = expand([public_dir], lambda p: p.suffix == ".primis")
+        self.paths = expand([public_dir], formats.is_public_file)
         if not self.paths:
-            raise PrimisError(f"{public_dir}: no public files (.primis)")
+            raise PrimisError(f"{public_dir}: no public files ({formats.PUBLIC_SUFFIX})")
         missing = [p for p in self.paths if not self._key_path(p).is_file()]
         if missing:
             raise PrimisError(
@@ -585,7 +585,7 @@ class RestoredDataset(Dataset):
         self.transform = transform
 
     def _key_path(self, public_path: Path) -> Path:
-        return self.key_dir / f"{public_path.stem}.primiskey"
+        return formats.key_beside(public_path, self.key_dir)
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -33,7 +33,7 @@ from typing import TypeVar
 from tqdm import tqdm
 
 from primis.errors import PrimisError, PrivacyWarning
-from primis.formats import KeyFile, PublicFile, read_file, sha256
+from primis.formats import KeyFile, PublicFile, key_path, public_path, read_file, sha256
 from primis.io.files import (
     clean_stale_parts,
     default_mode,
@@ -238,20 +238,17 @@ class SharingOutputs:
         input, a complete pair already on disk (from a run that wrote no manifest line)."""
         if source in self.known or stem is None:
             return self.known.get(source)
-        public_path, key_path = (
-            self.public_dir / f"{stem}.primis",
-            self.key_dir / f"{stem}.primiskey",
-        )
+        public_file = public_path(self.public_dir, stem)
         try:
-            public = read_file(public_path)
+            public = read_file(public_file)
             file_id = PublicFile.from_bytes(public).header.file_id
         except PrimisError:
             return None
         record = {
             "input": source,
             "file_id": file_id,
-            "public": str(public_path.absolute()),
-            "key": str(key_path.absolute()),
+            "public": str(public_file.absolute()),
+            "key": str(key_path(self.key_dir, stem).absolute()),
             "public_sha256": sha256(public),
         }
         return record if _pair_complete(record) else None
@@ -322,16 +319,16 @@ def stage_pair(
     is in place until `SharingOutputs.commit`."""
     if wrapping is not None:
         key = wrapping.wrap(key)
-    public_path = (Path(public_dir) / f"{name}.primis").absolute()
-    key_path = (Path(key_dir) / f"{name}.primiskey").absolute()
+    public_file = public_path(Path(public_dir), name).absolute()
+    key_file = key_path(Path(key_dir), name).absolute()
     record = {
         "input": source,
         "file_id": file_id,
-        "public": str(public_path),
-        "key": str(key_path),
+        "public": str(public_file),
+        "key": str(key_file),
         "public_sha256": sha256(public),
     }
-    key_temp, public_temp = write_temporaries([(key_path, key, 0o600), (public_path, public, None)])
+    key_temp, public_temp = write_temporaries([(key_file, key, 0o600), (public_file, public, None)])
     return StagedPair(record, len(public), (key_temp, public_temp))
 
 

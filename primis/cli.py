@@ -623,7 +623,9 @@ def disambiguate(
         mode = -1
     if not 0 <= mode <= 0o777:
         raise PrimisError(f"--output-mode {output_mode}: expected octal permissions like 600")
-    items = select_shard(expand(publics, lambda p: p.suffix == ".primis"), shard)
+    from primis.formats import is_public_file
+
+    items = select_shard(expand(publics, is_public_file), shard)
     if cluster and (ask_passphrase or passphrase_file):
         raise PrimisError("--cluster opens wrapped keys with --identity only (no passphrase)")
     secret, passphrase = _key_secrets(identity, ask_passphrase, passphrase_file)
@@ -901,8 +903,9 @@ def restore_to(
     nothing is written to disk.
     """
     from primis.batch import duplicate_stems, expand, select_shard
+    from primis.formats import is_public_file
 
-    items = select_shard(expand(publics, lambda p: p.suffix == ".primis"), shard)
+    items = select_shard(expand(publics, is_public_file), shard)
     tls = _tls_context("client", tls_cert, tls_key, tls_ca, on=use_tls)
     secret, passphrase = _key_secrets(identity, ask_passphrase, passphrase_file)
     model = _load_model(model_dir)  # then what needs torch
@@ -978,7 +981,9 @@ def keys_wrap(keyfiles, recipients, use_passphrase, passphrase_file) -> None:
         write_atomic(path, wrapping.wrap(data), mode=0o600)
         return f"{path}: wrapped"
 
-    _run_batch(expand(keyfiles, lambda p: p.suffix == ".primiskey"), work, "wrap", {})
+    from primis.formats import is_key_file
+
+    _run_batch(expand(keyfiles, is_key_file), work, "wrap", {})
 
 
 @cli.command()

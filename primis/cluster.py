@@ -58,6 +58,7 @@ from primis.batch import (
     run_batch,
 )
 from primis.errors import PrimisError, PrivacyWarning
+from primis.formats import is_public_file
 from primis.io.files import clean_stale_parts
 from primis.io.images import is_image_file
 from primis.keywrap import KeyWrapping
@@ -243,7 +244,7 @@ def restore_many(
     KEY_DIR/<stem>.primiskey (see `primis.api.restore_report`), here or on the workers of a
     Dask ``client``. Wrapped keys open with ``identity`` or ``passphrase``; on a cluster only
     with ``identity`` as a private key file the workers read."""
-    items = expand(paths, lambda path: path.suffix == ".primis")
+    items = expand(paths, is_public_file)
     model = model if isinstance(model, LoadedModel) else load_model(model, device)
     reference, out_dir = model_reference(model), Path(out_dir)
     output_folders(out_dir)

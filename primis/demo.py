@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from primis.formats import PublicFile
+from primis.formats import PublicFile, key_path, public_path
 from primis.io.files import write_atomic
 from primis.io.images import encode_image, read_image
 from primis.io.pixels import IntensityMapping
@@ -92,8 +92,8 @@ def run_demo(
     decoded = time.perf_counter()
     authorized = IntensityMapping.from_dict(mapping.to_dict()).forward(restored)
     attacker = attacker_view(shared.public, model)[: unit.shape[0], : unit.shape[1]]
-    write_atomic(out / "image.primis", shared.public)
-    write_atomic(out / "image.primiskey", shared.key, mode=0o600)
+    write_atomic(public_path(out, "image"), shared.public)
+    write_atomic(key_path(out, "image"), shared.key, mode=0o600)
     write_atomic(
         out / "authorized.png", encode_image((authorized * 255).round().astype(np.uint8), ".png")
     )

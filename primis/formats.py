@@ -48,6 +48,9 @@ KEY_MAGIC = b"PRIMIS\x00K"
 VERSION = 4
 READABLE_VERSIONS = (1, 2, 3, 4)
 MAX_HEADER = 1 << 20
+# File names: NAME.primis beside NAME.primiskey (same NAME, in the public and the key folder).
+PUBLIC_SUFFIX = ".primis"
+KEY_SUFFIX = ".primiskey"
 UNSEALED = "0" * 64  # the key's public digest before `seal_pair` fills it in
 _COMMITMENT = b"primis key commitment v1\x00"
 _PREFIX = struct.Struct(">8sHI")
@@ -407,3 +410,28 @@ def read_file(path: Path) -> bytes:
         raise PrimisError(f"{path}: is a folder, not a file") from None
     except OSError as err:
         raise PrimisError(f"{path}: cannot read ({err.strerror})") from None
+
+
+def public_path(folder: Path, name: str) -> Path:
+    """FOLDER/NAME.primis: where a pair's public file lives."""
+    return Path(folder) / f"{name}{PUBLIC_SUFFIX}"
+
+
+def key_path(folder: Path, name: str) -> Path:
+    """FOLDER/NAME.primiskey: where a pair's key lives."""
+    return Path(folder) / f"{name}{KEY_SUFFIX}"
+
+
+def key_beside(public: Path, key_folder: Path) -> Path:
+    """The key of public file ``public`` in ``key_folder`` (the same NAME)."""
+    return key_path(key_folder, Path(public).stem)
+
+
+def is_public_file(path: Path) -> bool:
+    """Whether ``path`` is named as a public file."""
+    return Path(path).suffix == PUBLIC_SUFFIX
+
+
+def is_key_file(path: Path) -> bool:
+    """Whether ``path`` is named as a key."""
+    return Path(path).suffix == KEY_SUFFIX

@@ -42,6 +42,7 @@ from primis.attacks import _best_attack, attack_images, roc_auc
 from primis.config import REFINE_STEPS, ObfuscationConfig, UtilityConfig
 from primis.errors import PrimisError
 from primis.evaluation import _codec_round_trip
+from primis.formats import key_path, public_path
 from primis.io.images import list_images, read_image, read_pixels
 from primis.modelstore import LoadedModel
 
@@ -218,8 +219,8 @@ def authorized_versions(
         key_dir.mkdir()
         for index, image in enumerate(tqdm(images, desc=progress, leave=False, disable=None)):
             shared = share(image, model, refine_steps=refine_steps, obfuscation=obfuscation)
-            (public_dir / f"{index:06d}.primis").write_bytes(shared.public)
-            (key_dir / f"{index:06d}.primiskey").write_bytes(shared.key)
+            public_path(public_dir, f"{index:06d}").write_bytes(shared.public)
+            key_path(key_dir, f"{index:06d}").write_bytes(shared.key)
             key_bytes.append(len(shared.key))
         dataset = RestoredDataset(public_dir, key_dir, model)
         restored = [dataset[i][0].numpy().astype(np.float32) for i in range(len(dataset))]

@@ -85,3 +85,16 @@ def _key_header() -> KeyHeader:
         shape=(5, 7),
         intensity={"dtype": "uint8", "low": 0, "high": 255},
     )
+
+
+def test_pair_file_names_come_from_one_place(tmp_path):
+    """A pair is NAME.primis beside NAME.primiskey; the helpers name and recognise both."""
+    from primis.formats import is_key_file, is_public_file, key_beside, key_path, public_path
+
+    public = public_path(tmp_path / "public", "abc")
+    assert public == tmp_path / "public" / "abc.primis" and is_public_file(public)
+    key = key_path(tmp_path / "keys", "abc")
+    assert key == tmp_path / "keys" / "abc.primiskey" and is_key_file(key)
+    assert key_beside(public, tmp_path / "keys") == key
+    assert not is_public_file(key) and not is_key_file(public)
+    assert not is_public_file(tmp_path / "abc.primis.part")
