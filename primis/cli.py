@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from primis.config import NODE_DEFAULTS
 from primis.errors import PrimisError, PrivacyWarning
 
 
@@ -651,7 +652,9 @@ def disambiguate(
 
 
 @cli.command()
-@click.option("--ae-title", default="PRIMIS", show_default=True, help="this node's AE title")
+@click.option(
+    "--ae-title", default=NODE_DEFAULTS.ae_title, show_default=True, help="this node's AE title"
+)
 @click.option(
     "--require-called-ae",
     is_flag=True,
@@ -659,12 +662,16 @@ def disambiguate(
 )
 @click.option(
     "--host",
-    default="127.0.0.1",
+    default=NODE_DEFAULTS.host,
     show_default=True,
     help="address to listen on (0.0.0.0: every interface)",
 )
 @click.option(
-    "--port", type=click.IntRange(0, 65535), default=11112, show_default=True, help="0: any free"
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=NODE_DEFAULTS.port,
+    show_default=True,
+    help="0: any free",
 )
 @click.option("--public-dir", required=True, type=click.Path(path_type=Path))
 @click.option("--key-dir", required=True, type=click.Path(path_type=Path))
@@ -681,7 +688,7 @@ def disambiguate(
 @click.option(
     "--ack",
     type=click.Choice(["after-spool", "after-share"]),
-    default="after-spool",
+    default=NODE_DEFAULTS.ack,
     show_default=True,
     help="answer C-STORE once the instance is synced in the spool and its header checked "
     "(store-and-forward: seconds, whatever the refinement), or only once it is shared",
@@ -691,23 +698,29 @@ def disambiguate(
     "queue_size",
     type=click.IntRange(min=1),
     help="instances spooled and not yet shared at most; more wait for room (back-pressure) "
-    "[default: 1000 with --ack after-spool, 8 with after-share]",
+    f"[default: {NODE_DEFAULTS.queue_after_spool} with --ack after-spool, "
+    f"{NODE_DEFAULTS.queue_after_share} with after-share]",
 )
 @click.option(
     "--spool-quota-mb",
     type=click.IntRange(min=1),
-    default=4096,
+    default=NODE_DEFAULTS.spool_max_bytes >> 20,
     show_default=True,
     help="MiB of instances spooled and not yet shared at most; more wait for room",
 )
 @click.option(
     "--queue-timeout",
     type=click.FloatRange(min=0),
-    default=30.0,
+    default=NODE_DEFAULTS.queue_timeout,
     show_default=True,
     help="seconds an instance waits for room before it is refused (0xA700)",
 )
-@click.option("--max-associations", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--max-associations",
+    type=click.IntRange(min=1),
+    default=NODE_DEFAULTS.max_associations,
+    show_default=True,
+)
 @click.option(
     "--sop-classes",
     default="image",
@@ -718,28 +731,28 @@ def disambiguate(
 @click.option(
     "--max-pdu-kb",
     type=click.IntRange(min=1),
-    default=1024,
+    default=NODE_DEFAULTS.max_pdu_bytes >> 10,
     show_default=True,
     help="a PDU declaring more closes the connection before it is read",
 )
 @click.option(
     "--max-instance-mb",
     type=click.IntRange(min=1),
-    default=256,
+    default=NODE_DEFAULTS.max_instance_bytes >> 20,
     show_default=True,
     help="an instance (data set) larger than this closes the connection while it arrives",
 )
 @click.option(
     "--failed-keep",
     type=click.IntRange(min=0),
-    default=100,
+    default=NODE_DEFAULTS.failed_keep,
     show_default=True,
     help="instances kept in SPOOL/failed/ at most (the newest)",
 )
 @click.option(
     "--failed-days",
     type=click.FloatRange(min=0),
-    default=7.0,
+    default=NODE_DEFAULTS.failed_days,
     show_default=True,
     help="days an instance is kept in SPOOL/failed/ at most",
 )
@@ -874,7 +887,9 @@ def _sop_classes(text: str) -> list[str] | None:
 @click.option("--host", required=True, help="the receiving DICOM node")
 @click.option("--port", required=True, type=click.IntRange(1, 65535))
 @click.option("--called-ae", required=True, help="the receiving node's AE title")
-@click.option("--calling-ae", default="PRIMIS", show_default=True, help="this side's AE title")
+@click.option(
+    "--calling-ae", default=NODE_DEFAULTS.ae_title, show_default=True, help="this side's AE title"
+)
 @_wrapped_key_options
 @click.option("--shard", help="I/N: process every N-th file from the I-th (0-based)")
 @click.option("--tls", "use_tls", is_flag=True, help="send over TLS (implied by --tls-*)")

@@ -282,6 +282,29 @@ QUICK_UTILITY = UtilityConfig(
 )
 
 
+class NodeDefaults(Strict):
+    """The defaults of the DICOM node (`primis.dicomnode.DicomNode` and `primis serve`, which
+    both read `NODE_DEFAULTS`, so the command line and the API cannot drift apart)."""
+
+    ae_title: str = "PRIMIS"
+    host: str = Field("127.0.0.1", description="loopback unless asked: no listening on a LAN")
+    port: int = 11112
+    queue_after_spool: int = Field(1000, description="instances waiting to be shared (after-spool)")
+    queue_after_share: int = Field(8, description="instances waiting to be shared (after-share)")
+    queue_timeout: float = Field(30.0, description="seconds an instance waits for room")
+    ack: Literal["after-spool", "after-share"] = "after-spool"
+    spool_max_bytes: int = Field(4 << 30, description="spooled and not yet shared, at most")
+    max_pdu_bytes: int = Field(1 << 20, description="a PDU declaring more is refused unread")
+    max_instance_bytes: int = Field(256 << 20, description="an instance larger is refused")
+    failed_keep: int = Field(100, description="refused instances kept in SPOOL/failed/")
+    failed_days: float = Field(7.0, description="days a refused instance is kept")
+    max_associations: int = 10
+    answer_timeout: float = Field(3600.0, description="seconds a C-STORE waits for its answer")
+
+
+NODE_DEFAULTS = NodeDefaults()
+
+
 class RunConfig(Strict):
     """Everything a training run needs; the file `primis train --config` reads."""
 

@@ -60,6 +60,7 @@ from typing import Literal, Unpack
 
 from primis.api import ModelLike, ShareOptions, load_model, restore_dicom, share_file
 from primis.batch import SharingOutputs, describe_os_error, output_folders
+from primis.config import NODE_DEFAULTS
 from primis.errors import PrimisError, one_line
 from primis.io.dicom import check_dicom_header, content_fingerprint
 from primis.io.files import clean_stale_parts, sync_folder, write_atomic
@@ -333,29 +334,33 @@ class DicomNode:
         key_dir: str | os.PathLike,
         model: ModelLike = None,
         *,
-        ae_title: str = "PRIMIS",
-        host: str = "127.0.0.1",
-        port: int = 11112,
+        ae_title: str = NODE_DEFAULTS.ae_title,
+        host: str = NODE_DEFAULTS.host,
+        port: int = NODE_DEFAULTS.port,
         spool_dir: str | os.PathLike | None = None,
         allow: Sequence[str] = (),
         tls: ssl.SSLContext | None = None,
         require_called_ae: bool = False,
         queue_size: int | None = None,
-        queue_timeout: float = 30.0,
-        ack: Ack = "after-spool",
-        spool_max_bytes: int = 4 << 30,
-        max_pdu_bytes: int = 1 << 20,
-        max_instance_bytes: int = 256 << 20,
+        queue_timeout: float = NODE_DEFAULTS.queue_timeout,
+        ack: Ack = NODE_DEFAULTS.ack,
+        spool_max_bytes: int = NODE_DEFAULTS.spool_max_bytes,
+        max_pdu_bytes: int = NODE_DEFAULTS.max_pdu_bytes,
+        max_instance_bytes: int = NODE_DEFAULTS.max_instance_bytes,
         sop_classes: Sequence[str] | None = None,
-        failed_keep: int = 100,
-        failed_days: float = 7.0,
-        max_associations: int = 10,
-        answer_timeout: float = 3600.0,
+        failed_keep: int = NODE_DEFAULTS.failed_keep,
+        failed_days: float = NODE_DEFAULTS.failed_days,
+        max_associations: int = NODE_DEFAULTS.max_associations,
+        answer_timeout: float = NODE_DEFAULTS.answer_timeout,
         wrapping: KeyWrapping | None = None,
         **options: Unpack[ShareOptions],
     ) -> None:
         if queue_size is None:
-            queue_size = 1000 if ack == "after-spool" else 8
+            queue_size = (
+                NODE_DEFAULTS.queue_after_spool
+                if ack == "after-spool"
+                else NODE_DEFAULTS.queue_after_share
+            )
         if ack not in ("after-spool", "after-share"):
             raise PrimisError(f"ack {ack!r}: after-spool or after-share")
         if min(spool_max_bytes, max_pdu_bytes, max_instance_bytes) < 1024:
