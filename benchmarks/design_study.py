@@ -66,6 +66,13 @@ PILOTS: dict[str, tuple[str, dict]] = {
             "train": {"rate_weight": 0.0008, "threshold_lr_scale": 50.0},
         },
     ),
+    "adaptive-low": (
+        "content-adaptive rate at a lower lambda (a point nearer the fixed rate)",
+        {
+            "model": {"adaptive_rate": True},
+            "train": {"rate_weight": 0.0002, "threshold_lr_scale": 50.0},
+        },
+    ),
     "maps4k2": (
         "layout: 4 maps of k=2 (same non-zeros per position)",
         {"model": {"m": 4, "k": 2}},
