@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from torch.utils.data import Dataset
 
 from primis import formats, sharing
-from primis.batch import SKIPPED, SharingOutputs, StagedPair, expand, output_folders, stage_pair
+from primis.batch import Outcome, SharingOutputs, StagedPair, expand, output_folders, stage_pair
 from primis.config import REFINE_STEPS, ObfuscationConfig, parse_config
 from primis.errors import PrimisError, PrivacyWarning
 from primis.formats import KeyFile, read_file
@@ -298,9 +298,10 @@ class FileSharer:
         return self.model, self.device, self.public_dir, self.key_dir
 
     def report(self, path: Path) -> str:
-        """One file of `ambiguate`: its report line, or `batch.SKIPPED` when its outputs exist."""
+        """One file of `ambiguate`: its report line, or `batch.Outcome.SKIPPED` when its outputs
+        exist."""
         done = self(path)
-        return SKIPPED if done is None else done.summary()
+        return Outcome.SKIPPED if done is None else done.summary()
 
     def __call__(self, path: Path) -> SharedFile | None:
         if self._opened not in _OPENED:  # once per process
@@ -503,10 +504,10 @@ def restore_report(
     without_key: bool = False,
 ) -> str:
     """One file of `primis disambiguate`, wherever it runs: `restore_file` (or, ``without_key``,
-    `attacker_view_file`), as its report line or `batch.SKIPPED` when its output exists."""
+    `attacker_view_file`), as its report line or `batch.Outcome.SKIPPED` when its output exists."""
     if without_key:
         target = attacker_view_file(path, out_dir, model, overwrite=overwrite)
-        return SKIPPED if target is None else f"{path.name} -> {target} (attacker's view)"
+        return Outcome.SKIPPED if target is None else f"{path.name} -> {target} (attacker's view)"
     if key_dir is None:
         raise PrimisError("a key folder is required (or without_key for the attacker's view)")
     target = restore_file(
@@ -519,7 +520,7 @@ def restore_report(
         mode=mode,
         overwrite=overwrite,
     )
-    return SKIPPED if target is None else f"{path.name} -> {target}"
+    return Outcome.SKIPPED if target is None else f"{path.name} -> {target}"
 
 
 def attacker_view(public: bytes, model: ModelLike = None) -> np.ndarray:

@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
 
@@ -43,7 +44,16 @@ from primis.io.files import (
 )
 from primis.keywrap import KeyWrapping, is_wrapped
 
-SKIPPED = "skipped"
+
+class Outcome(StrEnum):
+    """What became of one item of a batch."""
+
+    DONE = "done"
+    SKIPPED = "skipped"  # its outputs exist (a rerun)
+    FAILED = "failed"  # reported; the batch goes on
+    FATAL = "fatal"  # no later item can succeed (a full or read-only disk): the batch stops
+
+
 T = TypeVar("T")
 # OS errors after which no later file of the batch can succeed: stop with one message.
 FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
@@ -388,7 +398,7 @@ def run_batch(
 ) -> BatchResult:
     """Run ``work`` on every item with a progress bar (on a terminal) and return what was done.
 
-    ``work`` returns a one-line report (written above the bar), or :data:`SKIPPED` when the
+    ``work`` returns a one-line report (written above the bar), or `Outcome.SKIPPED` when the
     outputs already exist. ``failed`` holds items that failed before the batch (e.g. name
     clashes). Skipped items leave the bar's total, so its rate and time left count only the
     work done. A full or read-only disk stops the batch with a PrimisError. With ``workers``
@@ -427,15 +437,15 @@ class BatchProgress:
     def __exit__(self, *error: object) -> None:
         self.bar.close()
 
-    def record(self, path: Path, outcome: str, report: str) -> None:
+    def record(self, path: Path, outcome: Outcome, report: str) -> None:
         """Count one item; a "fatal" outcome stops the batch with a PrimisError."""
-        if outcome == "fatal":
+        if outcome == Outcome.FATAL:
             raise PrimisError(f"{report}; batch stopped after {self.done} done (rerun to go on)")
-        if outcome == SKIPPED:
+        if outcome == Outcome.SKIPPED:
             self.skipped += 1
             self.bar.total -= 1
             self.bar.refresh()
-        elif outcome == "done":
+        elif outcome == Outcome.DONE:
             self.done += 1
             tqdm.write(report)
             self.bar.update(1)
@@ -448,20 +458,22 @@ class BatchProgress:
         return BatchResult(self.items, self.done, self.skipped, self.failures)
 
 
-def attempt(work: Callable[[Path], T], path: Path) -> tuple[str, T | str]:
-    """``work(path)`` as (outcome, result): "done" with what it returned, SKIPPED (when it
-    returned SKIPPED), "failed" with the reason (a bad input, an OS error or a bug: the batch
-    goes on), or "fatal" for an OS error after which no file can succeed (`FATAL_ERRNOS`)."""
+def attempt(work: Callable[[Path], T], path: Path) -> tuple[Outcome, T | str]:
+    """``work(path)`` as (outcome, result): DONE with what it returned, SKIPPED (when it
+    returned `Outcome.SKIPPED`), FAILED with the reason (a bad input, an OS error or a bug: the
+    batch goes on), or FATAL for an OS error after which no file can succeed (`FATAL_ERRNOS`)."""
     try:
         report = work(path)
     except OSError as err:
         reason = f"{path}: {describe_os_error(err)}"
-        return ("fatal" if err.errno in FATAL_ERRNOS else "failed"), reason
+        return (Outcome.FATAL if err.errno in FATAL_ERRNOS else Outcome.FAILED), reason
     except PrimisError as err:
-        return "failed", str(err)
+        return Outcome.FAILED, str(err)
     except Exception as err:  # a bug must not stop the batch; say what it was
-        return "failed", f"{path}: unexpected {type(err).__name__}: {err}".splitlines()[0]
-    return (SKIPPED, "") if isinstance(report, str) and report == SKIPPED else ("done", report)
+        return Outcome.FAILED, f"{path}: unexpected {type(err).__name__}: {err}".splitlines()[0]
+    if isinstance(report, str) and report == Outcome.SKIPPED:
+        return Outcome.SKIPPED, ""
+    return Outcome.DONE, report
 
 
 @contextlib.contextmanager

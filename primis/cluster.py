@@ -46,9 +46,9 @@ from primis.api import (
     stage_share,
 )
 from primis.batch import (
-    SKIPPED,
     BatchProgress,
     BatchResult,
+    Outcome,
     SharingOutputs,
     StagedPair,
     attempt,
@@ -219,7 +219,7 @@ def share_many(
 
 def _share_task(
     path: Path, stage: Callable[..., Any], reference: str, digest: str, device: str
-) -> tuple[str, Any]:
+) -> tuple[Outcome, Any]:
     """On a worker: `stage_share` one input with the worker's model, as an `attempt`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PrivacyWarning)
@@ -274,7 +274,7 @@ def restore_many(
 
 def _restore_task(
     path: Path, restore: Callable[..., str], reference: str, digest: str, device: str
-) -> tuple[str, str]:
+) -> tuple[Outcome, str]:
     """On a worker: `restore_report` for one public file with the worker's model."""
     return attempt(lambda p: restore(p, model=worker_model(reference, digest, device)), path)
 
@@ -308,10 +308,10 @@ def run_on_cluster(
             if path is None:
                 return
             outcome, future = attempt(submit, path)
-            if outcome != "done":
+            if outcome != Outcome.DONE:
                 progress.record(path, outcome, future)
             elif future is None:
-                progress.record(path, SKIPPED, "")
+                progress.record(path, Outcome.SKIPPED, "")
             else:
                 running[future] = path
                 completed.add(future)
@@ -325,9 +325,9 @@ def run_on_cluster(
                     outcome, result = future.result()
                 except Exception as err:  # the task was lost (e.g. its workers kept dying)
                     reason = f"{path}: {type(err).__name__}: {err}"
-                    outcome, result = "failed", reason.splitlines()[0]
+                    outcome, result = Outcome.FAILED, reason.splitlines()[0]
                 future.release()
-                if outcome == "done":
+                if outcome == Outcome.DONE:
                     outcome, result = attempt(lambda p, r=result: finish(p, r), path)
                 progress.record(path, outcome, result)
                 refill(progress)

@@ -707,11 +707,6 @@ def recover_code(
     return vectors
 
 
-def _as_code(vectors: np.ndarray, header: PublicHeader) -> torch.Tensor:
-    """A public file's vectors (or the true ones) as the model's code."""
-    return vectors_to_code(vectors, header.m, header.grid)
-
-
 def _device(model: LoadedModel) -> torch.device:
     return next(model.network.parameters()).device
 

@@ -265,13 +265,14 @@ def test_extensionless_dicom_files_in_folders_are_found(tmp_path, tiny_model_dir
 
 
 def test_batch_summary_names_skips_only_when_there_are_some(capsys, tmp_path):
-    from primis.batch import SKIPPED, BatchResult, run_batch
+    from primis.batch import BatchResult, Outcome, run_batch
     from primis.cli import _run_batch
 
     items = [tmp_path / "a.png", tmp_path / "b.png"]
-    assert run_batch(items, lambda path: SKIPPED, "ambiguate", {}) == BatchResult(2, 0, 2, {})
+    skipped = run_batch(items, lambda path: Outcome.SKIPPED, "ambiguate", {})
+    assert skipped == BatchResult(2, 0, 2, {})
     capsys.readouterr()
     _run_batch(items, lambda path: f"{path.name}: done", "ambiguate", {})
     assert capsys.readouterr().out.splitlines()[-1] == "ambiguate: 2 done, 0 failed"
-    _run_batch(items, lambda path: SKIPPED, "ambiguate", {})
+    _run_batch(items, lambda path: Outcome.SKIPPED, "ambiguate", {})
     assert "2 skipped (outputs exist; --overwrite to redo)" in capsys.readouterr().out
