@@ -1,4 +1,4 @@
-"""Attacks on the public files (DESIGN §3), measured against the prior-only baseline.
+"""Attacks on the public files (SECURITY.md: threat model), against the prior-only baseline.
 
 The attacker holds every public file, the model, the code and images of the same kind (the
 attacker set, disjoint from the targets), but no key. Every attack produces an image per

@@ -358,7 +358,7 @@ _rate_options = [
         expose_value=False,
         callback=_keep_rate,
         help="rate control: per image, the best quality whose key has at most this many bits "
-        "per pixel (tries several weights: 2-4 times the time)",
+        "per pixel (tries several weights: several times the time)",
     ),
     click.option(
         "--quality",
@@ -366,7 +366,7 @@ _rate_options = [
         expose_value=False,
         callback=_keep_rate,
         help="rate control: per image, the smallest key whose restored image reaches this "
-        "PSNR in dB (over the image's own range; 2-4 times the time)",
+        "PSNR in dB (over the image's own range; several times the time)",
     ),
 ]
 
@@ -1017,7 +1017,7 @@ def demo(image, model_dir, out, refine_steps) -> None:
         from primis.demo import run_demo, train_demo_model
         from primis.modelstore import bundled_models
     if model_dir is None and "cxr" not in bundled_models():
-        click.echo("no bundled model: training a small one on synthetic images (< 2 min)...")
+        click.echo("no bundled model: training a small one on synthetic images (minutes)...")
         model_dir = train_demo_model(out / "model")
     model = _load_model(model_dir)
     with _step_bar("refining the code") as progress:

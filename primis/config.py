@@ -223,8 +223,9 @@ class FinetuneConfig(Strict):
 
 
 class AttackConfig(Strict):
-    """How hard `primis attack` tries (DESIGN §3): the training of the attacks that learn, and
-    the seed of every random choice. The defaults make the measurement docs/privacy.md reports."""
+    """How hard `primis attack` tries (SECURITY.md: threat model): the training of the attacks
+    that learn, and the seed of every random choice. The defaults make the measurement
+    docs/privacy.md reports."""
 
     inversion_steps: int = Field(400, ge=1, description="training steps of the learned inversion")
     inversion_crop: int = Field(128, ge=16, description="its crop side in pixels")

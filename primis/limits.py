@@ -76,7 +76,7 @@ def release_free_memory() -> bool:
     it (glibc keeps freed blocks of a few MB for reuse, scattered so that they add up to
     hundreds of MB in a large image's refinement); called between a large image's regions, it
     keeps peak memory near what is in use. Not per refinement step: taking the memory back
-    from the OS at every step made a 512x512 image's refinement 25% slower. Returns whether
+    from the OS at every step made a 512x512 image's refinement measurably slower. Returns whether
     the C library offered it."""
     trim = _malloc_trim()
     if trim is None:
