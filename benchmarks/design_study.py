@@ -9,7 +9,7 @@ that ends mid-pilot loses nothing:
     python benchmarks/design_study.py report --runs RUNS --out RUNS/report
 
 `train` starts a pilot or resumes it from its checkpoint until its budget is spent. `report`
-reads each pilot's learning curve (validation PSNR against CPU time), measures the kept model on
+reads each pilot's learning curve (validation PSNR against CPU time), measures the final model on
 the held-out sources (splits/heldout: unrefined codes and strict-mode ideal key bits, as the
 validation computes them, and JPEG 2000 at each image's key rate), fits PSNR(t) = a - b * t**-c
 to the curve to extrapolate it to a longer budget, prints a Markdown table and writes JSON and
@@ -25,17 +25,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from primis.checkpoint import CHECKPOINT
 from primis.config import RunConfig, load_run_config, parse_config
 from primis.evaluation import _codec_round_trip
 from primis.io.files import write_atomic
 from primis.io.images import read_image
+from primis.io.pixels import pad_to_multiple
 from primis.metrics import psnr
-from primis.modelstore import load_model
-from primis.obfuscation import PRIVACY_PRESETS
+from primis.model import SparseTernaryAutoEncoder
+from primis.obfuscation import code_to_vectors, strict_key_bits
 from primis.report import Chart, describe_machine, machine_info, markdown_table, write_json
-from primis.train import load_run, new_run, resumed_run, train, validate
+from primis.train import load_run, new_run, resumed_run, train
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "configs" / "study" / "base.yaml"
@@ -120,37 +122,57 @@ def fit_curve(hours: np.ndarray, psnr: np.ndarray) -> tuple[float, float, float]
     return None if best is None else best[1:]
 
 
+def code_quality(network, image: np.ndarray, k: int) -> tuple[float, float]:
+    """(PSNR, strict-mode ideal key bits per pixel) of the unrefined code of ``image`` with at
+    most ``k`` pairs per vector, on the image's own pixels."""
+    x = torch.from_numpy(pad_to_multiple(image, network.config.downsampling))[None, None]
+    with torch.no_grad():
+        code = network.encode(x, k=k)
+        out = network.decode(code)[0, 0, : image.shape[0], : image.shape[1]].numpy()
+    return psnr(image, out), strict_key_bits(code_to_vectors(code)) / image.size
+
+
+def final_network(run: Path) -> SparseTernaryAutoEncoder:
+    """The network where the run's budget ended (its last checkpoint), in evaluation mode: a
+    learning curve's end point, whatever keep-best kept."""
+    network = SparseTernaryAutoEncoder(load_run(run).model)
+    network.load_state_dict(load_file(run / CHECKPOINT / "model.safetensors"))
+    return network.eval()
+
+
 def held_out(run: Path, per_source: int) -> dict[str, dict]:
-    """Per held-out source (the first ``per_source`` images of each list): mean unrefined PSNR
-    and strict-mode key bpp of the run's kept model, and JPEG 2000's mean PSNR at each image's
-    key rate."""
-    model = load_model(run)
+    """Per held-out source (the first ``per_source`` images of each list) and per k (the
+    model's, and for a fixed-rate pilot also half of it: the rate a user gets from `--k`): mean
+    unrefined PSNR and strict-mode key bpp of the run's kept model, and JPEG 2000's mean PSNR
+    at each image's key rate."""
+    network = final_network(run)
+    k = network.config.k
+    ks = [k] if network.config.adaptive_rate else [k, max(1, k // 2)]
     results = {}
     for listing in sorted(HELD_OUT.glob("*.txt")):
         paths = [listing.parent / line for line in listing.read_text().split()][:per_source]
-        rows = []
-        for path in paths:
-            image = read_image(path)[0]
-            ours = validate(
-                model.network, [image], torch.device("cpu"), PRIVACY_PRESETS["strict"], 0
-            )
-            decoded, _ = _codec_round_trip(image, "jpeg2000", ours.key_bits_per_pixel)
-            rows.append((ours.psnr, ours.key_bits_per_pixel, psnr(image, decoded)))
-        psnrs, bpps, jpeg2000 = np.array(rows).T
-        results[listing.stem] = {
-            "images": len(rows),
-            "psnr": float(psnrs.mean()),
-            "key_bpp": float(bpps.mean()),
-            "jpeg2000_psnr_at_key_bpp": float(jpeg2000.mean()),
-        }
+        images = [read_image(path)[0] for path in paths]
+        for kk in ks:
+            rows = []
+            for image in images:
+                quality, bpp = code_quality(network, image, kk)
+                decoded, _ = _codec_round_trip(image, "jpeg2000", bpp)
+                rows.append((quality, bpp, psnr(image, decoded)))
+            psnrs, bpps, jpeg2000 = np.array(rows).T
+            name = listing.stem if kk == k else f"{listing.stem} (k={kk})"
+            results[name] = {
+                "images": len(rows),
+                "k": kk,
+                "psnr": float(psnrs.mean()),
+                "key_bpp": float(bpps.mean()),
+                "jpeg2000_psnr_at_key_bpp": float(jpeg2000.mean()),
+            }
     return results
 
 
 def flops_per_pixel(config: RunConfig) -> float:
     """Forward multiply-adds x 2 per pixel of the pilot's network on a 256x256 input."""
     from torch.utils.flop_counter import FlopCounterMode
-
-    from primis.model import SparseTernaryAutoEncoder
 
     network = SparseTernaryAutoEncoder(config.model).eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -213,7 +235,7 @@ def curve_plot(pilots: dict[str, dict], path: Path) -> None:
 def rate_plot(pilots: dict[str, dict], path: Path) -> None:
     """Held-out PSNR against key bits per pixel: one marker per pilot and source."""
     points = [
-        (name, source, r["key_bpp"], r["psnr"])
+        (name, f"{source[:4]} k{r['k']}", r["key_bpp"], r["psnr"])
         for name, p in pilots.items()
         for source, r in p["held_out"].items()
     ]
@@ -231,7 +253,7 @@ def rate_plot(pilots: dict[str, dict], path: Path) -> None:
         shade = (names.index(name) * 47) % 200
         px, py = chart.at(x, y)
         chart.draw.ellipse([px - 4, py - 4, px + 4, py + 4], outline=shade, width=2)
-        chart.draw.text((px + 6, py - 6), f"{name} {source[:4]}", fill=shade)
+        chart.draw.text((px + 6, py - 6), f"{name} {source}", fill=shade)
     write_atomic(path, chart.png())
 
 

@@ -158,7 +158,11 @@ def validate(
 class RunLog:
     """What a training stage writes to its directory as it goes: the training scalars and, per
     validation, a line of ``history.jsonl``, TensorBoard scalars and images, and the model
-    (`save_model`) whenever it beats the best so far (``best``)."""
+    (`save_model`) whenever it beats the best so far (``best``).
+
+    "Best" is the validation PSNR or, under a ``rate_weight`` (an adaptive-rate model, whose
+    key size moves as it trains), the training objective in dB: -10 log10(MSE + rate_weight *
+    key bpp), the MSE being the validation PSNR's."""
 
     def __init__(
         self,
@@ -168,11 +172,13 @@ class RunLog:
         device: torch.device,
         refine_steps: int = 0,
         best: float = -math.inf,
+        rate_weight: float = 0.0,
     ) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.out, self.obfuscation, self.valid_images = Path(out), obfuscation, valid_images
         self.device, self.refine_steps, self.best = device, refine_steps, best
+        self.rate_weight = rate_weight
         self.history: list[dict] = []
         self.writer = SummaryWriter(log_dir=str(self.out / "tensorboard"))
 
@@ -217,10 +223,18 @@ class RunLog:
             f"{result.key_bits_per_pixel:.3f} bpp"
             + "".join(f", {name.replace('_', ' ')} {value}" for name, value in fields.items())
         )
-        if keep and result.psnr > self.best:
-            self.best = result.psnr
+        score = self.score(result)
+        if keep and score > self.best:
+            self.best = score
             save_model(self.out, network, self.obfuscation)
         return result
+
+    def score(self, result: Validation) -> float:
+        """What keep-best maximises (see the class): the PSNR, or the objective in dB."""
+        if not self.rate_weight:
+            return result.psnr
+        mse = 10 ** (-result.psnr / 10)
+        return -10 * math.log10(mse + self.rate_weight * result.key_bits_per_pixel)
 
     def close(self) -> None:
         self.writer.close()
@@ -379,6 +393,7 @@ def train(
             [read_image(p)[0] for p in valid_paths],
             device,
             best=state["best_psnr"],
+            rate_weight=t.rate_weight,
         )
         if group.main
         else None

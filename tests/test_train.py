@@ -7,7 +7,7 @@ import torch
 import yaml
 from PIL import Image
 
-from primis.config import ModelConfig, RunConfig, TrainConfig, parse_config
+from primis.config import ModelConfig, ObfuscationConfig, RunConfig, TrainConfig, parse_config
 from primis.data import RandomCropDataset, resolve_sources, split_paths
 from primis.errors import PrimisError
 from primis.model import SparseTernaryAutoEncoder
@@ -374,7 +374,6 @@ def test_training_from_a_model_updates_only_the_trainable_part(tmp_path, tiny_mo
 
 
 def test_encoder_blocks_added_to_a_trained_model_start_as_the_identity(tmp_path, tiny_model_dir):
-    from primis.config import ObfuscationConfig
     from primis.modelstore import save_model
     from primis.train import _load_initial_weights
 
@@ -492,3 +491,19 @@ def test_runs_from_before_adaptive_rates_resume_with_a_fixed_rate(tmp_path):
     assert load_run(run) == RunConfig(model=TINY)
     fixed, adaptive = (SparseTernaryAutoEncoder(c).state_dict() for c in (TINY, ADAPTIVE))
     assert set(adaptive) - set(fixed) == {"thresholds"}  # fixed-rate weight files unchanged
+
+
+def test_keep_best_weighs_the_key_under_a_rate_weight(tmp_path):
+    """Without a rate weight the best model is the one with the highest validation PSNR; with
+    one, a model whose key is much smaller can win at a slightly lower PSNR (the objective)."""
+    from primis.train import RunLog, Validation
+
+    larger_key = Validation(30.0, 0.9, 0.40, np.zeros((1, 1)))
+    smaller_key = Validation(29.5, 0.9, 0.20, np.zeros((1, 1)))
+    cpu = torch.device("cpu")
+    plain = RunLog(tmp_path / "plain", ObfuscationConfig(), [], cpu)
+    weighted = RunLog(tmp_path / "weighted", ObfuscationConfig(), [], cpu, rate_weight=0.001)
+    assert plain.score(larger_key) == 30.0 > plain.score(smaller_key)
+    assert weighted.score(smaller_key) > weighted.score(larger_key)
+    plain.close()
+    weighted.close()
