@@ -196,8 +196,8 @@ def summarize_pilot(run: Path, per_source: int) -> dict:
         "budget_hours": budget / 3600,
         "flops_per_pixel": flops_per_pixel(config),
         "curve": history,
-        "best_valid_psnr": float(psnr.max()) if len(psnr) else math.nan,
-        "valid_key_bpp": history[int(np.argmax(psnr))]["key_bpp"] if history else math.nan,
+        "final_valid_psnr": history[-1]["psnr"] if history else math.nan,
+        "final_valid_key_bpp": history[-1]["key_bpp"] if history else math.nan,
         "fit": fit,
         f"extrapolated_psnr_{EXTRAPOLATE_HOURS:g}h": extrapolated,
         "held_out": held_out(run, per_source),
@@ -266,13 +266,13 @@ def report(runs: Path, out: Path, per_source: int) -> None:
         if (runs / name / "history.jsonl").exists()
     }
     sources = sorted({s for p in pilots.values() for s in p["held_out"]})
-    header = ["pilot", "FLOPs/px", "CPU h", "steps", "valid PSNR", "valid bpp", "12 h (fit)"]
+    header = ["pilot", "FLOPs/px", "CPU h", "steps", "final valid PSNR", "valid bpp", "12 h (fit)"]
     header += [f"{s} PSNR / bpp (J2K)" for s in sources]
     rows = []
     for name, p in pilots.items():
         extrapolated = p[f"extrapolated_psnr_{EXTRAPOLATE_HOURS:g}h"]
         row = [name, f"{p['flops_per_pixel'] / 1e3:.0f}k", f"{p['cpu_hours']:.2f}", p["steps"]]
-        row += [f"{p['best_valid_psnr']:.2f}", f"{p['valid_key_bpp']:.3f}"]
+        row += [f"{p['final_valid_psnr']:.2f}", f"{p['final_valid_key_bpp']:.3f}"]
         row.append("n/a" if extrapolated is None else f"{extrapolated:.2f}")
         row += [
             "{psnr:.2f} / {key_bpp:.3f} ({jpeg2000_psnr_at_key_bpp:.2f})".format(**p["held_out"][s])
