@@ -167,13 +167,13 @@ def _interval(successes: int, trials: int) -> tuple[float, float]:
 
 
 def _auc_interval(auc: float, positives: int, negatives: int) -> tuple[float, float]:
-    """Hanley-McNeil 95% interval of a ROC AUC."""
+    """Hanley-McNeil 95% interval of a ROC AUC, within [0, 1]."""
     q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
     var = (auc * (1 - auc) + (positives - 1) * (q1 - auc**2) + (negatives - 1) * (q2 - auc**2)) / (
         positives * negatives
     )
     half = 1.96 * math.sqrt(max(var, 0.25 / (positives * negatives)))
-    return auc - half, auc + half
+    return max(0.0, auc - half), min(1.0, auc + half)
 
 
 def ranks(scores: np.ndarray, truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
