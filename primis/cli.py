@@ -1316,8 +1316,7 @@ def _bundled(name: str) -> bool:
 @click.argument("file", type=click.Path(path_type=Path))
 def info(file: Path) -> None:
     """Describe a public file, a key file, a wrapped key or a model directory (as JSON)."""
-    from primis.formats import KEY_MAGIC, PUBLIC_MAGIC, KeyFile, PublicFile, read_file
-    from primis.keywrap import describe, is_wrapped
+    from primis.formats import describe
 
     if file.is_dir() or (not file.exists() and _bundled(str(file))):
         from primis.modelstore import load_model
@@ -1332,31 +1331,7 @@ def info(file: Path) -> None:
             "obfuscation": model.obfuscation.model_dump(),
         }
     else:
-        data = read_file(file)
-        if data[:8] == KEY_MAGIC:
-            key = KeyFile.from_bytes(data, str(file))
-            report = key.header.model_dump() | {
-                "bytes": len(data),
-                "key_payload_bytes": len(key.payload),
-            }
-        elif data[:8] == PUBLIC_MAGIC:
-            from primis.obfuscation import image_key_size
-
-            public = PublicFile.from_bytes(data, str(file))
-            h = public.header
-            ideal, packed = image_key_size(public.vectors, h.m, h.k, h.mask_signs, h.permuted)
-            # What a key for all maps would hold: its key_payload_bytes when coded
-            # enumeratively; a context-coded key (the model's key model) is smaller.
-            report = public.header.model_dump() | {
-                "bytes": len(data),
-                "vectors": int(public.vectors.shape[0]),
-                "ideal_key_bits": round(ideal, 1),
-                "enumerative_key_payload_bytes": packed,
-            }
-        elif is_wrapped(data):
-            report = describe(data, str(file))
-        else:
-            raise PrimisError(f"{file}: not a PRIMIS public, key or wrapped key file")
+        report = describe(file)
     click.echo(json.dumps(report, indent=2))
 
 

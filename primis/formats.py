@@ -435,3 +435,31 @@ def is_public_file(path: Path) -> bool:
 def is_key_file(path: Path) -> bool:
     """Whether ``path`` is named as a key."""
     return Path(path).suffix == KEY_SUFFIX
+
+
+def describe(path: Path) -> dict:
+    """What `primis info` prints for a public file, a key or a wrapped key: its header and
+    sizes (for a public file also the key it implies: the ideal bits and an enumerative key's
+    payload bytes for all maps at k pairs per vector; a context-coded key is smaller, and an
+    adaptive-rate model's keys hold fewer pairs)."""
+    from primis.keywrap import describe as describe_wrapped
+    from primis.keywrap import is_wrapped
+    from primis.obfuscation import image_key_size
+
+    data = read_file(Path(path))
+    if data[:8] == KEY_MAGIC:
+        key = KeyFile.from_bytes(data, str(path))
+        return key.header.model_dump() | {"bytes": len(data), "key_payload_bytes": len(key.payload)}
+    if data[:8] == PUBLIC_MAGIC:
+        public = PublicFile.from_bytes(data, str(path))
+        h = public.header
+        ideal, packed = image_key_size(public.vectors, h.m, h.k, h.mask_signs, h.permuted)
+        return h.model_dump() | {
+            "bytes": len(data),
+            "vectors": int(public.vectors.shape[0]),
+            "ideal_key_bits": round(ideal, 1),
+            "enumerative_key_payload_bytes": packed,
+        }
+    if is_wrapped(data):
+        return describe_wrapped(data, str(path))
+    raise PrimisError(f"{path}: not a PRIMIS public, key or wrapped key file")

@@ -98,3 +98,13 @@ def test_pair_file_names_come_from_one_place(tmp_path):
     assert key_beside(public, tmp_path / "keys") == key
     assert not is_public_file(key) and not is_key_file(public)
     assert not is_public_file(tmp_path / "abc.primis.part")
+
+
+def test_describe_refuses_a_file_that_is_no_primis_file(tmp_path):
+    """`describe` (what `primis info` prints) names a file it cannot describe in one line."""
+    from primis.formats import describe
+
+    other = tmp_path / "notes.txt"
+    other.write_bytes(b"not a PRIMIS file at all")
+    with pytest.raises(PrimisError, match="not a PRIMIS public, key or wrapped key file"):
+        describe(other)
