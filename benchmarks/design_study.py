@@ -33,9 +33,10 @@ from primis.evaluation import _codec_round_trip
 from primis.io.files import write_atomic
 from primis.io.images import read_image
 from primis.io.pixels import pad_to_multiple
+from primis.keys.enumerative import strict_key_bits
 from primis.metrics import psnr
 from primis.model import SparseTernaryAutoEncoder
-from primis.obfuscation import code_to_vectors, strict_key_bits
+from primis.obfuscation import code_to_vectors
 from primis.report import Chart, describe_machine, machine_info, markdown_table, write_json
 from primis.train import load_run, new_run, resumed_run, train
 

@@ -29,9 +29,10 @@ from primis.data import resolve_sources
 from primis.frontier import mode_name, modes
 from primis.io.files import write_atomic
 from primis.io.images import read_image
+from primis.keys.enumerative import key_size
 from primis.linkage import candidate_codes, link_sets, shown_files, strongest
 from primis.modelstore import load_model
-from primis.obfuscation import PRIVACY_PRESETS, ambiguate_maps, key_size, privacy_preset_name
+from primis.obfuscation import PRIVACY_PRESETS, ambiguate_maps, privacy_preset_name
 from primis.report import describe_machine, machine_info, markdown_table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,11 +4,12 @@ test split with its lung masks.
     python benchmarks/rate_by_region.py --models cxr cxr-v1 --json runs/rate_by_region.json
 
 For each image the code is made as `primis ambiguate` makes it (refined, default rate weight)
-and `keycoding.vector_information` gives the key bits of every code vector; a position (16 x 16
-pixels) takes the bits of its vectors in all maps. Positions are "lung" where the mask covers
-more than half of them and "outside" where it covers none. Also the Spearman correlation of a
-position's bits with its detail (mean absolute pixel difference), and the bits of an
-enumerative key (`cxr-v1`: the same for every position). Prints a table and writes JSON.
+and `ContextKeyCoder.vector_information` gives the key bits of every code vector; a position
+(16 x 16 pixels) takes the bits of its vectors in all maps. Positions are "lung" where the
+mask covers more than half of them and "outside" where it covers none. Also the Spearman
+correlation of a position's bits with its detail (mean absolute pixel difference), and the
+bits of an enumerative key (`cxr-v1`: the same for every position). Prints a table and writes
+JSON.
 """
 
 from __future__ import annotations
@@ -24,12 +25,11 @@ from scipy.stats import spearmanr
 
 from primis.config import REFINE_STEPS
 from primis.data import resolve_sources
-from primis.enumerative import ideal_bits
 from primis.io.images import read_source
 from primis.io.pixels import pad_to_multiple
-from primis.keycoding import vector_information
+from primis.keys.enumerative import ideal_bits, key_radices
 from primis.modelstore import LoadedModel, load_model
-from primis.obfuscation import code_to_vectors, key_radices
+from primis.obfuscation import code_to_vectors
 from primis.report import describe_machine, machine_info, write_json
 from primis.sharing import RateControl, encode_images
 
@@ -57,7 +57,7 @@ def position_bits(model: LoadedModel, unit: np.ndarray, refine_steps: int) -> np
     code = encode_images(model, [unit], cfg.k, refine_steps, rate_weight=weight)[0]
     rows, cols = code.shape[3:]
     vectors = code_to_vectors(code)
-    bits = vector_information(vectors, list(range(cfg.m)), (rows, cols), cfg.k, model.key_model)
+    bits = model.key_coder.vector_information(vectors, list(range(cfg.m)), (rows, cols), cfg.k)
     return bits.reshape(cfg.m, rows, cols).sum(axis=0)
 
 

@@ -9,7 +9,7 @@ baseline: the attacker set's mean image, which needs no public file at all.
     top-k          per vector, keep the k +/- entries whose atoms the decoder weighs most
     random guess   a support drawn at random, consistent with the public vector
     prior MAP      the most probable support under the attacker's prior over codes (atom
-                   usage in the context of the neighbours' codes, `keycoding.KeyModel` fitted
+                   usage in the context of the neighbours' codes, `keys.KeyModel` fitted
                    to the attacker's own true codes), among the public candidates
     distinguisher  a convolutional classifier over the whole public tensor (every map, every
                    position, spatial context: each entry with its neighbours of the same atom,
@@ -49,7 +49,8 @@ from primis.config import AttackConfig, ObfuscationConfig
 from primis.data import code_crops
 from primis.io.images import read_image
 from primis.io.pixels import pad_to_multiple
-from primis.keycoding import KeyModel, fit_key_model, most_probable_code
+from primis.keys import KeyModel, encode_key, fit_key_model, key_spec
+from primis.keys.context import most_probable_code
 from primis.metrics import psnr, ssim
 from primis.modelstore import LoadedModel
 from primis.obfuscation import (
@@ -60,7 +61,7 @@ from primis.obfuscation import (
     shuffle_atoms,
     vectors_to_code,
 )
-from primis.sharing import REFINE_STEPS, RateControl, encode_images, key_payload
+from primis.sharing import REFINE_STEPS, RateControl, encode_images
 
 
 @dataclass
@@ -106,8 +107,8 @@ def make_targets(
         public, perms = ambiguate_maps(code, maps, k, obf)
         bits = 0.0
         if keys:
-            every = list(range(maps))
-            bits = key_payload(code, public, perms, every, grid, k, obf, model.key_model)[1]
+            spec = key_spec(model.key_coder, list(range(maps)), grid, k, obf, perms)
+            bits = encode_key(model.key_coder, code, public, perms, spec)[1]
         targets.append(Target(image, code, public, shown_truth(code, perms), grid, bits))
     return targets
 
@@ -157,7 +158,7 @@ def prior_map_view(
     model: LoadedModel, target: Target, prior: KeyModel, k: int, mask_signs: bool
 ) -> np.ndarray:
     """Decode the support the attacker's ``prior`` finds most probable among the public
-    candidates (`keycoding.most_probable_code`): with public signs, k of the '+' entries and
+    candidates (`keys.context.most_probable_code`): with public signs, k of the '+' entries and
     k of the '-' entries; with masked signs, 2k of the non-zero entries, signs from the prior."""
     allowed = allowed_atoms(target.public, mask_signs)
     return _decode(model, most_probable_code(prior, target.grid, k, allowed), target)

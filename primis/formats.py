@@ -14,7 +14,7 @@ the public file holds a commitment to the key, SHA-256 over a random 32-byte sal
 key, the key's header and its payload. A key edited after the fact (even with its checksum
 recomputed) no longer matches the genuine public file and is refused; the salt keeps the
 commitment from revealing anything about the key. Version 3 adds the key's coding (`coding`,
-`variable_rate`: supports range coded under the model's context model, `primis.keycoding`);
+`variable_rate`: supports range coded under the model's context model, `primis.keys`);
 version 4 the privacy preset in both headers (`privacy`, `obfuscation.PRIVACY_PRESETS`).
 Versions 1 (no commitment), 2 and 3 still read.
 
@@ -442,9 +442,9 @@ def describe(path: Path) -> dict:
     sizes (for a public file also the key it implies: the ideal bits and an enumerative key's
     payload bytes for all maps at k pairs per vector; a context-coded key is smaller, and an
     adaptive-rate model's keys hold fewer pairs)."""
+    from primis.keys.enumerative import image_key_size
     from primis.keywrap import describe as describe_wrapped
     from primis.keywrap import is_wrapped
-    from primis.obfuscation import image_key_size
 
     data = read_file(Path(path))
     if data[:8] == KEY_MAGIC:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from primis.config import ModelConfig
-from primis.enumerative import ternary_support_bits
+from primis.keys.enumerative import ternary_support_bits
 
 # Adaptive rate (`ModelConfig.adaptive_rate`): in training each pair gate passes back the
 # gradient of sigmoid((strength - threshold) / GATE_TEMPERATURE), in units of the scores' root

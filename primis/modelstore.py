@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -29,8 +30,8 @@ from primis.config import (
 )
 from primis.errors import PrimisError
 from primis.io.files import write_atomic
-from primis.keycoding import TENSORS as KEY_MODEL_TENSORS
-from primis.keycoding import KeyModel
+from primis.keys import TENSORS as KEY_MODEL_TENSORS
+from primis.keys import KeyCoder, KeyModel, key_coder
 from primis.model import SparseTernaryAutoEncoder
 
 WEIGHTS = "model.safetensors"
@@ -54,6 +55,11 @@ class LoadedModel:
     hash: str
     directory: Path
     key_model: KeyModel | None = None  # entropy model of its keys, where the model has one
+
+    @cached_property
+    def key_coder(self) -> KeyCoder:
+        """How this model's keys are coded (`primis.keys.key_coder`), made once."""
+        return key_coder(self.key_model)
 
 
 def _canonical(data: dict) -> bytes:
@@ -82,7 +88,7 @@ def save_model(
 
     ``dtype`` float16 halves the file (for the bundled model); loading casts back to float32.
     Integer buffers (batch counters) keep their type. A ``key_model`` (the entropy model of
-    keys, `primis.keycoding`) is stored with the weights, in float32, so the hash covers it.
+    keys, `primis.keys`) is stored with the weights, in float32, so the hash covers it.
     With ``base`` (a bundled model's name), the file holds only the tensors that differ from
     the base's; the model's hash is that of the whole weight file all the same.
     """

@@ -31,7 +31,16 @@ from primis.formats import (
     seal_pair,
 )
 from primis.io.pixels import IntensityMapping, pad_to_multiple
-from primis.keycoding import KeyModel, atom_costs, fit_key_model
+from primis.keys import (
+    KeyCoder,
+    KeyModel,
+    KeySpec,
+    coder_for,
+    decode_key,
+    encode_key,
+    fit_key_model,
+    key_spec,
+)
 from primis.limits import MAX_PIXELS, release_free_memory
 from primis.model import SparseTernaryAutoEncoder, choose_code, refine_scores
 from primis.modelstore import LoadedModel, bundled_model_with_hash
@@ -41,16 +50,9 @@ from primis.obfuscation import (
     code_to_vectors,
     crop_grid,
     image_grid,
-    key_size,
-    make_context_key,
-    make_key,
     noise_count,
     pad_public,
     privacy_preset_name,
-    read_context_key,
-    read_key,
-    reveals_nothing,
-    unshuffle_atoms,
     vectors_to_code,
 )
 
@@ -358,7 +360,7 @@ def encode_images(
 def _rate_bias(model: LoadedModel, weight: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """For rate-distortion optimised coding (`model.choose_code`): a function from codes
     (B,m,n,h,w) to the bias (2,B,m,n,h,w), float16, of ``weight`` times each atom's key bits
-    under the model's key model (`keycoding.atom_costs`); None for weight 0."""
+    under the model's key model (`KeyCoder.atom_costs`); None for weight 0."""
     if not weight:
         return None
     if weight < 0 or not math.isfinite(weight):
@@ -373,7 +375,7 @@ def _rate_bias(model: LoadedModel, weight: float) -> Callable[[torch.Tensor], to
         # image's bias would otherwise take twice the memory of its scores.
         for code in codes:
             vectors = code_to_vectors(code[None])
-            costs = atom_costs(model.key_model, vectors, (rows, cols), weight, np.float16)
+            costs = model.key_coder.atom_costs(vectors, (rows, cols), weight, np.float16)
             per_image.append(torch.from_numpy(costs).view(m, rows, cols, 2, n))
         stacked = per_image[0][None] if len(per_image) == 1 else torch.stack(per_image)
         return stacked.permute(4, 0, 1, 5, 2, 3).to(codes.device)
@@ -521,7 +523,7 @@ def share_image(
 def fit_image_keys(
     model: LoadedModel, units: Iterable[np.ndarray], refine_steps: int = 0
 ) -> KeyModel:
-    """A key model (see `primis.keycoding`) fitted to the codes this model gives images in
+    """A key model (see `primis.keys.context`) fitted to the codes this model gives images in
     [0, 1] at its own k, one image at a time (so any number and size fits in memory)."""
     k = model.network.config.k
     codes = (encode_images(model, [unit], k, refine_steps)[0] for unit in units)
@@ -570,11 +572,10 @@ def _package(
         permuted=any(perm is not None for perm in perms),
         privacy=privacy_preset_name(obfuscation),
     )
-    variable = reveals_nothing(obfuscation)
+    coder = model.key_coder
+    spec = key_spec(coder, maps, (rows, cols), k, obfuscation, perms)
     release_free_memory()  # what encoding freed, before the key's coding tables
-    payload, ideal = key_payload(
-        vectors, public_vectors, perms, maps, (rows, cols), k, obfuscation, model.key_model
-    )
+    payload, ideal = encode_key(coder, vectors, public_vectors, perms, spec)
     if ideal < MIN_KEY_BITS:
         raise PrimisError(
             f"image too small to share: its key would hold {ideal:.0f} bits, fewer than the "
@@ -589,53 +590,12 @@ def _package(
         intensity=image.mapping.to_dict(),
         source=image.source,
         dicom_header=image.dicom_header,
-        coding="context" if model.key_model is not None else "enumerative",
-        variable_rate=model.key_model is not None and variable,
+        coding=coder.coding,
+        variable_rate=spec.variable,
         privacy=header.privacy,
     )
     public, key = seal_pair(PublicFile(header, shown), KeyFile(key_header, payload))
     return SharedImage(header.file_id, public, key, ideal, image.unit.size, rate_weight)
-
-
-def key_payload(
-    vectors: np.ndarray,
-    public_vectors: np.ndarray,
-    perms: list[np.ndarray | None],
-    maps: list[int],
-    grid: tuple[int, int],
-    k: int,
-    obfuscation: ObfuscationConfig,
-    key_model: KeyModel | None,
-) -> tuple[bytes, float]:
-    """The key payload opening ``maps`` of one image's true ``vectors``, given its public
-    vectors as shown and each map's atom order, and its information in bits: the payload's
-    size when context coded under ``key_model``, else the ideal enumerative count."""
-    per_map = grid[0] * grid[1]
-    parts = [slice(j * per_map, (j + 1) * per_map) for j in maps]
-    originals = [
-        public_vectors[part]
-        if perms[j] is None
-        else unshuffle_atoms(public_vectors[part], perms[j])
-        for j, part in zip(maps, parts, strict=True)
-    ]
-    if key_model is not None:
-        payload = make_context_key(
-            np.concatenate([vectors[part] for part in parts]),
-            originals,
-            [perms[j] for j in maps],
-            maps,
-            grid,
-            k,
-            obfuscation.mask_signs,
-            key_model,
-            reveals_nothing(obfuscation),
-        )
-        return payload, 8.0 * len(payload)
-    payload, ideal = b"", 0.0
-    for j, part, original in zip(maps, parts, originals, strict=True):
-        payload += make_key(vectors[part], original, k, obfuscation.mask_signs, perms[j])
-        ideal += key_size(public_vectors[part], k, obfuscation.mask_signs, perms[j] is not None)[0]
-    return payload, ideal
 
 
 def read_pair(
@@ -661,50 +621,20 @@ def _check_model(public: PublicFile, model: LoadedModel, name: str) -> None:
 
 
 def recover_code(
-    public: PublicFile, key: KeyFile, key_model: KeyModel | None = None, multiple: int = 0
+    public: PublicFile, key: KeyFile, coder: KeyCoder, multiple: int = 0
 ) -> np.ndarray:
-    """The true code vectors of the maps the key opens (other maps are zero); a context-coded
-    key needs the model's ``key_model``. With the model's granularity ``multiple``, a public
-    file padded to a size class gives the vectors of the image's grid only (`image_grid`)."""
+    """The true code vectors of the maps the key opens (other maps are zero), for a model whose
+    keys ``coder`` codes. With the model's granularity ``multiple``, a public file padded to a
+    size class gives the vectors of the image's grid only (`image_grid`)."""
     h = public.header
     grid = image_grid(h.grid, key.header.shape, multiple) if multiple else tuple(h.grid)
     shown = (
         public.vectors if grid == tuple(h.grid) else crop_grid(public.vectors, h.m, h.grid, grid)
     )
-    per_map = grid[0] * grid[1]
-    if any(not 0 <= j < h.m for j in key.header.maps) or len(set(key.header.maps)) != len(
-        key.header.maps
-    ):
-        raise PrimisError("key names code maps the public file does not have")
-    vectors = np.zeros_like(shown)
-    parts = [slice(j * per_map, (j + 1) * per_map) for j in key.header.maps]
-    if key.header.coding == "context":
-        if key_model is None:
-            raise PrimisError("the key is context coded, but the model has no key model")
-        opened = read_context_key(
-            [shown[part] for part in parts],
-            key.payload,
-            key.header.maps,
-            grid,
-            h.k,
-            h.mask_signs,
-            h.permuted,
-            key_model,
-            key.header.variable_rate,
-        )
-        for i, part in enumerate(parts):
-            vectors[part] = opened[i * per_map : (i + 1) * per_map]
-        return vectors
-    offset = 0
-    for j in key.header.maps:
-        part = slice(j * per_map, (j + 1) * per_map)
-        vectors[part], used = read_key(
-            shown[part], key.payload[offset:], h.k, h.mask_signs, h.permuted
-        )
-        offset += used
-    if offset != len(key.payload):
-        raise PrimisError("key payload length does not match the public file")
-    return vectors
+    spec = KeySpec(
+        tuple(key.header.maps), grid, h.k, h.mask_signs, h.permuted, key.header.variable_rate
+    )
+    return decode_key(coder_for(key.header.coding, coder), key.payload, shown, spec)
 
 
 def _device(model: LoadedModel) -> torch.device:
@@ -756,7 +686,7 @@ def reconstruct_many(
 def opened_code(public: PublicFile, key: KeyFile, model: LoadedModel) -> torch.Tensor:
     """The code (1, m, n, rows, cols) the key opens, on the image's grid."""
     multiple = model.network.config.downsampling
-    vectors = recover_code(public, key, model.key_model, multiple)
+    vectors = recover_code(public, key, model.key_coder, multiple)
     grid = image_grid(public.header.grid, key.header.shape, multiple)
     return vectors_to_code(vectors, public.header.m, grid)
 

@@ -50,14 +50,13 @@ from primis.errors import PrimisError
 from primis.io.files import write_atomic
 from primis.io.images import read_image
 from primis.io.pixels import pad_to_multiple
+from primis.keys.enumerative import image_key_bits, strict_key_bits
 from primis.metrics import psnr, ssim
 from primis.model import SparseTernaryAutoEncoder, use_autocast
 from primis.modelstore import load_model, pick_device, save_model
 from primis.obfuscation import (
     ambiguate_maps,
     code_to_vectors,
-    image_key_bits,
-    strict_key_bits,
     vectors_to_code,
 )
 

@@ -51,6 +51,16 @@ def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     return image / image.max()
 
 
+def random_code(vectors: int, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """(vectors, n) int8 code vectors of k random entries +1 and k random entries -1 each."""
+    rng = np.random.default_rng(seed)
+    code = np.zeros((vectors, n), dtype=np.int8)
+    for row in code:
+        chosen = rng.permutation(n)[: 2 * k]
+        row[chosen[:k]], row[chosen[k:]] = 1, -1
+    return code
+
+
 @pytest.fixture(scope="session")
 def context_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny model with a key model fitted to the codes of a few synthetic images."""

@@ -19,7 +19,7 @@ from primis.attacks import (
     support_guess,
 )
 from primis.config import AttackConfig, ObfuscationConfig
-from primis.keycoding import fit_key_model
+from primis.keys import fit_key_model
 from primis.modelstore import load_model
 from primis.obfuscation import ambiguate_maps, vectors_to_code
 from tests.conftest import assert_clean_failure, run_cli, smooth_image

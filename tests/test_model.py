@@ -267,7 +267,7 @@ def test_adaptive_codes_keep_each_vectors_first_pairs_stronger_than_the_threshol
 
 
 def test_adaptive_training_forward_decodes_the_kept_pairs_and_prices_them_exactly():
-    from primis.enumerative import ternary_support_bits
+    from primis.keys.enumerative import ternary_support_bits
 
     network = _adaptive_network(1.5, seed=1).double()
     x = torch.rand(2, 1, 32, 48, dtype=torch.float64)

@@ -427,7 +427,8 @@ def test_a_rate_weight_makes_an_adaptive_model_keep_fewer_pairs(tmp_path):
     """The rate term acts: a few training steps under a large weight drop pairs (the same steps
     without it keep them), and validation reports the strict-mode bits of the counts."""
     from primis.io.images import read_image
-    from primis.obfuscation import code_to_vectors, strict_key_bits
+    from primis.keys.enumerative import strict_key_bits
+    from primis.obfuscation import code_to_vectors
 
     images = _tiny_training_folder(tmp_path)
     crops = [smooth_image(32, 32, seed) for seed in range(4)]

@@ -1,4 +1,4 @@
-"""Entropy-coded keys: the true code vectors range coded under a fitted context model.
+"""Context-coded keys: the true code vectors range coded under a fitted context model.
 
 A code is coded vector by vector in order of anti-diagonals of its grid (all vectors with
 row + column = d, of every map, form one stage; everything a stage's model looks at lies on
@@ -15,7 +15,8 @@ Slot t of a set of size s takes atom a > (previous member) with probability prop
 w_a * e_{s-t}(w_{a+1}, ..., w_{n-1}), e_i the elementary symmetric polynomial: exactly the
 conditional of the product model. Only + and * of float64 enter the tables (no exp or log), so
 encoder and decoder compute bit-identical probabilities on any CPU, and constriction quantises
-them the same way everywhere.
+them the same way everywhere. A key holds the atom orders of the shuffled maps first, packed
+as enumerative keys pack them (`primis.keys.enumerative`), then the range code.
 """
 
 from __future__ import annotations
@@ -23,15 +24,32 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import TYPE_CHECKING
 
 import constriction
 import numpy as np
 
 from primis.errors import PrimisError
+from primis.keys.enumerative import (
+    pack_digits,
+    packed_size,
+    permutation_digits,
+    permutation_from_digits,
+    permutation_radices,
+    unpack_digits,
+)
+from primis.obfuscation import allowed_atoms, unshuffle_atoms
+
+if TYPE_CHECKING:
+    from primis.keys import KeySpec
 
 CONTEXTS = 9  # 3 symbols above x 3 symbols to the left
 TENSORS = ("key_model.atom_weights", "key_model.count_weights")
 _FAMILY = constriction.stream.model.Categorical(perfect=False)
+# Vectors whose coding tables are computed at a time: they stay in the CPU's cache.
+CODING_CHUNK = 256
+# Vectors whose atom costs are computed at a time (float32 work arrays).
+COSTS_CHUNK = 2048
 
 
 @dataclass(frozen=True)
@@ -59,10 +77,6 @@ class KeyModel:
     def fits(self, m: int, n: int, k: int) -> bool:
         """Whether it models codes of ``m`` maps of ``n`` atoms with up to ``k`` pairs."""
         return self.atom_weights.shape[0] == m and self.atom_weights.shape[3] == n and self.k == k
-
-    def widened(self) -> KeyModel:
-        """The same model in float64 (exact), as the coder computes in."""
-        return KeyModel(self.atom_weights.astype(np.float64), self.count_weights.astype(np.float64))
 
     def tensors(self) -> dict[str, np.ndarray]:
         return dict(zip(TENSORS, (self.atom_weights, self.count_weights), strict=True))
@@ -182,6 +196,21 @@ def _layout(m_of: list[int], grid: tuple[int, int]):
     return maps, _neighbours(len(m_of), grid), _stages(len(m_of), grid)
 
 
+def _coding_order(
+    shape: tuple[int, int],
+    maps: list[int],
+    grid: tuple[int, int],
+    k: int,
+    model: KeyModel,
+    allowed: np.ndarray | None,
+):
+    """For a code of ``shape`` (V, n) coded at ``k`` under ``model``: the atoms allowed (all
+    where None) and the layout (`_layout`); PrimisError where the model codes fewer pairs."""
+    _check_k(k, model)
+    allowed = np.broadcast_to(True, (shape[0], 2, shape[1])) if allowed is None else allowed
+    return allowed, *_layout(maps, grid)
+
+
 class _Decoder:
     """Reads the symbols back (see `_walk`); data the model cannot have produced raises
     PrimisError (constriction reports it as an AssertionError)."""
@@ -215,17 +244,15 @@ def _walk(
     maps: list[int],
     grid: tuple[int, int],
     k: int,
-    model: KeyModel,
+    wide: KeyModel,
     allowed: np.ndarray | None,
     variable: bool,
 ) -> None:
     """Read every symbol of the code in coding order into ``vectors`` and ``sizes``, stage by
-    stage (what a stage's model looks at was read on earlier stages)."""
-    _check_k(k, model)
-    v, n = vectors.shape
-    allowed = np.broadcast_to(True, (v, 2, n)) if allowed is None else allowed
-    map_of, ctx, stages = _layout(maps, grid)
-    wide = model.widened()
+    stage (what a stage's model looks at was read on earlier stages), under the model ``wide``
+    in float64."""
+    n = vectors.shape[1]
+    allowed, map_of, ctx, stages = _coding_order(vectors.shape, maps, grid, k, wide, allowed)
     for index in stages:
         stage = _Stage(wide, vectors, sizes, index, map_of, ctx)
         if variable:
@@ -248,74 +275,27 @@ def _walk(
                 vectors[index[rows], chosen] = sign
 
 
-def encode_code(
-    vectors: np.ndarray,
-    maps: list[int],
-    grid: tuple[int, int],
-    k: int,
-    model: KeyModel,
-    allowed: np.ndarray | None = None,
-    variable: bool = True,
-    chunk: int = 256,
-) -> bytes:
-    """Range-code the code vectors (len(maps) * rows * cols, n) of the maps ``maps`` (each
-    vector s entries +1 and s entries -1, s <= k <= the model's k; s = k unless ``variable``).
-    ``allowed`` (V, 2, n) marks the atoms each vector's +1 and -1 entries may take (all if
-    None). The tables of about ``chunk`` vectors are computed at a time (256: they stay in
-    the CPU's cache)."""
-    coder = constriction.stream.queue.RangeEncoder()
-    for _, symbols, probabilities in _symbols_in_order(
-        vectors, maps, grid, k, model, allowed, variable, chunk
-    ):
-        coder.encode(symbols, _FAMILY, probabilities)
-    return coder.get_compressed().astype("<u4").tobytes()
-
-
-def vector_information(
-    vectors: np.ndarray,
-    maps: list[int],
-    grid: tuple[int, int],
-    k: int,
-    model: KeyModel,
-    allowed: np.ndarray | None = None,
-    variable: bool = True,
-) -> np.ndarray:
-    """(V,) float64: the key bits each code vector takes under the model (its count's and its
-    atoms' information, -log2 of their probabilities as `encode_code` codes them; the coded
-    size adds at most a few bytes to their sum). Where the key's rate goes in an image."""
-    bits = np.zeros(len(vectors))
-    for index, symbols, probabilities in _symbols_in_order(
-        vectors, maps, grid, k, model, allowed, variable
-    ):
-        chosen = probabilities[np.arange(len(index)), symbols]
-        np.add.at(bits, index, -np.log2(chosen / probabilities.sum(axis=1)))
-    return bits
-
-
 def _symbols_in_order(
     vectors: np.ndarray,
     maps: list[int],
     grid: tuple[int, int],
     k: int,
-    model: KeyModel,
+    wide: KeyModel,
     allowed: np.ndarray | None,
     variable: bool,
-    chunk: int = 256,
+    chunk: int = CODING_CHUNK,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The code's symbols in the order `_walk` reads them, in batches: the vectors they belong
-    to, the symbols (int32) and each one's probabilities over its alphabet (float64, up to a
-    factor), which the decoder computes bit for bit the same (see `encode_code`)."""
+    """The code's symbols in the order `_walk` reads them under the model ``wide`` in float64,
+    in batches of the tables of about ``chunk`` vectors: the vectors they belong to, the
+    symbols (int32) and each one's probabilities over its alphabet (float64, up to a factor),
+    which the decoder computes bit for bit the same (see `ContextKeyCoder.encode_vectors`)."""
     sizes = np.count_nonzero(vectors > 0, axis=1)
     if np.any(sizes != np.count_nonzero(vectors < 0, axis=1)) or np.any(sizes > k):
         raise ValueError(f"every vector must hold s <= {k} entries +1 and as many -1")
     if not variable and np.any(sizes != k):
         raise ValueError(f"every vector must hold exactly {k} entries +1 and {k} entries -1")
-    _check_k(k, model)
-    v, n = vectors.shape
-    allowed = np.broadcast_to(True, (v, 2, n)) if allowed is None else allowed
+    allowed, map_of, ctx, stages = _coding_order(vectors.shape, maps, grid, k, wide, allowed)
     members = [_members(vectors, sign, sizes, k) for sign in (1, -1)]
-    map_of, ctx, stages = _layout(maps, grid)
-    wide = model.widened()
     for group in _stage_groups(stages, chunk):
         # The code is known, so the tables of many stages are computed together; the symbols
         # then go out in the order `_walk` reads them, with the same float64 probabilities.
@@ -357,28 +337,6 @@ def _stage_groups(stages: list[np.ndarray], chunk: int) -> list[list[np.ndarray]
     return groups
 
 
-def decode_code(
-    data: bytes,
-    maps: list[int],
-    grid: tuple[int, int],
-    n: int,
-    k: int,
-    model: KeyModel,
-    allowed: np.ndarray | None = None,
-    variable: bool = True,
-) -> np.ndarray:
-    """Inverse of :func:`encode_code`: the vectors (len(maps) * rows * cols, n), int8. A key
-    that does not decode to a valid code raises PrimisError."""
-    decoder = _Decoder(data)
-    v = len(maps) * grid[0] * grid[1]
-    vectors = np.zeros((v, n), dtype=np.int8)
-    sizes = np.full(v, k, dtype=np.int64)
-    _walk(decoder, vectors, sizes, maps, grid, k, model, allowed, variable)
-    if not decoder.coder.maybe_exhausted():
-        raise PrimisError("key payload is corrupted (data left after the code)")
-    return vectors
-
-
 def most_probable_code(
     model: KeyModel, grid: tuple[int, int], k: int, allowed: np.ndarray
 ) -> np.ndarray:
@@ -404,54 +362,6 @@ def most_probable_code(
             taken[rows, chosen.reshape(-1)] = True
             vectors[index[rows], chosen.reshape(-1)] = sign
     return vectors
-
-
-def atom_costs(
-    model: KeyModel,
-    vectors: np.ndarray,
-    grid: tuple[int, int],
-    scale: float = 1.0,
-    dtype: type = np.float32,
-    chunk: int = 2048,
-) -> np.ndarray:
-    """(V, 2, n): about how many key bits each atom adds to a code of every map (vectors
-    (m * rows * cols, n) in coding order) by holding +1 (``[:, 0]``) or -1 (``[:, 1]``) in its
-    vector, the rest of the code as it is: its own term under the context of the vectors above
-    and to the left, plus what it changes in the terms of the atoms the vectors below and to
-    the right hold (the product model's normalisers are left out). The rate that
-    rate-distortion optimised coding (`primis.sharing`) weighs against distortion.
-
-    Each chunk of vectors is computed in float32 and stored times ``scale`` as ``dtype``
-    (float16 halves a large image's memory; values beyond its range are clipped)."""
-    bits = -np.log2(model.atom_weights.astype(np.float32))  # (m, 2, 9, n)
-    m, n = bits.shape[0], bits.shape[3]
-    map_of, (above, left), _ = _layout(list(range(m)), grid)
-    below, right = np.full(len(vectors), -1), np.full(len(vectors), -1)
-    below[above[above >= 0]] = np.nonzero(above >= 0)[0]
-    right[left[left >= 0]] = np.nonzero(left >= 0)[0]
-    atoms = np.arange(n)[None, :]
-    costs = np.empty((len(vectors), 2, n), dtype=dtype)
-    largest = np.finfo(dtype).max
-    for start in range(0, len(vectors), chunk):
-        part = slice(start, start + chunk)
-        j = map_of[part][:, None]
-        context = 3 * _symbols(_gather(vectors, above[part], 0))
-        context += _symbols(_gather(vectors, left[part], 0))
-        own = np.stack([bits[j, sign, context, atoms] for sign in (0, 1)], axis=1)
-        # A neighbour u after this vector reads it as its "above" (u below) or its "left" (u to
-        # the right): the atoms u holds change context when this vector holds them too.
-        for after, weight_of_mine in ((below[part], 3), (right[part], 1)):
-            held = _symbols(_gather(vectors, after, 0))  # u's own entries, 0 where no u
-            other = left if weight_of_mine == 3 else above
-            other_symbols = _symbols(_gather(vectors, _gather(other, after, -1), 0))
-            base = other_symbols * (4 - weight_of_mine)  # 3 * above for u to the right
-            u_sign = np.maximum(held - 1, 0)
-            before = bits[j, u_sign, base, atoms]
-            for sign in (0, 1):
-                changed = bits[j, u_sign, base + weight_of_mine * (sign + 1), atoms]
-                own[:, sign] += np.where(held > 0, changed - before, 0)
-        costs[part] = np.clip(own * scale, -largest, largest)
-    return costs
 
 
 def fit_key_model(
@@ -489,3 +399,169 @@ def fit_key_model(
         np.ascontiguousarray(atom_weights, dtype=np.float32),
         (count_hits + prior).astype(np.float32),
     )
+
+
+class ContextKeyCoder:
+    """Keys range coded under a model's key model. The coding tables (the weights in float64,
+    the atoms' bits) are built once, when the coder is made."""
+
+    coding = "context"
+    codes_counts = True
+
+    def __init__(self, model: KeyModel) -> None:
+        self.model = model
+        self._wide = KeyModel(
+            model.atom_weights.astype(np.float64), model.count_weights.astype(np.float64)
+        )
+        self._atom_bits = -np.log2(model.atom_weights.astype(np.float32))  # (m, 2, 9, n)
+
+    def encode(
+        self, code: np.ndarray, public: np.ndarray, perms: list[np.ndarray | None], spec: KeySpec
+    ) -> bytes:
+        """The atom orders of the shuffled maps, then the range-coded code (see
+        `KeyCoder.encode`)."""
+        digits = [d for perm in perms if perm is not None for d in permutation_digits(perm)]
+        shuffled = sum(perm is not None for perm in perms)
+        radices = permutation_radices(code.shape[1], shuffled)
+        order = pack_digits(np.array(digits, dtype=object), radices)
+        allowed = allowed_atoms(public, spec.mask_signs)
+        return order + self.encode_vectors(
+            code, list(spec.maps), spec.grid, spec.k, allowed, spec.variable
+        )
+
+    def decode(self, payload: bytes, shown: np.ndarray, spec: KeySpec) -> np.ndarray:
+        """Inverse of `encode` (see `KeyCoder.decode`)."""
+        n = shown.shape[1]
+        radices = permutation_radices(n, len(spec.maps) if spec.permuted else 0)
+        used = packed_size(radices)
+        if len(payload) < used:
+            raise PrimisError(f"key payload has {len(payload)} bytes, expected at least {used}")
+        digits = unpack_digits(payload[:used], radices)
+        public = shown
+        if spec.permuted:
+            public = np.concatenate(
+                [
+                    unshuffle_atoms(part, permutation_from_digits(digits[i * n : (i + 1) * n]))
+                    for i, part in enumerate(np.split(shown, len(spec.maps)))
+                ]
+            )
+        allowed = allowed_atoms(public, spec.mask_signs)
+        return self.decode_vectors(
+            payload[used:], list(spec.maps), spec.grid, n, spec.k, allowed, spec.variable
+        )
+
+    def information(self, payload: bytes, public: np.ndarray, spec: KeySpec) -> float:
+        """The payload's size in bits: range coding leaves no slack worth counting apart."""
+        return 8.0 * len(payload)
+
+    def encode_vectors(
+        self,
+        vectors: np.ndarray,
+        maps: list[int],
+        grid: tuple[int, int],
+        k: int,
+        allowed: np.ndarray | None = None,
+        variable: bool = True,
+        chunk: int = CODING_CHUNK,
+    ) -> bytes:
+        """Range-code the code vectors (len(maps) * rows * cols, n) of the maps ``maps`` (each
+        vector s entries +1 and s entries -1, s <= k <= the model's k; s = k unless
+        ``variable``). ``allowed`` (V, 2, n) marks the atoms each vector's +1 and -1 entries
+        may take (all if None). Any ``chunk`` (vectors whose tables are computed at a time)
+        writes the same bytes."""
+        coder = constriction.stream.queue.RangeEncoder()
+        for _, symbols, probabilities in _symbols_in_order(
+            vectors, maps, grid, k, self._wide, allowed, variable, chunk
+        ):
+            coder.encode(symbols, _FAMILY, probabilities)
+        return coder.get_compressed().astype("<u4").tobytes()
+
+    def decode_vectors(
+        self,
+        data: bytes,
+        maps: list[int],
+        grid: tuple[int, int],
+        n: int,
+        k: int,
+        allowed: np.ndarray | None = None,
+        variable: bool = True,
+    ) -> np.ndarray:
+        """Inverse of `encode_vectors`: the vectors (len(maps) * rows * cols, n), int8. Data
+        that does not decode to a valid code raises PrimisError."""
+        decoder = _Decoder(data)
+        v = len(maps) * grid[0] * grid[1]
+        vectors = np.zeros((v, n), dtype=np.int8)
+        sizes = np.full(v, k, dtype=np.int64)
+        _walk(decoder, vectors, sizes, maps, grid, k, self._wide, allowed, variable)
+        if not decoder.coder.maybe_exhausted():
+            raise PrimisError("key payload is corrupted (data left after the code)")
+        return vectors
+
+    def vector_information(
+        self,
+        vectors: np.ndarray,
+        maps: list[int],
+        grid: tuple[int, int],
+        k: int,
+        allowed: np.ndarray | None = None,
+        variable: bool = True,
+    ) -> np.ndarray:
+        """(V,) float64: the key bits each code vector takes (its count's and its atoms'
+        information, -log2 of their probabilities as `encode_vectors` codes them; the coded
+        size adds at most a few bytes to their sum). Where the key's rate goes in an image."""
+        bits = np.zeros(len(vectors))
+        for index, symbols, probabilities in _symbols_in_order(
+            vectors, maps, grid, k, self._wide, allowed, variable
+        ):
+            chosen = probabilities[np.arange(len(index)), symbols]
+            np.add.at(bits, index, -np.log2(chosen / probabilities.sum(axis=1)))
+        return bits
+
+    def atom_costs(
+        self,
+        vectors: np.ndarray,
+        grid: tuple[int, int],
+        scale: float = 1.0,
+        dtype: type = np.float32,
+        chunk: int = COSTS_CHUNK,
+    ) -> np.ndarray:
+        """(V, 2, n): about how many key bits each atom adds to a code of every map (vectors
+        (m * rows * cols, n) in coding order) by holding +1 (``[:, 0]``) or -1 (``[:, 1]``) in
+        its vector, the rest of the code as it is: its own term under the context of the
+        vectors above and to the left, plus what it changes in the terms of the atoms the
+        vectors below and to the right hold (the product model's normalisers are left out).
+        The rate that rate-distortion optimised coding (`primis.sharing`) weighs against
+        distortion.
+
+        Each ``chunk`` of vectors is computed in float32 and stored times ``scale`` as
+        ``dtype`` (float16 halves a large image's memory; values beyond its range are
+        clipped)."""
+        bits = self._atom_bits
+        m, n = bits.shape[0], bits.shape[3]
+        map_of, (above, left), _ = _layout(list(range(m)), grid)
+        below, right = np.full(len(vectors), -1), np.full(len(vectors), -1)
+        below[above[above >= 0]] = np.nonzero(above >= 0)[0]
+        right[left[left >= 0]] = np.nonzero(left >= 0)[0]
+        atoms = np.arange(n)[None, :]
+        costs = np.empty((len(vectors), 2, n), dtype=dtype)
+        largest = np.finfo(dtype).max
+        for start in range(0, len(vectors), chunk):
+            part = slice(start, start + chunk)
+            j = map_of[part][:, None]
+            context = 3 * _symbols(_gather(vectors, above[part], 0))
+            context += _symbols(_gather(vectors, left[part], 0))
+            own = np.stack([bits[j, sign, context, atoms] for sign in (0, 1)], axis=1)
+            # A neighbour u after this vector reads it as its "above" (u below) or its "left"
+            # (u to the right): the atoms u holds change context when this vector holds them.
+            for after, weight_of_mine in ((below[part], 3), (right[part], 1)):
+                held = _symbols(_gather(vectors, after, 0))  # u's own entries, 0 where no u
+                other = left if weight_of_mine == 3 else above
+                other_symbols = _symbols(_gather(vectors, _gather(other, after, -1), 0))
+                base = other_symbols * (4 - weight_of_mine)  # 3 * above for u to the right
+                u_sign = np.maximum(held - 1, 0)
+                before = bits[j, u_sign, base, atoms]
+                for sign in (0, 1):
+                    changed = bits[j, u_sign, base + weight_of_mine * (sign + 1), atoms]
+                    own[:, sign] += np.where(held > 0, changed - before, 0)
+            costs[part] = np.clip(own * scale, -largest, largest)
+        return costs

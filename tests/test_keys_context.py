@@ -1,4 +1,4 @@
-"""Entropy-coded keys: exact round trips, the fitted model pays off, corruption is refused."""
+"""Context-coded keys: exact round trips, the fitted model pays off, corruption is refused."""
 
 import math
 
@@ -6,22 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from primis.config import ObfuscationConfig
 from primis.errors import PrimisError
-from primis.formats import KeyFile
-from primis.io.pixels import IntensityMapping
-from primis.keycoding import (
-    KeyModel,
-    atom_costs,
-    decode_code,
-    encode_code,
-    fit_key_model,
-    vector_information,
-)
-from primis.modelstore import load_model
+from primis.keys.context import ContextKeyCoder, KeyModel, fit_key_model
 from primis.obfuscation import code_to_vectors
-from primis.sharing import RateControl, reconstruct, share_image
-from tests.conftest import smooth_image
 
 
 def smooth_code(m: int, n: int, grid: tuple[int, int], k: int, seed: int, variable: bool):
@@ -46,34 +33,37 @@ def as_vectors(code: np.ndarray) -> np.ndarray:
     return code_to_vectors(torch.from_numpy(code)[None])
 
 
-def fit(codes: list[np.ndarray], k: int) -> KeyModel:
-    return fit_key_model([(as_vectors(code), code.shape[2:]) for code in codes], k)
+def fit(codes: list[np.ndarray], k: int) -> ContextKeyCoder:
+    """The coder of a key model fitted to ``codes``."""
+    return ContextKeyCoder(fit_key_model([(as_vectors(code), code.shape[2:]) for code in codes], k))
 
 
 @pytest.mark.parametrize("variable", [False, True])
 def test_round_trip_is_exact_and_the_fitted_model_beats_uniform(variable):
     m, n, k, grid = 2, 64, 3, (9, 7)
-    model = fit([smooth_code(m, n, grid, k, s, variable) for s in range(4)], k)
+    coder = fit([smooth_code(m, n, grid, k, s, variable) for s in range(4)], k)
     code = smooth_code(m, n, grid, k, 99, variable)
     vectors = as_vectors(code)
-    data = encode_code(vectors, [0, 1], grid, k, model, variable=variable)
-    assert np.array_equal(decode_code(data, [0, 1], grid, n, k, model, variable=variable), vectors)
+    data = coder.encode_vectors(vectors, [0, 1], grid, k, variable=variable)
+    back = coder.decode_vectors(data, [0, 1], grid, n, k, variable=variable)
+    assert np.array_equal(back, vectors)
     uniform = len(vectors) * math.log2(math.comb(n, k) * math.comb(n - k, k))
     if not variable:
         assert 8 * len(data) < 0.9 * uniform
     # Stages are coded in groups of about `chunk` vectors: any grouping writes the same bytes
     # (one stage per group is the order the decoder reads in).
     for chunk in (1, 20, 10**6):
-        assert encode_code(vectors, [0, 1], grid, k, model, variable=variable, chunk=chunk) == data
+        again = coder.encode_vectors(vectors, [0, 1], grid, k, variable=variable, chunk=chunk)
+        assert again == data
 
 
 @pytest.mark.parametrize("variable", [False, True])
 def test_vector_information_adds_up_to_the_key_and_follows_the_content(variable):
     m, n, k, grid = 2, 64, 3, (9, 7)
-    model = fit([smooth_code(m, n, grid, k, s, variable) for s in range(4)], k)
+    coder = fit([smooth_code(m, n, grid, k, s, variable) for s in range(4)], k)
     vectors = as_vectors(smooth_code(m, n, grid, k, 99, variable))
-    bits = vector_information(vectors, [0, 1], grid, k, model, variable=variable)
-    coded = 8 * len(encode_code(vectors, [0, 1], grid, k, model, variable=variable))
+    bits = coder.vector_information(vectors, [0, 1], grid, k, variable=variable)
+    coded = 8 * len(coder.encode_vectors(vectors, [0, 1], grid, k, variable=variable))
     assert bits.shape == (len(vectors),) and np.all(bits >= 0)
     assert bits.sum() <= coded <= bits.sum() + 64  # the range coder's few bytes of overhead
     # Vector (1, 1) of map 0 (index 8 of the 9 x 7 grid) costs less where it repeats the
@@ -86,8 +76,7 @@ def test_vector_information_adds_up_to_the_key_and_follows_the_content(variable)
     rare[8] = 0
     rare[8, unusual[:k]], rare[8, unusual[k : 2 * k]] = 1, -1
     cheap, costly = (
-        vector_information(v, [0, 1], grid, k, model, variable=variable)[8]
-        for v in (repeated, rare)
+        coder.vector_information(v, [0, 1], grid, k, variable=variable)[8] for v in (repeated, rare)
     )
     assert cheap < 0.5 * costly
 
@@ -95,29 +84,29 @@ def test_vector_information_adds_up_to_the_key_and_follows_the_content(variable)
 def test_a_subset_of_maps_and_allowed_atoms_round_trip():
     m, n, k, grid = 3, 32, 2, (5, 6)
     code = smooth_code(m, n, grid, k, 1, False)
-    model = fit([code], k)
+    coder = fit([code], k)
     vectors = as_vectors(code)[: 2 * 30]  # maps 0 and 1 of 3
     rng = np.random.default_rng(2)
     allowed = rng.random((len(vectors), 2, n)) < 0.5
     allowed[:, 0] |= vectors == 1
     allowed[:, 1] |= vectors == -1
-    data = encode_code(vectors, [0, 2], grid, k, model, allowed, variable=False)
-    back = decode_code(data, [0, 2], grid, n, k, model, allowed, variable=False)
+    data = coder.encode_vectors(vectors, [0, 2], grid, k, allowed, variable=False)
+    back = coder.decode_vectors(data, [0, 2], grid, n, k, allowed, variable=False)
     assert np.array_equal(back, vectors)
     with pytest.raises(ValueError, match="rules it out"):
-        encode_code(vectors, [0, 2], grid, k, model, ~allowed, variable=False)
+        coder.encode_vectors(vectors, [0, 2], grid, k, ~allowed, variable=False)
 
 
 @pytest.mark.parametrize("variable", [False, True])
 def test_lower_k_than_the_model_round_trips(variable):
     n, grid = 32, (4, 4)
-    model = fit([smooth_code(1, n, grid, 4, 0, True)], 4)
+    coder = fit([smooth_code(1, n, grid, 4, 0, True)], 4)
     vectors = as_vectors(smooth_code(1, n, grid, 2, 3, variable))
-    data = encode_code(vectors, [0], grid, 2, model, variable=variable)
-    back = decode_code(data, [0], grid, n, 2, model, variable=variable)
+    data = coder.encode_vectors(vectors, [0], grid, 2, variable=variable)
+    back = coder.decode_vectors(data, [0], grid, n, 2, variable=variable)
     assert np.array_equal(back, vectors)
     with pytest.raises(PrimisError, match="up to 4 pairs"):
-        encode_code(vectors, [0], grid, 5, model)
+        coder.encode_vectors(vectors, [0], grid, 5)
 
 
 def test_corrupted_payloads_fail_cleanly_or_differ():
@@ -125,16 +114,16 @@ def test_corrupted_payloads_fail_cleanly_or_differ():
     test_formats; this is the coder's own line of defence.)"""
     n, k, grid = 64, 3, (6, 6)
     code = smooth_code(2, n, grid, k, 4, True)
-    model = fit([code], k)
+    coder = fit([code], k)
     vectors = as_vectors(code)
-    data = encode_code(vectors, [0, 1], grid, k, model)
+    data = coder.encode_vectors(vectors, [0, 1], grid, k)
     with pytest.raises(PrimisError, match="32-bit words"):
-        decode_code(data[:-1], [0, 1], grid, n, k, model)
+        coder.decode_vectors(data[:-1], [0, 1], grid, n, k)
     for flip in range(0, len(data) // 2, 7):
         damaged = bytearray(data)
         damaged[flip] ^= 0x5A
         try:
-            back = decode_code(bytes(damaged), [0, 1], grid, n, k, model)
+            back = coder.decode_vectors(bytes(damaged), [0, 1], grid, n, k)
         except PrimisError as err:
             assert "corrupted" in str(err)
         else:
@@ -151,54 +140,18 @@ def test_the_key_model_validates_its_tables():
     assert KeyModel.from_tensors(model.tensors()).fits(2, 16, 3)
 
 
-@pytest.mark.parametrize(
-    "obfuscation, maps, k",
-    [
-        (ObfuscationConfig(), None, None),
-        (ObfuscationConfig(), None, 1),  # below the model's k
-        (ObfuscationConfig(fill=0.5), [1], None),
-        (ObfuscationConfig(fill=0.3, mask_signs=False), None, 1),
-    ],
-)
-def test_context_coded_keys_restore_what_enumerative_keys_restore(
-    tiny_model_dir, context_model_dir, obfuscation, maps, k
-):
-    plain, context = load_model(tiny_model_dir), load_model(context_model_dir)
-    assert plain.key_model is None and context.key_model is not None
-    pixels = (smooth_image(70, 90, 11) * 255).astype(np.uint8)
-    mapping = IntensityMapping.of(pixels)
-    unit = mapping.forward(pixels)
-    restored = []
-    for model in (plain, context):
-        exact = RateControl(weight=0.0)  # the same code for both (no rate-distortion choice)
-        shared = share_image(unit, mapping, model, obfuscation, k, maps, refine_steps=2, rate=exact)
-        key = KeyFile.from_bytes(shared.key)
-        assert key.header.coding == ("context" if model is context else "enumerative")
-        assert key.header.variable_rate == (model is context and obfuscation.fill == 1.0)
-        restored.append(reconstruct(shared.public, shared.key, model)[0])
-    assert np.array_equal(restored[0], restored[1])
-
-
-def test_an_image_too_small_for_a_key_of_128_bits_is_refused(context_model_dir):
-    model = load_model(context_model_dir)
-    pixels = (smooth_image(8, 8, 1) * 255).astype(np.uint8)  # one code vector per map
-    mapping = IntensityMapping.of(pixels)
-    with pytest.raises(PrimisError, match="too small to share"):
-        share_image(mapping.forward(pixels), mapping, model, ObfuscationConfig())
-
-
 def test_atom_costs_price_the_atoms_the_model_expects_lowest():
     m, n, k, grid = 2, 64, 3, (9, 7)
-    model = fit([smooth_code(m, n, grid, k, s, False) for s in range(4)], k)
+    coder = fit([smooth_code(m, n, grid, k, s, False) for s in range(4)], k)
     vectors = as_vectors(smooth_code(m, n, grid, k, 99, False))
-    costs = atom_costs(model, vectors, grid)
+    costs = coder.atom_costs(vectors, grid)
     assert costs.shape == (len(vectors), 2, n) and costs.dtype == np.float32
     favourite = np.random.default_rng(0).permutation(n)[: 4 * k]  # as smooth_code draws them
     rare = np.setdiff1d(np.arange(n), favourite)
     assert np.median(costs[:, :, favourite]) + 2 < np.median(costs[:, :, rare])
     # Scaled and stored in half precision: the same costs, clipped to float16's range.
-    half = atom_costs(model, vectors, grid, scale=0.5, dtype=np.float16)
+    half = coder.atom_costs(vectors, grid, scale=0.5, dtype=np.float16)
     assert half.dtype == np.float16
     np.testing.assert_allclose(half, 0.5 * costs, rtol=2e-3, atol=1e-3)
-    huge = atom_costs(model, vectors, grid, scale=1e9, dtype=np.float16)
+    huge = coder.atom_costs(vectors, grid, scale=1e9, dtype=np.float16)
     assert np.isfinite(huge).all() and huge.max() == np.finfo(np.float16).max
