@@ -111,6 +111,7 @@ class Tiling:
         )
 
 
+BATCH_SIZE = 16  # images of one size encoded or decoded in one forward pass, at most
 MIN_KEY_BITS = 128  # a key's information (coded size) below this could be guessed
 # Rate-distortion optimised coding (`model.choose_code`): the default weight of a key bit when
 # refining, chosen on validation images (MODEL_CARD.md), and the weights rate control searches.
@@ -198,7 +199,7 @@ def share_images(
     obfuscation: ObfuscationConfig,
     k: int | None = None,
     maps: list[int] | None = None,
-    batch_size: int = 16,
+    batch_size: int = BATCH_SIZE,
     refine_steps: int = REFINE_STEPS,
     progress: Callable[[int, int], None] | None = None,
     rate: RateControl | None = None,
@@ -296,7 +297,7 @@ def encode_images(
     units: list[np.ndarray],
     k: int,
     refine_steps: int = REFINE_STEPS,
-    batch_size: int = 16,
+    batch_size: int = BATCH_SIZE,
     tiling: Tiling | None = None,
     progress: Callable[[int, int], None] | None = None,
     rate_weight: float = 0.0,
@@ -310,12 +311,9 @@ def encode_images(
     quality."""
     tiling = tiling or Tiling()
     rate = _rate_bias(model, rate_weight)
-    network, device = model.network, _device(model)
-    multiple = network.config.downsampling
+    multiple = model.network.config.downsampling
     shapes = [tuple(-(-size // multiple) * multiple for size in unit.shape) for unit in units]
-    codes: list[torch.Tensor | None] = [None] * len(units)
     whole = [i for i, shape in enumerate(shapes) if tiling.fits(shape, multiple)]
-    padded = {i: pad_to_multiple(units[i], multiple) for i in whole}  # large ones: per region
     groups = _batches([shapes[i] for i in whole], batch_size)
     batches = [[whole[i] for i in group] for group in groups]
     regions = {
@@ -324,37 +322,65 @@ def encode_images(
     }
     passes = len(batches) + sum(len(parts) for parts in regions.values())  # refinements
     on_step = _step_counter(progress, refine_steps * passes)
-
-    def encode(pixels: np.ndarray, valid: np.ndarray) -> torch.Tensor:
-        x, mask = (torch.from_numpy(a)[:, None].to(device) for a in (pixels, valid))
-        return network.encode(x, k, refine_steps, mask, on_step, rate)
-
+    run = _Encoding(model.network, _device(model), k, refine_steps, tiling, on_step, rate)
+    codes: dict[int, torch.Tensor] = {}
     for indices in batches:
-        everything = (slice(0, padded[indices[0]].shape[0]), slice(0, padded[indices[0]].shape[1]))
-        code = encode(
-            np.stack([padded[i] for i in indices]),
-            np.stack([_valid_mask(units[i].shape, everything) for i in indices]),
-        )
-        for row, i in enumerate(indices):
-            codes[i] = code[row : row + 1]
+        codes.update(zip(indices, _encode_batch(run, [units[i] for i in indices]), strict=True))
     for i, parts in regions.items():
-        grid = _grid(shapes[i], multiple)
-        code = torch.zeros((1, network.config.m, network.config.n, *grid), dtype=torch.int8)
-        for outer, inner in parts:
-            pixels = _scaled(outer, multiple)
-            part = _encode_region(
-                network,
-                _padded_region(units[i], pixels),
-                _valid_mask(units[i].shape, pixels, np.bool_),  # a quarter of float32's memory
-                k,
-                refine_steps,
-                tiling,
-                on_step,
-                rate,
-            )
-            code[..., inner[0], inner[1]] = part[..., *tiling.within(outer, inner)]
-        codes[i] = code
-    return codes
+        codes[i] = _encode_large(run, units[i], _grid(shapes[i], multiple), parts)
+    return [codes[i] for i in range(len(units))]
+
+
+@dataclass(frozen=True)
+class _Encoding:
+    """What the forward passes of one `encode_images` call share."""
+
+    network: SparseTernaryAutoEncoder
+    device: torch.device
+    k: int
+    refine_steps: int
+    tiling: Tiling
+    on_step: Callable[[], None] | None
+    rate: Callable[[torch.Tensor], torch.Tensor] | None
+
+    @property
+    def multiple(self) -> int:
+        return self.network.config.downsampling
+
+    def encode(self, pixels: np.ndarray, valid: np.ndarray) -> torch.Tensor:
+        """Codes of padded images (B, H, W) of one size, whose own pixels ``valid`` marks."""
+        x, mask = (torch.from_numpy(a)[:, None].to(self.device) for a in (pixels, valid))
+        return self.network.encode(x, self.k, self.refine_steps, mask, self.on_step, self.rate)
+
+
+def _encode_batch(run: _Encoding, units: list[np.ndarray]) -> list[torch.Tensor]:
+    """The codes of images of one padded size, in one forward pass."""
+    padded = [pad_to_multiple(unit, run.multiple) for unit in units]
+    everything = (slice(0, padded[0].shape[0]), slice(0, padded[0].shape[1]))
+    valid = [_valid_mask(unit.shape, everything) for unit in units]
+    code = run.encode(np.stack(padded), np.stack(valid))
+    return [code[row : row + 1] for row in range(len(units))]
+
+
+def _encode_large(
+    run: _Encoding,
+    unit: np.ndarray,
+    grid: tuple[int, int],
+    regions: list[tuple[tuple[slice, slice], tuple[slice, slice]]],
+) -> torch.Tensor:
+    """The code of an image larger than one tile, region by region (`_encode_region`; the
+    padded image is never made whole)."""
+    cfg = run.network.config
+    code = torch.zeros((1, cfg.m, cfg.n, *grid), dtype=torch.int8)
+    for outer, inner in regions:
+        pixels = _scaled(outer, run.multiple)
+        part = _encode_region(
+            run,
+            _padded_region(unit, pixels),
+            _valid_mask(unit.shape, pixels, np.bool_),  # a quarter of float32's memory
+        )
+        code[..., inner[0], inner[1]] = part[..., *run.tiling.within(outer, inner)]
+    return code
 
 
 def _rate_bias(model: LoadedModel, weight: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -404,37 +430,48 @@ def _step_counter(
     return on_step
 
 
-def _encode_region(
-    network: SparseTernaryAutoEncoder,
-    pixels: np.ndarray,
-    valid: np.ndarray,
-    k: int,
-    refine_steps: int,
-    tiling: Tiling,
-    on_step: Callable[[], None] | None = None,
-    rate: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
+def _encode_region(run: _Encoding, pixels: np.ndarray, valid: np.ndarray) -> torch.Tensor:
     """Ternary code (1,m,n,h,w) of one padded region, computed tile by tile: the scores as the
     whole region's analysis gives them, and refinement steps whose error and gradient are summed
     over the tiles' inner parts, which is the whole region's refinement (the decoder sees less
     than the halo); memory follows the tile."""
     release_free_memory()  # what the last region freed
-    device = next(network.parameters()).device
-    multiple = network.config.downsampling
-    grid = (pixels.shape[0] // multiple, pixels.shape[1] // multiple)
-    x = torch.from_numpy(pixels)[None, None].to(device)
-    mask = torch.from_numpy(valid)[None, None].to(device)
-    tiles = [(outer, inner, tiling.within(outer, inner)) for outer, inner in tiling.tiles(grid)]
+    grid = (pixels.shape[0] // run.multiple, pixels.shape[1] // run.multiple)
+    x = torch.from_numpy(pixels)[None, None].to(run.device)
+    mask = torch.from_numpy(valid)[None, None].to(run.device)
+    tiles = [
+        (outer, inner, run.tiling.within(outer, inner)) for outer, inner in run.tiling.tiles(grid)
+    ]
+    z = _region_scores(run, x, tiles, grid)
+    if not run.refine_steps and run.rate is None:
+        return run.network.ternarize(z, run.k).cpu()
+    refine = _region_refinement(run, x, mask, tiles)
+    return choose_code(run.network, z, run.k, run.refine_steps, refine, run.rate).cpu()
+
+
+def _region_scores(
+    run: _Encoding, x: torch.Tensor, tiles: list[tuple], grid: tuple[int, int]
+) -> torch.Tensor:
+    """The normalised scores of a region's pixels ``x``: the analysis of each tile, its inner
+    part kept."""
     z = None
     with torch.no_grad():
         for outer, inner, within in tiles:
-            part = network.analysis(x[..., *_scaled(outer, multiple)], normalize=False).float()
+            part = run.network.analysis(x[..., *_scaled(outer, run.multiple)], normalize=False)
+            part = part.float()
             if z is None:
-                z = torch.zeros((1, *part.shape[1:3], *grid), device=device)
+                z = torch.zeros((1, *part.shape[1:3], *grid), device=run.device)
             z[..., inner[0], inner[1]] = part[..., *within]
-    z = network.normalize_scores(z)
-    if not refine_steps and rate is None:
-        return network.ternarize(z, k).cpu()
+    return run.network.normalize_scores(z)
+
+
+def _region_refinement(
+    run: _Encoding, x: torch.Tensor, mask: torch.Tensor, tiles: list[tuple]
+) -> Callable[[torch.Tensor, int, torch.Tensor | None], torch.Tensor]:
+    """``refine(scores, steps, bias)`` as `model.choose_code` takes it, for a region's pixels
+    ``x``: steps on the mean error over the pixels ``mask`` counts, its error and gradient
+    summed over the tiles' inner parts."""
+    network, multiple = run.network, run.multiple
     area = mask.sum()
 
     def counted(outer: tuple[slice, slice], within: tuple[slice, slice]) -> torch.Tensor:
@@ -442,7 +479,7 @@ def _encode_region(
         the tiles' errors add up once (made when needed: all tiles' masks would take as much
         memory as the image)."""
         region, inner = _scaled(outer, multiple), _scaled(within, multiple)
-        tile_mask = torch.zeros(mask[..., *region].shape, device=device)
+        tile_mask = torch.zeros(mask[..., *region].shape, device=run.device)
         tile_mask[..., *inner] = mask[..., *region][..., *inner]
         return tile_mask
 
@@ -454,16 +491,16 @@ def _encode_region(
                     scores[..., outer[0], outer[1]],
                     x[..., *_scaled(outer, multiple)],
                     counted(outer, within),
-                    k,
+                    run.k,
                     None if bias is None else bias[..., outer[0], outer[1]],
                 )
                 error += part_error
                 gradient[..., outer[0], outer[1]] += part_gradient
             return error / area, gradient.div_(area)
 
-        return refine_scores(scores, steps, mean_error, on_step=on_step)
+        return refine_scores(scores, steps, mean_error, on_step=run.on_step)
 
-    return choose_code(network, z, k, refine_steps, refine, rate).cpu()
+    return refine
 
 
 def _scaled(cells: tuple[slice, ...], factor: int) -> tuple[slice, ...]:
@@ -560,7 +597,31 @@ def _package(
     grid, shown = (rows, cols), public_vectors
     if obfuscation.pad_size_class:  # strict only: the key codes the image's part alone
         grid, shown = pad_public(public_vectors, cfg.m, grid, cfg.downsampling)
-    header = PublicHeader(
+    header = _public_header(model, obfuscation, k, grid, perms)
+    coder = model.key_coder
+    spec = key_spec(coder, maps, (rows, cols), k, obfuscation, perms)
+    release_free_memory()  # what encoding freed, before the key's coding tables
+    payload, ideal = encode_key(coder, vectors, public_vectors, perms, spec)
+    if ideal < MIN_KEY_BITS:
+        raise PrimisError(
+            f"image too small to share: its key would hold {ideal:.0f} bits, fewer than the "
+            f"{MIN_KEY_BITS} that keep guessing it out of reach (use a larger image)"
+        )
+    key_header = _key_header(image, header, model.hash, coder, spec)
+    public, key = seal_pair(PublicFile(header, shown), KeyFile(key_header, payload))
+    return SharedImage(header.file_id, public, key, ideal, image.unit.size, rate_weight)
+
+
+def _public_header(
+    model: LoadedModel,
+    obfuscation: ObfuscationConfig,
+    k: int,
+    grid: tuple[int, int],
+    perms: list[np.ndarray | None],
+) -> PublicHeader:
+    """The header of a new public file (a fresh file id) showing a code ``grid``."""
+    cfg = model.network.config
+    return PublicHeader(
         file_id=new_file_id(),
         model_hash=model.hash,
         grid=grid,
@@ -572,30 +633,26 @@ def _package(
         permuted=any(perm is not None for perm in perms),
         privacy=privacy_preset_name(obfuscation),
     )
-    coder = model.key_coder
-    spec = key_spec(coder, maps, (rows, cols), k, obfuscation, perms)
-    release_free_memory()  # what encoding freed, before the key's coding tables
-    payload, ideal = encode_key(coder, vectors, public_vectors, perms, spec)
-    if ideal < MIN_KEY_BITS:
-        raise PrimisError(
-            f"image too small to share: its key would hold {ideal:.0f} bits, fewer than the "
-            f"{MIN_KEY_BITS} that keep guessing it out of reach (use a larger image)"
-        )
-    key_header = KeyHeader(
-        file_id=header.file_id,
+
+
+def _key_header(
+    image: ImageToShare, public: PublicHeader, model_hash: str, coder: KeyCoder, spec: KeySpec
+) -> KeyHeader:
+    """The header of the key to the public file of ``public`` (not yet sealed): the image's
+    private side and how ``coder`` coded the payload."""
+    return KeyHeader(
+        file_id=public.file_id,
         public_sha256=UNSEALED,
-        model_hash=model.hash,
-        maps=maps,
+        model_hash=model_hash,
+        maps=list(spec.maps),
         shape=image.unit.shape,
         intensity=image.mapping.to_dict(),
         source=image.source,
         dicom_header=image.dicom_header,
         coding=coder.coding,
         variable_rate=spec.variable,
-        privacy=header.privacy,
+        privacy=public.privacy,
     )
-    public, key = seal_pair(PublicFile(header, shown), KeyFile(key_header, payload))
-    return SharedImage(header.file_id, public, key, ideal, image.unit.size, rate_weight)
 
 
 def read_pair(
@@ -644,7 +701,7 @@ def _device(model: LoadedModel) -> torch.device:
 def decode_codes(
     model: LoadedModel,
     codes: list[torch.Tensor],
-    batch_size: int = 16,
+    batch_size: int = BATCH_SIZE,
     tiling: Tiling | None = None,
 ) -> list[np.ndarray]:
     """Decode ternary codes (1,m,n,h,w) to [0,1] images of the padded size; codes with the same
@@ -671,7 +728,7 @@ def decode_codes(
 
 
 def reconstruct_many(
-    pairs: list[tuple[bytes, bytes]], model: LoadedModel, batch_size: int = 16
+    pairs: list[tuple[bytes, bytes]], model: LoadedModel, batch_size: int = BATCH_SIZE
 ) -> list[tuple[np.ndarray, KeyFile]]:
     """Authorized reconstructions (input dtype and range) of (public, key) pairs, batched."""
     opened = []
