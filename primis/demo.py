@@ -15,6 +15,7 @@ from primis.io.images import encode_image, read_image
 from primis.io.pixels import IntensityMapping
 from primis.metrics import psnr, ssim
 from primis.modelstore import LoadedModel
+from primis.samples import DEMO_SAMPLE, SAMPLES_DIR
 from primis.sharing import REFINE_STEPS, attacker_view, reconstruct, share_image
 
 
@@ -76,12 +77,11 @@ def run_demo(
     refine_steps: int = REFINE_STEPS,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Share one image, restore it with and without the key, write files and a figure;
-    ``progress(done, total)`` hears of each refinement step."""
+    """Share one image (by default the bundled chest radiograph, `samples.DEMO_SAMPLE`),
+    restore it with and without the key, write files and a figure; ``progress(done, total)``
+    hears of each refinement step."""
     if image_path is None:
-        pixels = chest_phantom()
-        image_path = out / "input.png"
-        write_atomic(image_path, encode_image(pixels, ".png"))
+        image_path = SAMPLES_DIR / DEMO_SAMPLE
     unit, mapping = read_image(image_path)
     started = time.perf_counter()
     shared = share_image(

@@ -12,8 +12,9 @@ def test_demo_writes_the_figure_and_reports(tmp_path, tiny_model_dir):
     result = run_cli("demo", "--model", tiny_model_dir, "--out", tmp_path / "demo", check=True)
     assert "with the key:" in result.stdout and "without the key:" in result.stdout
     figure = Image.open(tmp_path / "demo" / "demo.png")
-    assert figure.size[0] > 4 * 512 and figure.size[1] > 512
-    for name in ("image.primis", "image.primiskey", "authorized.png", "input.png"):
+    assert figure.size == (4 * 362 + 3 * 10, 384 + 24)  # four panels of the bundled chest
+    assert "chest-cr-8bit.jpg (384x362)" in result.stdout
+    for name in ("image.primis", "image.primiskey", "authorized.png"):
         assert (tmp_path / "demo" / name).is_file()
 
 
