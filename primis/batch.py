@@ -23,7 +23,6 @@ import json
 import multiprocessing
 import os
 import sys
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
-from primis.errors import PrimisError, PrivacyWarning
+from primis.errors import PrimisError
 from primis.formats import KeyFile, PublicFile, key_path, public_path, read_file, sha256
 from primis.io.files import (
     clean_stale_parts,
@@ -498,8 +497,7 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
 
 
 def _start_worker(threads: int) -> None:
-    """A worker's torch threads; it warns of nothing the parent has said (`PrivacyWarning`)."""
+    """A worker's torch threads."""
     import torch
 
-    warnings.simplefilter("ignore", PrivacyWarning)
     torch.set_num_threads(threads)

@@ -241,17 +241,16 @@ def _sharing_options(func):
 def _share_options(model, k, fill, mask_signs, pad_size_class, maps, refine_steps, keep_header):
     """The `primis.api.ShareOptions` of `_sharing_options`' values."""
     from primis.api import ShareOptions
-    from primis.sharing import RateControl
 
-    rate = click.get_current_context().meta.get("primis.rate", {})
-    RateControl(rate.get("rate_weight"), rate.get("key_bpp"), rate.get("quality"))  # fail early
+    chosen = {"fill": fill, "mask_signs": mask_signs, "pad_size_class": pad_size_class}
     options: ShareOptions = {
         "k": k,
         "maps": maps,
         "refine_steps": refine_steps,
-        "obfuscation": _obfuscation(model, fill, mask_signs, pad_size_class),
+        "obfuscation": {name: v for name, v in chosen.items() if v is not None},
+        "privacy": click.get_current_context().meta.get("primis.privacy"),
         "keep_header": keep_header,
-        **rate,
+        **click.get_current_context().meta.get("primis.rate", {}),
     }
     return options
 
@@ -391,18 +390,13 @@ def _obfuscation(
     model, fill: float | None, mask_signs: bool | None, pad_size_class: bool | None = None
 ):
     """The model's obfuscation settings, or those of `--privacy`, with the command line's
-    overrides, validated; says on stderr what a mode that leaks was measured to leak."""
+    overrides, validated (a mode that leaks warns, see `main`)."""
     from primis.api import obfuscation_for
-    from primis.obfuscation import privacy_warning
 
     chosen = {"fill": fill, "mask_signs": mask_signs, "pad_size_class": pad_size_class}
     privacy = click.get_current_context().meta.get("primis.privacy")
     settings = {name: v for name, v in chosen.items() if v is not None}
-    obfuscation = obfuscation_for(model, settings, privacy)
-    warning = privacy_warning(obfuscation)
-    if warning:
-        click.echo(f"warning: {warning}", err=True)
-    return obfuscation
+    return obfuscation_for(model, settings, privacy)
 
 
 def _parse_ints(text: str | None, option: str) -> list[int] | None:
@@ -1335,11 +1329,24 @@ def info(file: Path) -> None:
     click.echo(json.dumps(report, indent=2))
 
 
+def _show_warning(show: Callable[..., None]) -> Callable[..., None]:
+    """``show`` (`warnings.showwarning`), but a `PrivacyWarning` as one 'warning: ...' line."""
+
+    def shown(message, category, *args, **kwargs) -> None:
+        if issubclass(category, PrivacyWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            show(message, category, *args, **kwargs)
+
+    return shown
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the command; PrimisError becomes 'error: ...' and exit status 1."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PrivacyWarning)  # said once, as "warning: ..."
+            warnings.simplefilter("always", PrivacyWarning)  # the API says it once per call
+            warnings.showwarning = _show_warning(warnings.showwarning)
             result = cli.main(args=argv, prog_name="primis", standalone_mode=False)
         sys.exit(result if isinstance(result, int) else 0)
     except PrimisError as err:

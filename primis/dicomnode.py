@@ -16,7 +16,7 @@ What happens to a received instance::
          temporary name, synced, renamed, the folder synced
       -> ``ack="after-spool"`` (the default): the header checks that can fail fast (pixel data
          present, one frame, size limits; else 0xC000 and SPOOL/failed/), then 0x0000 Success
-      -> one worker shares it with `primis.api.share_file`: PUBLIC_DIR/<file id>.primis and
+      -> one worker shares it with `primis.api.share_into`: PUBLIC_DIR/<file id>.primis and
          KEY_DIR/<file id>.primiskey written together (the key wrapped where ``wrapping`` says),
          the private manifest keyed by the SOP Instance UID and a fingerprint of the content
          (an instance sent again with the same content is a duplicate; one with other content
@@ -58,7 +58,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Unpack
 
-from primis.api import ModelLike, ShareOptions, load_model, restore_dicom, share_file
+from primis.api import (
+    ModelLike,
+    ShareOptions,
+    load_model,
+    restore_dicom,
+    share_into,
+    share_settings,
+)
 from primis.batch import SharingOutputs, describe_os_error, output_folders
 from primis.config import NODE_DEFAULTS
 from primis.errors import PrimisError, one_line
@@ -379,7 +386,7 @@ class DicomNode:
         self.public_dir, self.key_dir = Path(public_dir), Path(key_dir)
         self.spool_dir = Path(spool_dir) if spool_dir else self.key_dir / "spool"
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
-        self.options = options
+        self.settings = share_settings(self.model, options, stacklevel=3)  # warns once, here
         self.ae_title, self.allow = check_ae_title(ae_title), [check_ae_title(a) for a in allow]
         self.host, self.port = host, port
         self.tls, self.require_called_ae = tls, require_called_ae
@@ -646,16 +653,7 @@ class DicomNode:
         try:
             uid, what = _instance(job.path)
             source = self._source(uid, content_fingerprint(job.path), spool_id)
-            done = share_file(
-                job.path,
-                self.public_dir,
-                self.key_dir,
-                self.model,
-                names="id",
-                outputs=self._outputs,
-                source=source,
-                **self.options,
-            )
+            done = share_into(self._outputs, job.path, self.model, self.settings, source=source)
             for folder in {self.public_dir, self.key_dir}:
                 sync_folder(folder)
         except OSError as err:

@@ -46,13 +46,13 @@ from primis.obfuscation import (
     make_key,
     noise_count,
     pad_public,
-    privacy_preset_name,
     read_context_key,
     read_key,
     reveals_nothing,
     unshuffle_atoms,
     vectors_to_code,
 )
+from primis.privacy import privacy_preset_name
 
 
 @dataclass(frozen=True)

@@ -159,11 +159,11 @@ def test_privacy_presets_are_recorded_in_both_files_and_shown(
 
 def test_the_command_line_offers_every_privacy_preset():
     from primis.cli import ambiguate, attack
-    from primis.obfuscation import PRIVACY_PRESETS
+    from primis.privacy import PRIVACY_MODES
 
     for command in (ambiguate, attack):
         option = next(p for p in command.params if p.name == "privacy")
-        assert list(option.type.choices) == list(PRIVACY_PRESETS)
+        assert list(option.type.choices) == list(PRIVACY_MODES)
 
 
 def test_an_unknown_privacy_preset_is_refused(tmp_path, image_files, tiny_model_dir):

@@ -158,11 +158,12 @@ def test_keys_coded_in_chunks_equal_keys_coded_at_once(monkeypatch, mask):
 
 
 def test_strict_key_bits_count_each_vectors_support_and_the_counts_entropy():
-    from primis.obfuscation import PRIVACY_PRESETS, ambiguate_maps, image_key_bits, strict_key_bits
+    from primis.obfuscation import ambiguate_maps, image_key_bits, strict_key_bits
+    from primis.privacy import PRIVACY_MODES
 
     n, k, maps = 32, 3, 2
     code = random_code(60, n, k, seed=9)
-    strict = PRIVACY_PRESETS["strict"]
+    strict = PRIVACY_MODES["strict"].settings
     public, _ = ambiguate_maps(code, maps, k, strict)
     fixed = image_key_bits(public, maps, k, strict)
     assert math.isclose(strict_key_bits(code), fixed, rel_tol=1e-12)
