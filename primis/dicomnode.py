@@ -53,7 +53,7 @@ import secrets
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Unpack
@@ -478,6 +478,34 @@ class DicomNode:
             association.abort()
         self._outputs.close()
         return self.stats
+
+    def serve(self, say: Callable[[str], None]) -> NodeStats:
+        """What `primis serve` does: start, ``say`` where the node listens, run until SIGTERM
+        or SIGINT (Ctrl-C), then stop cleanly (`stop`), ``say`` what it did and return it."""
+        import signal
+
+        self.start()
+        stopped = threading.Event()
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, lambda *_: stopped.set())
+        host, port = self.address
+        security = "plain TCP" if self.tls is None else "TLS"
+        if self.tls is not None and self.tls.verify_mode == ssl.CERT_REQUIRED:
+            security += " with client certificates"
+        say(
+            f"listening as {self.ae_title} on {host}:{port} ({security})"
+            + (f" for {', '.join(self.allow)}" if self.allow else "")
+            + f"; public files -> {self.public_dir}, keys -> {self.key_dir}"
+        )
+        while not stopped.wait(0.5):
+            pass
+        say("stopping: sharing what is queued")
+        stats = self.stop()
+        say(
+            f"stopped: {stats.received} received, {stats.stored} shared, "
+            f"{stats.duplicates} already shared, {stats.failed} failed, {stats.refused} refused"
+        )
+        return stats
 
     def __enter__(self) -> DicomNode:
         return self.start()
