@@ -10,12 +10,16 @@ the other among the candidates).
 
     python benchmarks/linkage.py --out /work/runs/linkage
 
-Writes OUT/linkage.json and OUT/linkage.md and prints the tables.
+Writes OUT/linkage.json and OUT/linkage.md and prints the tables, and OUT/privacy.json: the
+figures of the named modes that `primis.privacy` reads (published as docs/linkage.json and
+primis/privacy.json). ``--from-report LINKAGE_JSON`` writes only OUT/privacy.json, from a
+report measured before.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -32,7 +36,8 @@ from primis.io.images import read_image
 from primis.keys.enumerative import key_size
 from primis.linkage import candidate_codes, link_sets, shown_files, strongest
 from primis.modelstore import load_model
-from primis.obfuscation import PRIVACY_PRESETS, ambiguate_maps, privacy_preset_name
+from primis.obfuscation import ambiguate_maps
+from primis.privacy import PRIVACY_MODES, privacy_preset_name
 from primis.report import describe_machine, machine_info, markdown_table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +113,27 @@ def table(rows: list[dict]) -> str:
     return markdown_table(header, lines)
 
 
+def preset_figures(report: dict) -> dict:
+    """What `primis.privacy` reads of a report: per named mode, its key bits against strict's
+    (unrefined codes) and its strongest linkage (refined targets or not)."""
+    figures = {}
+    for name in PRIVACY_MODES:
+        settings = PRIVACY_MODES[name].settings.model_dump()
+        rows = [r for r in report["rows"] if r["obfuscation"] == settings]
+        unrefined = min(rows, key=lambda r: r["target_refine_steps"])
+        linked = max(rows, key=lambda r: (r["top1"], r["auc"]))
+        figures[name] = {
+            "key_ratio": unrefined["key_ratio"],
+            "linkage": {
+                "top1": linked["top1"],
+                "auc": linked["auc"],
+                "chance": linked["top1_chance"],
+                "candidates": linked["candidates"],
+            },
+        }
+    return {"source": "benchmarks/linkage.py (docs/linkage.json)", "modes": figures}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="cxr")
@@ -117,7 +143,13 @@ def main() -> None:
     parser.add_argument("--candidate-refine", type=int, default=REFINE_STEPS)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/linkage"))
+    parser.add_argument("--from-report", type=Path, help="a linkage.json: write privacy.json only")
     args = parser.parse_args()
+    if args.from_report:
+        args.out.mkdir(parents=True, exist_ok=True)
+        report = json.loads(args.from_report.read_text())
+        write_json(args.out / "privacy.json", preset_figures(report))
+        return
 
     torch.set_num_threads(args.threads)
     started = time.monotonic()
@@ -179,6 +211,7 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "linkage.json", report)
+    write_json(args.out / "privacy.json", preset_figures(report))
     size_table = markdown_table(
         ["strict public grid", "size alone: top-1 / top-5 / AUC", "candidates", "targets"],
         [
@@ -217,7 +250,7 @@ def cross_image(model, multiple: int) -> list[dict]:
     candidates = {"0": candidate_codes(model, [read_image(p)[0] for p in others], 0)}
     rows = []
     for name in ("strict", "compact", "paper"):
-        obf = PRIVACY_PRESETS[name]
+        obf = PRIVACY_MODES[name].settings
         shown = shown_files(model, targets_of(model, codes, [None] * len(codes), obf), obf)
         result = link_sets(shown, candidates, multiple)
         rows.append(row(name, result, {"preset": name, "target_refine_steps": 0}))

@@ -24,7 +24,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypedDict, Unpack
 
@@ -52,7 +52,8 @@ from primis.io.pixels import IntensityMapping
 from primis.keywrap import KeyWrapping, is_wrapped, load_identity, unwrap
 from primis.modelstore import LoadedModel, pick_device, save_model
 from primis.modelstore import load_model as _load_model
-from primis.obfuscation import PRIVACY_PRESETS, check_mode_for_rate, privacy_warning
+from primis.obfuscation import check_mode_for_rate
+from primis.privacy import PRIVACY_MODES, privacy_warning
 from primis.sharing import RateControl, SharedImage
 
 ModelLike = LoadedModel | str | os.PathLike | None
@@ -98,14 +99,19 @@ def _model(model: ModelLike) -> LoadedModel:
 
 
 def obfuscation_for(
-    model: LoadedModel, obfuscation: ObfuscationConfig | Mapping | None, privacy: str | None = None
+    model: LoadedModel,
+    obfuscation: ObfuscationConfig | Mapping | None,
+    privacy: str | None = None,
+    *,
+    stacklevel: int = 2,
 ) -> ObfuscationConfig:
-    """The obfuscation a share uses: the model's (or the named ``privacy`` preset's, see
-    `obfuscation.PRIVACY_PRESETS`), or ``obfuscation`` as given, or those settings with the
+    """The obfuscation a share uses: the model's (or the named ``privacy`` mode's, see
+    `privacy.PRIVACY_MODES`), or ``obfuscation`` as given, or those settings with the
     ones of a mapping (e.g. ``{"fill": 0.5}``) changed, validated (an adaptive-rate model
-    shares only in the strict mode)."""
-    if privacy is not None and privacy not in PRIVACY_PRESETS:
-        raise PrimisError(f"privacy {privacy!r}: expected one of {', '.join(PRIVACY_PRESETS)}")
+    shares only in the strict mode). A mode that is not private warns what it leaks
+    (`PrivacyWarning`, pointing ``stacklevel`` frames up as `warnings.warn` does)."""
+    if privacy is not None and privacy not in PRIVACY_MODES:
+        raise PrimisError(f"privacy {privacy!r}: expected one of {', '.join(PRIVACY_MODES)}")
     if isinstance(obfuscation, ObfuscationConfig):
         if privacy is not None:
             raise PrimisError("give a privacy preset or an ObfuscationConfig, not both")
@@ -113,11 +119,60 @@ def obfuscation_for(
     elif obfuscation is not None and not isinstance(obfuscation, Mapping):
         raise PrimisError("obfuscation: expected an ObfuscationConfig or a mapping of settings")
     else:
-        base = PRIVACY_PRESETS[privacy] if privacy else model.obfuscation
+        base = PRIVACY_MODES[privacy].settings if privacy else model.obfuscation
         settings = base.model_dump() | dict(obfuscation or {})
         chosen = parse_config(ObfuscationConfig, settings, "obfuscation options")
     check_mode_for_rate(chosen, model.network.config.adaptive_rate)
+    leak = privacy_warning(chosen)
+    if leak:
+        warnings.warn(leak, PrivacyWarning, stacklevel=stacklevel)
     return chosen
+
+
+class ShareOptions(TypedDict, total=False):
+    """The options of `share`, which `share_file` and the batches pass on."""
+
+    k: int | None
+    maps: list[int] | None
+    refine_steps: int
+    obfuscation: ObfuscationConfig | Mapping | None
+    privacy: str | None
+    keep_header: bool
+    rate_weight: float | None
+    key_bpp: float | None
+    quality: float | None
+
+
+@dataclass(frozen=True)
+class ShareSettings:
+    """`ShareOptions` resolved for a model (`share_settings`), once per call: what each file of
+    a share, a batch or a DICOM node is shared with."""
+
+    obfuscation: ObfuscationConfig
+    rate: RateControl
+    k: int | None = None
+    maps: list[int] | None = None
+    refine_steps: int = REFINE_STEPS
+    keep_header: bool = False
+
+
+def share_settings(
+    model: LoadedModel, options: ShareOptions, *, stacklevel: int = 2
+) -> ShareSettings:
+    """``options`` resolved for ``model``: the obfuscation of `obfuscation_for` (which warns
+    what a mode that is not private leaks, once, ``stacklevel`` frames up) and the rate control
+    checked, before any file is read."""
+    obfuscation = obfuscation_for(
+        model, options.get("obfuscation"), options.get("privacy"), stacklevel=stacklevel + 1
+    )
+    return ShareSettings(
+        obfuscation,
+        RateControl(options.get("rate_weight"), options.get("key_bpp"), options.get("quality")),
+        options.get("k"),
+        options.get("maps"),
+        options.get("refine_steps", REFINE_STEPS),
+        options.get("keep_header", False),
+    )
 
 
 def share(
@@ -155,16 +210,28 @@ def share(
     the restored image at ``quality`` dB PSNR or better (see `sharing.RateControl`).
     """
     model = _model(model)
+    options = ShareOptions(
+        k=k,
+        maps=maps,
+        refine_steps=refine_steps,
+        obfuscation=obfuscation,
+        privacy=privacy,
+        keep_header=keep_header,
+        rate_weight=rate_weight,
+        key_bpp=key_bpp,
+        quality=quality,
+    )
+    return _share(image, model, share_settings(model, options, stacklevel=3))
+
+
+def _share(image: ImageLike, model: LoadedModel, settings: ShareSettings) -> SharedImage:
+    """`share` with settings resolved (and warned about) by the caller."""
     if isinstance(image, np.ndarray):
         source, header = source_from_array(image), None
     else:
         source = read_source(Path(image))
-        dicom = keep_header and source.details.get("format") == "dicom"
+        dicom = settings.keep_header and source.details.get("format") == "dicom"
         header = base64.b64encode(original_header(Path(image))).decode() if dicom else None
-    settings = obfuscation_for(model, obfuscation, privacy)
-    leak = privacy_warning(settings)
-    if leak:
-        warnings.warn(leak, PrivacyWarning, stacklevel=2)
     mapping, details = source.mapping, source.details
     unit = mapping.forward(source.pixels)
     del source  # the input's own pixels: not needed again, and as large as the image
@@ -172,13 +239,13 @@ def share(
         unit,
         mapping,
         model,
-        settings,
-        k,
-        maps,
+        settings.obfuscation,
+        settings.k,
+        settings.maps,
         details,
         header,
-        refine_steps,
-        rate=RateControl(rate_weight, key_bpp, quality),
+        settings.refine_steps,
+        rate=settings.rate,
     )
 
 
@@ -220,20 +287,6 @@ def named_by_id(path: Path, names: Names) -> bool:
     return names == "id" or (names == "auto" and is_dicom(Path(path)))
 
 
-class ShareOptions(TypedDict, total=False):
-    """The options of `share`, which `share_file` passes on."""
-
-    k: int | None
-    maps: list[int] | None
-    refine_steps: int
-    obfuscation: ObfuscationConfig | Mapping | None
-    privacy: str | None
-    keep_header: bool
-    rate_weight: float | None
-    key_bpp: float | None
-    quality: float | None
-
-
 def share_file(
     path: str | os.PathLike,
     public_dir: str | os.PathLike,
@@ -265,16 +318,18 @@ def share_file(
     """
     if outputs is not None and (recipients or passphrase):
         raise PrimisError("with outputs=, give the key wrapping to SharingOutputs(wrapping=)")
+    model = _model(model)
+    settings = share_settings(model, options, stacklevel=3)
     if outputs is None:
         wrapping = KeyWrapping(recipients, passphrase) if recipients or passphrase else None
         with SharingOutputs(Path(public_dir), Path(key_dir), wrapping) as opened:
-            return _share_into(opened, Path(path), model, names, overwrite, source, options)
-    return _share_into(outputs, Path(path), model, names, overwrite, source, options)
+            return share_into(opened, path, model, settings, names, overwrite, source)
+    return share_into(outputs, path, model, settings, names, overwrite, source)
 
 
 @dataclass(frozen=True)
 class FileSharer:
-    """`share_file` into fixed folders with fixed options, as a callable that pickles, so that
+    """`share_into` fixed folders with fixed settings, as a callable that pickles, so that
     a batch can run it in worker processes (`primis.batch.run_batch` with ``workers``): each
     process loads the model (``model``: a run directory or bundled name, on ``device``) and
     opens the output folders once, on its first file."""
@@ -283,9 +338,9 @@ class FileSharer:
     device: str
     public_dir: Path
     key_dir: Path
+    settings: ShareSettings
     names: Names = "id"
     overwrite: bool = False
-    options: ShareOptions = field(default_factory=dict)
     wrapping: KeyWrapping | None = None  # keys written wrapped (`SharingOutputs`)
 
     def reuse(self, model: LoadedModel, outputs: SharingOutputs) -> FileSharer:
@@ -309,36 +364,31 @@ class FileSharer:
             outputs = SharingOutputs(self.public_dir, self.key_dir, self.wrapping)
             _OPENED[self._opened] = model, outputs
         model, outputs = _OPENED[self._opened]
-        return share_file(
-            path,
-            self.public_dir,
-            self.key_dir,
-            model,
-            names=self.names,
-            overwrite=self.overwrite,
-            outputs=outputs,
-            **self.options,
-        )
+        return share_into(outputs, path, model, self.settings, self.names, self.overwrite)
 
 
 _OPENED: dict[tuple, tuple[LoadedModel, SharingOutputs]] = {}  # FileSharer's, per process
 
 
-def _share_into(
+def share_into(
     outputs: SharingOutputs,
-    path: Path,
-    model: ModelLike,
-    names: Names,
-    overwrite: bool,
-    source: str | None,
-    options: ShareOptions,
+    path: str | os.PathLike,
+    model: LoadedModel,
+    settings: ShareSettings,
+    names: Names = "id",
+    overwrite: bool = False,
+    source: str | None = None,
 ) -> SharedFile | None:
+    """`share_file` into open ``outputs`` with settings the caller resolved once
+    (`share_settings`): the work of one file of a batch or a DICOM node, which warns of
+    nothing."""
+    path = Path(path)
     source = source or str(path.absolute())
     previous = outputs.previous(source, output_stem(path, names))
     if not overwrite and outputs.done(source, previous):
         return None
     staged, shared = stage_share(
-        path, outputs.public_dir, outputs.key_dir, model, names, source, options, outputs.wrapping
+        path, outputs.public_dir, outputs.key_dir, model, names, source, settings, outputs.wrapping
     )
     outputs.commit(staged, previous)
     return shared
@@ -353,17 +403,17 @@ def stage_share(
     path: Path,
     public_dir: Path,
     key_dir: Path,
-    model: ModelLike,
+    model: LoadedModel,
     names: Names,
     source: str,
-    options: ShareOptions,
+    settings: ShareSettings,
     wrapping: KeyWrapping | None = None,
 ) -> tuple[StagedPair, SharedFile]:
-    """Share one input and stage its pair in the output folders (`batch.stage_pair`, the key
-    wrapped with ``wrapping``): the work of one file of `ambiguate`, wherever it runs;
-    `SharingOutputs.commit` then places it."""
+    """Share one input with resolved ``settings`` and stage its pair in the output folders
+    (`batch.stage_pair`, the key wrapped with ``wrapping``): the work of one file of
+    `ambiguate`, wherever it runs; `SharingOutputs.commit` then places it."""
     started = time.perf_counter()
-    shared = share(path, model, **options)
+    shared = _share(path, model, settings)
     name = output_stem(path, names) or shared.file_id
     staged = stage_pair(
         public_dir, key_dir, source, name, shared.file_id, shared.public, shared.key, wrapping
@@ -611,6 +661,7 @@ class RestoredDataset(Dataset):
 __all__ = [
     "RestoredDataset",
     "ShareOptions",
+    "ShareSettings",
     "SharedFile",
     "SharedImage",
     "attacker_view",
@@ -623,5 +674,7 @@ __all__ = [
     "restore_report",
     "share",
     "share_file",
+    "share_into",
+    "share_settings",
     "stage_share",
 ]

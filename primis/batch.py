@@ -23,7 +23,6 @@ import json
 import multiprocessing
 import os
 import sys
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
-from primis.errors import PrimisError, PrivacyWarning
+from primis.errors import PrimisError
 from primis.formats import KeyFile, PublicFile, key_path, public_path, read_file, sha256
 from primis.io.files import (
     clean_stale_parts,
@@ -61,7 +60,7 @@ FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 def expand(items: Iterable[Path | str], wanted: Callable[[Path], bool]) -> list[Path]:
     """Files as given; folders searched recursively for files ``wanted`` accepts; glob patterns
-    expanded."""
+    expanded. An input that names nothing (a typo) is an error before anything is written."""
     found: list[Path] = []
     for item in map(str, items):
         path = Path(item)
@@ -72,6 +71,8 @@ def expand(items: Iterable[Path | str], wanted: Callable[[Path], bool]) -> list[
             if not matches:
                 raise PrimisError(f"{item}: the pattern matches nothing")
             found.extend(p for p in matches if p.is_file())
+        elif not path.exists():
+            raise PrimisError(f"{item}: no such file or folder")
         else:
             found.append(path)
     unique = list(dict.fromkeys(found))
@@ -498,8 +499,7 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
 
 
 def _start_worker(threads: int) -> None:
-    """A worker's torch threads; it warns of nothing the parent has said (`PrivacyWarning`)."""
+    """A worker's torch threads."""
     import torch
 
-    warnings.simplefilter("ignore", PrivacyWarning)
     torch.set_num_threads(threads)

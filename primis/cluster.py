@@ -25,7 +25,6 @@ import logging
 import os
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Unpack
@@ -40,9 +39,9 @@ from primis.api import (
     ShareOptions,
     load_model,
     named_by_id,
-    obfuscation_for,
     output_stem,
     restore_report,
+    share_settings,
     stage_share,
 )
 from primis.batch import (
@@ -57,13 +56,12 @@ from primis.batch import (
     output_folders,
     run_batch,
 )
-from primis.errors import PrimisError, PrivacyWarning
+from primis.errors import PrimisError
 from primis.formats import is_public_file
 from primis.io.files import clean_stale_parts
 from primis.io.images import is_image_file
 from primis.keywrap import KeyWrapping
 from primis.modelstore import ZOO, LoadedModel
-from primis.obfuscation import privacy_warning
 
 if TYPE_CHECKING:
     from distributed import Client, Future
@@ -174,10 +172,7 @@ def share_many(
         raise PrimisError("--cluster wraps keys for --to recipients only, not with a passphrase")
     items = expand(paths, is_image_file)
     model = model if isinstance(model, LoadedModel) else load_model(model, device)
-    settings = obfuscation_for(model, options.get("obfuscation"), options.get("privacy"))
-    leak = privacy_warning(settings)
-    if leak:  # said here, once; the workers' copies are silenced
-        warnings.warn(leak, PrivacyWarning, stacklevel=2)
+    settings = share_settings(model, options, stacklevel=3)  # warns here, once
     reference, public_dir, key_dir = model_reference(model), Path(public_dir), Path(key_dir)
     clashes = duplicate_stems([path for path in items if not named_by_id(path, names)])
     sources = {path: str(path.absolute()) for path in items}
@@ -186,7 +181,7 @@ def share_many(
     with SharingOutputs(public_dir, key_dir, wrapping, order) as outputs:
         if client is None:
             sharer = FileSharer(
-                str(model.directory), device, public_dir, key_dir, names, overwrite, options,
+                str(model.directory), device, public_dir, key_dir, settings, names, overwrite,
                 wrapping,
             ).reuse(model, outputs)  # fmt: skip
             return run_batch(items, sharer.report, "ambiguate", clashes, workers)
@@ -203,7 +198,7 @@ def share_many(
                 key_dir=key_dir,
                 names=names,
                 source=source,
-                options=options,
+                settings=settings,
                 wrapping=wrapping,
             )
             return client.submit(
@@ -221,9 +216,7 @@ def _share_task(
     path: Path, stage: Callable[..., Any], reference: str, digest: str, device: str
 ) -> tuple[Outcome, Any]:
     """On a worker: `stage_share` one input with the worker's model, as an `attempt`."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PrivacyWarning)
-        return attempt(lambda p: stage(p, model=worker_model(reference, digest, device)), path)
+    return attempt(lambda p: stage(p, model=worker_model(reference, digest, device)), path)
 
 
 def restore_many(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -366,6 +366,19 @@ def load_config(cls: type[Strict], path: Path):
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise PrimisError(f"config {path} is not valid YAML/JSON: {err}".splitlines()[0]) from None
     return parse_config(cls, data or {}, str(path))
+
+
+S = TypeVar("S", bound=Strict)
+
+
+def study_config(cls: type[S], quick_config: S, path: Path | None, quick: bool) -> S:
+    """The settings of a measuring command (`primis attack`, `primis utility`): ``quick_config``
+    with ``quick`` (--quick), or those of the file at ``path`` (--config), or the defaults."""
+    if quick and path:
+        raise PrimisError("--quick and --config exclude each other")
+    if quick:
+        return quick_config
+    return load_config(cls, path) if path else cls()
 
 
 def parse_config(cls: type[Strict], data: object, where: str):

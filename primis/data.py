@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from primis.errors import PrimisError
+from primis.io.files import write_atomic
 from primis.io.images import list_images, read_image
 
 
@@ -41,6 +43,19 @@ def resolve_sources(source: Path) -> list[Path]:
     if not paths:
         raise PrimisError(f"{source}: no images found")
     return paths
+
+
+def write_split_lists(
+    paths: list[Path], out_dir: Path, ratios: tuple[float, ...], seed: int, group_by: str | None
+) -> dict[str, tuple[int, Path]]:
+    """`split_paths`, written as OUT_DIR/train.txt, valid.txt and test.txt (paths relative to
+    ``out_dir``); per split, its count and list file."""
+    written = {}
+    for name, part in split_paths(paths, ratios, seed, group_by).items():
+        lines = "".join(f"{Path(os.path.relpath(p, out_dir)).as_posix()}\n" for p in part)
+        write_atomic(out_dir / f"{name}.txt", lines.encode())
+        written[name] = len(part), out_dir / f"{name}.txt"
+    return written
 
 
 def split_paths(

@@ -145,3 +145,18 @@ def train_demo_model(out: Path, minutes: float = 1.5) -> Path:
     )
     train(config, paths[2:], paths[:2], out, show_progress=False)
     return out
+
+
+def report_lines(report: dict) -> list[str]:
+    """What `primis demo` prints of `run_demo`'s report: the input, the sizes, both views'
+    quality and the figure."""
+    return [
+        f"input {report['input']} ({report['pixels'][0]}x{report['pixels'][1]})",
+        f"public file {report['public_bytes']} B, key {report['key_bytes']} B "
+        f"({report['key_bits_per_pixel']:.3f} bits per pixel)",
+        f"with the key:    PSNR {report['authorized_psnr']:.2f} dB, "
+        f"SSIM {report['authorized_ssim']:.3f}",
+        f"without the key: PSNR {report['attacker_psnr']:.2f} dB, "
+        f"SSIM {report['attacker_ssim']:.3f}",
+        f"figure: {report['figure']}  (original | public code | authorized | attacker)",
+    ]

@@ -16,7 +16,7 @@ What happens to a received instance::
          temporary name, synced, renamed, the folder synced
       -> ``ack="after-spool"`` (the default): the header checks that can fail fast (pixel data
          present, one frame, size limits; else 0xC000 and SPOOL/failed/), then 0x0000 Success
-      -> one worker shares it with `primis.api.share_file`: PUBLIC_DIR/<file id>.primis and
+      -> one worker shares it with `primis.api.share_into`: PUBLIC_DIR/<file id>.primis and
          KEY_DIR/<file id>.primiskey written together (the key wrapped where ``wrapping`` says),
          the private manifest keyed by the SOP Instance UID and a fingerprint of the content
          (an instance sent again with the same content is a duplicate; one with other content
@@ -53,12 +53,19 @@ import secrets
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Unpack
 
-from primis.api import ModelLike, ShareOptions, load_model, restore_dicom, share_file
+from primis.api import (
+    ModelLike,
+    ShareOptions,
+    load_model,
+    restore_dicom,
+    share_into,
+    share_settings,
+)
 from primis.batch import SharingOutputs, describe_os_error, output_folders
 from primis.config import NODE_DEFAULTS
 from primis.errors import PrimisError, one_line
@@ -379,7 +386,7 @@ class DicomNode:
         self.public_dir, self.key_dir = Path(public_dir), Path(key_dir)
         self.spool_dir = Path(spool_dir) if spool_dir else self.key_dir / "spool"
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
-        self.options = options
+        self.settings = share_settings(self.model, options, stacklevel=3)  # warns once, here
         self.ae_title, self.allow = check_ae_title(ae_title), [check_ae_title(a) for a in allow]
         self.host, self.port = host, port
         self.tls, self.require_called_ae = tls, require_called_ae
@@ -471,6 +478,34 @@ class DicomNode:
             association.abort()
         self._outputs.close()
         return self.stats
+
+    def serve(self, say: Callable[[str], None]) -> NodeStats:
+        """What `primis serve` does: start, ``say`` where the node listens, run until SIGTERM
+        or SIGINT (Ctrl-C), then stop cleanly (`stop`), ``say`` what it did and return it."""
+        import signal
+
+        self.start()
+        stopped = threading.Event()
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, lambda *_: stopped.set())
+        host, port = self.address
+        security = "plain TCP" if self.tls is None else "TLS"
+        if self.tls is not None and self.tls.verify_mode == ssl.CERT_REQUIRED:
+            security += " with client certificates"
+        say(
+            f"listening as {self.ae_title} on {host}:{port} ({security})"
+            + (f" for {', '.join(self.allow)}" if self.allow else "")
+            + f"; public files -> {self.public_dir}, keys -> {self.key_dir}"
+        )
+        while not stopped.wait(0.5):
+            pass
+        say("stopping: sharing what is queued")
+        stats = self.stop()
+        say(
+            f"stopped: {stats.received} received, {stats.stored} shared, "
+            f"{stats.duplicates} already shared, {stats.failed} failed, {stats.refused} refused"
+        )
+        return stats
 
     def __enter__(self) -> DicomNode:
         return self.start()
@@ -646,16 +681,7 @@ class DicomNode:
         try:
             uid, what = _instance(job.path)
             source = self._source(uid, content_fingerprint(job.path), spool_id)
-            done = share_file(
-                job.path,
-                self.public_dir,
-                self.key_dir,
-                self.model,
-                names="id",
-                outputs=self._outputs,
-                source=source,
-                **self.options,
-            )
+            done = share_into(self._outputs, job.path, self.model, self.settings, source=source)
             for folder in {self.public_dir, self.key_dir}:
                 sync_folder(folder)
         except OSError as err:

@@ -15,7 +15,7 @@ key, the key's header and its payload. A key edited after the fact (even with it
 recomputed) no longer matches the genuine public file and is refused; the salt keeps the
 commitment from revealing anything about the key. Version 3 adds the key's coding (`coding`,
 `variable_rate`: supports range coded under the model's context model, `primis.keys`);
-version 4 the privacy preset in both headers (`privacy`, `obfuscation.PRIVACY_PRESETS`).
+version 4 the privacy preset in both headers (`privacy`, `privacy.PRIVACY_MODES`).
 Versions 1 (no commitment), 2 and 3 still read.
 
 Readers check magic, version, lengths, digest and every header field before use, and the code

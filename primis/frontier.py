@@ -23,7 +23,8 @@ import numpy as np
 
 from primis.config import AttackConfig, ObfuscationConfig
 from primis.modelstore import LoadedModel
-from primis.obfuscation import privacy_preset_name, reveals_nothing
+from primis.obfuscation import reveals_nothing
+from primis.privacy import privacy_preset_name
 
 FILLS = (1.0, 0.5, 0.25)
 

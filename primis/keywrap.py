@@ -40,7 +40,8 @@ from pydantic import BeforeValidator, Field, ValidationError
 
 from primis.config import Strict
 from primis.errors import PrimisError
-from primis.formats import read_file, validation_reason
+from primis.formats import KeyFile, read_file, validation_reason
+from primis.io.files import write_atomic
 from primis.limits import MAX_KEY_SLOTS, MAX_SCRYPT_BYTES
 
 WRAPPED_MAGIC = b"PRIMIS\x00W"
@@ -170,6 +171,18 @@ def generate_identity() -> tuple[bytes, bytes]:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return private_pem, public_pem
+
+
+def write_identity(path: Path) -> Path:
+    """Write a new recipient key pair: the private key to ``path`` (0600) and the public key
+    to ``path``.pub, which it returns; an existing identity is never overwritten."""
+    public_path = path.with_name(path.name + ".pub")
+    if path.exists() or public_path.exists():
+        raise PrimisError(f"{path}: exists; refusing to overwrite an identity")
+    private_pem, public_pem = generate_identity()
+    write_atomic(path, private_pem, mode=0o600)
+    write_atomic(public_path, public_pem)
+    return public_path
 
 
 def load_recipient(path: Path) -> X25519PublicKey:
@@ -336,3 +349,14 @@ def _open_slots(
         except (InvalidTag, ValueError):
             continue
     return None
+
+
+def wrap_key_file(path: Path, wrapping: KeyWrapping) -> str:
+    """Encrypt the key file at ``path`` in place for ``wrapping`` (0600); its report line. A
+    file already wrapped, or not a valid key, is refused."""
+    data = read_file(path)
+    if is_wrapped(data):
+        raise PrimisError(f"{path}: already wrapped")
+    KeyFile.from_bytes(data, str(path))  # wrap only valid keys
+    write_atomic(path, wrapping.wrap(data), mode=0o600)
+    return f"{path}: wrapped"

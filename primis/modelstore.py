@@ -235,3 +235,17 @@ def load_model(directory: str | Path | None, device: str | torch.device = "cpu")
     network.eval().to(device)
     digest = model_hash(meta.model, weights)
     return LoadedModel(network, meta.obfuscation, digest, directory, key_model)
+
+
+def describe_model(directory: str | Path | None) -> dict:
+    """What `primis info` prints for a model directory or bundled model's name: its hash, its
+    network's configuration and its obfuscation settings."""
+    model = load_model(directory)
+    config = model.network.config
+    return {
+        "kind": "model",
+        "hash": model.hash,
+        "model": config.model_dump(),
+        "downsampling": config.downsampling,
+        "obfuscation": model.obfuscation.model_dump(),
+    }

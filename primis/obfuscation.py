@@ -70,61 +70,11 @@ def check_mode_for_rate(obfuscation: ObfuscationConfig, adaptive_rate: bool) -> 
         raise PrimisError(ADAPTIVE_STRICT_ONLY)
 
 
-# Named points of the privacy frontier (`primis.frontier`, docs/privacy.md): `primis
-# ambiguate --privacy NAME`, recorded in both files' headers. Any other setting is "custom".
-# Only strict is private: in the others the public vectors depend on the code, so a public
-# file links to its image (`primis.linkage`); they buy a smaller key with that leak.
-PRIVACY_PRESETS = {
-    "strict": ObfuscationConfig(fill=1.0, mask_signs=True, permute_atoms=False),
-    "compact": ObfuscationConfig(fill=0.5, mask_signs=True, permute_atoms=False),
-    "paper": ObfuscationConfig(fill=1.0, mask_signs=False, permute_atoms=False),
-}
-# What a mode that is not private leaks (the measured figures: SECURITY.md "Privacy modes").
-LINKS = (
-    "links each public file to its image: anyone who holds a copy of the image can tell "
-    "which public file it is (re-identification)"
-)
-SHOWS = "leaks the image to an attacker who trains on images of the same kind"
-MEASURED = "measured in docs/privacy.md; only --privacy strict is private"
-CUSTOM = "custom"
-
-
 def effective(obfuscation: ObfuscationConfig) -> ObfuscationConfig:
     """The settings as applied: no atom shuffle where the public vectors reveal nothing."""
     if reveals_nothing(obfuscation) and obfuscation.permute_atoms:
         return obfuscation.model_copy(update={"permute_atoms": False})
     return obfuscation
-
-
-def shows_image(obfuscation: ObfuscationConfig) -> bool:
-    """Whether a trained attacker was measured to see the image in such public files (public
-    signs, or a fill below 0.5, in the model's atom order)."""
-    applied = effective(obfuscation)
-    return not applied.permute_atoms and (not applied.mask_signs or applied.fill < 0.5)
-
-
-def privacy_warning(obfuscation: ObfuscationConfig) -> str | None:
-    """What a mode that is not private leaks: every mode whose public vectors depend on the
-    image links them to it, and some show the image too; None for the private mode."""
-    applied = effective(obfuscation)
-    if reveals_nothing(applied):
-        return None
-    name = privacy_preset_name(applied)
-    if name != CUSTOM:
-        label = f"--privacy {name}"
-    elif not applied.mask_signs:
-        label = "public signs"
-    else:
-        label = f"--fill {applied.fill:g} with masked signs"
-    what = f"{SHOWS} and {LINKS}" if shows_image(applied) else LINKS
-    return f"{label} is not private: it {what} ({MEASURED})"
-
-
-def privacy_preset_name(obfuscation: ObfuscationConfig) -> str:
-    """The preset whose settings ``obfuscation`` applies (size classes or not), or "custom"."""
-    applied = effective(obfuscation).model_copy(update={"pad_size_class": False})
-    named = (name for name, preset in PRIVACY_PRESETS.items() if effective(preset) == applied)
-    return next(named, CUSTOM)
 
 
 def ambiguate(code: np.ndarray, k: int, obfuscation: ObfuscationConfig) -> np.ndarray:

@@ -52,9 +52,9 @@ from primis.obfuscation import (
     image_grid,
     noise_count,
     pad_public,
-    privacy_preset_name,
     vectors_to_code,
 )
+from primis.privacy import privacy_preset_name
 
 
 @dataclass(frozen=True)

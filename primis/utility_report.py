@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from primis.attacks import _best_attack, attack_images, roc_auc
 from primis.config import REFINE_STEPS, ObfuscationConfig, UtilityConfig
+from primis.data import resolve_sources
 from primis.errors import PrimisError
 from primis.evaluation import _codec_round_trip
 from primis.formats import key_path, public_path
@@ -532,6 +533,27 @@ class UtilityInputs:
     attacker_paths: list[Path]
     attackers: int | None = 60
     notes: list[str] = field(default_factory=list)
+
+
+def study_inputs(
+    root: Path,
+    attacker_data: Path,
+    attackers: int | None,
+    tasks: str,
+    per_source: int | None,
+    masked: int | None,
+    seed: int,
+) -> UtilityInputs:
+    """The inputs of `primis utility`: the ``tasks`` named (comma-separated; empty: none) and
+    at most ``masked`` masked images (0: none; None: all) from the shared data folder ``root``
+    (see `standard_tasks`), and the attacker's images of ``attacker_data`` (folder or list)."""
+    names = tuple(n.strip() for n in tasks.split(",") if n.strip())
+    return UtilityInputs(
+        standard_tasks(root, per_source, seed, names) if names else [],
+        [] if masked == 0 else masked_images(root / "cxr", masked, seed),
+        resolve_sources(attacker_data),
+        attackers,
+    )
 
 
 def utility_report(

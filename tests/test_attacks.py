@@ -303,13 +303,13 @@ def test_the_frontier_scores_each_mode_per_source(tmp_path, tiny_model_dir):
 
 def test_the_frontier_modes_and_their_names():
     from primis.frontier import mode_name, modes
-    from primis.obfuscation import PRIVACY_PRESETS, privacy_preset_name
+    from primis.privacy import PRIVACY_MODES, privacy_preset_name
 
     names = [mode_name(mode) for mode in modes()]
     assert len(names) == len(set(names)) == 11  # no secret order where nothing is revealed
     assert names[0] == "masked signs, fill 1" and "masked signs, fill 1, secret order" not in names
     found = {privacy_preset_name(mode) for mode in modes()}
-    assert found == {"custom", *PRIVACY_PRESETS}
+    assert found == {"custom", *PRIVACY_MODES}
 
 
 def test_the_frontier_takes_no_single_mode_options(tmp_path):

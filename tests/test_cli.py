@@ -159,11 +159,11 @@ def test_privacy_presets_are_recorded_in_both_files_and_shown(
 
 def test_the_command_line_offers_every_privacy_preset():
     from primis.cli import ambiguate, attack
-    from primis.obfuscation import PRIVACY_PRESETS
+    from primis.privacy import PRIVACY_MODES
 
     for command in (ambiguate, attack):
         option = next(p for p in command.params if p.name == "privacy")
-        assert list(option.type.choices) == list(PRIVACY_PRESETS)
+        assert list(option.type.choices) == list(PRIVACY_MODES)
 
 
 def test_an_unknown_privacy_preset_is_refused(tmp_path, image_files, tiny_model_dir):
@@ -325,8 +325,9 @@ def test_missing_key_and_bad_inputs_fail_cleanly(tmp_path, tiny_model_dir, share
     )
     assert_clean_failure(result, "not a primis model")
     for missing in ("nosuchfolder", "nosuch.png"):  # a typo, whatever it names
-        result = ambiguate_cli(tiny_model_dir, tmp_path / missing, out=tmp_path)
+        result = ambiguate_cli(tiny_model_dir, tmp_path / missing, out=tmp_path / "out")
         assert_clean_failure(result, f"{missing}: no such file or folder")
+        assert not (tmp_path / "out").exists()  # no empty output folders
 
 
 def test_a_failing_file_does_not_stop_the_batch(tmp_path, image_files, tiny_model_dir):

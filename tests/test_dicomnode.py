@@ -131,13 +131,13 @@ def restored_pixels(public: Path, key_dir: Path, model) -> np.ndarray:
 def hold_sharing(monkeypatch) -> threading.Event:
     """Make the node's sharing wait (up to 60 s) until the returned event is set."""
     release = threading.Event()
-    share_file = dicomnode.share_file
+    share_into = dicomnode.share_into
 
     def held(*args, **kwargs):
         release.wait(60)
-        return share_file(*args, **kwargs)
+        return share_into(*args, **kwargs)
 
-    monkeypatch.setattr(dicomnode, "share_file", held)
+    monkeypatch.setattr(dicomnode, "share_into", held)
     return release
 
 
@@ -252,7 +252,7 @@ def test_a_full_disk_answers_out_of_resources_and_keeps_the_instance(tmp_path, m
     def full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(dicomnode, "share_file", full)
+    monkeypatch.setattr(dicomnode, "share_into", full)
     with DicomNode(tmp_path / "p", tmp_path / "k", model, port=0, ack="after-share") as node:
         assert store(node.address, [instance(9)]) == [OUT_OF_RESOURCES]
     assert len(files(tmp_path / "k" / "spool", ".dcm")) == 1  # shared at the next start
@@ -277,14 +277,14 @@ def test_concurrent_associations_and_back_pressure(tmp_path, model, monkeypatch)
     """Two senders at once are both served; with room for one instance and no wait, a third
     sender gets 0xA700 while the queue is full."""
     release, started = threading.Event(), threading.Event()
-    share_file = dicomnode.share_file
+    share_into = dicomnode.share_into
 
     def slow_share(*args, **kwargs):
         started.set()
         release.wait(30)
-        return share_file(*args, **kwargs)
+        return share_into(*args, **kwargs)
 
-    monkeypatch.setattr(dicomnode, "share_file", slow_share)
+    monkeypatch.setattr(dicomnode, "share_into", slow_share)
     options = {"port": 0, "refine_steps": 0, "queue_size": 2, "queue_timeout": 0.0}
     with DicomNode(tmp_path / "p", tmp_path / "k", model, **options) as node:
         answers: queue.Queue = queue.Queue()

@@ -25,7 +25,8 @@ from primis.keys.enumerative import (
     unpack_digits,
     unrank_subsets,
 )
-from primis.obfuscation import PRIVACY_PRESETS, ambiguate, ambiguate_maps, unshuffle_atoms
+from primis.obfuscation import ambiguate, ambiguate_maps, unshuffle_atoms
+from primis.privacy import PRIVACY_MODES
 from tests.conftest import random_code
 
 SETTINGS = [(1.0, True), (1.0, False), (0.4, True), (0.4, False), (0.0, True)]
@@ -125,7 +126,7 @@ def test_keys_coded_in_chunks_equal_keys_coded_at_once(monkeypatch, mask):
 def test_strict_key_bits_count_each_vectors_support_and_the_counts_entropy():
     n, k, maps = 32, 3, 2
     code = random_code(60, n, k, seed=9)
-    strict = PRIVACY_PRESETS["strict"]
+    strict = PRIVACY_MODES["strict"].settings
     public, _ = ambiguate_maps(code, maps, k, strict)
     fixed = image_key_bits(public, maps, k, strict)
     assert math.isclose(strict_key_bits(code), fixed, rel_tol=1e-12)

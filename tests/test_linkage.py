@@ -23,13 +23,13 @@ from primis.linkage import (
 )
 from primis.modelstore import load_model
 from primis.obfuscation import (
-    PRIVACY_PRESETS,
     ambiguate,
     ambiguate_maps,
     class_grid,
     reveals_nothing,
     size_class,
 )
+from primis.privacy import PRIVACY_MODES
 from tests.conftest import cxr_images, run_cli, smooth_image
 
 TARGETS, DISTRACTORS = 4, 12
@@ -75,7 +75,7 @@ def test_strict_public_files_do_not_show_a_content_adaptive_count_pattern():
     code = _code(rng, vectors, n, k)
     empty = rng.random(vectors) < 0.5  # half the vectors hold no pair at all
     code[empty] = 0
-    strict = PRIVACY_PRESETS["strict"]
+    strict = PRIVACY_MODES["strict"].settings
     assert reveals_nothing(strict)
     public = ambiguate(code, k, strict)
     assert np.all(public != 0)
@@ -84,7 +84,7 @@ def test_strict_public_files_do_not_show_a_content_adaptive_count_pattern():
     shown = Shown(public, (vectors, 1), 1, True, False)
     assert containment(shown, Candidate(code, (vectors, 1))) == 1.0
     with pytest.raises(ValueError, match="exactly"):  # the other modes refuse such a code
-        ambiguate(code, k, PRIVACY_PRESETS["compact"])
+        ambiguate(code, k, PRIVACY_MODES["compact"].settings)
 
 
 def test_the_attack_can_be_pointed_at_any_model(tiny_model_dir):
@@ -124,7 +124,7 @@ def test_on_real_xrays_strict_is_at_chance_compact_and_paper_are_linkable(
 ):
     model = load_model("cxr")
     cfg = model.network.config
-    obf = PRIVACY_PRESETS[mode].model_copy(update={"permute_atoms": permuted})
+    obf = PRIVACY_MODES[mode].settings.model_copy(update={"permute_atoms": permuted})
     shown = []
     for candidate in cxr_candidates[:TARGETS]:  # unrefined, as `refine_steps=0` shares
         public, _ = ambiguate_maps(candidate.code, cfg.m, cfg.k, obf)

@@ -4,6 +4,7 @@ import pytest
 import primis
 from primis.io.images import read_source
 from primis.samples import DEMO_SAMPLE, SAMPLES_DIR, copy_samples, sample_paths
+from tests.conftest import run_cli
 
 
 def test_the_samples_are_the_documented_radiographs():
@@ -42,3 +43,10 @@ def test_the_bundled_model_restores_each_sample(path):
     span = float(original.max()) - float(original.min())
     error = np.mean((restored.astype(np.float64) - original.astype(np.float64)) ** 2)
     assert 10 * np.log10(span**2 / error) > 28
+
+
+def test_primis_samples_copies_them_for_a_first_run(tmp_path):
+    result = run_cli("samples", tmp_path / "in", check=True)
+    assert result.stdout.split() == [str(tmp_path / "in" / p.name) for p in sample_paths()]
+    missing = run_cli("samples")
+    assert missing.returncode == 2 and "Missing argument 'OUT_DIR'" in missing.stderr

@@ -16,7 +16,7 @@ from primis.io.images import read_image
 from primis.io.pixels import IntensityMapping, pad_to_multiple
 from primis.model import SparseTernaryAutoEncoder
 from primis.modelstore import load_model, save_model
-from primis.obfuscation import PRIVACY_PRESETS
+from primis.privacy import PRIVACY_MODES
 from primis.sharing import (
     RATE_WEIGHT,
     RATE_WEIGHTS,
@@ -265,7 +265,9 @@ def test_an_adaptive_models_public_file_size_depends_only_on_the_image_size(adap
     for path in cxr_images()[:2]:
         pixels = read_image(path)[0][:200, :240]  # two radiographs, one size
         mapping = IntensityMapping.of(pixels)
-        shared = share_image(pixels, mapping, model, PRIVACY_PRESETS["strict"], refine_steps=0)
+        shared = share_image(
+            pixels, mapping, model, PRIVACY_MODES["strict"].settings, refine_steps=0
+        )
         entries = PublicFile.from_bytes(shared.public).vectors
         assert np.all(np.abs(entries) == 1)  # every entry a fair random sign (5 sigma)
         assert abs(entries.mean()) < 5 / np.sqrt(entries.size)

@@ -266,13 +266,13 @@ def test_extensionless_dicom_files_in_folders_are_found(tmp_path, tiny_model_dir
 
 def test_batch_summary_names_skips_only_when_there_are_some(capsys, tmp_path):
     from primis.batch import BatchResult, Outcome, run_batch
-    from primis.cli import _run_batch
+    from primis.cli_options import run_batch as run_and_summarise
 
     items = [tmp_path / "a.png", tmp_path / "b.png"]
     skipped = run_batch(items, lambda path: Outcome.SKIPPED, "ambiguate", {})
     assert skipped == BatchResult(2, 0, 2, {})
     capsys.readouterr()
-    _run_batch(items, lambda path: f"{path.name}: done", "ambiguate", {})
+    run_and_summarise(items, lambda path: f"{path.name}: done", "ambiguate", {})
     assert capsys.readouterr().out.splitlines()[-1] == "ambiguate: 2 done, 0 failed"
-    _run_batch(items, lambda path: Outcome.SKIPPED, "ambiguate", {})
+    run_and_summarise(items, lambda path: Outcome.SKIPPED, "ambiguate", {})
     assert "2 skipped (outputs exist; --overwrite to redo)" in capsys.readouterr().out
