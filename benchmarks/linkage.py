@@ -10,7 +10,8 @@ the other among the candidates).
 
     python benchmarks/linkage.py --out /work/runs/linkage
 
-Writes OUT/linkage.json and OUT/linkage.md and prints the tables.
+Writes OUT/linkage.json and OUT/linkage.md and prints the tables; with the JSON copied to
+docs/linkage.json, `python -m benchmarks.tables` remakes docs/linkage.md's tables from it.
 """
 
 from __future__ import annotations
@@ -108,6 +109,32 @@ def table(rows: list[dict]) -> str:
     return markdown_table(header, lines)
 
 
+TITLE = "Linkage per mode"
+
+
+def markdown(report: dict) -> str:
+    """The report's tables (per mode, the strict mode's size channel and, where measured,
+    across images) with the machine they were measured on: docs/linkage.md's body."""
+    size_table = markdown_table(
+        ["strict public grid", "size alone: top-1 / top-5 / AUC", "candidates", "targets"],
+        [
+            [
+                ("size classes" if r["pad_size_class"] else "the image's (16 px)"),
+                f"{r['size']['top1']:.2f} / {r['size']['top5']:.2f} / {r['size']['auc']:.3f}",
+                r["candidates"],
+                r["targets"],
+            ]
+            for r in report["size_channel"]
+        ],
+    )
+    text = f"Measured on {describe_machine(report['machine'])}.\n\n{table(report['rows'])}\n"
+    text += f"\n## Size channel (strict)\n\n{size_table}\n"
+    if report["cross_image"]:
+        across = table(report["cross_image"])
+        text += f"\n## Across images (NIH patients with two radiographs)\n\n{across}\n"
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="cxr")
@@ -179,22 +206,7 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "linkage.json", report)
-    size_table = markdown_table(
-        ["strict public grid", "size alone: top-1 / top-5 / AUC", "candidates", "targets"],
-        [
-            [
-                ("size classes" if r["pad_size_class"] else "the image's (16 px)"),
-                f"{r['size']['top1']:.2f} / {r['size']['top5']:.2f} / {r['size']['auc']:.3f}",
-                r["candidates"],
-                r["targets"],
-            ]
-            for r in size_rows
-        ],
-    )
-    text = f"# Linkage per mode\n\nMeasured on {describe_machine(info)}.\n\n{table(rows)}\n"
-    text += f"\n## Size channel (strict)\n\n{size_table}\n"
-    if cross:
-        text += f"\n## Across images (NIH patients with two radiographs)\n\n{table(cross)}\n"
+    text = f"# {TITLE}\n\n{markdown(report)}"
     write_atomic(args.out / "linkage.md", text.encode())
     print(text)
 
