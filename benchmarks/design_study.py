@@ -14,6 +14,8 @@ the held-out sources (splits/heldout: unrefined codes and strict-mode ideal key 
 validation computes them, and JPEG 2000 at each image's key rate), fits PSNR(t) = a - b * t**-c
 to the curve to extrapolate it to a longer budget, prints a Markdown table and writes JSON and
 two plots: PSNR against CPU time, and PSNR against key bits per pixel.
+With the JSON copied to docs/design-study/, `python -m benchmarks.tables` remakes MODEL_CARD.md's
+table from it.
 """
 
 from __future__ import annotations
@@ -266,29 +268,48 @@ def report(runs: Path, out: Path, per_source: int) -> None:
         for name in PILOTS
         if (runs / name / "history.jsonl").exists()
     }
-    sources = sorted({s for p in pilots.values() for s in p["held_out"]})
-    header = ["pilot", "FLOPs/px", "CPU h", "steps", "final valid PSNR", "valid bpp", "12 h (fit)"]
-    header += [f"{s} PSNR / bpp (J2K)" for s in sources]
-    rows = []
-    for name, p in pilots.items():
-        extrapolated = p[f"extrapolated_psnr_{EXTRAPOLATE_HOURS:g}h"]
-        row = [name, f"{p['flops_per_pixel'] / 1e3:.0f}k", f"{p['cpu_hours']:.2f}", p["steps"]]
-        row += [f"{p['final_valid_psnr']:.2f}", f"{p['final_valid_key_bpp']:.3f}"]
-        row.append("n/a" if extrapolated is None else f"{extrapolated:.2f}")
-        row += [
-            "{psnr:.2f} / {key_bpp:.3f} ({jpeg2000_psnr_at_key_bpp:.2f})".format(**p["held_out"][s])
-            if s in p["held_out"]
-            else "n/a"
-            for s in sources
-        ]
-        rows.append(row)
     machine = machine_info()
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "design_study.json", {"machine": machine, "pilots": pilots})
     curve_plot(pilots, out / "psnr_vs_cpu_time.png")
     rate_plot(pilots, out / "psnr_vs_key_bpp.png")
     print(f"Machine (report): {describe_machine(machine)}")
-    print(markdown_table(header, rows))
+    print(table(pilots))
+
+
+def table(pilots: dict[str, dict]) -> str:
+    """The report's table: per pilot its cost, training and held-out figures at its own k
+    (JPEG 2000 at the same key rate in brackets), then a row per other k it was measured at."""
+    k_suffix = " (k="
+    sources = sorted({s.split(k_suffix)[0] for p in pilots.values() for s in p["held_out"]})
+    header = ["pilot", "FLOPs/px", "CPU h", "steps", "final valid PSNR", "valid bpp"]
+    header += [f"{EXTRAPOLATE_HOURS:g} h (fit)", *sources]
+    rows = []
+    for name, p in pilots.items():
+        config = pilot_config(name)
+        by_k: dict[int, dict[str, dict]] = {}
+        for source, figures in p["held_out"].items():
+            by_k.setdefault(figures["k"], {})[source.split(k_suffix)[0]] = figures
+        own = config.model.k
+        if config.model.adaptive_rate:
+            label = f"{name}, lambda {config.train.rate_weight:g}"
+        else:
+            label = f"{name} (k={own})"
+        extrapolated = p[f"extrapolated_psnr_{EXTRAPOLATE_HOURS:g}h"]
+        row = [label, f"{p['flops_per_pixel'] / 1e3:.0f}k", f"{p['cpu_hours']:.2f}"]
+        row += [f"{p['steps']:,}", f"{p['final_valid_psnr']:.2f}"]
+        row += [f"{p['final_valid_key_bpp']:.3f}"]
+        row.append("n/a" if extrapolated is None else f"{extrapolated:.2f}")
+        rows.append(row + _held_out_cells(by_k.pop(own, {}), sources))
+        for k, figures in sorted(by_k.items(), reverse=True):
+            rows.append([f"{name} at k={k}", *[""] * 6, *_held_out_cells(figures, sources)])
+    return markdown_table(header, rows)
+
+
+def _held_out_cells(figures: dict[str, dict], sources: list[str]) -> list[str]:
+    """Per source: PSNR / key bpp (JPEG 2000's PSNR at that rate), or n/a."""
+    cell = "{psnr:.2f} / {key_bpp:.3f} ({jpeg2000_psnr_at_key_bpp:.2f})"
+    return [cell.format(**figures[s]) if s in figures else "n/a" for s in sources]
 
 
 def main() -> None:

@@ -12,8 +12,9 @@ the other among the candidates).
 
 Writes OUT/linkage.json and OUT/linkage.md and prints the tables, and OUT/privacy.json: the
 figures of the named modes that `primis.privacy` reads (published as docs/linkage.json and
-primis/privacy.json). ``--from-report LINKAGE_JSON`` writes only OUT/privacy.json, from a
-report measured before.
+primis/privacy.json; `python -m benchmarks.tables` then remakes docs/linkage.md's tables from
+docs/linkage.json). ``--from-report LINKAGE_JSON`` writes only OUT/privacy.json, from a report
+measured before.
 """
 
 from __future__ import annotations
@@ -134,6 +135,32 @@ def preset_figures(report: dict) -> dict:
     return {"source": "benchmarks/linkage.py (docs/linkage.json)", "modes": figures}
 
 
+TITLE = "Linkage per mode"
+
+
+def markdown(report: dict) -> str:
+    """The report's tables (per mode, the strict mode's size channel and, where measured,
+    across images) with the machine they were measured on: docs/linkage.md's body."""
+    size_table = markdown_table(
+        ["strict public grid", "size alone: top-1 / top-5 / AUC", "candidates", "targets"],
+        [
+            [
+                ("size classes" if r["pad_size_class"] else "the image's (16 px)"),
+                f"{r['size']['top1']:.2f} / {r['size']['top5']:.2f} / {r['size']['auc']:.3f}",
+                r["candidates"],
+                r["targets"],
+            ]
+            for r in report["size_channel"]
+        ],
+    )
+    text = f"Measured on {describe_machine(report['machine'])}.\n\n{table(report['rows'])}\n"
+    text += f"\n## Size channel (strict)\n\n{size_table}\n"
+    if report["cross_image"]:
+        across = table(report["cross_image"])
+        text += f"\n## Across images (NIH patients with two radiographs)\n\n{across}\n"
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="cxr")
@@ -212,22 +239,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "linkage.json", report)
     write_json(args.out / "privacy.json", preset_figures(report))
-    size_table = markdown_table(
-        ["strict public grid", "size alone: top-1 / top-5 / AUC", "candidates", "targets"],
-        [
-            [
-                ("size classes" if r["pad_size_class"] else "the image's (16 px)"),
-                f"{r['size']['top1']:.2f} / {r['size']['top5']:.2f} / {r['size']['auc']:.3f}",
-                r["candidates"],
-                r["targets"],
-            ]
-            for r in size_rows
-        ],
-    )
-    text = f"# Linkage per mode\n\nMeasured on {describe_machine(info)}.\n\n{table(rows)}\n"
-    text += f"\n## Size channel (strict)\n\n{size_table}\n"
-    if cross:
-        text += f"\n## Across images (NIH patients with two radiographs)\n\n{table(cross)}\n"
+    text = f"# {TITLE}\n\n{markdown(report)}"
     write_atomic(args.out / "linkage.md", text.encode())
     print(text)
 

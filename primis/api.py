@@ -54,7 +54,7 @@ from primis.modelstore import LoadedModel, pick_device, save_model
 from primis.modelstore import load_model as _load_model
 from primis.obfuscation import check_mode_for_rate
 from primis.privacy import PRIVACY_MODES, privacy_warning
-from primis.sharing import RateControl, SharedImage
+from primis.sharing import RateControl, SharedImage, ShareFigures
 
 ModelLike = LoadedModel | str | os.PathLike | None
 ImageLike = np.ndarray | str | os.PathLike
@@ -249,25 +249,16 @@ def _share(image: ImageLike, model: LoadedModel, settings: ShareSettings) -> Sha
     )
 
 
-@dataclass(frozen=True)
-class SharedFile:
-    """What `share_file` wrote for one input."""
+@dataclass(frozen=True, kw_only=True)
+class SharedFile(ShareFigures):
+    """What `share_file` wrote for one input: the figures of its `SharedImage` without the
+    bytes (it travels back from a batch's workers, and keeps the key out of clear), the input,
+    where its public file and key went and the seconds it took."""
 
     input: Path
-    file_id: str
     public_path: Path
     key_path: Path
-    public_bytes: int
-    key_bytes: int
-    pixels: int
-    ideal_key_bits: float
     seconds: float
-    rate_weight: float = 0.0
-    psnr: float | None = None
-
-    @property
-    def key_bits_per_pixel(self) -> float:
-        return 8 * self.key_bytes / self.pixels
 
     def summary(self) -> str:
         """The one-line report `primis ambiguate` prints for this file."""
@@ -419,17 +410,11 @@ def stage_share(
         public_dir, key_dir, source, name, shared.file_id, shared.public, shared.key, wrapping
     )
     done = SharedFile(
-        path,
-        shared.file_id,
-        Path(staged.record["public"]),
-        Path(staged.record["key"]),
-        len(shared.public),
-        len(shared.key),
-        shared.pixels,
-        shared.ideal_key_bits,
-        time.perf_counter() - started,
-        shared.rate_weight,
-        shared.psnr,
+        **shared.figures(),
+        input=path,
+        public_path=Path(staged.record["public"]),
+        key_path=Path(staged.record["key"]),
+        seconds=time.perf_counter() - started,
     )
     return staged, done
 

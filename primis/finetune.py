@@ -66,7 +66,7 @@ def finetune(
     cells = min([config.crop // cfg.downsampling, *grids])
     optimizer = torch.optim.Adam(network.decoder_parameters(), lr=config.lr)
     autocast = use_autocast(device, config.amp)
-    log = RunLog(out, model.obfuscation, valid_images, device, config.refine_steps)
+    log = RunLog(out, model.obfuscation, valid_images, config.refine_steps)
     started = time.monotonic()
 
     def validation(step: int, _: dict[str, float]) -> None:

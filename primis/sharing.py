@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from itertools import pairwise
 
 import numpy as np
@@ -164,15 +164,15 @@ class RateControl:
         return shared.psnr is not None and shared.psnr >= self.quality
 
 
-@dataclass(frozen=True)
-class SharedImage:
-    """One shared image: its public file and key (bytes), the file id both carry, the key's
-    ideal support size in bits, the image's pixel count, the rate weight its code was chosen
-    with and, under rate control, the PSNR (dB) its restoration reaches."""
+@dataclass(frozen=True, kw_only=True)
+class ShareFigures:
+    """One shared image in figures: the file id its public file and key carry, their sizes in
+    bytes, the key's ideal support size in bits, the image's pixel count, the rate weight its
+    code was chosen with and, under rate control, the PSNR (dB) its restoration reaches."""
 
     file_id: str
-    public: bytes
-    key: bytes
+    public_bytes: int
+    key_bytes: int
     ideal_key_bits: float
     pixels: int
     rate_weight: float = 0.0
@@ -180,7 +180,26 @@ class SharedImage:
 
     @property
     def key_bits_per_pixel(self) -> float:
-        return 8 * len(self.key) / self.pixels
+        return 8 * self.key_bytes / self.pixels
+
+    def figures(self) -> dict:
+        """The fields of `ShareFigures` alone, e.g. to build a `primis.api.SharedFile`."""
+        return {f.name: getattr(self, f.name) for f in fields(ShareFigures)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SharedImage(ShareFigures):
+    """One shared image: its public file and key (bytes), with their figures (the sizes are
+    those of ``public`` and ``key``)."""
+
+    public: bytes
+    key: bytes
+    public_bytes: int = field(init=False)
+    key_bytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "public_bytes", len(self.public))
+        object.__setattr__(self, "key_bytes", len(self.key))
 
 
 @dataclass(frozen=True)
@@ -609,7 +628,14 @@ def _package(
         )
     key_header = _key_header(image, header, model.hash, coder, spec)
     public, key = seal_pair(PublicFile(header, shown), KeyFile(key_header, payload))
-    return SharedImage(header.file_id, public, key, ideal, image.unit.size, rate_weight)
+    return SharedImage(
+        file_id=header.file_id,
+        ideal_key_bits=ideal,
+        pixels=image.unit.size,
+        rate_weight=rate_weight,
+        public=public,
+        key=key,
+    )
 
 
 def _public_header(

@@ -49,16 +49,12 @@ from primis.data import RandomCropDataset, resolve_sources, scan_images, split_p
 from primis.errors import PrimisError
 from primis.io.files import write_atomic
 from primis.io.images import read_image
-from primis.io.pixels import pad_to_multiple
 from primis.keys.enumerative import image_key_bits, strict_key_bits
 from primis.metrics import psnr, ssim
 from primis.model import SparseTernaryAutoEncoder, use_autocast
-from primis.modelstore import load_model, pick_device, save_model
-from primis.obfuscation import (
-    ambiguate_maps,
-    code_to_vectors,
-    vectors_to_code,
-)
+from primis.modelstore import LoadedModel, load_model, pick_device, save_model
+from primis.obfuscation import ambiguate_maps, code_to_vectors, vectors_to_code
+from primis.sharing import decode_codes, encode_images
 
 # A resumed run reseeds torch with seed + RESUME_SEED_STRIDE * steps done, so that its crops are
 # not those of the slice before; each step draws its k from a generator seeded with
@@ -111,26 +107,23 @@ class Validation:
 def validate(
     network: SparseTernaryAutoEncoder,
     images: list[np.ndarray],
-    device: torch.device,
     obfuscation: ObfuscationConfig,
     grid_rows: int = 2,
     refine_steps: int = 0,
 ) -> Validation:
     """Pure-ternary quality, key size and a picture of what sharing produces, on whole images
-    (codes refined by ``refine_steps``, as `primis ambiguate --refine-steps` does). The key size
-    of an adaptive-rate model is the strict mode's, for the counts its codes hold
-    (`strict_key_bits`)."""
+    coded and decoded as sharing does (`sharing.encode_images`, refined by ``refine_steps`` as
+    `primis ambiguate --refine-steps` does, and `sharing.decode_codes`), one image at a time.
+    The key size is the ideal one of the public vectors (`image_key_bits`); an adaptive-rate
+    model's is the strict mode's, for the counts its codes hold (`strict_key_bits`)."""
     was_training = network.training
     network.eval()
-    scores, similarities, bits, pixels, rows = [], [], 0.0, 0, []
     cfg = network.config
+    model = LoadedModel(network, obfuscation, hash="", directory=Path())  # in training: unsaved
+    scores, similarities, bits, pixels, rows = [], [], 0.0, 0, []
     for index, image in enumerate(images):
-        padded = pad_to_multiple(image, cfg.downsampling)
-        x = torch.from_numpy(padded)[None, None].to(device)
-        valid = torch.zeros_like(x)
-        valid[..., : image.shape[0], : image.shape[1]] = 1
-        code = network.encode(x, refine_steps=refine_steps, valid=valid)
-        out = network.decode(code)[0, 0, : image.shape[0], : image.shape[1]].float().cpu().numpy()
+        code = encode_images(model, [image], cfg.k, refine_steps)[0]
+        out = _decoded(model, code, image.shape)
         scores.append(psnr(image, out))
         similarities.append(ssim(image, out))
         vectors = code_to_vectors(code)
@@ -141,9 +134,8 @@ def validate(
             bits += image_key_bits(public, cfg.m, cfg.k, obfuscation)
         pixels += image.size
         if index < grid_rows:
-            public_code = vectors_to_code(public, cfg.m, tuple(code.shape[3:])).to(device)
-            attacker = network.decode(public_code)[0, 0, : image.shape[0], : image.shape[1]]
-            rows.append(np.concatenate([image, out, attacker.float().cpu().numpy()], axis=1))
+            attacker = _decoded(model, vectors_to_code(public, cfg.m, code.shape[3:]), image.shape)
+            rows.append(np.concatenate([image, out, attacker], axis=1))
     network.train(was_training)
     width = max(r.shape[1] for r in rows) if rows else 0
     grid = (
@@ -152,6 +144,11 @@ def validate(
         else np.zeros((1, 1))
     )
     return Validation(float(np.mean(scores)), float(np.mean(similarities)), bits / pixels, grid)
+
+
+def _decoded(model: LoadedModel, code: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+    """A code decoded (`sharing.decode_codes`) and cropped to the image's ``shape``."""
+    return decode_codes(model, [code])[0][: shape[0], : shape[1]]
 
 
 class RunLog:
@@ -168,7 +165,6 @@ class RunLog:
         out: Path,
         obfuscation: ObfuscationConfig,
         valid_images: list[np.ndarray],
-        device: torch.device,
         refine_steps: int = 0,
         best: float = -math.inf,
         rate_weight: float = 0.0,
@@ -176,7 +172,7 @@ class RunLog:
         from torch.utils.tensorboard import SummaryWriter
 
         self.out, self.obfuscation, self.valid_images = Path(out), obfuscation, valid_images
-        self.device, self.refine_steps, self.best = device, refine_steps, best
+        self.refine_steps, self.best = refine_steps, best
         self.rate_weight = rate_weight
         self.history: list[dict] = []
         self.writer = SummaryWriter(log_dir=str(self.out / "tensorboard"))
@@ -198,9 +194,7 @@ class RunLog:
     ) -> Validation:
         """Validate, log (``fields`` join the history line and the message), and save the model
         when ``keep`` allows and it is the best so far."""
-        result = validate(
-            network, self.valid_images, self.device, self.obfuscation, 2, self.refine_steps
-        )
+        result = validate(network, self.valid_images, self.obfuscation, 2, self.refine_steps)
         record = {
             "step": step,
             "seconds": round(seconds, 1),
@@ -356,7 +350,6 @@ def train(
         save_config(out / "config.yaml", config)
     torch.manual_seed(t.seed + group.rank)
     random.seed(t.seed)
-
     network = SparseTernaryAutoEncoder(config.model).to(device)
     if t.init and not resume:
         _load_initial_weights(network, t.init)
@@ -364,111 +357,164 @@ def train(
     optimizer = torch.optim.AdamW(
         _parameter_groups(network, parameters, t), lr=t.lr, weight_decay=t.weight_decay
     )
-    state = {
-        "step": 0,
-        "elapsed": 0.0,
-        "best_psnr": -math.inf,
-        "nonfinite_total": 0,
-        "magnitudes_fitted": bool(t.init),  # a trained model's magnitudes fit its code already
-    }
+    state = _new_state(t)
     if resume:
-        saved = load_checkpoint(out, network, optimizer)
-        saved.setdefault("magnitudes_fitted", True)  # a run from before fitting goes on as begun
-        state.update(saved)
-        if group.main:
-            print(f"resuming {out} at step {state['step']}", flush=True)
-        torch.manual_seed(t.seed + group.rank + RESUME_SEED_STRIDE * state["step"])
-    # Pure-ternary steps leave the encoder without gradients, real-valued ones the magnitudes.
-    model = (
-        DistributedDataParallel(network, find_unused_parameters=True)
-        if group.world > 1
-        else network
-    )
-    loader = _crop_loader(train_paths, t)
-    log = (
-        RunLog(
-            out,
-            config.obfuscation,
-            [read_image(p)[0] for p in valid_paths],
-            device,
-            best=state["best_psnr"],
-            rate_weight=t.rate_weight,
-        )
-        if group.main
-        else None
-    )
-    autocast = use_autocast(device, t.amp)
-    start = time.monotonic() - state["elapsed"]
-    nonfinite = 0
-    batches = iter(loader)
-
-    def progress(step: int) -> float:
-        return _progress(config, step, time.monotonic() - start)
-
-    def train_step(step: int) -> dict[str, float] | None:
-        nonlocal nonfinite
-        done = progress(step)
-        lr = learning_rate(config, done, step)
-        for param_group in optimizer.param_groups:
-            param_group["lr"] = lr * param_group.get("lr_scale", 1.0)
-        weight = ternary_weight(config, done)
-        if weight > 0 and not state["magnitudes_fitted"]:
-            _fit_magnitudes(network, batches, device, config.model.k, group)
-            state["magnitudes_fitted"] = True
-        k = random.Random(t.seed * K_SEED_STRIDE + step).choice(t.k_choices or [config.model.k])
-        x = next(batches).to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss, error, bpp = _batch_loss(model, x, config, k, weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(parameters, t.grad_clip)
-        if group.any(not (torch.isfinite(loss) and torch.isfinite(norm))):
-            nonfinite += 1
-            state["nonfinite_total"] += 1
-            tqdm.write(f"step {step}: non-finite loss or gradient, step skipped")
-            if nonfinite >= t.nonfinite_patience:
-                raise PrimisError(
-                    f"training diverged: {nonfinite} non-finite steps in a row at step {step}; "
-                    "lower train.lr or raise train.grad_clip, then --resume"
-                )
-            return None
-        nonfinite = 0
-        optimizer.step()
-        # "loss" is the MSE (logged with its PSNR); an adaptive rate adds the code's key "bpp".
-        values = {"loss": error.item(), "lr": lr, "ternary_weight": weight, "k": k}
-        return values if bpp is None else values | {"bpp": bpp.item()}
-
-    def validate_and_keep(step: int, values: dict[str, float]) -> None:
-        weight = values["ternary_weight"]
-        seconds = time.monotonic() - start
-        log.validate(network, step, seconds, weight >= 1.0, ternary_weight=round(weight, 4))
-        _training_mode(network, t.trainable)  # validation left every module training
-
-    def checkpoint(step: int) -> None:
-        state.update(step=step, elapsed=time.monotonic() - start, best_psnr=log.best)
-        save_checkpoint(out, network, optimizer, state)
-
-    _training_mode(network, t.trainable)
+        _resume(out, network, optimizer, state, config, group)
+    log = None
+    if group.main:
+        valid_images = [read_image(p)[0] for p in valid_paths]
+        best = state["best_psnr"]
+        log = RunLog(out, config.obfuscation, valid_images, best=best, rate_weight=t.rate_weight)
+    trainer = Trainer(config, network, optimizer, parameters, train_paths, group, state, out, log)
     try:
-        step = fit(
-            train_step,
-            progress,
-            validate_and_keep,
-            t.validate_every,
-            log,
-            state["step"],
-            show_progress=show_progress,
-            group=group,
-            checkpoint=checkpoint,
-            checkpoint_every=t.checkpoint_every,
-        )
+        step = trainer.run(show_progress)
     finally:
         if log:
             log.close()
     if group.main and not (out / "model.json").exists():
         save_model(out, network, config.obfuscation)
     best, history = (log.best, log.history) if log else (state["best_psnr"], [])
-    return TrainResult(step, time.monotonic() - start, best, history)
+    return TrainResult(step, trainer.elapsed(), best, history)
+
+
+def _new_state(t: TrainConfig) -> dict:
+    """The training state a new run starts from (what `save_checkpoint` keeps)."""
+    return {
+        "step": 0,
+        "elapsed": 0.0,
+        "best_psnr": -math.inf,
+        "nonfinite_total": 0,
+        "magnitudes_fitted": bool(t.init),  # a trained model's magnitudes fit its code already
+    }
+
+
+def _resume(
+    out: Path,
+    network: SparseTernaryAutoEncoder,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    config: RunConfig,
+    group: ProcessGroup,
+) -> None:
+    """Restore the run's checkpoint into ``network``, ``optimizer`` and ``state``, and reseed
+    torch so that the crops from here on are not those of the slice before."""
+    saved = load_checkpoint(out, network, optimizer)
+    saved.setdefault("magnitudes_fitted", True)  # a run from before fitting goes on as begun
+    state.update(saved)
+    if group.main:
+        print(f"resuming {out} at step {state['step']}", flush=True)
+    torch.manual_seed(config.train.seed + group.rank + RESUME_SEED_STRIDE * state["step"])
+
+
+class Trainer:
+    """The steps of one training run as `fit` calls them (`step`, `progress`, `validation`,
+    `checkpoint`), over what they share: the network (wrapped for DistributedDataParallel on
+    several processes), its optimizer, the endless batches of crops, the training ``state``
+    that checkpoints keep and the main process's `RunLog`."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        network: SparseTernaryAutoEncoder,
+        optimizer: torch.optim.Optimizer,
+        parameters: list,
+        train_paths: list[Path],
+        group: ProcessGroup,
+        state: dict,
+        out: Path,
+        log: RunLog | None,
+    ) -> None:
+        self.config, self.network, self.optimizer = config, network, optimizer
+        self.parameters, self.group, self.out, self.log = parameters, group, out, log
+        self.state = state
+        self.device = next(network.parameters()).device
+        # Pure-ternary steps leave the encoder without gradients, real-valued ones the magnitudes.
+        self.model = (
+            DistributedDataParallel(network, find_unused_parameters=True)
+            if group.world > 1
+            else network
+        )
+        self.autocast = use_autocast(self.device, config.train.amp)
+        self.started = time.monotonic() - state["elapsed"]
+        self.nonfinite = 0  # non-finite steps in a row
+        self.batches = iter(_crop_loader(train_paths, config.train))
+
+    def run(self, show_progress: bool = True) -> int:
+        """Train until the budget is spent (`fit`); returns the step count reached."""
+        _training_mode(self.network, self.config.train.trainable)
+        return fit(
+            self.step,
+            self.progress,
+            self.validation,
+            self.config.train.validate_every,
+            self.log,
+            self.state["step"],
+            show_progress=show_progress,
+            group=self.group,
+            checkpoint=self.checkpoint,
+            checkpoint_every=self.config.train.checkpoint_every,
+        )
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, earlier slices of a resumed run included."""
+        return time.monotonic() - self.started
+
+    def progress(self, step: int) -> float:
+        return _progress(self.config, step, self.elapsed())
+
+    def step(self, step: int) -> dict[str, float] | None:
+        """One optimisation step: its scalars, or None when its loss or gradient was not
+        finite (the step is skipped; too many in a row stop the run)."""
+        t = self.config.train
+        done = self.progress(step)
+        lr = learning_rate(self.config, done, step)
+        for param_group in self.optimizer.param_groups:
+            param_group["lr"] = lr * param_group.get("lr_scale", 1.0)
+        weight = ternary_weight(self.config, done)
+        if weight > 0 and not self.state["magnitudes_fitted"]:
+            k = self.config.model.k
+            _fit_magnitudes(self.network, self.batches, self.device, k, self.group)
+            self.state["magnitudes_fitted"] = True
+        k = random.Random(t.seed * K_SEED_STRIDE + step).choice(
+            t.k_choices or [self.config.model.k]
+        )
+        x = next(self.batches).to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss, error, bpp = _batch_loss(self.model, x, self.config, k, weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters, t.grad_clip)
+        if self.group.any(not (torch.isfinite(loss) and torch.isfinite(norm))):
+            self._skip(step)
+            return None
+        self.nonfinite = 0
+        self.optimizer.step()
+        # "loss" is the MSE (logged with its PSNR); an adaptive rate adds the code's key "bpp".
+        values = {"loss": error.item(), "lr": lr, "ternary_weight": weight, "k": k}
+        return values if bpp is None else values | {"bpp": bpp.item()}
+
+    def _skip(self, step: int) -> None:
+        """Count a non-finite step; PrimisError after ``train.nonfinite_patience`` in a row."""
+        self.nonfinite += 1
+        self.state["nonfinite_total"] += 1
+        tqdm.write(f"step {step}: non-finite loss or gradient, step skipped")
+        if self.nonfinite >= self.config.train.nonfinite_patience:
+            raise PrimisError(
+                f"training diverged: {self.nonfinite} non-finite steps in a row at step {step}; "
+                "lower train.lr or raise train.grad_clip, then --resume"
+            )
+
+    def validation(self, step: int, values: dict[str, float]) -> None:
+        """Validate on the main process, keeping the model only once it is pure ternary."""
+        weight = values["ternary_weight"]
+        self.log.validate(
+            self.network, step, self.elapsed(), weight >= 1.0, ternary_weight=round(weight, 4)
+        )
+        _training_mode(self.network, self.config.train.trainable)  # validation left all training
+
+    def checkpoint(self, step: int) -> None:
+        self.state.update(step=step, elapsed=self.elapsed(), best_psnr=self.log.best)
+        save_checkpoint(self.out, self.network, self.optimizer, self.state)
 
 
 def _crop_loader(paths: list[Path], t: TrainConfig) -> DataLoader:

@@ -40,7 +40,7 @@ def test_finetune_trains_the_decoder_only_and_keeps_the_best(tmp_path, tiny_mode
 
     kept = load_model(tmp_path / "out").network
     images = [read_image(p)[0] for p in paths[3:]]
-    check = validate(kept, images, torch.device("cpu"), ObfuscationConfig(), refine_steps=2)
+    check = validate(kept, images, ObfuscationConfig(), refine_steps=2)
     assert check.psnr == pytest.approx(result.best_psnr, abs=1e-4)
 
     before = load_model(tiny_model_dir).network

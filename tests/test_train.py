@@ -501,9 +501,8 @@ def test_keep_best_weighs_the_key_under_a_rate_weight(tmp_path):
 
     larger_key = Validation(30.0, 0.9, 0.40, np.zeros((1, 1)))
     smaller_key = Validation(29.5, 0.9, 0.20, np.zeros((1, 1)))
-    cpu = torch.device("cpu")
-    plain = RunLog(tmp_path / "plain", ObfuscationConfig(), [], cpu)
-    weighted = RunLog(tmp_path / "weighted", ObfuscationConfig(), [], cpu, rate_weight=0.001)
+    plain = RunLog(tmp_path / "plain", ObfuscationConfig(), [])
+    weighted = RunLog(tmp_path / "weighted", ObfuscationConfig(), [], rate_weight=0.001)
     assert plain.score(larger_key) == 30.0 > plain.score(smaller_key)
     assert weighted.score(smaller_key) > weighted.score(larger_key)
     plain.close()
