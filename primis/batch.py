@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ class Outcome(StrEnum):
 T = TypeVar("T")
 # OS errors after which no later file of the batch can succeed: stop with one message.
 FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+# Without a terminal (a log), a batch's count and time left go to stderr at most this often.
+LOG_PROGRESS_SECONDS = 30.0
 
 
 def expand(items: Iterable[Path | str], wanted: Callable[[Path], bool]) -> list[Path]:
@@ -416,14 +419,17 @@ def run_batch(
 
 
 class BatchProgress:
-    """A batch's progress bar on stderr (on a terminal) and its tally: each item's outcome (see
-    `attempt`) is recorded once, its report written above the bar. ``failed`` holds items that
-    failed before the batch (reported at once)."""
+    """A batch's progress bar on stderr (on a terminal; in a log, a line with the count and the
+    time left every `LOG_PROGRESS_SECONDS`) and its tally: each item's outcome (see `attempt`)
+    is recorded once, its report written above the bar. ``failed`` holds items that failed
+    before the batch (reported at once)."""
 
     def __init__(self, items: list[Path], label: str, failed: dict[Path, str]) -> None:
-        self.items, self.done, self.skipped = len(items), 0, 0
+        self.items, self.done, self.skipped, self.label = len(items), 0, 0, label
         self.failures = dict(failed)
         show = sys.stderr.isatty()
+        self.log = not show
+        self.started = self.logged = time.monotonic()
         self.bar = tqdm(
             total=len(items), desc=label, unit="file", disable=not show, file=sys.stderr
         )
@@ -454,9 +460,33 @@ class BatchProgress:
             self.failures[path] = report
             tqdm.write(f"error: {report}", file=sys.stderr)
             self.bar.update(1)
+        self._log_progress()
+
+    def _log_progress(self) -> None:
+        """Without a terminal: "LABEL: N/M files, T elapsed, about T left" on stderr, at most
+        every `LOG_PROGRESS_SECONDS`."""
+        now = time.monotonic()
+        if not self.log or now - self.logged < LOG_PROGRESS_SECONDS:
+            return
+        self.logged = now
+        finished, total = self.done + len(self.failures), self.items - self.skipped
+        elapsed = now - self.started
+        left = elapsed / finished * (total - finished) if finished else 0.0
+        print(
+            f"{self.label}: {finished}/{total} files, {_clock(elapsed)} elapsed, "
+            f"about {_clock(left)} left",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def result(self) -> BatchResult:
         return BatchResult(self.items, self.done, self.skipped, self.failures)
+
+
+def _clock(seconds: float) -> str:
+    """Seconds as H:MM:SS."""
+    minutes, whole = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{whole:02d}"
 
 
 def attempt(work: Callable[[Path], T], path: Path) -> tuple[Outcome, T | str]:

@@ -276,3 +276,16 @@ def test_batch_summary_names_skips_only_when_there_are_some(capsys, tmp_path):
     assert capsys.readouterr().out.splitlines()[-1] == "ambiguate: 2 done, 0 failed"
     run_and_summarise(items, lambda path: Outcome.SKIPPED, "ambiguate", {})
     assert "2 skipped (outputs exist; --overwrite to redo)" in capsys.readouterr().out
+
+
+def test_a_batch_written_to_a_log_reports_its_count_and_time_left(monkeypatch, capsys, tmp_path):
+    import primis.batch as batch
+
+    monkeypatch.setattr(batch, "LOG_PROGRESS_SECONDS", 0.0)
+    items = [tmp_path / f"{index}.png" for index in range(4)]
+    result = batch.run_batch(items, lambda path: f"{path.name}: done", "share", {})
+    assert (result.done, result.skipped, result.failures) == (4, 0, {})
+    lines = capsys.readouterr().err.splitlines()  # stderr is no terminal under pytest
+    assert [line.split(",")[0] for line in lines] == [f"share: {n}/4 files" for n in range(1, 5)]
+    assert all(" elapsed, about " in line and line.endswith(" left") for line in lines)
+    assert lines[-1].endswith("about 0:00:00 left")
