@@ -130,6 +130,7 @@ def preset_figures(report: dict) -> dict:
                 "auc": linked["auc"],
                 "chance": linked["top1_chance"],
                 "candidates": linked["candidates"],
+                "at_chance": linked["at_chance"],
             },
         }
     return {"source": "benchmarks/linkage.py (docs/linkage.json)", "modes": figures}

@@ -37,11 +37,13 @@ class Linkage:
     auc: float  # ROC AUC of "same image" over all (public file, candidate) pairs
     chance: float  # top-1 by chance: 1 / candidates
     candidates: int
+    at_chance: bool  # top-1, top-5 and AUC all within their 95% intervals of chance
 
     def describe(self) -> str:
+        verdict = "at chance" if self.at_chance else "above chance"
         return (
-            f"top-1 {self.top1:.2f} against chance {self.chance:.2f}, AUC {self.auc:.2f}, "
-            f"of {self.candidates} candidates"
+            f"{verdict}: top-1 {self.top1:.2f} against chance {self.chance:.2f}, AUC "
+            f"{self.auc:.2f}, of {self.candidates} candidates"
         )
 
 
