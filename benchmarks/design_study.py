@@ -13,7 +13,9 @@ reads each pilot's learning curve (validation PSNR against CPU time), measures t
 the held-out sources (splits/heldout: unrefined codes and strict-mode ideal key bits, as the
 validation computes them, and JPEG 2000 at each image's key rate), fits PSNR(t) = a - b * t**-c
 to the curve to extrapolate it to a longer budget, prints a Markdown table and writes JSON and
-two plots: PSNR against CPU time, and PSNR against key bits per pixel.
+two plots: PSNR against CPU time, and PSNR against key bits per pixel. Each pilot's held-out
+figures are kept in its run folder with its checkpoint's digest, so only changed pilots are
+measured again.
 With the JSON copied to docs/design-study/, `python -m benchmarks.tables` remakes MODEL_CARD.md's
 table from it.
 """
@@ -32,6 +34,7 @@ from safetensors.torch import load_file
 from primis.checkpoint import CHECKPOINT
 from primis.config import RunConfig, load_run_config, parse_config
 from primis.evaluation import _codec_round_trip
+from primis.formats import sha256
 from primis.io.files import write_atomic
 from primis.io.images import read_image
 from primis.io.pixels import pad_to_multiple
@@ -183,6 +186,21 @@ def flops_per_pixel(config: RunConfig) -> float:
     return counter.get_total_flops() / 256**2
 
 
+def cached_held_out(run: Path, per_source: int) -> dict[str, dict]:
+    """`held_out`, kept in ``run/held_out.json`` with the checkpoint's digest and the image
+    count it was measured for, so a report after one more pilot re-measures only that one."""
+    cache = run / "held_out.json"
+    key = {"checkpoint": sha256((run / CHECKPOINT / "model.safetensors").read_bytes())}
+    key["per_source"] = per_source
+    if cache.is_file():
+        kept = json.loads(cache.read_text())
+        if kept["key"] == key:
+            return kept["results"]
+    results = held_out(run, per_source)
+    write_json(cache, {"key": key, "results": results})
+    return results
+
+
 def summarize_pilot(run: Path, per_source: int) -> dict:
     """A pilot's learning curve, its extrapolation and its held-out figures."""
     config = load_run(run)
@@ -203,7 +221,7 @@ def summarize_pilot(run: Path, per_source: int) -> dict:
         "final_valid_key_bpp": history[-1]["key_bpp"] if history else math.nan,
         "fit": fit,
         f"extrapolated_psnr_{EXTRAPOLATE_HOURS:g}h": extrapolated,
-        "held_out": held_out(run, per_source),
+        "held_out": cached_held_out(run, per_source),
     }
 
 
