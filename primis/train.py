@@ -604,16 +604,22 @@ def resumed_run(out: Path) -> tuple[RunConfig, RunInputs]:
 
 def _load_initial_weights(network: SparseTernaryAutoEncoder, init: str) -> None:
     """Copy a trained model's weights (and running statistics) into ``network``. The run may
-    add encoder blocks (``model.encoder_blocks``); they start as the identity (the last
-    convolution of each one's residual branch is zero), so the encoder starts as trained."""
+    add encoder blocks (``model.encoder_blocks``), which start as the identity (the last
+    convolution of each one's residual branch is zero), and may turn on the adaptive rate
+    (``model.adaptive_rate``), whose thresholds start below every pair's strength; either way
+    the network starts as the trained model codes and decodes."""
     start = load_model(init)
     added = network.config.encoder_blocks - start.network.config.encoder_blocks
-    same = start.network.config.model_copy(update={"encoder_blocks": network.config.encoder_blocks})
-    if same != network.config or added < 0:
+    adds_rate = network.config.adaptive_rate and not start.network.config.adaptive_rate
+    grown = {"encoder_blocks": network.config.encoder_blocks}
+    same = start.network.config.model_copy(update=grown | {"adaptive_rate": False})
+    if same != network.config.model_copy(update={"adaptive_rate": False}) or added < 0:
         raise PrimisError(
             f"train.init {init}: its model configuration differs from the run's model section"
-            " (beyond encoder blocks added)"
+            " (beyond encoder blocks added or the adaptive rate turned on)"
         )
+    if start.network.config.adaptive_rate and not network.config.adaptive_rate:
+        raise PrimisError(f"train.init {init}: an adaptive-rate model cannot lose its thresholds")
     missing, unexpected = network.load_state_dict(start.network.state_dict(), strict=False)
     deepest = network.encoder_stages[-1]
     first_new = len(deepest) - added
@@ -623,7 +629,7 @@ def _load_initial_weights(network: SparseTernaryAutoEncoder, init: str) -> None:
         f"{prefix}.{first_new + i}.{name}"
         for i, block in enumerate(new_blocks)
         for name, _ in block.named_parameters()
-    }
+    } | ({"thresholds"} if adds_rate else set())
     assert set(missing) == expected and not unexpected, (missing, unexpected)
     with torch.no_grad():
         for block in new_blocks:

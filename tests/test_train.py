@@ -390,6 +390,25 @@ def test_encoder_blocks_added_to_a_trained_model_start_as_the_identity(tmp_path,
         _load_initial_weights(start, str(tmp_path / "deeper"))
 
 
+def test_a_trained_model_given_the_adaptive_rate_starts_coding_as_before(tmp_path, tiny_model_dir):
+    from primis.modelstore import save_model
+    from primis.train import _load_initial_weights
+
+    start = load_model(tiny_model_dir).network.eval()
+    adaptive = SparseTernaryAutoEncoder(TINY.model_copy(update={"adaptive_rate": True}))
+    _load_initial_weights(adaptive, str(tiny_model_dir))
+    adaptive.eval()
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z_start, z_adaptive = start.analysis(x), adaptive.analysis(x)
+        torch.testing.assert_close(z_adaptive, z_start)
+        k = TINY.k
+        assert torch.equal(adaptive.ternarize(z_adaptive, k), start.ternarize(z_start, k))
+    save_model(tmp_path / "adaptive", adaptive, ObfuscationConfig())
+    with pytest.raises(PrimisError, match="cannot lose its thresholds"):
+        _load_initial_weights(start, str(tmp_path / "adaptive"))
+
+
 def test_an_init_model_of_another_shape_is_refused(tmp_path, tiny_model_dir):
     images = _tiny_training_folder(tmp_path)
     config = RunConfig(
