@@ -190,6 +190,12 @@ class TrainConfig(Strict):
         description="start from this trained model (run directory or bundled name) instead of"
         " random weights; the model section must equal its configuration",
     )
+    deployed_atom_norm: bool = Field(
+        False,
+        description="the atom standardisation uses the model's running statistics, as deployed,"
+        " and keeps them, even when everything trains (to go on training a trained model on"
+        " the code path sharing computes); always so when only one half trains",
+    )
     trainable: Literal["all", "encoder", "decoder"] = Field(
         "all",
         description="parameters the optimizer updates: 'encoder' trains the analysis side"

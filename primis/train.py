@@ -441,7 +441,7 @@ class Trainer:
 
     def run(self, show_progress: bool = True) -> int:
         """Train until the budget is spent (`fit`); returns the step count reached."""
-        _training_mode(self.network, self.config.train.trainable)
+        _training_mode(self.network, self.config.train)
         return fit(
             self.step,
             self.progress,
@@ -510,7 +510,7 @@ class Trainer:
         self.log.validate(
             self.network, step, self.elapsed(), weight >= 1.0, ternary_weight=round(weight, 4)
         )
-        _training_mode(self.network, self.config.train.trainable)  # validation left all training
+        _training_mode(self.network, self.config.train)  # validation left all training
 
     def checkpoint(self, step: int) -> None:
         self.state.update(step=step, elapsed=self.elapsed(), best_psnr=self.log.best)
@@ -662,12 +662,14 @@ def _parameter_groups(
     return [{"params": others}, scaled]
 
 
-def _training_mode(network: SparseTernaryAutoEncoder, trainable: str) -> None:
-    """Train mode, except that a part that is not trained as a whole runs as deployed: the atom
-    standardisation keeps its running statistics unless everything trains, so an encoder
-    trained against a fixed decoder learns the code that inference will compute."""
+def _training_mode(network: SparseTernaryAutoEncoder, train: TrainConfig) -> None:
+    """Train mode, except that the atom standardisation runs as deployed (its running
+    statistics, kept) unless everything trains without ``deployed_atom_norm``, so an encoder
+    trained against a fixed decoder, or a trained model trained on, learns the code that
+    inference will compute."""
     network.train()
-    if trainable != "all" and network.atom_norm is not None:
+    deployed = train.trainable != "all" or train.deployed_atom_norm
+    if deployed and network.atom_norm is not None:
         network.atom_norm.eval()
 
 

@@ -373,6 +373,29 @@ def test_training_from_a_model_updates_only_the_trainable_part(tmp_path, tiny_mo
     assert torch.equal(start.atom_norm.running_mean, trained.atom_norm.running_mean)
 
 
+def test_a_trained_model_trained_on_whole_keeps_the_deployed_atom_statistics(
+    tmp_path, tiny_model_dir
+):
+    from primis.train import train
+
+    images = sorted(_tiny_training_folder(tmp_path).iterdir())
+    start = load_model(tiny_model_dir).network
+    train_config = TrainConfig(
+        steps=4, batch_size=2, crop=32, lr=1e-2, warmup_steps=0, init=str(tiny_model_dir)
+    )
+    for deployed in (True, False):
+        run = tmp_path / f"run-{deployed}"
+        config = RunConfig(
+            model=TINY, train=train_config.model_copy(update={"deployed_atom_norm": deployed})
+        )
+        train(config, images, images[:1], run, show_progress=False)
+        trained = SparseTernaryAutoEncoder(TINY)
+        trained.load_state_dict(_checkpoint_weights(run))
+        same = torch.equal(start.atom_norm.running_mean, trained.atom_norm.running_mean)
+        assert same == deployed  # batch statistics move them only when not deployed
+        assert not torch.equal(start.decoder_parameters()[0], trained.decoder_parameters()[0])
+
+
 def test_encoder_blocks_added_to_a_trained_model_start_as_the_identity(tmp_path, tiny_model_dir):
     from primis.modelstore import save_model
     from primis.train import _load_initial_weights
