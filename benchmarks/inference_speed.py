@@ -1,21 +1,24 @@
-"""Inference speed on 512x512 chest X-rays: the sharing round trip per image, and whole folders.
+"""Inference speed: the default sharing path against the encoder alone, per image and per folder.
 
-    python benchmarks/inference_speed.py --model cxr [--actualmed 24]
+    python benchmarks/inference_speed.py --model cxr [--actualmed 3] [--kernels native avx2]
 
-Per image (median over images, 2 CPU threads): encode+ambiguate and disambiguate+decode at
-batch 1 and batch 16, with the encoder's code (0 refinement steps) and with the default
-refinement, each mode in its own process so its peak memory (max RSS) is its own, also per
-megapixel; then files and megapixels per second for `primis ambiguate` (both ways) and
-`primis disambiguate` on a folder of 512x512 images and, with --actualmed N, on the first N
-full-resolution radiographs of ../shared/data/cxr-multi/actualmed. Prints a table with the CPU
-model, its flags and the numeric type, and writes JSON. `ATEN_CPU_CAPABILITY=avx2` measures
-the float32 path of an AVX2 CPU on a newer one.
+Per image (median over rounds; each mode in its own process, so its peak memory (max RSS) is
+its own): the encoder alone (the network's forward pass and the choice of code, what the
+paper's code runs), `share_images` (encode and ambiguate: the default sharing path, and each
+``--refine-steps``) and `reconstruct_many` (disambiguate and decode), on 512x512 chest X-rays at
+batch 1 and 16 and, with ``--actualmed N``, on the first N full-resolution radiographs of
+../shared/data/cxr-multi/actualmed at batch 1. Every mode runs under each of ``--kernels``:
+``native`` (torch's best kernels; bfloat16 autocast where the CPU has it natively) and ``avx2``
+(`ATEN_CPU_CAPABILITY=avx2`: the float32 path of an AVX2 CPU). Then files and megapixels per
+second for `primis ambiguate` and `primis disambiguate` on a folder of 512x512 images. Prints
+tables with the CPU model, its flags and each mode's numeric type, and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -28,7 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from primis.io.pixels import IntensityMapping
+from primis.io.images import read_source
+from primis.io.pixels import IntensityMapping, pad_to_multiple
 from primis.modelstore import load_model
 from primis.report import describe_machine, machine_info, write_json
 from primis.sharing import REFINE_STEPS, ImageToShare, reconstruct_many, share_images
@@ -39,7 +43,10 @@ except ModuleNotFoundError:  # run as a script from the repository root
     from holdout import DATA, holdout_split
 
 
-MP_512 = 512 * 512 / 1e6
+ACTUALMED = (
+    Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cxr-multi" / "actualmed"
+)
+KERNELS = {"native": None, "avx2": "avx2"}  # ATEN_CPU_CAPABILITY for each
 
 
 def images_512(paths: list[Path], count: int) -> list[np.ndarray]:
@@ -49,38 +56,65 @@ def images_512(paths: list[Path], count: int) -> list[np.ndarray]:
     ]
 
 
-def measure_mode(model_dir: Path, data: Path, batch: int, refine_steps: int, rounds: int) -> dict:
-    """Seconds per image for both halves of the round trip at one batch size."""
+def actualmed_images(count: int) -> list[np.ndarray]:
+    """The first ``count`` full-resolution radiographs of the held-out source, as stored."""
+    paths = sorted(ACTUALMED.glob("*.png"))[:count]
+    if len(paths) < count:
+        raise SystemExit(f"{ACTUALMED}: {len(paths)} radiographs, {count} asked for")
+    return [read_source(p).pixels for p in paths]
+
+
+def images_for(images: str, data: Path, count: int) -> list[np.ndarray]:
+    if images == "actualmed":
+        return actualmed_images(count)
+    return images_512(holdout_split(data)["test"], count)
+
+
+def measure_mode(
+    model_dir: Path, data: Path, images: str, batch: int, refine_steps: int, rounds: int
+) -> dict:
+    """Seconds per image of the encoder alone and of both halves of the sharing round trip."""
     model = load_model(model_dir)
-    pixels = images_512(holdout_split(data)["test"], batch * rounds)
+    pixels = images_for(images, data, batch * rounds)
     items = [
         ImageToShare(IntensityMapping.of(p).forward(p), IntensityMapping.of(p)) for p in pixels
     ]
     options = {"batch_size": batch, "refine_steps": refine_steps}
     share_images(items[:batch], model, model.obfuscation, **options)  # warm-up
-    encode, decode = [], []
+    encoder, encode, decode = [], [], []
     for r in range(rounds):
         chunk = items[r * batch : (r + 1) * batch]
         started = time.perf_counter()
+        for item in chunk:  # the encoder alone, one image at a time as a batch of one
+            unit = pad_to_multiple(item.unit, model.network.config.downsampling)
+            model.network.encode(torch.from_numpy(unit.astype(np.float32))[None, None])
+        encoded = time.perf_counter()
         shared = share_images(chunk, model, model.obfuscation, **options)
         middle = time.perf_counter()
         reconstruct_many([(s.public, s.key) for s in shared], model, batch_size=batch)
         ended = time.perf_counter()
-        encode.append((middle - started) / batch)
+        encoder.append((encoded - started) / batch)
+        encode.append((middle - encoded) / batch)
         decode.append((ended - middle) / batch)
+    machine = machine_info()
     return {
+        "images": images,
+        "kernels": machine["kernels"],
+        "dtype": machine["dtype"],
         "batch": batch,
         "refine_steps": refine_steps,
-        "images": batch * rounds,
+        "count": batch * rounds,
+        "megapixels": statistics.median(p.size for p in pixels) / 1e6,
+        "encoder_seconds": statistics.median(encoder),
         "encode_ambiguate_seconds": statistics.median(encode),
         "disambiguate_decode_seconds": statistics.median(decode),
-        "round_trip_seconds": statistics.median(e + d for e, d in zip(encode, decode, strict=True)),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
 def folder_throughput(model_dir: Path, folder: Path, threads: int) -> dict:
-    """Files and megapixels per second through the command line on every image of ``folder``."""
+    """Files and megapixels per second of `primis ambiguate` (the defaults) and `primis
+    disambiguate` on every image of ``folder``."""
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png")
     megapixels = sum(np.prod(Image.open(p).size) for p in paths) / 1e6
     command = [
@@ -93,20 +127,6 @@ def folder_throughput(model_dir: Path, folder: Path, threads: int) -> dict:
         root = Path(tmp)
         model = ["--model", model_dir]
         for name, args in (
-            (
-                "ambiguate_unrefined",
-                [
-                    "ambiguate",
-                    folder,
-                    *model,
-                    "--refine-steps",
-                    0,
-                    "--public-dir",
-                    root / "p0",
-                    "--key-dir",
-                    root / "k0",
-                ],
-            ),
             (
                 "ambiguate",
                 ["ambiguate", folder, *model, "--public-dir", root / "p", "--key-dir", root / "k"],
@@ -140,14 +160,35 @@ def folder_of_512(data: Path, count: int, root: Path) -> Path:
     return folder
 
 
-def folder_of_actualmed(count: int, root: Path) -> Path:
-    """Links to the first ``count`` full-resolution radiographs of the held-out source."""
-    source = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cxr-multi"
-    folder = root / "actualmed"
-    folder.mkdir()
-    for path in sorted((source / "actualmed").glob("*.png"))[:count]:
-        (folder / path.name).symlink_to(path.resolve())
-    return folder
+def run_mode(args: argparse.Namespace, kernels: str, mode: tuple[str, int, int]) -> dict:
+    """One mode (images, batch, refine steps) in a child process under ``kernels``."""
+    env = dict(os.environ)
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    if KERNELS[kernels]:
+        env["ATEN_CPU_CAPABILITY"] = KERNELS[kernels]
+    images, batch, refine_steps = mode
+    command = [sys.executable, __file__, "--model", str(args.model), "--data", str(args.data)]
+    command += ["--threads", str(args.threads), "--rounds", str(args.rounds)]
+    command += ["--mode", images, str(batch), str(refine_steps)]
+    child = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+    return json.loads(child.stdout.strip().splitlines()[-1]) | {"kernels_asked": kernels}
+
+
+def print_per_image(rows: list[dict]) -> None:
+    """Medians per image; "x encoder" is the sharing path's time over the encoder's alone."""
+    print(
+        f"  {'kernels':>8s} {'numeric type':>17s} {'images':>9s} {'batch':>5s} {'refine':>6s} "
+        f"{'encoder s':>9s} {'share s':>8s} {'x encoder':>9s} {'s/MP':>6s} {'restore s':>9s} "
+        f"{'peak MB':>7s}"
+    )
+    for row in rows:
+        share, megapixels = row["encode_ambiguate_seconds"], row["megapixels"]
+        print(
+            f"  {row['kernels']:>8s} {row['dtype']:>17s} {row['images']:>9s} {row['batch']:5d} "
+            f"{row['refine_steps']:6d} {row['encoder_seconds']:9.3f} {share:8.3f} "
+            f"{share / row['encoder_seconds']:9.2f} {share / megapixels:6.3f} "
+            f"{row['disambiguate_decode_seconds']:9.3f} {row['peak_rss_mb']:7.0f}"
+        )
 
 
 def main() -> None:
@@ -156,72 +197,58 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--folder", type=int, default=200, help="images in the folder test")
-    parser.add_argument("--actualmed", type=int, default=0, help="full-resolution folder test")
-    parser.add_argument("--mode", type=int, nargs=2, help=argparse.SUPPRESS)  # child: batch, steps
+    parser.add_argument("--kernels", nargs="+", choices=sorted(KERNELS), default=["native", "avx2"])
+    parser.add_argument(
+        "--refine-steps",
+        type=int,
+        nargs="+",
+        default=sorted({0, REFINE_STEPS}),
+        help="refinement steps to measure (default: none and the sharing default)",
+    )
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument(
+        "--folder", type=int, default=200, help="images in the folder test (0: none)"
+    )
+    parser.add_argument("--actualmed", type=int, default=0, help="full-resolution radiographs")
+    parser.add_argument("--mode", nargs=3, help=argparse.SUPPRESS)  # child: images batch steps
     parser.add_argument("--json", type=Path, default=Path("runs/inference_speed.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.mode:
-        print(json.dumps(measure_mode(args.model, args.data, *args.mode, args.rounds)))
+        images, batch, steps = args.mode[0], int(args.mode[1]), int(args.mode[2])
+        print(json.dumps(measure_mode(args.model, args.data, images, batch, steps, args.rounds)))
         return
+    modes = [("512x512", batch, steps) for batch in args.batches for steps in args.refine_steps]
+    if args.actualmed:
+        modes += [("actualmed", 1, steps) for steps in args.refine_steps]
     rows = []
-    for batch, refine_steps in ((1, 0), (1, REFINE_STEPS), (16, 0), (16, REFINE_STEPS)):
-        child = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--model",
-                str(args.model),
-                "--data",
-                str(args.data),
-                "--threads",
-                str(args.threads),
-                "--rounds",
-                str(args.rounds),
-                "--mode",
-                str(batch),
-                str(refine_steps),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
-    with tempfile.TemporaryDirectory() as tmp:
-        folders = {"512x512": folder_of_512(args.data, args.folder, Path(tmp))}
-        if args.actualmed:
-            folders["actualmed"] = folder_of_actualmed(args.actualmed, Path(tmp))
-        throughput = {
-            name: folder_throughput(args.model, folder, args.threads)
-            for name, folder in folders.items()
-        }
+    for kernels in args.kernels:
+        for mode in modes:
+            rounds = args.actualmed if mode[0] == "actualmed" else args.rounds
+            rows.append(
+                run_mode(argparse.Namespace(**vars(args) | {"rounds": rounds}), kernels, mode)
+            )
+    throughput = {}
+    if args.folder:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = folder_of_512(args.data, args.folder, Path(tmp))
+            throughput["512x512"] = folder_throughput(args.model, folder, args.threads)
     machine = machine_info()
     report = {
         "machine": machine,
         "model": str(args.model),
+        "default_refine_steps": REFINE_STEPS,
         "per_image": rows,
         "folders": throughput,
     }
-    print(f"512x512 chest X-rays, {describe_machine(machine)}; medians per image:")
-    print(
-        f"  {'batch':>5s} {'refine':>6s} {'encode+amb s':>13s} {'s/MP':>7s} "
-        f"{'disamb+decode s':>16s} {'s/MP':>7s} {'peak MB':>8s}"
-    )
-    for row in rows:
-        print(
-            f"  {row['batch']:5d} {row['refine_steps']:6d} {row['encode_ambiguate_seconds']:13.4f} "
-            f"{row['encode_ambiguate_seconds'] / MP_512:7.3f} "
-            f"{row['disambiguate_decode_seconds']:16.4f} "
-            f"{row['disambiguate_decode_seconds'] / MP_512:7.3f} {row['peak_rss_mb']:8.0f}"
-        )
+    print(f"{describe_machine(machine)}; model {args.model}; medians per image:")
+    print_per_image(rows)
     for name, folder in throughput.items():
         print(
-            f"  folder {name} ({folder['files']} files, {folder['megapixels']:.1f} MP): ambiguate "
+            f"  folder {name} ({folder['files']} files, {folder['megapixels']:.1f} MP, "
+            f"{machine['kernels']} kernels): ambiguate "
             f"{folder['ambiguate_files_per_second']:.3g} files/s "
-            f"({folder['ambiguate_megapixels_per_second']:.3g} MP/s; unrefined "
-            f"{folder['ambiguate_unrefined_files_per_second']:.3g} files/s, "
-            f"{folder['ambiguate_unrefined_megapixels_per_second']:.3g} MP/s), disambiguate "
+            f"({folder['ambiguate_megapixels_per_second']:.3g} MP/s), disambiguate "
             f"{folder['disambiguate_files_per_second']:.3g} files/s "
             f"({folder['disambiguate_megapixels_per_second']:.3g} MP/s)"
         )

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from primis import formats, sharing
 from primis.batch import Outcome, SharingOutputs, StagedPair, expand, output_folders, stage_pair
-from primis.config import REFINE_STEPS, ObfuscationConfig, parse_config
+from primis.config import REFINE_STEPS, ModelConfig, ObfuscationConfig, parse_config
 from primis.errors import PrimisError, PrivacyWarning
 from primis.formats import KeyFile, read_file
 from primis.io.dicom import encode_dicom, is_dicom, original_header
@@ -76,14 +76,20 @@ def export_model(
     key_images: list[Path] | None = None,
     key_refine_steps: int = 0,
     base: str | None = None,
+    residual_psnr: float | None = None,
 ) -> str:
     """Write a standalone model directory ``out`` from a run or model directory and return its
     hash: weights in float32 (``half``: float16, half the size). With ``key_images``, also a
     key model fitted to the codes the exported weights give those images (at
     ``key_refine_steps``), so that its keys are context coded. With ``base`` (a bundled
     model's name) the directory holds only the tensors that differ from the base's (for
-    bundled models that share a part); it loads only where that base is bundled."""
+    bundled models that share a part); it loads only where that base is bundled. With
+    ``residual_psnr`` the model's keys also carry a high-fidelity layer up to that PSNR in dB
+    (`primis.fidelity`; the bundled ``cxr-hq`` is ``cxr`` so exported)."""
     model = _load_model(run)
+    if residual_psnr is not None:
+        update = model.network.config.model_dump() | {"residual_psnr": residual_psnr}
+        model.network.config = parse_config(ModelConfig, update, "residual_psnr")
     dtype = torch.float16 if half else torch.float32
     if not key_images:
         return save_model(Path(out), model.network, model.obfuscation, dtype, model.key_model, base)

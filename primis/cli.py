@@ -540,8 +540,19 @@ def evaluate(model_dir, device, data, ks, out, refine_steps, quick) -> None:
     "--base",
     help="bundled model: store only the tensors that differ from it (for the bundled zoo)",
 )
+@click.option(
+    "--residual-psnr",
+    type=click.FloatRange(0, 100, min_open=True),
+    help="keys also carry a high-fidelity layer: the residual coded up to this PSNR (dB)",
+)
 def export(
-    run: Path, out: Path, half: bool, key_data: Path | None, key_refine_steps: int, base: str | None
+    run: Path,
+    out: Path,
+    half: bool,
+    key_data: Path | None,
+    key_refine_steps: int,
+    base: str | None,
+    residual_psnr: float | None,
 ) -> None:
     """Copy a run's model into a standalone model directory (e.g. for the bundled zoo)."""
     from primis.api import export_model
@@ -549,7 +560,13 @@ def export(
 
     images = resolve_sources(key_data) if key_data else None
     digest = export_model(
-        run, out, half=half, key_images=images, key_refine_steps=key_refine_steps, base=base
+        run,
+        out,
+        half=half,
+        key_images=images,
+        key_refine_steps=key_refine_steps,
+        base=base,
+        residual_psnr=residual_psnr,
     )
     click.echo(f"model {digest} -> {out}")
 

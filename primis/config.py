@@ -57,6 +57,14 @@ class ModelConfig(Strict):
         description="each vector keeps only its pairs stronger than a learned threshold per code"
         " map (s <= k pairs, fewer key bits where the image is flat); shares in the strict mode",
     )
+    residual_psnr: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="each key also carries what the network leaves of the image, coded with JPEG"
+        " 2000 up to this PSNR in dB over the image's own range (`primis.fidelity`): a"
+        " high-fidelity layer in the key alone (None: the key holds the code alone)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -81,7 +89,12 @@ ADAPTIVE_STRICT_ONLY = (
 
 # Model options added after the first release, with the value that models and runs saved before
 # them have: a saved configuration without the option gets that value (`with_later_options`).
-LATER_MODEL_OPTIONS = {"atom_norm": False, "encoder_blocks": 0, "adaptive_rate": False}
+LATER_MODEL_OPTIONS = {
+    "atom_norm": False,
+    "encoder_blocks": 0,
+    "adaptive_rate": False,
+    "residual_psnr": None,
+}
 
 
 def with_later_options(data: object) -> object:

@@ -15,8 +15,10 @@ key, the key's header and its payload. A key edited after the fact (even with it
 recomputed) no longer matches the genuine public file and is refused; the salt keeps the
 commitment from revealing anything about the key. Version 3 adds the key's coding (`coding`,
 `variable_rate`: supports range coded under the model's context model, `primis.keys`);
-version 4 the privacy preset in both headers (`privacy`, `privacy.PRIVACY_MODES`).
-Versions 1 (no commitment), 2 and 3 still read.
+version 4 the privacy preset in both headers (`privacy`, `privacy.PRIVACY_MODES`); version 5
+the key's high-fidelity layer (`residual`: the payload's last bytes, `primis.fidelity`). A
+file is written at the lowest of versions 4 and 5 that holds it. Versions 1 (no commitment),
+2 and 3 still read.
 
 Readers check magic, version, lengths, digest and every header field before use, and the code
 geometry against the limits of `primis.limits` before inflating the payload.
@@ -46,7 +48,8 @@ from primis.limits import MAX_CODE_ENTRIES, MAX_CODE_VECTORS, MAX_FILE_BYTES, MA
 PUBLIC_MAGIC = b"PRIMIS\x00P"
 KEY_MAGIC = b"PRIMIS\x00K"
 VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+RESIDUAL_VERSION = 5  # keys with a high-fidelity layer
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 MAX_HEADER = 1 << 20
 # File names: NAME.primis beside NAME.primiskey (same NAME, in the public and the key folder).
 PUBLIC_SUFFIX = ".primis"
@@ -59,7 +62,7 @@ DIGEST = 32
 
 
 _HEX64 = r"^[0-9a-f]{64}$"
-_LATER_KEY_FIELDS = ("coding", "variable_rate", "privacy")
+_LATER_KEY_FIELDS = ("coding", "variable_rate", "privacy", "residual")
 _PRIVACY = r"^[a-z][a-z0-9-]{0,31}$"
 _SIDE = 1 << 20  # rows or columns of an image or a code grid
 
@@ -166,6 +169,11 @@ class KeyHeader(Strict):
     variable_rate: bool = Field(False, description="each vector's count is coded (version 3)")
     privacy: str | None = Field(
         None, pattern=_PRIVACY, description="the privacy preset, or custom (version 4)"
+    )
+    residual: int | None = Field(
+        None,
+        ge=1,
+        description="bytes at the payload's end holding the high-fidelity layer (version 5)",
     )
 
     @model_validator(mode="after")
@@ -284,6 +292,16 @@ class KeyFile:
         MAX_PIXELS.check(header.shape[0] * header.shape[1], name)
         return cls(header, payload)
 
+    @property
+    def code_payload(self) -> bytes:
+        """The payload's coded supports (all of it, but for a high-fidelity layer)."""
+        return self.payload[: len(self.payload) - (self.header.residual or 0)]
+
+    @property
+    def residual_payload(self) -> bytes:
+        """The high-fidelity layer (`primis.fidelity`), or b"" where the key has none."""
+        return self.payload[len(self.payload) - (self.header.residual or 0) :]
+
     def commitment(self) -> str:
         """SHA-256 over the salt, the header (less the public digest) and the payload."""
         fields = self.header.model_dump(mode="json", exclude={"public_sha256"})
@@ -345,6 +363,8 @@ def _container(magic: bytes, header: Strict, payload: bytes, sealed: str | None 
     """The file's bytes: the current version when the pair is sealed (see `seal_pair`), else 1."""
     text = header.model_dump_json(exclude_none=True).encode()
     version = VERSION if sealed is not None else 1
+    if getattr(header, "residual", None):
+        version = RESIDUAL_VERSION
     body = _PREFIX.pack(magic, version, len(text)) + text + _LENGTH.pack(len(payload)) + payload
     return body + hashlib.sha256(body).digest()
 
@@ -387,7 +407,11 @@ def _open_container(data: bytes, magic: bytes, header_type: type[Strict], name: 
         raise PrimisError(f"{name}: invalid header (commitment does not fit version {version})")
     if version < 4 and header.privacy is not None:
         raise PrimisError(f"{name}: invalid header (privacy does not fit version {version})")
-    return header, data[start + _LENGTH.size : end]
+    payload = data[start + _LENGTH.size : end]
+    residual = getattr(header, "residual", None)
+    if (version == RESIDUAL_VERSION) != bool(residual) or (residual or 0) > len(payload):
+        raise PrimisError(f"{name}: invalid header (residual does not fit version {version})")
+    return header, payload
 
 
 def validation_reason(err: ValidationError) -> str:

@@ -627,6 +627,10 @@ def _package(
             f"{MIN_KEY_BITS} that keep guessing it out of reach (use a larger image)"
         )
     key_header = _key_header(image, header, model.hash, coder, spec)
+    if cfg.residual_psnr is not None:
+        residual = _fidelity_layer(image, code, model, maps)
+        payload += residual
+        key_header = key_header.model_copy(update={"residual": len(residual)})
     public, key = seal_pair(PublicFile(header, shown), KeyFile(key_header, payload))
     return SharedImage(
         file_id=header.file_id,
@@ -636,6 +640,24 @@ def _package(
         public=public,
         key=key,
     )
+
+
+def _fidelity_layer(
+    image: ImageToShare, code: torch.Tensor, model: LoadedModel, maps: list[int]
+) -> bytes:
+    """The key's high-fidelity layer (`primis.fidelity`): what the decoded ``code`` leaves of
+    the image, coded to the model's ``residual_psnr``."""
+    from primis.fidelity import code_residual, grid_steps
+
+    cfg = model.network.config
+    if len(maps) != cfg.m:
+        raise PrimisError(
+            "this model's keys carry a high-fidelity layer, which needs every code map: share"
+            " without --maps"
+        )
+    rows, cols = image.unit.shape
+    base = decode_codes(model, [code])[0][:rows, :cols]
+    return code_residual(image.unit, base, grid_steps(image.mapping), cfg.residual_psnr)
 
 
 def _public_header(
@@ -717,7 +739,7 @@ def recover_code(
     spec = KeySpec(
         tuple(key.header.maps), grid, h.k, h.mask_signs, h.permuted, key.header.variable_rate
     )
-    return decode_key(coder_for(key.header.coding, coder), key.payload, shown, spec)
+    return decode_key(coder_for(key.header.coding, coder), key.code_payload, shown, spec)
 
 
 def _device(model: LoadedModel) -> torch.device:
@@ -782,7 +804,12 @@ def _restore(unit: np.ndarray, key: KeyFile, key_name: str = "key") -> tuple[np.
         mapping = IntensityMapping.from_dict(key.header.intensity)
     except (KeyError, TypeError, ValueError):
         raise PrimisError(f"{key_name}: invalid intensity mapping") from None
-    return mapping.inverse(unit[:rows, :cols]), key
+    unit = unit[:rows, :cols]
+    if key.header.residual:
+        from primis.fidelity import add_residual, grid_steps
+
+        unit = add_residual(unit, key.residual_payload, grid_steps(mapping), key_name)
+    return mapping.inverse(unit), key
 
 
 def reconstruct(

@@ -607,16 +607,19 @@ def _load_initial_weights(network: SparseTernaryAutoEncoder, init: str) -> None:
     add encoder blocks (``model.encoder_blocks``), which start as the identity (the last
     convolution of each one's residual branch is zero), and may turn on the adaptive rate
     (``model.adaptive_rate``), whose thresholds start below every pair's strength; either way
-    the network starts as the trained model codes and decodes."""
+    the network starts as the trained model codes and decodes. It may also keep more pairs per
+    vector (a larger ``model.k``: a higher-rate model grown from a trained one), which the
+    decoder then learns to use."""
     start = load_model(init)
     added = network.config.encoder_blocks - start.network.config.encoder_blocks
     adds_rate = network.config.adaptive_rate and not start.network.config.adaptive_rate
-    grown = {"encoder_blocks": network.config.encoder_blocks}
+    grown = {"encoder_blocks": network.config.encoder_blocks, "k": network.config.k}
     same = start.network.config.model_copy(update=grown | {"adaptive_rate": False})
-    if same != network.config.model_copy(update={"adaptive_rate": False}) or added < 0:
+    fewer = added < 0 or network.config.k < start.network.config.k
+    if same != network.config.model_copy(update={"adaptive_rate": False}) or fewer:
         raise PrimisError(
             f"train.init {init}: its model configuration differs from the run's model section"
-            " (beyond encoder blocks added or the adaptive rate turned on)"
+            " (beyond encoder blocks added, pairs per vector raised or the adaptive rate turned on)"
         )
     if start.network.config.adaptive_rate and not network.config.adaptive_rate:
         raise PrimisError(f"train.init {init}: an adaptive-rate model cannot lose its thresholds")

@@ -475,9 +475,9 @@ def test_model_files_keep_running_statistics_and_older_hashes(tmp_path):
     from primis.modelstore import load_model, save_model
     from tests.conftest import TINY
 
-    # A model file from before the `atom_norm`, `encoder_blocks` and `adaptive_rate` options
-    # (no such keys) loads without them and keeps the hash it had then: the hash of its JSON
-    # config as written and its weights.
+    # A model file from before the `atom_norm`, `encoder_blocks`, `adaptive_rate` and
+    # `residual_psnr` options (no such keys) loads without them and keeps the hash it had then:
+    # the hash of its JSON config as written and its weights.
     old = tmp_path / "old"
     save_model(
         old,
@@ -485,7 +485,8 @@ def test_model_files_keep_running_statistics_and_older_hashes(tmp_path):
         ObfuscationConfig(),
     )
     meta = json.loads((old / "model.json").read_text())
-    del meta["model"]["atom_norm"], meta["model"]["encoder_blocks"], meta["model"]["adaptive_rate"]
+    for later in ("atom_norm", "encoder_blocks", "adaptive_rate", "residual_psnr"):
+        del meta["model"][later]
     (old / "model.json").write_text(json.dumps(meta))
     weights = (old / "model.safetensors").read_bytes()
     canonical = json.dumps(meta["model"], sort_keys=True, separators=(",", ":")).encode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,26 @@ from tests.conftest import assert_clean_failure, cxr_images, run_cli, smooth_ima
 pytestmark = pytest.mark.skipif(
     DEFAULT_MODEL not in bundled_models(), reason="no bundled model in this checkout"
 )
+
+
+# Every model a release bundled, by the hash its public files name (the hash under the name it
+# was released as). A bundled model never changes: a newer one takes the name and the old one
+# moves to NAME-vN, so that its pairs still open; NAME-vN never changes.
+RELEASED = {
+    "cxr-v1": "dc22173e52818b27104561ec7fdf9774881dd8bb8b09ecc1546e2f1e8c4959e3",
+    "cxr-v2": "45f4050d72885c081bd066cc882e2ee24e1e529daaa51ee85e4f78e24cd634a0",
+    "cxr": "a40d353ec3946d0fb66beac7a4148a1128ce0b27bb3ced6fbb1a8648d05fca90",
+    "cxr-hq": "bc9c44643e356b41dae926bdc48c673c641729447e2f9f5e91126b0531c856e3",
+}
+
+
+def test_every_released_model_is_bundled_unchanged():
+    bundled = {name: load_model(name).hash for name in bundled_models()}
+    missing = {name: digest for name, digest in RELEASED.items() if digest not in bundled.values()}
+    assert not missing, f"released models no longer bundled: {missing}"
+    for name, digest in RELEASED.items():
+        if re.search(r"-v\d+$", name):
+            assert bundled.get(name) == digest, name
 
 
 def test_default_model_loads_without_a_name_or_network():
