@@ -432,6 +432,25 @@ def test_a_trained_model_given_the_adaptive_rate_starts_coding_as_before(tmp_pat
         _load_initial_weights(start, str(tmp_path / "adaptive"))
 
 
+def test_a_trained_model_may_grow_more_pairs_per_vector_but_not_fewer(tmp_path, tiny_model_dir):
+    from primis.modelstore import save_model
+    from primis.train import _load_initial_weights
+
+    start = load_model(tiny_model_dir).network.eval()
+    wider = SparseTernaryAutoEncoder(TINY.model_copy(update={"k": TINY.k + 2}))
+    _load_initial_weights(wider, str(tiny_model_dir))
+    wider.eval()
+    for name, tensor in start.state_dict().items():  # every weight carried over as it was
+        assert torch.equal(wider.state_dict()[name], tensor), name
+    x = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pairs = (wider.ternarize(wider.analysis(x), wider.config.k) == 1).sum(2)
+    assert torch.all(pairs == TINY.k + 2)
+    save_model(tmp_path / "wider", wider, ObfuscationConfig())
+    with pytest.raises(PrimisError, match="differs"):
+        _load_initial_weights(start, str(tmp_path / "wider"))
+
+
 def test_an_init_model_of_another_shape_is_refused(tmp_path, tiny_model_dir):
     images = _tiny_training_folder(tmp_path)
     config = RunConfig(
