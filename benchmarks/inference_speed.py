@@ -3,15 +3,16 @@
     python benchmarks/inference_speed.py --model cxr [--actualmed 3] [--kernels native avx2]
 
 Per image (median over rounds; each mode in its own process, so its peak memory (max RSS) is
-its own): the encoder alone (the network's forward pass and the choice of code, what the
-paper's code runs), `share_images` (encode and ambiguate: the default sharing path, and each
-``--refine-steps``) and `reconstruct_many` (disambiguate and decode), on 512x512 chest X-rays at
-batch 1 and 16 and, with ``--actualmed N``, on the first N full-resolution radiographs of
-../shared/data/cxr-multi/actualmed at batch 1. Every mode runs under each of ``--kernels``:
-``native`` (torch's best kernels; bfloat16 autocast where the CPU has it natively) and ``avx2``
-(`ATEN_CPU_CAPABILITY=avx2`: the float32 path of an AVX2 CPU). Then files and megapixels per
-second for `primis ambiguate` and `primis disambiguate` on a folder of 512x512 images. Prints
-tables with the CPU model, its flags and each mode's numeric type, and writes JSON.
+its own), with the restored images' median PSNR: the encoder alone (the network's forward pass
+and the choice of code, what the paper's code runs), `share_images` (encode and ambiguate: the
+default sharing path, and each ``--refine-steps``) and `reconstruct_many` (disambiguate and
+decode), on 512x512 chest X-rays at batch 1 and 16 and, with ``--actualmed N``, on the first N
+full-resolution radiographs of ../shared/data/cxr-multi/actualmed at batch 1. Every mode runs
+under each of ``--kernels``: ``native`` (torch's best kernels; bfloat16 autocast where the CPU
+has it natively) and ``avx2`` (`ATEN_CPU_CAPABILITY=avx2`: the float32 path of an AVX2 CPU).
+Then files and megapixels per second for `primis ambiguate` and `primis disambiguate` on a
+folder of 512x512 images. Prints tables with the CPU model, its flags and each mode's numeric
+type, and writes JSON.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from PIL import Image
 
 from primis.io.images import read_source
 from primis.io.pixels import IntensityMapping, pad_to_multiple
+from primis.metrics import psnr
 from primis.modelstore import load_model
 from primis.report import describe_machine, machine_info, write_json
 from primis.sharing import REFINE_STEPS, ImageToShare, reconstruct_many, share_images
@@ -73,7 +75,8 @@ def images_for(images: str, data: Path, count: int) -> list[np.ndarray]:
 def measure_mode(
     model_dir: Path, data: Path, images: str, batch: int, refine_steps: int, rounds: int
 ) -> dict:
-    """Seconds per image of the encoder alone and of both halves of the sharing round trip."""
+    """Seconds per image of the encoder alone and of both halves of the sharing round trip, and
+    the restored images' PSNR (dB over each image's own range)."""
     model = load_model(model_dir)
     pixels = images_for(images, data, batch * rounds)
     items = [
@@ -81,7 +84,7 @@ def measure_mode(
     ]
     options = {"batch_size": batch, "refine_steps": refine_steps}
     share_images(items[:batch], model, model.obfuscation, **options)  # warm-up
-    encoder, encode, decode = [], [], []
+    encoder, encode, decode, quality = [], [], [], []
     for r in range(rounds):
         chunk = items[r * batch : (r + 1) * batch]
         started = time.perf_counter()
@@ -91,8 +94,10 @@ def measure_mode(
         encoded = time.perf_counter()
         shared = share_images(chunk, model, model.obfuscation, **options)
         middle = time.perf_counter()
-        reconstruct_many([(s.public, s.key) for s in shared], model, batch_size=batch)
+        restored = reconstruct_many([(s.public, s.key) for s in shared], model, batch_size=batch)
         ended = time.perf_counter()
+        for item, (pixels, _) in zip(chunk, restored, strict=True):
+            quality.append(psnr(item.unit, item.mapping.forward(pixels)))
         encoder.append((encoded - started) / batch)
         encode.append((middle - encoded) / batch)
         decode.append((ended - middle) / batch)
@@ -108,6 +113,7 @@ def measure_mode(
         "encoder_seconds": statistics.median(encoder),
         "encode_ambiguate_seconds": statistics.median(encode),
         "disambiguate_decode_seconds": statistics.median(decode),
+        "psnr": statistics.median(quality),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -179,7 +185,7 @@ def print_per_image(rows: list[dict]) -> None:
     print(
         f"  {'kernels':>8s} {'numeric type':>17s} {'images':>9s} {'batch':>5s} {'refine':>6s} "
         f"{'encoder s':>9s} {'share s':>8s} {'x encoder':>9s} {'s/MP':>6s} {'restore s':>9s} "
-        f"{'peak MB':>7s}"
+        f"{'PSNR dB':>7s} {'peak MB':>7s}"
     )
     for row in rows:
         share, megapixels = row["encode_ambiguate_seconds"], row["megapixels"]
@@ -187,7 +193,8 @@ def print_per_image(rows: list[dict]) -> None:
             f"  {row['kernels']:>8s} {row['dtype']:>17s} {row['images']:>9s} {row['batch']:5d} "
             f"{row['refine_steps']:6d} {row['encoder_seconds']:9.3f} {share:8.3f} "
             f"{share / row['encoder_seconds']:9.2f} {share / megapixels:6.3f} "
-            f"{row['disambiguate_decode_seconds']:9.3f} {row['peak_rss_mb']:7.0f}"
+            f"{row['disambiguate_decode_seconds']:9.3f} {row['psnr']:7.2f} "
+            f"{row['peak_rss_mb']:7.0f}"
         )
 
 

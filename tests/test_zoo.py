@@ -105,12 +105,14 @@ PAIRS = Path(__file__).parent / "data"
 
 @pytest.mark.parametrize(
     ("release", "name"),
-    [("v1", "cxr-v1"), ("v2", "cxr-v2")],
+    [("v1", "cxr-v1"), ("v2", "cxr-v2"), ("v3", "cxr"), ("hq1", "cxr-hq")],
 )
 def test_a_pair_made_by_an_earlier_release_decodes_with_its_bundled_model(tmp_path, release, name):
     """tests/data/v1 holds a public file and key that release 0.1 (format version 2, atoms
     shuffled) made with the then default model, now `cxr-v1`, and what it restored;
-    tests/data/v2 the same from the next release's default model, now `cxr-v2`."""
+    tests/data/v2 the same from the next release's default model, now `cxr-v2`; tests/data/v3
+    from v3 (a 15-bit scan, strict mode), and tests/data/hq1 from `cxr-hq` (key format version
+    5, with its high-fidelity layer)."""
     pair = PAIRS / release
     public = pair / f"{release}-scan.primis"
     result = run_cli(
