@@ -33,12 +33,8 @@ def grid_steps(mapping: IntensityMapping) -> int:
 
 
 def _levels(unit: np.ndarray, steps: int) -> np.ndarray:
-    return np.rint(np.clip(unit.astype(np.float64), 0.0, 1.0) * steps)
-
-
-def _psnr(truth: np.ndarray, levels: np.ndarray, steps: int) -> float:
-    mse = float(np.mean((levels / steps - truth) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+    """[0, 1] values as whole levels 0..steps (int32)."""
+    return np.rint(np.clip(unit, 0.0, 1.0).astype(np.float32) * steps).astype(np.int32)
 
 
 def code_residual(unit: np.ndarray, base: np.ndarray, steps: int, psnr: float) -> bytes:
@@ -48,26 +44,30 @@ def code_residual(unit: np.ndarray, base: np.ndarray, steps: int, psnr: float) -
     lossless where no lossy setting reaches it."""
     import imagecodecs
 
-    truth = unit.astype(np.float64)
+    truth = unit.astype(np.float32) * steps  # in levels: float images need not sit on one
     start = _levels(base, steps)
     bits = (2 * steps).bit_length()  # the residual, offset by ``steps``, lies in 0..2*steps
     offset = (_levels(unit, steps) - start + steps).astype(np.uint16 if bits <= 16 else np.uint32)
+    worst = steps**2 * 10 ** (-psnr / 10)  # the largest mean squared error in levels allowed
 
-    def encode(level: float | None) -> tuple[bytes, float]:
+    def encode(level: float | None) -> tuple[bytes, bool]:
         data = imagecodecs.jpeg2k_encode(offset, level=level, codecformat="j2k", bitspersample=bits)
-        restored = start + imagecodecs.jpeg2k_decode(data).astype(np.float64) - steps
-        return data, _psnr(truth, np.clip(restored, 0, steps), steps)
+        restored = np.clip(
+            start + imagecodecs.jpeg2k_decode(data).astype(np.int32) - steps, 0, steps
+        )
+        error = np.mean(np.square(restored - truth, dtype=np.float32), dtype=np.float64)
+        return data, error <= worst
 
     # OpenJPEG's setting is a PSNR over the codestream's own peak: the target moved there.
     guess = psnr + 20 * math.log10((2**bits - 1) / steps)
     low, high = guess - SEARCH_SPAN, guess + SEARCH_SPAN
     best, reached = encode(high)
-    if reached < psnr:
+    if not reached:
         return encode(None)[0]  # lossless
     for _ in range(SEARCH_STEPS):
         middle = (low + high) / 2
         data, reached = encode(middle)
-        if reached >= psnr:
+        if reached:
             best, high = data, middle
         else:
             low = middle
@@ -86,5 +86,5 @@ def add_residual(base: np.ndarray, data: bytes, steps: int, name: str = "key") -
         raise PrimisError(f"{name}: unreadable high-fidelity layer ({err})") from None
     if residual.shape != base.shape:
         raise PrimisError(f"{name}: the high-fidelity layer does not fit the image")
-    levels = _levels(base, steps) + residual.astype(np.float64) - steps
-    return (np.clip(levels, 0, steps) / steps).astype(np.float32)
+    levels = np.clip(_levels(base, steps) + residual.astype(np.int32) - steps, 0, steps)
+    return (levels / np.float32(steps)).astype(np.float32)
