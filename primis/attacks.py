@@ -127,6 +127,18 @@ def _decode(model: LoadedModel, vectors: np.ndarray, target: Target) -> np.ndarr
     return out[: target.image.shape[0], : target.image.shape[1]]
 
 
+def authorized_view(model: LoadedModel, target: Target) -> np.ndarray:
+    """What the key restores: the target's code decoded and, for a model with a high-fidelity
+    layer (`primis.fidelity`), the layer added, as `primis.sharing.reconstruct` adds it."""
+    view = _decode(model, target.code, target)
+    psnr = model.network.config.residual_psnr
+    if psnr is None:
+        return view
+    from primis.fidelity import MAX_STEPS, add_residual, code_residual
+
+    return add_residual(view, code_residual(target.image, view, MAX_STEPS, psnr), MAX_STEPS)
+
+
 def naive_view(model: LoadedModel, target: Target) -> np.ndarray:
     return _decode(model, target.public, target)
 
@@ -495,7 +507,7 @@ def run_attacks(
 
         def authorized(images: list[np.ndarray]) -> list[np.ndarray]:
             with torch.no_grad():
-                return [_decode(model, t.code, t) for t in attackers]
+                return [authorized_view(model, t) for t in attackers]
 
         report["utility_dice"] = utility_study(
             attacker_images,
@@ -568,7 +580,7 @@ def _untrained_views(
     prior = fit_key_model(((a.code, a.grid) for a in attackers), k)
     rng = np.random.default_rng(seed)
     return {
-        AUTHORIZED: [_decode(model, t.code, t) for t in targets],
+        AUTHORIZED: [authorized_view(model, t) for t in targets],
         "naive decode": [naive_view(model, t) for t in targets],
         "top-k decode": [topk_view(model, t, k) for t in targets],
         "random support guess": [

@@ -168,3 +168,17 @@ def test_a_fidelity_models_strict_public_file_size_depends_only_on_the_image_siz
         sizes.add(len(shared.public))
         keys.add(len(shared.key))
     assert len(sizes) == 1 and len(keys) == 3  # only the key follows the content
+
+
+def test_the_attack_suites_authorized_view_carries_the_layer(tiny_model_dir, fidelity_model_dir):
+    from primis.attacks import authorized_view, make_targets
+
+    unit = smooth_image(80, 96, seed=4).astype(np.float32)
+    for directory, at_least in ((tiny_model_dir, None), (fidelity_model_dir, 44.0)):
+        model = load_model(directory)
+        target = make_targets(model, [unit], model.obfuscation, model.network.config.k, 0)[0]
+        view = authorized_view(model, target)
+        if at_least is None:
+            assert psnr(unit, view) < 44.0
+        else:
+            assert psnr(unit, view) >= at_least
