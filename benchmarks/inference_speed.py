@@ -96,8 +96,8 @@ def measure_mode(
         middle = time.perf_counter()
         restored = reconstruct_many([(s.public, s.key) for s in shared], model, batch_size=batch)
         ended = time.perf_counter()
-        for item, (pixels, _) in zip(chunk, restored, strict=True):
-            quality.append(psnr(item.unit, item.mapping.forward(pixels)))
+        for item, (values, _) in zip(chunk, restored, strict=True):
+            quality.append(psnr(item.unit, item.mapping.forward(values)))
         encoder.append((encoded - started) / batch)
         encode.append((middle - encoded) / batch)
         decode.append((ended - middle) / batch)
@@ -212,7 +212,7 @@ def main() -> None:
         default=sorted({0, REFINE_STEPS}),
         help="refinement steps to measure (default: none and the sharing default)",
     )
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 16], help="512x512 batches")
     parser.add_argument(
         "--folder", type=int, default=200, help="images in the folder test (0: none)"
     )
