@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from primis.bundled import DEFAULT_MODEL, bundled_models
 from primis.config import NODE_DEFAULTS, REFINE_STEPS, Strict, study_config
 from primis.errors import PrimisError, PrivacyWarning
 from primis.privacy import PRIVACY_MODES, privacy_help
@@ -82,7 +83,9 @@ model_options = [
     click.option(
         "--model",
         "model_dir",
-        help="trained run directory or bundled model name (default: the bundled 'cxr')",
+        help="trained run directory or bundled model name: "
+        + ", ".join(bundled_models())
+        + f" (default: {DEFAULT_MODEL}; MODEL_CARD.md describes each)",
     ),
     click.option(
         "--device",

@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
+from primis.bundled import CONFIG, DEFAULT_MODEL, ZOO, bundled_models
 from primis.config import (
     LATER_MODEL_OPTIONS,
     ModelConfig,
@@ -35,7 +36,6 @@ from primis.keys import KeyCoder, KeyModel, key_coder
 from primis.model import SparseTernaryAutoEncoder
 
 WEIGHTS = "model.safetensors"
-CONFIG = "model.json"
 FORMAT = "primis-model"
 VERSION = 1
 
@@ -155,15 +155,6 @@ def _weights(directory: Path, meta: ModelFile, seen: tuple[Path, ...] = ()) -> b
         return save(load(_weights(base, _read_config(base), seen)) | load(own))
     except (OSError, SafetensorError) as err:
         raise PrimisError(f"{directory / WEIGHTS}: unreadable weights ({err})") from None
-
-
-ZOO = Path(__file__).resolve().parent / "zoo"
-DEFAULT_MODEL = "cxr"
-
-
-def bundled_models() -> list[str]:
-    """Names of the pretrained models shipped inside the package."""
-    return sorted(p.name for p in ZOO.iterdir() if (p / CONFIG).is_file()) if ZOO.is_dir() else []
 
 
 def bundled_model_with_hash(digest: str) -> str | None:
