@@ -488,7 +488,10 @@ def utility(
     privacy, refine_steps, config,
 ) -> None:  # fmt: skip
     """Classification, texture and segmentation on originals, authorized reconstructions,
-    JPEG 2000 at the key's bytes, the best attack and prior-only (utility.md, .json, plots)."""
+    JPEG 2000 at the key's bytes, the best attack and prior-only (utility.md, .json, plots).
+
+    Each completed stage is kept in OUT/stages: the same command run again resumes after the
+    last one (a long study runs in slices); any changed option starts afresh."""
     model = opt.load_model(model_dir, device)
     import primis.utility_report as study
     from primis.api import obfuscation_for
@@ -498,7 +501,9 @@ def utility(
         data, attacker_data, attackers, tasks, per_source, masked_images, config.seed
     )
     obfuscation = obfuscation_for(model, None, privacy)
-    report, views = study.utility_report(model, inputs, config, refine_steps, obfuscation)
+    report, views = study.utility_report(
+        model, inputs, config, refine_steps, obfuscation, cache=out / "stages"
+    )
     click.echo(study.write_utility_report(report, views, out, machine_info()))
     click.echo(f"report: {out / 'utility.md'}, {out / 'utility.json'}, plots in {out}")
 

@@ -23,12 +23,16 @@ runs everything and `write_utility_report` writes utility.md, utility.json and t
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
 import random
 import re
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +48,7 @@ from primis.data import resolve_sources
 from primis.errors import PrimisError
 from primis.evaluation import _codec_round_trip
 from primis.formats import key_path, public_path
+from primis.io.files import write_atomic
 from primis.io.images import list_images, read_image, read_pixels
 from primis.modelstore import LoadedModel
 
@@ -54,6 +59,7 @@ JPEG2000 = "JPEG 2000 at the key's bytes"
 ATTACK = "best attack"
 PRIOR = "prior only"
 VERSIONS = (ORIGINAL, AUTHORIZED, AUTHORIZED_RAW, JPEG2000, ATTACK, PRIOR)
+SUITE_AUTHORIZED = "attack suite's authorized"  # kept to compare with AUTHORIZED
 
 # MIRP's feature families (column prefixes) and the names the issue uses for them.
 FAMILIES = {
@@ -556,12 +562,116 @@ def study_inputs(
     )
 
 
+class StageCache:
+    """The completed stages of one study, kept in ``folder`` under a digest of everything that
+    decides their results (``identity``), so that the same study run again resumes after its
+    last completed stage, and a changed one starts afresh. Without a folder nothing is kept."""
+
+    def __init__(self, folder: Path | None, identity: dict) -> None:
+        text = json.dumps(identity, sort_keys=True, default=str).encode()
+        self.folder = folder / hashlib.sha256(text).hexdigest()[:16] if folder else None
+        self.resumed: list[str] = []
+
+    def _path(self, stage: str, suffix: str) -> Path | None:
+        if self.folder is None:
+            return None
+        return self.folder / (re.sub(r"[^a-z0-9]+", "-", stage.lower()) + suffix)
+
+    def load(self, stage: str) -> dict | None:
+        """A completed stage's results (JSON), or None."""
+        path = self._path(stage, ".json")
+        if path is None or not path.is_file():
+            return None
+        self.resumed.append(stage)
+        return json.loads(path.read_text())
+
+    def save(self, stage: str, results: dict) -> None:
+        if (path := self._path(stage, ".json")) is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps(results).encode())
+
+    def load_images(self, stage: str) -> dict[str, list[np.ndarray]] | None:
+        """A completed stage's images by name, or None."""
+        path = self._path(stage, ".npz")
+        if path is None or not path.is_file():
+            return None
+        with np.load(path) as stored:
+            names = json.loads(str(stored["names"]))
+            return {
+                name: [stored[f"{j}_{i}"] for i in range(count)]
+                for j, (name, count) in enumerate(names)
+            }
+
+    def save_images(self, stage: str, images: dict[str, list[np.ndarray]]) -> None:
+        if (path := self._path(stage, ".npz")) is None:
+            return
+        arrays = {
+            f"{j}_{i}": image
+            for j, group in enumerate(images.values())
+            for i, image in enumerate(group)
+        }
+        names = json.dumps([[name, len(group)] for name, group in images.items()])
+        buffer = io.BytesIO()
+        np.savez(buffer, names=np.array(names), **arrays)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, buffer.getvalue())
+
+
+def _shared_versions(
+    model: LoadedModel,
+    eight_bit: list[np.ndarray],
+    originals: list[np.ndarray],
+    attacker_images: list[np.ndarray],
+    config: UtilityConfig,
+    refine_steps: int,
+    obfuscation: ObfuscationConfig,
+) -> tuple[dict, dict[str, list[np.ndarray]]]:
+    """The versions that sharing, JPEG 2000 and the attack suite make (the study's costly
+    part), with their figures and each part's seconds."""
+    seconds = {}
+    start = time.perf_counter()
+    authorized, key_bytes = authorized_versions(
+        model, eight_bit, refine_steps, obfuscation, "sharing (default)"
+    )
+    authorized_raw, raw_key_bytes = authorized_versions(
+        model, eight_bit, 0, obfuscation, "sharing (refine 0)"
+    )
+    seconds["sharing"] = time.perf_counter() - start
+    start = time.perf_counter()
+    jpeg2000, jpeg2000_bpp = jpeg2000_versions(originals, key_bytes)
+    seconds["jpeg2000"] = time.perf_counter() - start
+    start = time.perf_counter()
+    attack_report, attack_views, _ = attack_images(
+        model, attacker_images, originals, obfuscation, config.attack, refine_steps
+    )
+    seconds["attacks"] = time.perf_counter() - start
+    best = _best_attack(attack_report["attacks"])["name"]
+    figures = {
+        "key_bytes": key_bytes,
+        "raw_key_bytes": raw_key_bytes,
+        "jpeg2000_bpp": jpeg2000_bpp,
+        "best_attack": best,
+        "attack_psnr": {n: r["psnr"] for n, r in attack_report["attacks"].items()},
+        "seconds": seconds,
+    }
+    versions = {
+        AUTHORIZED: authorized,
+        AUTHORIZED_RAW: authorized_raw,
+        JPEG2000: jpeg2000,
+        ATTACK: attack_views[best],
+        PRIOR: attack_views["prior only (mean image)"],
+        SUITE_AUTHORIZED: attack_views["authorized (with key)"],
+    }
+    return figures, versions
+
+
 def utility_report(
     model: LoadedModel,
     inputs: UtilityInputs,
     config: UtilityConfig | None = None,
     refine_steps: int = REFINE_STEPS,
     obfuscation: ObfuscationConfig | None = None,
+    cache: Path | None = None,
 ) -> tuple[dict, dict[str, list[np.ndarray]]]:
     """Run the utility study (module docstring) on ``inputs`` with ``model``; returns the
     report (JSON-ready) and every version's images (for figures).
@@ -569,7 +679,8 @@ def utility_report(
     ``refine_steps`` is the default path's refinement (the second authorized version always
     has 0); ``obfuscation`` defaults to the model's. The attack suite trains as
     ``config.attack`` says on at most ``inputs.attackers`` attacker images (a seeded choice)
-    that are not study images."""
+    that are not study images. With ``cache`` (a folder) each completed stage is kept there
+    (`StageCache`): the same study run again resumes after its last completed stage."""
     config = config or UtilityConfig()
     obfuscation = obfuscation or model.obfuscation
     started = time.perf_counter()
@@ -594,36 +705,39 @@ def utility_report(
     ]
     originals = [i.astype(np.float32) / 255 for i in eight_bit]
     attacker_images = [prepare(p, config.max_side).astype(np.float32) / 255 for p in attacker_paths]
-    timings = {}
+    stages = StageCache(
+        cache,
+        {
+            "model": model.hash,
+            "config": config.model_dump(),
+            "refine_steps": refine_steps,
+            "obfuscation": obfuscation.model_dump(),
+            "study": [str(p) for p in paths],
+            "attackers": [str(p) for p in attacker_paths],
+        },
+    )
+    figures, versions = stages.load("versions"), stages.load_images("versions")
+    if figures is None or versions is None:
+        figures, versions = _shared_versions(
+            model, eight_bit, originals, attacker_images, config, refine_steps, obfuscation
+        )
+        stages.save_images("versions", versions)
+        stages.save("versions", figures)
+    timings = dict(figures["seconds"])
+    key_bytes, raw_key_bytes = figures["key_bytes"], figures["raw_key_bytes"]
+    best = figures["best_attack"]
+    views = {ORIGINAL: originals} | {v: versions[v] for v in VERSIONS if v != ORIGINAL}
 
-    def timed(stage: str, start: float) -> None:
-        timings[stage] = time.perf_counter() - start
+    def staged(stage: str, run: Callable[[], dict]) -> dict:
+        """A stage's results, from the cache or run (and kept), its seconds in ``timings``."""
+        done = stages.load(stage)
+        if done is None:
+            start = time.perf_counter()
+            done = {"results": run(), "seconds": time.perf_counter() - start}
+            stages.save(stage, done)
+        timings[stage] = done["seconds"]
+        return done["results"]
 
-    start = time.perf_counter()
-    authorized, key_bytes = authorized_versions(
-        model, eight_bit, refine_steps, obfuscation, "sharing (default)"
-    )
-    authorized_raw, raw_key_bytes = authorized_versions(
-        model, eight_bit, 0, obfuscation, "sharing (refine 0)"
-    )
-    timed("sharing", start)
-    start = time.perf_counter()
-    jpeg2000, jpeg2000_bpp = jpeg2000_versions(originals, key_bytes)
-    timed("jpeg2000", start)
-    start = time.perf_counter()
-    attack_report, attack_views, _ = attack_images(
-        model, attacker_images, originals, obfuscation, config.attack, refine_steps
-    )
-    timed("attacks", start)
-    best = _best_attack(attack_report["attacks"])["name"]
-    views = {
-        ORIGINAL: originals,
-        AUTHORIZED: authorized,
-        AUTHORIZED_RAW: authorized_raw,
-        JPEG2000: jpeg2000,
-        ATTACK: attack_views[best],
-        PRIOR: attack_views["prior only (mean image)"],
-    }
     index = {p: i for i, p in enumerate(paths)}
     pixels = [i.size for i in originals]
     from primis.metrics import psnr
@@ -637,11 +751,11 @@ def utility_report(
         "attacker_images": len(attacker_paths),
         "attacker_images_dropped_as_study_images": dropped,
         "best_attack": best,
-        "attack_psnr": {n: r["psnr"] for n, r in attack_report["attacks"].items()},
+        "attack_psnr": figures["attack_psnr"],
         "key_bits_per_pixel": float(8 * np.sum(key_bytes) / np.sum(pixels)),
         "key_bits_per_pixel_refine_0": float(8 * np.sum(raw_key_bytes) / np.sum(pixels)),
         "jpeg2000_bits_per_pixel": float(
-            np.sum(np.multiply(jpeg2000_bpp, pixels)) / np.sum(pixels)
+            np.sum(np.multiply(figures["jpeg2000_bpp"], pixels)) / np.sum(pixels)
         ),
         "psnr": {
             name: float(np.mean([psnr(o, v) for o, v in zip(originals, images, strict=True)]))
@@ -651,34 +765,35 @@ def utility_report(
         # The default authorized version against the attack suite's "authorized (with key)"
         # (the same codes, up to 8-bit rounding and the batching of the refinement).
         "authorized_vs_attack_suite": _differences(
-            authorized, attack_views["authorized (with key)"]
+            versions[AUTHORIZED], versions[SUITE_AUTHORIZED]
         ),
         "notes": list(inputs.notes),
     }
     report["classification"] = {}
     for task in inputs.tasks:
-        start = time.perf_counter()
         chosen = [index[s.path.resolve()] for s in task.samples]
         task_views = {name: [images[i] for i in chosen] for name, images in views.items()}
-        report["classification"][task.name] = classification_study(task, task_views, config)
-        timed(f"classification: {task.name}", start)
+        report["classification"][task.name] = staged(
+            f"classification: {task.name}",
+            lambda task=task, task_views=task_views: classification_study(task, task_views, config),
+        )
     if inputs.masked:
         chosen = [index[m.path.resolve()] for m in inputs.masked]
         masks = [
             prepare_mask(m.mask, originals[i].shape)
             for m, i in zip(inputs.masked, chosen, strict=True)
         ]
-        start = time.perf_counter()
-        report["texture"] = texture_study(
-            {name: [images[i] for i in chosen] for name, images in views.items()},
-            masks,
-            config.texture_bins,
+        masked_views = {name: [images[i] for i in chosen] for name, images in views.items()}
+        report["texture"] = staged(
+            "texture", lambda: texture_study(masked_views, masks, config.texture_bins)
         )
-        timed("texture", start)
-        start = time.perf_counter()
-        report["segmentation"] = segmentation_study(views, chosen, inputs.masked, config)
-        timed("segmentation", start)
-    report["seconds"] = {**timings, "total": time.perf_counter() - started}
+        report["segmentation"] = staged(
+            "segmentation", lambda: segmentation_study(views, chosen, inputs.masked, config)
+        )
+    # Every stage's seconds, whichever run measured it; "total" sums them.
+    report["seconds"] = {**timings, "total": sum(timings.values())}
+    report["resumed_stages"] = stages.resumed
+    report["this_run_seconds"] = time.perf_counter() - started
     return report, views
 
 
@@ -837,9 +952,15 @@ def write_utility_report(
             ),
             "",
         ]
+    resumed = report.get("resumed_stages") or []
     parts += [
         "## Run time\n",
         ", ".join(f"{stage} {value:.0f} s" for stage, value in seconds.items()) + ".",
+        *(
+            [f"Resumed: {', '.join(resumed)} (kept from an earlier run of the same study)."]
+            if resumed
+            else []
+        ),
     ]
     parts += [f"\n{note}" for note in report.get("notes", [])]
     write_atomic(out / "utility.md", ("\n".join(parts) + "\n").encode())

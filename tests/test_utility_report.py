@@ -12,6 +12,7 @@ from primis.utility_report import (
     AUTHORIZED,
     ORIGINAL,
     VERSIONS,
+    StageCache,
     auc_with_interval,
     ccc,
     group_of,
@@ -90,13 +91,30 @@ def test_texture_originals_are_concordant_with_themselves_and_noise_is_not():
     assert noisy["share_ccc_0.75"] < 0.15
 
 
+def test_a_stage_cache_keeps_results_and_images_under_the_studys_identity(tmp_path):
+    images = {"a": [np.zeros((3, 4), np.float32), np.ones((5, 2), np.float32)], "b": []}
+    first = StageCache(tmp_path, {"model": "m", "config": {"seed": 0}})
+    assert first.load("versions") is None and first.load_images("versions") is None
+    first.save("classification: covid", {"auc": 0.5})
+    first.save_images("versions", images)
+    same = StageCache(tmp_path, {"config": {"seed": 0}, "model": "m"})
+    assert same.load("classification: covid") == {"auc": 0.5}
+    loaded = same.load_images("versions")
+    assert list(loaded) == ["a", "b"] and loaded["b"] == []
+    assert all(np.array_equal(x, y) for x, y in zip(loaded["a"], images["a"], strict=True))
+    assert same.resumed == ["classification: covid"]
+    changed = StageCache(tmp_path, {"model": "m", "config": {"seed": 1}})
+    assert changed.load("classification: covid") is None
+    assert StageCache(None, {}).load("texture") is None  # no folder: nothing kept
+
+
 @pytest.mark.slow
 def test_utility_command_runs_every_study_on_a_small_subset(tmp_path, tiny_model_dir):
     multi = SHARED / "cxr-multi"
     if not (multi / "nih_cxr14").is_dir() or not (CXR / "lung-masks").is_dir():
         pytest.skip(f"the study's data not found at {SHARED.resolve()} (../shared/data)")
     out = tmp_path / "utility"
-    result = run_cli(
+    arguments = (
         "utility",
         "--model",
         str(tiny_model_dir),
@@ -116,8 +134,23 @@ def test_utility_command_runs_every_study_on_a_small_subset(tmp_path, tiny_model
         "--out",
         str(out),
     )
+    result = run_cli(*arguments)
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "utility.json").read_text())
+    assert report["resumed_stages"] == []
+    # Run again, it resumes after the last completed stage: every stage, the same figures.
+    again = run_cli(*arguments)
+    assert again.returncode == 0, again.stderr
+    resumed = json.loads((out / "utility.json").read_text())
+    assert set(resumed.pop("resumed_stages")) == {
+        "versions", "classification: pneumonia", "classification: covid", "texture",
+        "segmentation",
+    }  # fmt: skip
+    for run in (report, resumed):
+        del run["this_run_seconds"]
+    del report["resumed_stages"]
+    assert resumed == report
+    assert "Resumed: versions" in (out / "utility.md").read_text()
     for name in ("pneumonia", "covid"):
         task = report["classification"][name]
         assert set(VERSIONS) <= set(task["versions"])
