@@ -19,8 +19,8 @@ from primis.errors import PrimisError
 from primis.io.pixels import IntensityMapping
 
 MAX_STEPS = 65535
-SEARCH_STEPS = 8  # bisection steps over JPEG 2000's quality setting (about 0.1 dB apart)
-SEARCH_SPAN = 16.0  # dB either side of the setting the target suggests
+SEARCH_STEPS = 8  # JPEG 2000 encodings tried per layer, at most (then lossless)
+SEARCH_TOLERANCE = 0.1  # dB above the target at which a try is kept without trying closer
 
 
 def grid_steps(mapping: IntensityMapping) -> int:
@@ -48,30 +48,42 @@ def code_residual(unit: np.ndarray, base: np.ndarray, steps: int, psnr: float) -
     start = _levels(base, steps)
     bits = (2 * steps).bit_length()  # the residual, offset by ``steps``, lies in 0..2*steps
     offset = (_levels(unit, steps) - start + steps).astype(np.uint16 if bits <= 16 else np.uint32)
-    worst = steps**2 * 10 ** (-psnr / 10)  # the largest mean squared error in levels allowed
 
-    def encode(level: float | None) -> tuple[bytes, bool]:
-        data = imagecodecs.jpeg2k_encode(offset, level=level, codecformat="j2k", bitspersample=bits)
+    def encode(level: float | None, residual: np.ndarray = offset) -> tuple[bytes, float]:
+        """The codestream of ``residual`` at OpenJPEG's setting ``level`` (None: lossless) and
+        the PSNR it restores."""
+        data = imagecodecs.jpeg2k_encode(
+            residual, level=level, codecformat="j2k", bitspersample=bits
+        )
         restored = np.clip(
             start + imagecodecs.jpeg2k_decode(data).astype(np.int32) - steps, 0, steps
         )
         error = np.mean(np.square(restored - truth, dtype=np.float32), dtype=np.float64)
-        return data, error <= worst
+        return data, math.inf if error == 0 else 10 * math.log10(steps**2 / error)
 
-    # OpenJPEG's setting is a PSNR over the codestream's own peak: the target moved there.
-    guess = psnr + 20 * math.log10((2**bits - 1) / steps)
-    low, high = guess - SEARCH_SPAN, guess + SEARCH_SPAN
-    best, reached = encode(high)
-    if not reached:
-        return encode(None)[0]  # lossless
+    nothing, reached = encode(None, np.full_like(offset, steps))  # the network alone
+    if reached >= psnr:
+        return nothing
+    # OpenJPEG's setting is a PSNR over the codestream's own peak, so the PSNR reached mostly
+    # moves with it dB for dB: each try corrects the setting by what the last one missed,
+    # within the settings not yet ruled out (bisecting them where the correction leaves them:
+    # at coarse settings the PSNR moves in steps).
+    level = psnr + 20 * math.log10((2**bits - 1) / steps)
+    low, high = -math.inf, math.inf  # settings known to miss and to reach the target
+    best: bytes | None = None
     for _ in range(SEARCH_STEPS):
-        middle = (low + high) / 2
-        data, reached = encode(middle)
-        if reached:
-            best, high = data, middle
+        data, reached = encode(level)
+        if reached >= psnr:
+            best = data if best is None or len(data) < len(best) else best
+            if reached - psnr <= SEARCH_TOLERANCE or math.isinf(reached):
+                break
+            high = level
         else:
-            low = middle
-    return best
+            low = level
+        level += psnr - reached + (0.0 if reached >= psnr else SEARCH_TOLERANCE / 2)
+        if not low < level < high:
+            level = (low + high) / 2 if math.isfinite(low + high) else level
+    return encode(None)[0] if best is None else best  # lossless where no setting reaches it
 
 
 def add_residual(base: np.ndarray, data: bytes, steps: int, name: str = "key") -> np.ndarray:

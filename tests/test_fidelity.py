@@ -61,6 +61,17 @@ def test_a_higher_psnr_costs_more_bytes_and_an_unreachable_one_is_lossless():
     assert np.array_equal(mapping.inverse(exact), mapping.inverse(unit))
 
 
+def test_where_the_network_alone_reaches_the_target_the_layer_is_empty():
+    unit, mapping = _real_chest_xray()
+    steps = grid_steps(mapping)
+    base = _blurred(unit)
+    reached = psnr(unit, base)
+    empty = code_residual(unit, base, steps, reached - 1.0)
+    assert len(empty) < 200
+    restored = add_residual(base, empty, steps)
+    assert np.array_equal(np.rint(restored * steps), np.rint(np.clip(base, 0, 1) * steps))
+
+
 def test_a_16_bit_and_a_floating_point_image_count_in_their_own_levels():
     rng = np.random.default_rng(0)
     deep = np.rint(smooth_image(96, 80) * 40000 + rng.normal(0, 30, (96, 80))).astype(np.uint16)
