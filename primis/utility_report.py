@@ -612,7 +612,7 @@ class StageCache:
         }
         names = json.dumps([[name, len(group)] for name, group in images.items()])
         buffer = io.BytesIO()
-        np.savez(buffer, names=np.array(names), **arrays)
+        np.savez_compressed(buffer, names=np.array(names), **arrays)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, buffer.getvalue())
 
