@@ -238,13 +238,23 @@ class ProcessGroup:
 
     def __init__(self, world: int = 1, rank: int = 0) -> None:
         self.world, self.rank = world, rank
+        self.owned = False  # whether this object started torch.distributed's group
 
     @classmethod
     def from_environment(cls, device: torch.device) -> ProcessGroup:
         group = cls(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")))
         if group.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            group.owned = True
         return group
+
+    def close(self) -> None:
+        """End the group this object started, before the process exits (left to the exit,
+        gloo's threads can abort the process after the run has finished)."""
+        if self.owned and dist.is_initialized():
+            dist.barrier()  # every rank is done with the group
+            dist.destroy_process_group()
+            self.owned = False
 
     @property
     def main(self) -> bool:
@@ -371,6 +381,7 @@ def train(
     finally:
         if log:
             log.close()
+    group.close()
     if group.main and not (out / "model.json").exists():
         save_model(out, network, config.obfuscation)
     best, history = (log.best, log.history) if log else (state["best_psnr"], [])
