@@ -166,15 +166,18 @@ def folder_of_512(data: Path, count: int, root: Path) -> Path:
     return folder
 
 
-def run_mode(args: argparse.Namespace, kernels: str, mode: tuple[str, int, int]) -> dict:
-    """One mode (images, batch, refine steps) in a child process under ``kernels``."""
+def run_mode(
+    args: argparse.Namespace, kernels: str, mode: tuple[str, int, int], rounds: int
+) -> dict:
+    """One mode (images, batch, refine steps) over ``rounds`` in a child process under
+    ``kernels``."""
     env = dict(os.environ)
     env.pop("ATEN_CPU_CAPABILITY", None)
     if KERNELS[kernels]:
         env["ATEN_CPU_CAPABILITY"] = KERNELS[kernels]
     images, batch, refine_steps = mode
     command = [sys.executable, __file__, "--model", str(args.model), "--data", str(args.data)]
-    command += ["--threads", str(args.threads), "--rounds", str(args.rounds)]
+    command += ["--threads", str(args.threads), "--rounds", str(rounds)]
     command += ["--mode", images, str(batch), str(refine_steps)]
     child = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     return json.loads(child.stdout.strip().splitlines()[-1]) | {"kernels_asked": kernels}
@@ -232,9 +235,7 @@ def main() -> None:
     for kernels in args.kernels:
         for mode in modes:
             rounds = args.actualmed if mode[0] == "actualmed" else args.rounds
-            rows.append(
-                run_mode(argparse.Namespace(**vars(args) | {"rounds": rounds}), kernels, mode)
-            )
+            rows.append(run_mode(args, kernels, mode, rounds))
     throughput = {}
     if args.folder:
         with tempfile.TemporaryDirectory() as tmp:

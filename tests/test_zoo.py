@@ -40,6 +40,13 @@ def test_every_released_model_is_bundled_unchanged():
             assert bundled.get(name) == digest, name
 
 
+@pytest.mark.parametrize("command", ["ambiguate", "disambiguate", "attack", "utility"])
+def test_the_model_option_lists_every_bundled_model(command):
+    text = " ".join(run_cli(command, "--help", check=True).stdout.split())
+    listed = re.search(r"bundled model name: ([a-z0-9, -]+) \(default: cxr", text)
+    assert listed and listed.group(1).split(", ") == bundled_models()
+
+
 def test_default_model_loads_without_a_name_or_network():
     model = load_model(None)
     assert model.directory.name == DEFAULT_MODEL
