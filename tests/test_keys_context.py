@@ -57,6 +57,19 @@ def test_round_trip_is_exact_and_the_fitted_model_beats_uniform(variable):
         assert again == data
 
 
+def test_codes_with_empty_vectors_round_trip():
+    """Vectors holding no pairs (flat regions under an adaptive rate), whole stages of them and
+    a code of nothing but them, round trip exactly."""
+    m, n, k, grid = 2, 64, 3, (6, 5)
+    coder = fit([smooth_code(m, n, grid, k, s, True) for s in range(4)], k)
+    code = smooth_code(m, n, grid, k, 7, True)
+    code[:, :, :3, :] = 0  # the first stages hold nothing
+    for case in (code, np.zeros_like(code)):
+        vectors = as_vectors(case)
+        data = coder.encode_vectors(vectors, [0, 1], grid, k, variable=True)
+        assert np.array_equal(coder.decode_vectors(data, [0, 1], grid, n, k, variable=True), vectors)
+
+
 @pytest.mark.parametrize("variable", [False, True])
 def test_vector_information_adds_up_to_the_key_and_follows_the_content(variable):
     m, n, k, grid = 2, 64, 3, (9, 7)

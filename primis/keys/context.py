@@ -129,15 +129,18 @@ def _gather(values: np.ndarray, index: np.ndarray, outside) -> np.ndarray:
     return np.where(mask, outside, picked)
 
 
-def _suffix_polynomials(weights: np.ndarray, size: int) -> np.ndarray:
-    """E (V, size+1, n+1): E[:, i, a] = e_i(weights[:, a:]), the elementary symmetric
-    polynomial of degree i of the weights from atom a on."""
+def _suffix_polynomials(weights: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """E (V, max(sizes), n+1): E[v, i, a] = e_i(weights[v, a:]), the elementary symmetric
+    polynomial of degree i of the weights from atom a on, for the degrees i < sizes[v] that a
+    set of sizes[v] members reads (the rest stay 0)."""
     v, n = weights.shape
-    table = np.zeros((v, size + 1, n + 1))
-    table[:, 0] = 1.0
-    for degree in range(1, size + 1):
-        terms = weights * table[:, degree - 1, 1:]
-        table[:, degree, :n] = np.cumsum(terms[:, ::-1], axis=1)[:, ::-1]
+    table = np.zeros((v, int(sizes.max(initial=0)), n + 1))
+    table[:, :1] = 1.0  # degree 0, where any vector holds atoms
+    rows = np.arange(v)
+    for degree in range(1, table.shape[1]):
+        rows = rows[sizes[rows] > degree]
+        terms = weights[rows] * table[rows, degree - 1, 1:]
+        table[rows, degree, :n] = np.cumsum(terms[:, ::-1], axis=1)[:, ::-1]
     return table
 
 
@@ -157,9 +160,11 @@ class _Stage:
         self.atom_table = model.atom_weights
         self.map_of = maps[index]
 
-    def weights(self, sign: int, allowed: np.ndarray) -> np.ndarray:
+    def weights(self, sign: int, allowed: np.ndarray, rows: np.ndarray | slice = slice(None)):
+        """The atoms' weights for ``sign`` in the vectors ``rows`` (all by default), 0 where
+        ``allowed`` (one row per vector of ``rows``) is False."""
         atoms = np.arange(self.atom_context.shape[1])[None, :]
-        w = self.atom_table[self.map_of[:, None], sign, self.atom_context, atoms]
+        w = self.atom_table[self.map_of[rows, None], sign, self.atom_context[rows], atoms]
         return w * allowed
 
 
@@ -257,22 +262,24 @@ def _walk(
         stage = _Stage(wide, vectors, sizes, index, map_of, ctx)
         if variable:
             sizes[index] = coder.counts(index, np.ascontiguousarray(stage.count_table[:, : k + 1]))
-        taken = np.zeros((len(index), n), dtype=bool)
+        held = index[sizes[index] > 0]  # the tables cover only vectors that hold atoms
+        taken = np.zeros((len(held), n), dtype=bool)
+        rows_of = np.nonzero(sizes[index] > 0)[0]
         for part, sign in enumerate((1, -1)):
-            weights = stage.weights(part, allowed[index, part] & ~taken)
-            table = _suffix_polynomials(weights, k - 1)  # slots need degrees < k
-            previous = np.full(len(index), -1)
+            weights = stage.weights(part, allowed[held, part] & ~taken, rows_of)
+            table = _suffix_polynomials(weights, sizes[held])
+            previous = np.full(len(held), -1)
             for slot in range(1, k + 1):
-                rows = np.nonzero(sizes[index] >= slot)[0]
+                rows = np.nonzero(sizes[held] >= slot)[0]
                 if len(rows) == 0:
                     break
                 p = _slot_probabilities(
-                    weights, table, rows, sizes[index[rows]], slot, previous[rows]
+                    weights, table, rows, sizes[held[rows]], slot, previous[rows]
                 )
-                chosen = coder.atoms(index[rows], part, slot, p)
+                chosen = coder.atoms(held[rows], part, slot, p)
                 previous[rows] = chosen
                 taken[rows, chosen] = True
-                vectors[index[rows], chosen] = sign
+                vectors[held[rows], chosen] = sign
 
 
 def _symbols_in_order(
@@ -301,20 +308,22 @@ def _symbols_in_order(
         # then go out in the order `_walk` reads them, with the same float64 probabilities.
         index = np.concatenate(group)
         stage = _Stage(wide, vectors, sizes, index, map_of, ctx)
+        rows_of = np.nonzero(sizes[index] > 0)[0]  # the tables cover only vectors that hold atoms
+        held = index[rows_of]
         slots = []  # per part and slot: the rows (ascending), their atoms and probabilities
         for part in (0, 1):
-            ruled_out = vectors[index] > 0 if part else False  # the -1 set excludes the +1 atoms
-            weights = stage.weights(part, allowed[index, part] & ~ruled_out)
-            table = _suffix_polynomials(weights, k - 1)  # slots need degrees < k
+            ruled_out = vectors[held] > 0 if part else False  # the -1 set excludes the +1 atoms
+            weights = stage.weights(part, allowed[held, part] & ~ruled_out, rows_of)
+            table = _suffix_polynomials(weights, sizes[held])
             for slot in range(1, k + 1):
-                rows = np.nonzero(sizes[index] >= slot)[0]
-                held = members[part][index[rows]]
-                previous = held[:, slot - 2] if slot > 1 else np.full(len(rows), -1)
-                p = _slot_probabilities(weights, table, rows, sizes[index[rows]], slot, previous)
-                chosen = held[:, slot - 1].astype(np.int32)
+                rows = np.nonzero(sizes[held] >= slot)[0]
+                atoms = members[part][held[rows]]
+                previous = atoms[:, slot - 2] if slot > 1 else np.full(len(rows), -1)
+                p = _slot_probabilities(weights, table, rows, sizes[held[rows]], slot, previous)
+                chosen = atoms[:, slot - 1].astype(np.int32)
                 if np.any(p[np.arange(len(rows)), chosen] <= 0):
                     raise ValueError("a code entry lies where the public vector rules it out")
-                slots.append((rows, chosen, p))
+                slots.append((rows_of[rows], chosen, p))
         bounds = np.cumsum([0] + [len(part) for part in group])
         for low, high in pairwise(bounds):  # each stage's rows of the group
             if variable:
