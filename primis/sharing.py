@@ -292,8 +292,10 @@ def _rate_controlled(
             code = encode_images(
                 model, [image.unit], k, refine_steps, progress=progress, rate_weight=weight
             )[0]
-            shared = _package(image, code, model, obfuscation, k, maps, weight)
-            restored = image.mapping.forward(reconstruct(shared.public, shared.key, model)[0])
+            decoded = decode_codes(model, [code])[0]  # what the key restores, decoded once
+            shared = _package(image, code, model, obfuscation, k, maps, weight, decoded)
+            _, key = read_pair(shared.public, shared.key)
+            restored = image.mapping.forward(_restore(decoded, key)[0])
             tried[index] = replace(shared, psnr=psnr(image.unit, restored))
         return tried[index]
 
@@ -606,9 +608,11 @@ def _package(
     k: int,
     maps: list[int],
     rate_weight: float = 0.0,
+    decoded: np.ndarray | None = None,
 ) -> SharedImage:
     """Ambiguate one image's code (chosen with ``rate_weight``) and write its public file and
-    key."""
+    key; a model with a high-fidelity layer codes what the ``decoded`` code (decoded here where
+    None) leaves of the image."""
     cfg = model.network.config
     vectors = code_to_vectors(code)
     public_vectors, perms = ambiguate_maps(vectors, cfg.m, k, obfuscation)
@@ -628,7 +632,7 @@ def _package(
         )
     key_header = _key_header(image, header, model.hash, coder, spec)
     if cfg.residual_psnr is not None:
-        residual = _fidelity_layer(image, code, model, maps)
+        residual = _fidelity_layer(image, code, model, maps, decoded)
         payload += residual
         key_header = key_header.model_copy(update={"residual": len(residual)})
     public, key = seal_pair(PublicFile(header, shown), KeyFile(key_header, payload))
@@ -643,10 +647,15 @@ def _package(
 
 
 def _fidelity_layer(
-    image: ImageToShare, code: torch.Tensor, model: LoadedModel, maps: list[int]
+    image: ImageToShare,
+    code: torch.Tensor,
+    model: LoadedModel,
+    maps: list[int],
+    decoded: np.ndarray | None = None,
 ) -> bytes:
-    """The key's high-fidelity layer (`primis.fidelity`): what the decoded ``code`` leaves of
-    the image, coded to the model's ``residual_psnr``."""
+    """The key's high-fidelity layer (`primis.fidelity`): what the ``code``, as ``decoded``
+    (padded; decoded here where None), leaves of the image, coded to the model's
+    ``residual_psnr``."""
     from primis.fidelity import code_residual, grid_steps
 
     cfg = model.network.config
@@ -656,7 +665,7 @@ def _fidelity_layer(
             " without --maps"
         )
     rows, cols = image.unit.shape
-    base = decode_codes(model, [code])[0][:rows, :cols]
+    base = (decode_codes(model, [code])[0] if decoded is None else decoded)[:rows, :cols]
     return code_residual(image.unit, base, grid_steps(image.mapping), cfg.residual_psnr)
 
 

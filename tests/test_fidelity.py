@@ -193,3 +193,19 @@ def test_the_attack_suites_authorized_view_carries_the_layer(tiny_model_dir, fid
             assert psnr(unit, view) < 44.0
         else:
             assert psnr(unit, view) >= at_least
+
+
+def test_rate_control_reports_the_psnr_a_layer_keys_holder_restores():
+    """Rate control scores each try without decoding its key; the PSNR it reports is the one
+    the holder of the key restores, layer included."""
+    from primis.sharing import RateControl
+
+    model = load_model("cxr-hq")
+    unit, mapping = _real_chest_xray()
+    unit = unit[:192, :160]
+    shared = share_image(
+        unit, mapping, model, model.obfuscation, refine_steps=0, rate=RateControl(quality=40.0)
+    )
+    restored = mapping.forward(reconstruct(shared.public, shared.key, model)[0])
+    assert shared.psnr == pytest.approx(psnr(unit, restored), abs=1e-9)
+    assert shared.psnr >= model.network.config.residual_psnr
