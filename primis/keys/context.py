@@ -21,6 +21,7 @@ as enumerative keys pack them (`primis.keys.enumerative`), then the range code.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import pairwise
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import constriction
 import numpy as np
+import torch
 
 from primis.errors import PrimisError
 from primis.keys.enumerative import (
@@ -139,8 +141,10 @@ def _suffix_polynomials(weights: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     rows = np.arange(v)
     for degree in range(1, table.shape[1]):
         rows = rows[sizes[rows] > degree]
-        terms = weights[rows] * table[rows, degree - 1, 1:]
-        table[rows, degree, :n] = np.cumsum(terms[:, ::-1], axis=1)[:, ::-1]
+        terms = np.ascontiguousarray((weights[rows] * table[rows, degree - 1, 1:])[:, ::-1])
+        # Suffix sums, each row added atom by atom from the last, as numpy's cumsum adds them
+        # (bit for bit); torch's runs several rows at once in vector registers.
+        table[rows, degree, :n] = torch.from_numpy(terms).cumsum(1).numpy()[:, ::-1]
     return table
 
 
@@ -157,15 +161,17 @@ class _Stage:
         self.atom_context = _atom_contexts(done, above, left)
         count_context = _count_contexts(counts, above, left, model.k)
         self.count_table = model.count_weights[maps[index], count_context]
-        self.atom_table = model.atom_weights
-        self.map_of = maps[index]
+        # Where each atom's weight lies in the flat table (m, 2 signs, 9 contexts, n), sign +1.
+        n = self.atom_context.shape[1]
+        self.flat_table = model.atom_weights.reshape(-1)
+        self.cells = (maps[index, None] * 2 * CONTEXTS + self.atom_context) * n + np.arange(n)
+        self.sign_offset = CONTEXTS * n
 
     def weights(self, sign: int, allowed: np.ndarray, rows: np.ndarray | slice = slice(None)):
         """The atoms' weights for ``sign`` in the vectors ``rows`` (all by default), 0 where
         ``allowed`` (one row per vector of ``rows``) is False."""
-        atoms = np.arange(self.atom_context.shape[1])[None, :]
-        w = self.atom_table[self.map_of[rows, None], sign, self.atom_context[rows], atoms]
-        return w * allowed
+        cells = self.cells[rows] + sign * self.sign_offset if sign else self.cells[rows]
+        return self.flat_table.take(cells) * allowed
 
 
 def _slot_probabilities(
@@ -179,10 +185,17 @@ def _slot_probabilities(
     """P(member ``slot`` (1-based) = a | the previous member) for the vectors ``rows`` of
     ``weights`` and of their suffix polynomials ``table``, whose sets have ``sizes`` >=
     ``slot`` members, the last one ``previous``; up to a factor."""
-    n = weights.shape[1]
-    rest = table[rows, sizes - slot, 1:]
-    later = np.arange(n)[None, :] > previous[:, None]
-    return weights[rows] * rest * later
+    chosen = weights if len(rows) == len(weights) else weights[rows]  # all rows: no copy
+    p = chosen * table[rows, sizes - slot, 1:]
+    if slot > 1:  # members ascend: atoms up to the previous one are out
+        p *= _after(weights.shape[1])[previous + 1]
+    return p
+
+
+@functools.cache
+def _after(n: int) -> np.ndarray:
+    """(n + 1, n) float64: row r is 1 for the atoms a >= r, else 0."""
+    return (np.arange(n)[None, :] >= np.arange(n + 1)[:, None]).astype(np.float64)
 
 
 def _members(vectors: np.ndarray, sign: int, sizes: np.ndarray, k: int) -> np.ndarray:
