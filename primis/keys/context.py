@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING
 
 import constriction
 import numpy as np
-import torch
 
 from primis.errors import PrimisError
 from primis.keys.enumerative import (
@@ -135,6 +134,8 @@ def _suffix_polynomials(weights: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """E (V, max(sizes), n+1): E[v, i, a] = e_i(weights[v, a:]), the elementary symmetric
     polynomial of degree i of the weights from atom a on, for the degrees i < sizes[v] that a
     set of sizes[v] members reads (the rest stay 0)."""
+    import torch  # not at import: `primis info` and argument errors answer without torch
+
     v, n = weights.shape
     table = np.zeros((v, int(sizes.max(initial=0)), n + 1))
     table[:, :1] = 1.0  # degree 0, where any vector holds atoms
