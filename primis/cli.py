@@ -475,7 +475,7 @@ def attack(
     help="at most N of cxr's masked images for texture and segmentation (0: none)",
 )
 @click.option("--out", type=opt.PATH, default=Path("primis-utility"), show_default=True)
-@opt.privacy_option
+@opt.obfuscation_options
 @opt.refine_option
 @opt.study_options(
     UtilityConfig,
@@ -485,7 +485,7 @@ def attack(
 )
 def utility(
     model_dir, device, data, attacker_data, attackers, tasks, per_source, masked_images, out,
-    privacy, refine_steps, config,
+    chosen: ShareOptions, refine_steps, config,
 ) -> None:  # fmt: skip
     """Classification, texture and segmentation on originals, authorized reconstructions,
     JPEG 2000 at the key's bytes, the best attack and prior-only (utility.md, .json, plots).
@@ -500,7 +500,7 @@ def utility(
     inputs = study.study_inputs(
         data, attacker_data, attackers, tasks, per_source, masked_images, config.seed
     )
-    obfuscation = obfuscation_for(model, None, privacy)
+    obfuscation = obfuscation_for(model, chosen["obfuscation"], chosen["privacy"])
     report, views = study.utility_report(
         model, inputs, config, refine_steps, obfuscation, cache=out / "stages"
     )

@@ -416,9 +416,12 @@ def classification_study(
 
 def classification_targets(rows: dict, attack_vs_prior: dict) -> list[dict]:
     """The issue's targets: authorized within 0.02 AUC of the originals (paired difference);
-    the attacker's images and the prior-only image no better than chance or prior-only."""
+    the attacker's images and the prior-only image no better than chance or prior-only. Chance
+    is two-sided: an AUC well below 0.5 ranks the classes too (inverted), so an image is at
+    chance only where its 95% interval holds 0.5, and the attack is no better than prior-only
+    only where their paired difference's interval holds 0."""
     authorized = rows[AUTHORIZED]["vs_original"]
-    prior_low, attack_low = rows[PRIOR]["low"], rows[ATTACK]["low"]
+    prior, attack = rows[PRIOR], rows[ATTACK]
     return [
         {
             "target": "authorized AUC within 0.02 of the originals' (paired difference)",
@@ -428,18 +431,23 @@ def classification_targets(rows: dict, attack_vs_prior: dict) -> list[dict]:
             "shown_by_interval": authorized["low"] >= -0.02,
         },
         {
-            "target": "prior-only image no better than chance (95% interval reaches 0.5)",
-            "value": rows[PRIOR]["auc"],
-            "interval": [prior_low, rows[PRIOR]["high"]],
-            "met": prior_low <= 0.5,
+            "target": "prior-only image at chance (95% interval holds 0.5)",
+            "value": prior["auc"],
+            "interval": [prior["low"], prior["high"]],
+            "met": _holds(prior, 0.5),
         },
         {
-            "target": "best attack no better than chance or than the prior-only image",
-            "value": rows[ATTACK]["auc"],
-            "interval": [attack_low, rows[ATTACK]["high"]],
-            "met": attack_low <= 0.5 or attack_vs_prior["low"] <= 0,
+            "target": "best attack at chance, or no different from the prior-only image "
+            "(paired interval holds 0)",
+            "value": attack["auc"],
+            "interval": [attack["low"], attack["high"]],
+            "met": _holds(attack, 0.5) or _holds(attack_vs_prior, 0.0),
         },
     ]
+
+
+def _holds(interval: dict, value: float) -> bool:
+    return interval["low"] <= value <= interval["high"]
 
 
 # --- texture ------------------------------------------------------------------------------

@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 
 from primis.utility_report import (
+    ATTACK,
     AUTHORIZED,
     ORIGINAL,
+    PRIOR,
     VERSIONS,
     StageCache,
     auc_with_interval,
     ccc,
+    classification_targets,
     group_of,
     grouped_folds,
     paired_difference,
@@ -63,6 +66,28 @@ def test_the_originals_against_themselves_differ_by_zero_auc():
     row = auc_with_interval(scores, labels, resamples)
     assert row["low"] <= row["auc"] <= row["high"]
     assert auc_with_interval(np.zeros(60), labels, resamples)["auc"] == 0.5
+
+
+def test_chance_is_two_sided_an_inverted_ranking_is_a_signal_too():
+    """An image whose AUC lies well below 0.5 ranks the classes (inverted): not at chance."""
+
+    def rows(prior: tuple, attack: tuple) -> dict:
+        interval = {"difference": 0.0, "low": -0.01, "high": 0.01}
+        return {
+            AUTHORIZED: {"vs_original": interval},
+            PRIOR: dict(zip(("auc", "low", "high"), prior, strict=True)),
+            ATTACK: dict(zip(("auc", "low", "high"), attack, strict=True)),
+        }
+
+    same = {"difference": 0.01, "low": -0.05, "high": 0.07}
+    apart = {"difference": 0.5, "low": 0.4, "high": 0.6}
+    at_chance = classification_targets(rows((0.48, 0.4, 0.56), (0.52, 0.45, 0.6)), apart)
+    assert [t["met"] for t in at_chance] == [True, True, True]
+    inverted = classification_targets(rows((0.13, 0.08, 0.18), (0.67, 0.58, 0.75)), apart)
+    assert [t["met"] for t in inverted] == [True, False, False]
+    # An attack that ranks as well as prior-only (paired interval holds 0) adds nothing.
+    as_prior = classification_targets(rows((0.8, 0.7, 0.9), (0.82, 0.72, 0.9)), same)
+    assert [t["met"] for t in as_prior] == [True, False, True]
 
 
 def test_texture_originals_are_concordant_with_themselves_and_noise_is_not():
