@@ -410,7 +410,6 @@ def classification_study(
         "folds_trained_on_one_class": int(single_class),
         "versions": rows,
         "attack_vs_prior_only": attack_vs_prior,
-        "targets": classification_targets(rows, attack_vs_prior),
     }
 
 
@@ -781,10 +780,13 @@ def utility_report(
     for task in inputs.tasks:
         chosen = [index[s.path.resolve()] for s in task.samples]
         task_views = {name: [images[i] for i in chosen] for name, images in views.items()}
-        report["classification"][task.name] = staged(
+        result = staged(
             f"classification: {task.name}",
             lambda task=task, task_views=task_views: classification_study(task, task_views, config),
         )
+        # Judged here, not kept with the stage: a resumed study meets today's targets.
+        targets = classification_targets(result["versions"], result["attack_vs_prior_only"])
+        report["classification"][task.name] = result | {"targets": targets}
     if inputs.masked:
         chosen = [index[m.path.resolve()] for m in inputs.masked]
         masks = [
