@@ -346,9 +346,13 @@ def cnn_scores(net: SmallCNN, images: np.ndarray) -> np.ndarray:
     return torch.cat([net(torch.from_numpy(c)[:, None]) for c in np.array_split(images, 8)]).numpy()
 
 
-def grouped_folds(groups: list[str], folds: int, seed: int) -> list[np.ndarray]:
-    """Indices of ``folds`` test folds; every group in one fold, groups (largest first, ties
-    in a seeded order) each to the fold with the fewest images so far."""
+def grouped_folds(groups: list[str], labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
+    """Indices of ``folds`` test folds, stratified where the groups allow: every group in one
+    fold; groups (largest first, ties in a seeded order) each to the fold holding the fewest
+    images of the group's majority class, then the fewest images. Folds of equal class shares
+    keep the pooled out-of-fold AUC of a classifier that cannot tell the classes apart at 0.5
+    (with unequal shares each fold's training balance tilts its scores, and the pooled AUC of
+    even a constant image falls below 0.5)."""
     members: dict[str, list[int]] = {}
     for index, group in enumerate(groups):
         members.setdefault(group, []).append(index)
@@ -357,7 +361,9 @@ def grouped_folds(groups: list[str], folds: int, seed: int) -> list[np.ndarray]:
     order.sort(key=lambda g: -len(members[g]))
     chosen: list[list[int]] = [[] for _ in range(folds)]
     for group in order:
-        min(chosen, key=len).extend(members[group])
+        label = bool(np.mean(labels[members[group]]) >= 0.5)
+        fold = min(chosen, key=lambda f: (int(np.sum(labels[f] == label)) if f else 0, len(f)))
+        fold.extend(members[group])
     return [np.array(sorted(f)) for f in chosen if f]
 
 
@@ -373,7 +379,7 @@ def classification_study(
         name: np.stack([square(i, config.cnn_size) for i in images])
         for name, images in views.items()
     }
-    folds = grouped_folds([s.group for s in task.samples], config.folds, config.seed)
+    folds = grouped_folds([s.group for s in task.samples], labels, config.folds, config.seed)
     scores = {name: np.zeros(len(labels)) for name in views}
     reverse = np.zeros(len(labels))
     single_class = 0

@@ -46,12 +46,26 @@ def test_patients_group_where_the_file_name_says_and_folds_keep_groups_whole():
     assert group_of(Path("COVID-00003a.jpg"), "figure1_covid") == "patient:figure1_covid:00003"
     assert group_of(Path("011.jpeg"), "covid_cxnet") == "source:covid_cxnet"
     groups = [f"g{i % 7}" for i in range(40)] + ["big"] * 12
-    folds = grouped_folds(groups, 4, seed=0)
+    labels = np.arange(len(groups)) % 2 == 0
+    folds = grouped_folds(groups, labels, 4, seed=0)
     assert sorted(np.concatenate(folds).tolist()) == list(range(len(groups)))
     for fold in folds:
         inside = {groups[i] for i in fold}
         outside = {groups[i] for other in folds if other is not fold for i in other}
         assert not inside & outside
+
+
+def test_folds_of_single_images_hold_equal_class_shares_and_a_constant_image_scores_chance():
+    """Patients of one image each: every fold holds as many of each class, so scores that are
+    constant within a fold (an image that shows nothing) pool to an AUC of 0.5 exactly."""
+    labels = np.arange(80) < 40
+    folds = grouped_folds([f"p{i}" for i in range(80)], labels, 5, seed=3)
+    assert [int(labels[f].sum()) for f in folds] == [8] * 5
+    assert [len(f) for f in folds] == [16] * 5
+    scores = np.zeros(80)
+    for offset, fold in enumerate(folds):
+        scores[fold] = offset  # each fold's own network, its own constant score
+    assert auc_with_interval(scores, labels, [np.arange(80)])["auc"] == 0.5
 
 
 def test_the_originals_against_themselves_differ_by_zero_auc():
