@@ -138,6 +138,43 @@ def plot(points: list[dict], trend: dict, field: str, label: str, path: Path) ->
     write_atomic(path, chart.png())
 
 
+def markdown(report: dict) -> str:
+    """The curve as a Markdown table, every ``report["every"]``-th validation and the last,
+    and the trend in a sentence (the docs' generated tables, `benchmarks.tables`)."""
+    points, every, trend = report["points"], report["every"], report["trend"]
+    shown = points[::every] + ([points[-1]] if (len(points) - 1) % every else [])
+    rows = [
+        [
+            f"{p['step']:,}",
+            f"{p['cpu_hours']:.2f}",
+            f"{p['psnr']:.2f}",
+            f"{p['key_bpp']:.3f}",
+            "n/a"
+            if p["x_jpeg2000"] is None
+            else (">" if p["x_jpeg2000_is_lower_bound"] else "") + f"{p['x_jpeg2000']:.2f}",
+        ]
+        for p in shown
+    ]
+    text = markdown_table(["step", "CPU h", "valid PSNR", "key bpp", "x J2K"], rows) + "\n"
+    if trend.get("fit"):
+        fit, target = trend["fit"], trend["target"]
+        text += (
+            f"\nTrend past warm-up: {fit['psnr_db_per_doubling']:+.2f} dB and "
+            f"{100 * fit['key_bpp_change_per_doubling']:+.1f} % key bits per doubling of CPU "
+            f"time; at {trend['at_budget']['cpu_hours']:g} h "
+            f"{trend['at_budget']['psnr']:.2f} dB, x J2K {_ratio(trend['at_budget'])}; at "
+            f"{trend['at_10x_budget']['cpu_hours']:g} h {trend['at_10x_budget']['psnr']:.2f} "
+            f"dB, x J2K {_ratio(trend['at_10x_budget'])}; x J2K {TARGET_X_JPEG2000:g} at "
+            + ("no hour within the horizon" if target is None else f"{target['cpu_hours']:.0f} h")
+            + ".\n"
+        )
+    return text
+
+
+def _ratio(point: dict) -> str:
+    return "n/a" if point["x_jpeg2000"] is None else f"{point['x_jpeg2000']:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a training run's folder")
@@ -150,31 +187,16 @@ def main() -> None:
     anchor = jpeg2000_curve(args.run)
     points = curve_points(history, anchor)
     trend = extrapolate(points, anchor, budget_hours)
-    machine = machine_info()
+    report = {"machine": machine_info(), "points": points, "trend": trend, "every": args.every}
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json(
-        args.out / "training_curve.json", {"machine": machine, "points": points, "trend": trend}
-    )
+    write_json(args.out / "training_curve.json", report)
     plot(points, trend, "psnr", "valid PSNR (dB)", args.out / "training_psnr.png")
     plot(points, trend, "x_jpeg2000", "key / JPEG 2000 bytes", args.out / "training_x_j2k.png")
     print(
         f"Machine (JPEG 2000 measured here; training times as the run logged them): "
-        f"{describe_machine(machine)}"
+        f"{describe_machine(report['machine'])}"
     )
-    rows = [
-        [
-            f"{p['step']:,}",
-            f"{p['cpu_hours']:.2f}",
-            f"{p['psnr']:.2f}",
-            f"{p['key_bpp']:.3f}",
-            "n/a"
-            if p["x_jpeg2000"] is None
-            else (">" if p["x_jpeg2000_is_lower_bound"] else "") + f"{p['x_jpeg2000']:.2f}",
-        ]
-        for p in points[:: args.every] + ([points[-1]] if (len(points) - 1) % args.every else [])
-    ]
-    print(markdown_table(["step", "CPU h", "valid PSNR", "key bpp", "x J2K"], rows))
-    print(f"trend (PSNR and log key bpp linear in log2 CPU hours): {json.dumps(trend)}")
+    print(markdown(report))
 
 
 if __name__ == "__main__":
