@@ -623,7 +623,8 @@ def _package(
     header = _public_header(model, obfuscation, k, grid, perms)
     coder = model.key_coder
     spec = key_spec(coder, maps, (rows, cols), k, obfuscation, perms)
-    release_free_memory()  # what encoding freed, before the key's coding tables
+    if not Tiling().fits((rows, cols), 1):  # a large image: return what encoding freed
+        release_free_memory()  # before the key's coding tables
     payload, ideal = encode_key(coder, vectors, public_vectors, perms, spec)
     if ideal < MIN_KEY_BITS:
         raise PrimisError(

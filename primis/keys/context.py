@@ -133,12 +133,13 @@ def _gather(values: np.ndarray, index: np.ndarray, outside) -> np.ndarray:
 def _suffix_polynomials(weights: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """E (V, max(sizes), n+1): E[v, i, a] = e_i(weights[v, a:]), the elementary symmetric
     polynomial of degree i of the weights from atom a on, for the degrees i < sizes[v] that a
-    set of sizes[v] members reads (the rest stay 0)."""
+    set of sizes[v] members reads (the rest are left unset: nothing reads them)."""
     import torch  # not at import: `primis info` and argument errors answer without torch
 
     v, n = weights.shape
-    table = np.zeros((v, int(sizes.max(initial=0)), n + 1))
+    table = np.empty((v, int(sizes.max(initial=0)), n + 1))  # no zeroing pass
     table[:, :1] = 1.0  # degree 0, where any vector holds atoms
+    table[:, 1:, n] = 0.0  # no atoms left: e_i of nothing is 0 for i >= 1
     rows = np.arange(v)
     for degree in range(1, table.shape[1]):
         rows = rows[sizes[rows] > degree]
