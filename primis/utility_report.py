@@ -997,10 +997,10 @@ def _targets(targets: list[dict]) -> str:
 def _texture_verdict(texture: dict) -> str:
     authorized = texture["versions"][AUTHORIZED]["families"]["all"]["share_ccc_0.90"]
     codec = texture["versions"][JPEG2000]["families"]["all"]["share_ccc_0.90"]
-    verdict = "at least as" if authorized >= codec else "less"
+    verdict = "at least as reproducible as" if authorized >= codec else "less reproducible than"
     return (
-        f"Authorized reconstructions are {verdict} reproducible as JPEG 2000 at the key's "
-        f"bytes: {authorized:.0%} of features at CCC >= 0.90 against {codec:.0%}.\n"
+        f"Authorized reconstructions are {verdict} JPEG 2000 at the key's bytes: "
+        f"{authorized:.0%} of features at CCC >= 0.90 against {codec:.0%}.\n"
     )
 
 
