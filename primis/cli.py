@@ -497,10 +497,10 @@ def utility(
     from primis.api import obfuscation_for
     from primis.report import machine_info
 
+    obfuscation = obfuscation_for(model, chosen["obfuscation"], chosen["privacy"])
     inputs = study.study_inputs(
         data, attacker_data, attackers, tasks, per_source, masked_images, config.seed
     )
-    obfuscation = obfuscation_for(model, chosen["obfuscation"], chosen["privacy"])
     report, views = study.utility_report(
         model, inputs, config, refine_steps, obfuscation, cache=out / "stages"
     )

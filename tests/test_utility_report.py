@@ -23,7 +23,7 @@ from primis.utility_report import (
     paired_difference,
     texture_study,
 )
-from tests.conftest import CXR, run_cli, smooth_image
+from tests.conftest import CXR, assert_clean_failure, run_cli, smooth_image
 
 SHARED = CXR.parent
 
@@ -145,6 +145,21 @@ def test_a_stage_cache_keeps_results_and_images_under_the_studys_identity(tmp_pa
     changed = StageCache(tmp_path, {"model": "m", "config": {"seed": 1}})
     assert changed.load("classification: covid") is None
     assert StageCache(None, {}).load("texture") is None  # no folder: nothing kept
+
+
+def test_utility_takes_the_obfuscation_options_and_checks_them_before_reading_data(
+    tmp_path, tiny_model_dir
+):
+    """--fill, --mask-signs and --pad-size-class reach the study's obfuscation as they reach
+    `primis attack`'s, and a bad one stops the command before any image is read."""
+    missing = tmp_path / "no-such-folder"
+    common = ("utility", "--model", tiny_model_dir, "--data", missing, "--attacker-data", missing)
+    assert_clean_failure(run_cli(*common, "--fill", "1.5"), "fill")
+    # Strict settings (fill 1, masked signs) are accepted: the command goes on to the data.
+    strict = run_cli(*common, "--privacy", "strict", "--pad-size-class")
+    assert (
+        strict.returncode != 0 and "fill" not in strict.stderr and "no-such-folder" in strict.stderr
+    )
 
 
 @pytest.mark.slow

@@ -277,9 +277,9 @@ def _walk(
         stage = _Stage(wide, vectors, sizes, index, map_of, ctx)
         if variable:
             sizes[index] = coder.counts(index, np.ascontiguousarray(stage.count_table[:, : k + 1]))
-        held = index[sizes[index] > 0]  # the tables cover only vectors that hold atoms
+        rows_of = np.nonzero(sizes[index] > 0)[0]  # the tables cover only vectors that hold atoms
+        held = index[rows_of]
         taken = np.zeros((len(held), n), dtype=bool)
-        rows_of = np.nonzero(sizes[index] > 0)[0]
         for part, sign in enumerate((1, -1)):
             weights = stage.weights(part, allowed[held, part] & ~taken, rows_of)
             table = _suffix_polynomials(weights, sizes[held])
