@@ -12,6 +12,13 @@ curves.
     pip install -e ".[bench]"
     python benchmarks/rate_distortion.py --models cxr cxr-v1 --json runs/rd.json
     python benchmarks/rate_distortion.py --weights 0 0.025 0.05 0.1 0.2 --json runs/rd-w.json
+    python benchmarks/rate_distortion.py --models unrefined=cxr --refine-steps 0 \
+        --merge runs/rd.json --json runs/rd-both.json
+
+A model is named in the tables by its argument (a directory by its own name) or by LABEL in
+LABEL=MODEL. --merge adds the models of an earlier report on the same images (their codec
+curves are reused, not recomputed), so that models measured with different --refine-steps, or
+at different times, share one table.
 
 PSNR, SSIM and MS-SSIM are on the image's own intensity range (the [0, 1] scale PRIMIS maps it
 to); "PSNR@bits" is on the image's bit depth (peak 2^bits - 1 over the stored values, DICOM's
@@ -194,14 +201,27 @@ def _mean_curve(curves: list[list[dict]]) -> list[dict]:
 
 
 def measure_source(
-    paths: list[Path], models: dict, points: list[tuple[int, float | None]], refine_steps: int
+    paths: list[Path],
+    models: dict,
+    points: list[tuple[int, float | None]],
+    refine_steps: int,
+    earlier: dict | None = None,
 ) -> dict:
+    """Every image's codec curves and each model's points; with ``earlier`` (the same source's
+    result in an earlier report, which must cover every image) its codec curves and models'
+    points are reused and this run's models added to them."""
+    known = {row["image"]: row for row in (earlier or {}).get("images", [])}
     images = []
     for path in paths:
+        if earlier is not None and path.name not in known:
+            raise SystemExit(f"the merged report lacks {path.name}: measure the same images")
         image = read_source(path)
         unit = image.mapping.forward(image.pixels)
-        curves = {codec: codec_curve(unit, image.mapping, codec) for codec in SWEEPS}
-        row = {"image": path.name, "shape": list(unit.shape), "codecs": curves, "primis": {}}
+        if path.name in known:
+            row = {**known[path.name], "primis": dict(known[path.name]["primis"])}
+        else:
+            curves = {codec: codec_curve(unit, image.mapping, codec) for codec in SWEEPS}
+            row = {"image": path.name, "shape": list(unit.shape), "codecs": curves, "primis": {}}
         for name, model in models.items():
             row["primis"][name] = [
                 primis_point(model, image, unit, k, weight, refine_steps) for k, weight in points
@@ -271,7 +291,9 @@ def _shown(entry: dict, field: str, digits: int) -> str:
 
 
 def print_report(report: dict) -> None:
-    print(describe_machine(report["machine"]), f"refine steps {report['refine_steps']}")
+    steps = report.get("refine_steps_by_model") or {"all models": report["refine_steps"]}
+    shown = ", ".join(f"{name} {count}" for name, count in steps.items())
+    print(describe_machine(report["machine"]), f"refine steps: {shown}")
     for name, result in report["sources"].items():
         print(f"\n{name} ({len(result['images'])} images):")
         print(
@@ -314,9 +336,18 @@ def print_report(report: dict) -> None:
     )
 
 
+def model_label(argument: str) -> tuple[str, str]:
+    """(label, model) of a --models argument: LABEL=MODEL, or the model named by itself (a
+    directory by its own name)."""
+    label, sep, model = argument.partition("=")
+    if sep:
+        return label, model
+    return (Path(argument).name if Path(argument).is_dir() else argument), argument
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["cxr"])
+    parser.add_argument("--models", nargs="+", default=["cxr"], help="MODEL or LABEL=MODEL")
     parser.add_argument("--ks", type=int, nargs="+", default=[4], help="k per key (default 4)")
     parser.add_argument(
         "--weights",
@@ -334,6 +365,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=Path("runs/rate_distortion.json"))
     parser.add_argument("--summarize", type=Path, help="print (and re-summarize) a saved JSON")
+    parser.add_argument("--merge", type=Path, help="add the models of this earlier report")
     args = parser.parse_args()
     if args.summarize:
         report = json.loads(args.summarize.read_text())
@@ -349,18 +381,28 @@ def main() -> None:
         listing, _, limit = spec.partition(":") if spec else ("", "", "")
         path, default_limit = (Path(listing), int(limit or 10**9)) if spec else SOURCES[name]
         sources[name] = resolve_sources(path)[: args.limit or default_limit]
-    models = {name: load_model(name) for name in args.models}
+    models = {label: load_model(model) for label, model in map(model_label, args.models)}
+    earlier = json.loads(args.merge.read_text()) if args.merge else {"sources": {}, "models": {}}
+    clash = set(models) & set(earlier["models"])
+    if clash:
+        raise SystemExit(f"{', '.join(sorted(clash))}: already in {args.merge}; use LABEL=MODEL")
+    steps = earlier.get("refine_steps_by_model", {})
     report = {
         "machine": machine_info(),
         "numeric_type": "float32 (bfloat16 decoder during refinement where native)",
         "refine_steps": args.refine_steps,
-        "models": {name: model.hash for name, model in models.items()},
+        "models": {**earlier["models"], **{name: model.hash for name, model in models.items()}},
+        "refine_steps_by_model": {**steps, **{name: args.refine_steps for name in models}},
+        "merged_from": str(args.merge) if args.merge else None,
         "sources": {},
     }
     for name, paths in sources.items():
         print(f"{name}: {len(paths)} images", flush=True)
         points = [(k, w) for k in args.ks for w in (args.weights or [None])]
-        report["sources"][name] = measure_source(paths, models, points, args.refine_steps)
+        before = earlier["sources"].get(name) if args.merge else None
+        if args.merge and before is None:
+            raise SystemExit(f"{args.merge} has no source {name}")
+        report["sources"][name] = measure_source(paths, models, points, args.refine_steps, before)
         write_json(args.json, report)
     print_report(report)
     print(f"JSON: {args.json}")

@@ -92,9 +92,17 @@ def _symbols(vectors: np.ndarray) -> np.ndarray:
     return np.where(vectors < 0, 2, vectors).astype(np.int64)
 
 
+# The context of an atom whose entries above and to the left are a and l (each -1, 0 or +1),
+# at index 3 * a + l + 4: 3 * sym(a) + sym(l).
+_CONTEXT_OF_ENTRIES = np.array([3 * (a % 3) + (b % 3) for a in (-1, 0, 1) for b in (-1, 0, 1)])
+
+
 def _atom_contexts(vectors: np.ndarray, above: np.ndarray, left: np.ndarray) -> np.ndarray:
     """(len(above), n): each atom's context, 3 * sym(above) + sym(left), 0 outside the grid."""
-    return 3 * _symbols(_gather(vectors, above, 0)) + _symbols(_gather(vectors, left, 0))
+    entries = _gather(vectors, above, 0).astype(np.int8, copy=False) * np.int8(3)
+    entries += _gather(vectors, left, 0).astype(np.int8, copy=False)
+    entries += np.int8(4)
+    return _CONTEXT_OF_ENTRIES.take(entries)
 
 
 def _count_contexts(sizes: np.ndarray, above: np.ndarray, left: np.ndarray, k: int) -> np.ndarray:
@@ -125,9 +133,9 @@ def _stages(m: int, grid: tuple[int, int]) -> list[np.ndarray]:
 
 def _gather(values: np.ndarray, index: np.ndarray, outside) -> np.ndarray:
     """``values[index]`` with ``outside`` where index is -1."""
-    picked = values[np.maximum(index, 0)]
-    mask = (index < 0).reshape((-1,) + (1,) * (values.ndim - 1))
-    return np.where(mask, outside, picked)
+    picked = values[np.maximum(index, 0)]  # a copy
+    picked[index < 0] = outside
+    return picked
 
 
 def _suffix_polynomials(weights: np.ndarray, sizes: np.ndarray) -> np.ndarray:
@@ -140,14 +148,19 @@ def _suffix_polynomials(weights: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     table = np.empty((v, int(sizes.max(initial=0)), n + 1))  # no zeroing pass
     table[:, :1] = 1.0  # degree 0, where any vector holds atoms
     table[:, 1:, n] = 0.0  # no atoms left: e_i of nothing is 0 for i >= 1
-    rows = np.arange(v)
     for degree in range(1, table.shape[1]):
-        rows = rows[sizes[rows] > degree]
+        rows = _rows_where(sizes > degree)
         terms = np.ascontiguousarray((weights[rows] * table[rows, degree - 1, 1:])[:, ::-1])
         # Suffix sums, each row added atom by atom from the last, as numpy's cumsum adds them
         # (bit for bit); torch's runs several rows at once in vector registers.
         table[rows, degree, :n] = torch.from_numpy(terms).cumsum(1).numpy()[:, ::-1]
     return table
+
+
+def _rows_where(condition: np.ndarray) -> np.ndarray | slice:
+    """The indices where ``condition`` holds; a slice (no copies when indexing) where it
+    holds everywhere."""
+    return slice(None) if np.count_nonzero(condition) == len(condition) else condition.nonzero()[0]
 
 
 def _check_k(k: int, model: KeyModel) -> None:
@@ -156,39 +169,47 @@ def _check_k(k: int, model: KeyModel) -> None:
 
 
 class _Stage:
-    """The model's tables for one stage's vectors, given what earlier stages hold."""
+    """The model's tables for one stage's vectors ``index``, given what earlier stages hold:
+    the counts' (``count_table``) and, for the vectors that hold atoms, the atoms'
+    (`atom_weights`)."""
 
-    def __init__(self, model: KeyModel, done: np.ndarray, counts: np.ndarray, index, maps, ctx):
-        above, left = ctx[0][index], ctx[1][index]
-        self.atom_context = _atom_contexts(done, above, left)
-        count_context = _count_contexts(counts, above, left, model.k)
-        self.count_table = model.count_weights[maps[index], count_context]
-        # Where each atom's weight lies in the flat table (m, 2 signs, 9 contexts, n), sign +1.
-        n = self.atom_context.shape[1]
-        self.flat_table = model.atom_weights.reshape(-1)
-        self.cells = (maps[index, None] * 2 * CONTEXTS + self.atom_context) * n + np.arange(n)
-        self.sign_offset = CONTEXTS * n
+    def __init__(self, model: KeyModel, counts: np.ndarray, index, maps, ctx) -> None:
+        self.model = model
+        self.above, self.left, self.maps = ctx[0][index], ctx[1][index], maps[index]
+        count_context = _count_contexts(counts, self.above, self.left, model.k)
+        self.count_table = model.count_weights[self.maps, count_context]
 
-    def weights(self, sign: int, allowed: np.ndarray, rows: np.ndarray | slice = slice(None)):
-        """The atoms' weights for ``sign`` in the vectors ``rows`` (all by default), 0 where
-        ``allowed`` (one row per vector of ``rows``) is False."""
-        cells = self.cells[rows] + sign * self.sign_offset if sign else self.cells[rows]
-        return self.flat_table.take(cells) * allowed
+    def atom_weights(self, done: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
+        """(2, len(rows), n): each atom's weight for +1 (``[0]``) and -1 (``[1]``) in the
+        stage's vectors ``rows``, in the contexts the vectors ``done`` give them."""
+        context = _atom_contexts(done, self.above[rows], self.left[rows])
+        n = context.shape[1]
+        # Where each weight lies in the flat table (m, 2 signs, 9 contexts, n), sign +1.
+        cells = context * n
+        cells += self.maps[rows, None] * (2 * CONTEXTS * n) + np.arange(n)
+        flat = self.model.atom_weights.reshape(-1)
+        weights = np.empty((2, *cells.shape), dtype=flat.dtype)
+        flat.take(cells, out=weights[0])
+        cells += CONTEXTS * n
+        flat.take(cells, out=weights[1])
+        return weights
 
 
 def _slot_probabilities(
     weights: np.ndarray,
     table: np.ndarray,
-    rows: np.ndarray,
+    rows: np.ndarray | slice,
     sizes: np.ndarray,
     slot: int,
-    previous: np.ndarray,
+    previous: np.ndarray | None,
 ) -> np.ndarray:
     """P(member ``slot`` (1-based) = a | the previous member) for the vectors ``rows`` of
     ``weights`` and of their suffix polynomials ``table``, whose sets have ``sizes`` >=
-    ``slot`` members, the last one ``previous``; up to a factor."""
-    chosen = weights if len(rows) == len(weights) else weights[rows]  # all rows: no copy
-    p = chosen * table[rows, sizes - slot, 1:]
+    ``slot`` members, the last one ``previous`` (None for the first); up to a factor."""
+    if isinstance(rows, slice):  # all of them: no copies
+        p = weights * table[np.arange(len(weights)), sizes - slot, 1:]
+    else:
+        p = weights[rows] * table[rows, sizes - slot, 1:]
     if slot > 1:  # members ascend: atoms up to the previous one are out
         p *= _after(weights.shape[1])[previous + 1]
     return p
@@ -203,7 +224,7 @@ def _after(n: int) -> np.ndarray:
 def _members(vectors: np.ndarray, sign: int, sizes: np.ndarray, k: int) -> np.ndarray:
     """(V, k): the atoms holding ``sign`` in ascending order, padded with -1 (``sizes``: how
     many each vector holds). Memory follows the members, not V * n indices."""
-    rows, atoms = np.nonzero(vectors == sign)  # row-major: each row's atoms ascending
+    rows, atoms = np.divmod(np.flatnonzero(vectors == sign), vectors.shape[1])  # ascending
     members = np.full((len(vectors), k), -1, dtype=np.int64)
     first = np.cumsum(sizes) - sizes  # where each row's atoms start in ``atoms``
     members[rows, np.arange(len(rows)) - first[rows]] = atoms
@@ -224,11 +245,10 @@ def _coding_order(
     model: KeyModel,
     allowed: np.ndarray | None,
 ):
-    """For a code of ``shape`` (V, n) coded at ``k`` under ``model``: the atoms allowed (all
-    where None) and the layout (`_layout`); PrimisError where the model codes fewer pairs."""
+    """For a code of ``shape`` (V, n) coded at ``k`` under ``model``: the atoms allowed (None
+    where all are) and the layout (`_layout`); PrimisError where the model codes fewer pairs."""
     _check_k(k, model)
-    allowed = np.broadcast_to(True, (shape[0], 2, shape[1])) if allowed is None else allowed
-    return allowed, *_layout(maps, grid)
+    return None if allowed is None or allowed.all() else allowed, *_layout(maps, grid)
 
 
 class _Decoder:
@@ -274,26 +294,31 @@ def _walk(
     n = vectors.shape[1]
     allowed, map_of, ctx, stages = _coding_order(vectors.shape, maps, grid, k, wide, allowed)
     for index in stages:
-        stage = _Stage(wide, vectors, sizes, index, map_of, ctx)
+        stage = _Stage(wide, sizes, index, map_of, ctx)
         if variable:
             sizes[index] = coder.counts(index, np.ascontiguousarray(stage.count_table[:, : k + 1]))
         rows_of = np.nonzero(sizes[index] > 0)[0]  # the tables cover only vectors that hold atoms
         held = index[rows_of]
         taken = np.zeros((len(held), n), dtype=bool)
+        both = stage.atom_weights(vectors, rows_of)
         for part, sign in enumerate((1, -1)):
-            weights = stage.weights(part, allowed[held, part] & ~taken, rows_of)
+            weights = both[part]
+            if allowed is not None:
+                weights *= allowed[held, part]
+            if part:  # the -1 set excludes the +1 atoms
+                weights *= ~taken
             table = _suffix_polynomials(weights, sizes[held])
             previous = np.full(len(held), -1)
             for slot in range(1, k + 1):
-                rows = np.nonzero(sizes[held] >= slot)[0]
-                if len(rows) == 0:
+                rows = _rows_where(sizes[held] >= slot)
+                if len(previous[rows]) == 0:
                     break
                 p = _slot_probabilities(
                     weights, table, rows, sizes[held[rows]], slot, previous[rows]
                 )
                 chosen = coder.atoms(held[rows], part, slot, p)
                 previous[rows] = chosen
-                taken[rows, chosen] = True
+                taken[np.arange(len(held))[rows], chosen] = True
                 vectors[held[rows], chosen] = sign
 
 
@@ -322,30 +347,35 @@ def _symbols_in_order(
         # The code is known, so the tables of many stages are computed together; the symbols
         # then go out in the order `_walk` reads them, with the same float64 probabilities.
         index = np.concatenate(group)
-        stage = _Stage(wide, vectors, sizes, index, map_of, ctx)
+        stage = _Stage(wide, sizes, index, map_of, ctx)
         rows_of = np.nonzero(sizes[index] > 0)[0]  # the tables cover only vectors that hold atoms
         held = index[rows_of]
         slots = []  # per part and slot: the rows (ascending), their atoms and probabilities
+        both = stage.atom_weights(vectors, rows_of)
         for part in (0, 1):
-            ruled_out = vectors[held] > 0 if part else False  # the -1 set excludes the +1 atoms
-            weights = stage.weights(part, allowed[held, part] & ~ruled_out, rows_of)
+            weights = both[part]
+            if allowed is not None:
+                weights *= allowed[held, part]
+            if part:  # the -1 set excludes the +1 atoms
+                weights *= vectors[held] <= 0
             table = _suffix_polynomials(weights, sizes[held])
             for slot in range(1, k + 1):
-                rows = np.nonzero(sizes[held] >= slot)[0]
+                rows = _rows_where(sizes[held] >= slot)
                 atoms = members[part][held[rows]]
-                previous = atoms[:, slot - 2] if slot > 1 else np.full(len(rows), -1)
+                previous = atoms[:, slot - 2] if slot > 1 else None
                 p = _slot_probabilities(weights, table, rows, sizes[held[rows]], slot, previous)
                 chosen = atoms[:, slot - 1].astype(np.int32)
-                if np.any(p[np.arange(len(rows)), chosen] <= 0):
+                if np.any(p[np.arange(len(atoms)), chosen] <= 0):
                     raise ValueError("a code entry lies where the public vector rules it out")
                 slots.append((rows_of[rows], chosen, p))
         bounds = np.cumsum([0] + [len(part) for part in group])
-        for low, high in pairwise(bounds):  # each stage's rows of the group
+        cuts = [np.searchsorted(rows, bounds).tolist() for rows, _, _ in slots]
+        for stage_of_group, (low, high) in enumerate(pairwise(bounds)):
             if variable:
                 counts = np.ascontiguousarray(stage.count_table[low:high, : k + 1])
                 yield index[low:high], sizes[index[low:high]].astype(np.int32), counts
-            for rows, chosen, p in slots:
-                first, last = np.searchsorted(rows, (low, high))
+            for (rows, chosen, p), cut in zip(slots, cuts, strict=True):
+                first, last = cut[stage_of_group], cut[stage_of_group + 1]
                 yield index[rows[first:last]], chosen[first:last], p[first:last]
 
 
@@ -377,10 +407,10 @@ def most_probable_code(
     map_of, ctx, stages = _layout(list(range(m)), grid)
     counts = np.full(v, k)
     for index in stages:
-        stage = _Stage(model, vectors, counts, index, map_of, ctx)
+        both = _Stage(model, counts, index, map_of, ctx).atom_weights(vectors, slice(None))
         taken = np.zeros((len(index), n), dtype=bool)
         for part, sign in enumerate((1, -1)):
-            weights = np.where(allowed[index, part] & ~taken, stage.weights(part, True), -1.0)
+            weights = np.where(allowed[index, part] & ~taken, both[part], -1.0)
             chosen = np.argsort(-weights, axis=1, kind="stable")[:, :k]
             rows = np.repeat(np.arange(len(index)), k)
             taken[rows, chosen.reshape(-1)] = True
