@@ -128,7 +128,9 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]
 class Source(Strict):
     """Private facts about the input (`primis.io.images.read_source`), kept in the key only."""
 
-    format: Literal["dicom", "npy", "tiff", "png", "jpg", "jpeg", "bmp"] | None = None
+    format: Literal["dicom", "npy", "tiff", "png", "jpg", "jpeg", "jfif", "webp", "bmp"] | None = (
+        None  # every format `read_source` names
+    )
     transfer_syntax: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)*$", max_length=64)
     photometric: str | None = Field(None, pattern=r"^[A-Z0-9_]{1,16}$")
     bits_allocated: int | None = Field(None, ge=1, le=64)

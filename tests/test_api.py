@@ -16,6 +16,7 @@ from PIL import Image
 import primis
 from primis.errors import PrimisError
 from primis.formats import KeyFile, PublicFile
+from primis.io.images import PIL_SUFFIXES
 from primis.io.pixels import IntensityMapping
 from primis.metrics import psnr
 from tests.conftest import cxr_images, run_cli, smooth_image
@@ -304,3 +305,15 @@ def test_a_miniswhite_lzw_tiff_is_restored_as_miniswhite_with_its_values(tmp_pat
         values = tiff.asarray()
     assert values.dtype == np.uint16 and values.shape == pixels.shape
     assert np.corrcoef(values.ravel().astype(float), pixels.ravel())[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("suffix", sorted(PIL_SUFFIXES))
+def test_every_pillow_format_the_reader_takes_shares_and_restores(tmp_path, model, suffix):
+    pixels = (smooth_image(40, 56, 2) * 255).round().astype(np.uint8)
+    path = tmp_path / f"scan{suffix}"
+    Image.fromarray(pixels).save(path, **({"lossless": True} if suffix == ".webp" else {}))
+    written = primis.share_file(path, tmp_path / "public", tmp_path / "keys", model, refine_steps=0)
+    key = KeyFile.from_bytes(written.key_path.read_bytes())
+    assert key.header.source["format"] == suffix.lstrip(".")
+    restored = primis.restore_file(written.public_path, tmp_path / "keys", tmp_path / "out", model)
+    assert np.asarray(Image.open(restored)).shape == pixels.shape
