@@ -75,15 +75,17 @@ def export_model(
     half: bool = False,
     key_images: list[Path] | None = None,
     key_refine_steps: int = 0,
+    key_couplings: bool = True,
     base: str | None = None,
     residual_psnr: float | None = None,
 ) -> str:
     """Write a standalone model directory ``out`` from a run or model directory and return its
     hash: weights in float32 (``half``: float16, half the size). With ``key_images``, also a
     key model fitted to the codes the exported weights give those images (at
-    ``key_refine_steps``), so that its keys are context coded. With ``base`` (a bundled
-    model's name) the directory holds only the tensors that differ from the base's (for
-    bundled models that share a part); it loads only where that base is bundled. With
+    ``key_refine_steps``; ``key_couplings``: with couplings, smaller keys coded in somewhat
+    more time, `primis.keys.couplings`), so that its keys are context coded. With ``base`` (a
+    bundled model's name) the directory holds only the tensors that differ from the base's
+    (for bundled models that share a part); it loads only where that base is bundled. With
     ``residual_psnr`` the model's keys also carry a high-fidelity layer up to that PSNR in dB
     (`primis.fidelity`; the bundled ``cxr-hq`` is ``cxr`` so exported)."""
     model = _load_model(run)
@@ -96,7 +98,7 @@ def export_model(
     save_model(Path(out), model.network, model.obfuscation, dtype)  # the weights keys will use
     exported = _load_model(out)
     units = (read_image(Path(path))[0] for path in key_images)
-    key_model = sharing.fit_image_keys(exported, units, key_refine_steps)
+    key_model = sharing.fit_image_keys(exported, units, key_refine_steps, key_couplings)
     return save_model(Path(out), exported.network, exported.obfuscation, dtype, key_model, base)
 
 

@@ -9,8 +9,9 @@ baseline: the attacker set's mean image, which needs no public file at all.
     top-k          per vector, keep the k +/- entries whose atoms the decoder weighs most
     random guess   a support drawn at random, consistent with the public vector
     prior MAP      the most probable support under the attacker's prior over codes (atom
-                   usage in the context of the neighbours' codes, `keys.KeyModel` fitted
-                   to the attacker's own true codes), among the public candidates
+                   usage in the context of the neighbours' codes, with couplings,
+                   `keys.KeyModel` fitted to the attacker's own true codes), among the public
+                   candidates
     distinguisher  a convolutional classifier over the whole public tensor (every map, every
                    position, spatial context: each entry with its neighbours of the same atom,
                    summaries of its vector and a learned embedding of its atom), trained on
@@ -577,7 +578,7 @@ def _untrained_views(
     """The authorized view and those of the attacks that train nothing, per target: naive and
     top-k decoding, a random support guess (drawn with ``seed``) and the support most probable
     under the prior fitted to the attacker's own codes."""
-    prior = fit_key_model(((a.code, a.grid) for a in attackers), k)
+    prior = fit_key_model(((a.code, a.grid) for a in attackers), k, couplings=True)
     rng = np.random.default_rng(seed)
     return {
         AUTHORIZED: [authorized_view(model, t) for t in targets],

@@ -542,6 +542,12 @@ def evaluate(model_dir, device, data, ks, out, refine_steps, quick) -> None:
 )
 @click.option("--key-refine-steps", type=int, default=0, show_default=True)
 @click.option(
+    "--key-couplings/--no-key-couplings",
+    default=True,
+    show_default=True,
+    help="key model with couplings: smaller keys, coded in somewhat more time",
+)
+@click.option(
     "--base",
     help="bundled model: store only the tensors that differ from it (for the bundled zoo)",
 )
@@ -556,6 +562,7 @@ def export(
     half: bool,
     key_data: Path | None,
     key_refine_steps: int,
+    key_couplings: bool,
     base: str | None,
     residual_psnr: float | None,
 ) -> None:
@@ -570,6 +577,7 @@ def export(
         half=half,
         key_images=images,
         key_refine_steps=key_refine_steps,
+        key_couplings=key_couplings,
         base=base,
         residual_psnr=residual_psnr,
     )

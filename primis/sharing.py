@@ -579,13 +579,15 @@ def share_image(
 
 
 def fit_image_keys(
-    model: LoadedModel, units: Iterable[np.ndarray], refine_steps: int = 0
+    model: LoadedModel, units: Iterable[np.ndarray], refine_steps: int = 0, couplings: bool = True
 ) -> KeyModel:
     """A key model (see `primis.keys.context`) fitted to the codes this model gives images in
-    [0, 1] at its own k, one image at a time (so any number and size fits in memory)."""
+    [0, 1] at its own k, one image at a time (so any number and size fits in memory), with
+    ``couplings`` (`primis.keys.couplings`: smaller keys, coded in somewhat more time)."""
     k = model.network.config.k
     codes = (encode_images(model, [unit], k, refine_steps)[0] for unit in units)
-    return fit_key_model(((code_to_vectors(c), tuple(c.shape[3:])) for c in codes), k)
+    vectors = ((code_to_vectors(c), tuple(c.shape[3:])) for c in codes)
+    return fit_key_model(vectors, k, couplings=couplings)
 
 
 def _batches(shapes: list[tuple], batch_size: int) -> list[list[int]]:

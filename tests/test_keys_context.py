@@ -169,3 +169,69 @@ def test_atom_costs_price_the_atoms_the_model_expects_lowest():
     np.testing.assert_allclose(half, 0.5 * costs, rtol=2e-3, atol=1e-3)
     huge = coder.atom_costs(vectors, grid, scale=1e9, dtype=np.float16)
     assert np.isfinite(huge).all() and huge.max() == np.finfo(np.float16).max
+
+
+def coupled_code(m: int, n: int, grid: tuple[int, int], k: int, seed: int) -> np.ndarray:
+    """(m, n, rows, cols) codes whose -1 atoms are partners of their +1 atoms (a + 1 for atom
+    a) and whose later maps repeat the first map's atoms at each place shifted by 5 per map:
+    what the couplings model."""
+    rng = np.random.default_rng(seed)
+    rows, cols = grid
+    code = np.zeros((m, n, rows, cols), dtype=np.int8)
+    for r in range(rows):
+        for c in range(cols):
+            s = int(rng.integers(1, k + 1))
+            plus = 2 * rng.choice(n // 2, s, replace=False)  # even atoms; partners odd
+            for j in range(m):
+                shifted = (plus + 10 * j) % n
+                code[j, shifted, r, c] = 1
+                code[j, shifted + 1, r, c] = -1
+    return code
+
+
+def test_couplings_learn_what_the_decoder_knows_and_keys_still_round_trip_exactly():
+    m, n, k, grid = 2, 64, 3, (8, 7)
+    training = [coupled_code(m, n, grid, k, s) for s in range(6)]
+    samples = [(as_vectors(code), code.shape[2:]) for code in training]
+    plain = ContextKeyCoder(fit_key_model(samples, k))
+    coupled_model = fit_key_model(samples, k, couplings=True)
+    assert coupled_model.coupled and not plain.model.coupled
+    coupled = ContextKeyCoder(coupled_model)
+    vectors = as_vectors(coupled_code(m, n, grid, k, 99))
+    sizes = {}
+    for name, coder in (("plain", plain), ("coupled", coupled)):
+        data = coder.encode_vectors(vectors, [0, 1], grid, k)
+        assert np.array_equal(coder.decode_vectors(data, [0, 1], grid, n, k), vectors)
+        sizes[name] = len(data)
+    # The -1 atoms and the second map follow from what is decoded before them.
+    assert sizes["coupled"] < 0.6 * sizes["plain"]
+    # Any grouping of stages writes the same bytes; a key of one map (no previous map to
+    # follow), a lower k and atoms ruled out by a public vector round trip too.
+    for chunk in (1, 10**6):
+        again = coupled.encode_vectors(vectors, [0, 1], grid, k, chunk=chunk)
+        assert again == coupled.encode_vectors(vectors, [0, 1], grid, k)
+    second = vectors[len(vectors) // 2 :]
+    data = coupled.encode_vectors(second, [1], grid, k)
+    assert np.array_equal(coupled.decode_vectors(data, [1], grid, n, k), second)
+    low = as_vectors(smooth_code(m, n, grid, 2, 5, True))
+    data = coupled.encode_vectors(low, [0, 1], grid, 2)
+    assert np.array_equal(coupled.decode_vectors(data, [0, 1], grid, n, 2), low)
+    allowed = np.ones((len(vectors), 2, n), dtype=bool)
+    allowed[:, 0, 1::2] = False  # +1 entries only on even atoms, as the code has them
+    data = coupled.encode_vectors(vectors, [0, 1], grid, k, allowed)
+    assert np.array_equal(coupled.decode_vectors(data, [0, 1], grid, n, k, allowed), vectors)
+
+
+def test_coupling_tables_are_validated_and_travel_with_the_model():
+    m, n, k = 2, 8, 2
+    atoms, counts = np.ones((m, 2, 9, n)), np.ones((m, (k + 1) ** 2, k + 1))
+    pairs, cross = np.ones((m, n, n)), np.ones((m - 1, 2, 2, n, n))
+    model = KeyModel(atoms, counts, pairs, cross)
+    assert set(model.tensors()) == set(KeyModel.from_tensors(model.tensors()).tensors())
+    assert KeyModel.from_tensors(model.tensors()).coupled
+    with pytest.raises(PrimisError, match="both"):
+        KeyModel(atoms, counts, pairs)
+    with pytest.raises(PrimisError, match="shape"):
+        KeyModel(atoms, counts, pairs, np.ones((m, 2, 2, n, n)))
+    with pytest.raises(PrimisError, match="positive"):
+        KeyModel(atoms, counts, pairs, 0 * cross)

@@ -11,6 +11,11 @@ earlier stages, so a stage decodes as one batch). For each vector (map j, row r,
    + sym(left, a) with sym 0, 1, 2 for an entry 0, +1, -1 (outside the grid: 0). Atoms the
    public vector rules out (``allowed``) get weight 0, and the -1 set excludes the +1 atoms.
 
+A key model with couplings (`primis.keys.couplings`) also multiplies each weight by a factor
+per atom already known: for the -1 set, per atom of the vector's own +1 set; in a map that
+follows another, per atom of the previous map's vector at the same place, which is then coded
+first (map p's vectors go p stages later).
+
 Slot t of a set of size s takes atom a > (previous member) with probability proportional to
 w_a * e_{s-t}(w_{a+1}, ..., w_{n-1}), e_i the elementary symmetric polynomial: exactly the
 conditional of the product model. Only + and * of float64 enter the tables (no exp or log), so
@@ -45,7 +50,12 @@ if TYPE_CHECKING:
     from primis.keys import KeySpec
 
 CONTEXTS = 9  # 3 symbols above x 3 symbols to the left
-TENSORS = ("key_model.atom_weights", "key_model.count_weights")
+TENSORS = (
+    "key_model.atom_weights",
+    "key_model.count_weights",
+    "key_model.pair_weights",  # optional: the couplings
+    "key_model.cross_weights",
+)
 _FAMILY = constriction.stream.model.Categorical(perfect=False)
 # Vectors whose coding tables are computed at a time: they stay in the CPU's cache.
 CODING_CHUNK = 256
@@ -56,10 +66,16 @@ COSTS_CHUNK = 2048
 @dataclass(frozen=True)
 class KeyModel:
     """Weights of the context model: ``atom_weights`` (m, 2 signs, 9 contexts, n) and
-    ``count_weights`` (m, (k+1)**2 contexts, k+1), all positive and finite."""
+    ``count_weights`` (m, (k+1)**2 contexts, k+1); optionally the couplings, factors on an
+    atom's weight: ``pair_weights`` (m, n, n), [j, b, a] for atom a in map j's -1 set where
+    atom b is in the same vector's +1 set, and ``cross_weights`` (m-1, 2 signs, 2 signs, n,
+    n), [j-1, sign, sign', b, a] for atom a holding sign in map j's vector where map j-1's
+    vector at the same place holds atom b with sign'. All positive and finite."""
 
     atom_weights: np.ndarray
     count_weights: np.ndarray
+    pair_weights: np.ndarray | None = None
+    cross_weights: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         a, c = self.atom_weights, self.count_weights
@@ -67,24 +83,58 @@ class KeyModel:
             raise PrimisError("key model: tables of the wrong shape")
         if c.shape[1] != c.shape[2] ** 2:
             raise PrimisError("key model: count table of the wrong shape")
-        for table in (a, c):
-            if not (np.all(np.isfinite(table)) and np.all(table > 0)):
+        m, n = a.shape[0], a.shape[3]
+        if (self.pair_weights is None) != (self.cross_weights is None):
+            raise PrimisError("key model: couplings need both tables")
+        if self.pair_weights is not None and (
+            self.pair_weights.shape != (m, n, n) or self.cross_weights.shape != (m - 1, 2, 2, n, n)
+        ):
+            raise PrimisError("key model: coupling tables of the wrong shape")
+        for table in (a, c, self.pair_weights, self.cross_weights):
+            if table is not None and not (np.all(np.isfinite(table)) and np.all(table > 0)):
                 raise PrimisError("key model: weights must be positive and finite")
 
     @property
     def k(self) -> int:
         return self.count_weights.shape[2] - 1
 
+    @property
+    def coupled(self) -> bool:
+        """Whether atoms' weights also follow the vector's own +1 atoms and the previous map."""
+        return self.pair_weights is not None
+
     def fits(self, m: int, n: int, k: int) -> bool:
         """Whether it models codes of ``m`` maps of ``n`` atoms with up to ``k`` pairs."""
         return self.atom_weights.shape[0] == m and self.atom_weights.shape[3] == n and self.k == k
 
     def tensors(self) -> dict[str, np.ndarray]:
-        return dict(zip(TENSORS, (self.atom_weights, self.count_weights), strict=True))
+        tables = (self.atom_weights, self.count_weights, self.pair_weights, self.cross_weights)
+        return {name: t for name, t in zip(TENSORS, tables, strict=True) if t is not None}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, np.ndarray]) -> KeyModel:
-        return cls(*(np.asarray(tensors[name], dtype=np.float32) for name in TENSORS))
+        return cls(
+            *(
+                np.asarray(tensors[name], dtype=np.float32) if name in tensors else None
+                for name in TENSORS
+            )
+        )
+
+    def widened(self) -> KeyModel:
+        """The same model in float64, the precision keys are coded in."""
+        return KeyModel(*(None if t is None else t.astype(np.float64) for t in self.tables()))
+
+    def tables(self) -> tuple[np.ndarray | None, ...]:
+        return self.atom_weights, self.count_weights, self.pair_weights, self.cross_weights
+
+    @functools.cached_property
+    def coupling_rows(self) -> np.ndarray:
+        """The couplings as one table of rows of n factors: map j's pair rows at j * n + b,
+        then the cross rows at m * n + ((j-1) * 4 + 2 sign + sign') * n + b, then a row of ones."""
+        n = self.atom_weights.shape[3]
+        parts = (self.pair_weights.reshape(-1, n), self.cross_weights.reshape(-1, n))
+        # float32, as stored (exactly): half the memory traffic of gathering float64
+        return np.concatenate([*parts, np.ones((1, n))]).astype(np.float32)
 
 
 def _symbols(vectors: np.ndarray) -> np.ndarray:
@@ -121,14 +171,24 @@ def _neighbours(m: int, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     return above, left
 
 
-def _stages(m: int, grid: tuple[int, int]) -> list[np.ndarray]:
-    """Vector indices per anti-diagonal stage, maps together, rows ascending."""
+def _stages(m: int, grid: tuple[int, int], shifted: bool = False) -> list[np.ndarray]:
+    """Vector indices per anti-diagonal stage, map-major, rows ascending within a map;
+    ``shifted``: the p-th map's vectors one stage later than the (p-1)-th's (so a vector
+    follows the previous map's at its place), else all maps together."""
     rows, cols = grid
     r, c = np.divmod(np.arange(rows * cols), cols)
     index = np.arange(m * rows * cols).reshape(m, rows * cols)
     order = np.argsort(r + c, kind="stable")
     bounds = np.cumsum(np.bincount((r + c)[order], minlength=rows + cols - 1))[:-1]
-    return [index[:, part].reshape(-1) for part in np.split(order, bounds)]
+    diagonals = np.split(order, bounds)
+    if not shifted:
+        return [index[:, part].reshape(-1) for part in diagonals]
+    return [
+        np.concatenate(
+            [index[p, diagonals[d - p]] for p in range(m) if 0 <= d - p < len(diagonals)]
+        )
+        for d in range(len(diagonals) + m - 1)
+    ]
 
 
 def _gather(values: np.ndarray, index: np.ndarray, outside) -> np.ndarray:
@@ -175,13 +235,15 @@ class _Stage:
 
     def __init__(self, model: KeyModel, counts: np.ndarray, index, maps, ctx) -> None:
         self.model = model
-        self.above, self.left, self.maps = ctx[0][index], ctx[1][index], maps[index]
+        self.above, self.left, self.previous = (neighbour[index] for neighbour in ctx)
+        self.maps = maps[index]
         count_context = _count_contexts(counts, self.above, self.left, model.k)
         self.count_table = model.count_weights[self.maps, count_context]
 
     def atom_weights(self, done: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
         """(2, len(rows), n): each atom's weight for +1 (``[0]``) and -1 (``[1]``) in the
-        stage's vectors ``rows``, in the contexts the vectors ``done`` give them."""
+        stage's vectors ``rows``, in the contexts the vectors ``done`` give them (with
+        couplings: times the factors of the previous map's atoms at its place, `_couple`)."""
         context = _atom_contexts(done, self.above[rows], self.left[rows])
         n = context.shape[1]
         # Where each weight lies in the flat table (m, 2 signs, 9 contexts, n), sign +1.
@@ -192,7 +254,52 @@ class _Stage:
         flat.take(cells, out=weights[0])
         cells += CONTEXTS * n
         flat.take(cells, out=weights[1])
+        if self.model.coupled:
+            self._cross(weights, done, np.arange(len(self.maps))[rows])
         return weights
+
+    def _cross(self, weights: np.ndarray, done: np.ndarray, rows: np.ndarray) -> None:
+        """Multiply in the cross-map factors of the vectors of ``rows`` that follow the
+        previous map's: those of that vector's +1 atoms, then of its -1 atoms."""
+        has = np.nonzero(self.previous[rows] >= 0)[0]
+        if len(has) == 0:
+            return
+        earlier = done[self.previous[rows[has]]]
+        k, n = self.model.k, earlier.shape[1]
+        members = np.concatenate(
+            [
+                _members(earlier, sign, np.count_nonzero(earlier == sign, axis=1), k)
+                for sign in (1, -1)
+            ],
+            axis=1,
+        )
+        first = self.model.atom_weights.shape[0] * n + (self.maps[rows[has]] - 1) * 4 * n
+        for part in (0, 1):
+            source = np.repeat([0, n], k)  # +1 members, then -1 members
+            _couple(
+                weights[part], has, members, (first + 2 * part * n)[:, None] + source, self.model
+            )
+
+    def pair(self, weights: np.ndarray, rows: np.ndarray | slice, plus: np.ndarray) -> None:
+        """Multiply in the -1 set's pair factors (with couplings): for each vector of ``rows``
+        (its -1 weights ``weights``), its +1 atoms ``plus`` (ascending, padded with -1)."""
+        if self.model.coupled:
+            n = weights.shape[1]
+            offset = (self.maps[rows] * n)[:, None]
+            _couple(weights, slice(None), plus, offset, self.model)
+
+
+def _couple(weights: np.ndarray, rows, members: np.ndarray, offset, model: KeyModel) -> None:
+    """``weights[rows]`` times the product, over the atoms b of ``members`` (padded with -1) in
+    order, of the coupling rows ``offset + b`` (`KeyModel.coupling_rows`): one computation,
+    shared by the encoder and the decoder, so that both get bit-identical weights."""
+    table = model.coupling_rows
+    index = np.where(members >= 0, offset + members, len(table) - 1)  # the last row: ones
+    factors = table[index]  # (R, slots, n)
+    product = factors[:, 0].astype(np.float64)  # products of float32 factors, in float64
+    for slot in range(1, factors.shape[1]):
+        product *= factors[:, slot]
+    weights[rows] *= product
 
 
 def _slot_probabilities(
@@ -231,10 +338,17 @@ def _members(vectors: np.ndarray, sign: int, sizes: np.ndarray, k: int) -> np.nd
     return members
 
 
-def _layout(m_of: list[int], grid: tuple[int, int]):
+def _layout(m_of: list[int], grid: tuple[int, int], coupled: bool = False):
+    """For the vectors of the maps ``m_of`` (map-major): each one's map, its neighbours (the
+    vector above, the one to the left and, ``coupled``, the previous map's at its place where
+    that map is coded too; -1 where there is none) and the stages (`_stages`)."""
     rows, cols = grid
-    maps = np.repeat(np.asarray(m_of, dtype=np.int64), rows * cols)
-    return maps, _neighbours(len(m_of), grid), _stages(len(m_of), grid)
+    cells = rows * cols
+    maps = np.repeat(np.asarray(m_of, dtype=np.int64), cells)
+    above, left = _neighbours(len(m_of), grid)
+    follows = np.repeat([p > 0 and m_of[p] == m_of[p - 1] + 1 for p in range(len(m_of))], cells)
+    previous = np.where(follows & coupled, np.arange(len(maps)) - cells, -1)
+    return maps, (above, left, previous), _stages(len(m_of), grid, coupled)
 
 
 def _coding_order(
@@ -248,7 +362,8 @@ def _coding_order(
     """For a code of ``shape`` (V, n) coded at ``k`` under ``model``: the atoms allowed (None
     where all are) and the layout (`_layout`); PrimisError where the model codes fewer pairs."""
     _check_k(k, model)
-    return None if allowed is None or allowed.all() else allowed, *_layout(maps, grid)
+    allowed = None if allowed is None or allowed.all() else allowed
+    return allowed, *_layout(maps, grid, model.coupled)
 
 
 class _Decoder:
@@ -305,8 +420,9 @@ def _walk(
             weights = both[part]
             if allowed is not None:
                 weights *= allowed[held, part]
-            if part:  # the -1 set excludes the +1 atoms
+            if part:  # the -1 set excludes the +1 atoms, and follows them with couplings
                 weights *= ~taken
+                stage.pair(weights, rows_of, _members(vectors[held], 1, sizes[held], k))
             table = _suffix_polynomials(weights, sizes[held])
             previous = np.full(len(held), -1)
             for slot in range(1, k + 1):
@@ -356,8 +472,9 @@ def _symbols_in_order(
             weights = both[part]
             if allowed is not None:
                 weights *= allowed[held, part]
-            if part:  # the -1 set excludes the +1 atoms
+            if part:  # the -1 set excludes the +1 atoms, and follows them with couplings
                 weights *= vectors[held] <= 0
+                stage.pair(weights, rows_of, members[0][held])
             table = _suffix_polynomials(weights, sizes[held])
             for slot in range(1, k + 1):
                 rows = _rows_where(sizes[held] >= slot)
@@ -404,14 +521,19 @@ def most_probable_code(
     v, _, n = allowed.shape
     m = model.atom_weights.shape[0]
     vectors = np.zeros((v, n), dtype=np.int8)
-    map_of, ctx, stages = _layout(list(range(m)), grid)
+    map_of, ctx, stages = _layout(list(range(m)), grid, model.coupled)
     counts = np.full(v, k)
     for index in stages:
-        both = _Stage(model, counts, index, map_of, ctx).atom_weights(vectors, slice(None))
+        stage = _Stage(model, counts, index, map_of, ctx)
+        both = stage.atom_weights(vectors, slice(None))
         taken = np.zeros((len(index), n), dtype=bool)
+        plus = np.empty((len(index), 0), dtype=np.int64)  # the +1 atoms, once chosen
         for part, sign in enumerate((1, -1)):
+            if part:
+                stage.pair(both[1], slice(None), plus)
             weights = np.where(allowed[index, part] & ~taken, both[part], -1.0)
             chosen = np.argsort(-weights, axis=1, kind="stable")[:, :k]
+            plus = np.sort(chosen, axis=1)
             rows = np.repeat(np.arange(len(index)), k)
             taken[rows, chosen.reshape(-1)] = True
             vectors[index[rows], chosen.reshape(-1)] = sign
@@ -419,19 +541,29 @@ def most_probable_code(
 
 
 def fit_key_model(
-    codes: Iterable[tuple[np.ndarray, tuple[int, int]]], k: int, prior: float = 1.0
+    codes: Iterable[tuple[np.ndarray, tuple[int, int]]],
+    k: int,
+    prior: float = 1.0,
+    couplings: bool = False,
 ) -> KeyModel:
     """The context model fitted to ternary codes, each given as its vectors (m * rows * cols,
     n) int8 in `obfuscation.code_to_vectors` order and its grid (rows, cols), by counting: an
     atom's weight in a context is its odds of holding each sign there (counts plus ``prior``),
-    and the count table is the frequency of each count given its neighbours'."""
+    and the count table is the frequency of each count given its neighbours'. With
+    ``couplings`` the atom weights are then refitted together with the couplings on vectors
+    sampled from the codes (`primis.keys.couplings`): smaller keys, coded in somewhat more
+    time."""
+    from primis.keys.couplings import CouplingSamples, fit_couplings
+
+    samples = CouplingSamples()
     atom_hits = atom_totals = count_hits = None
     for vectors, (rows, cols) in codes:
         n = vectors.shape[1]
         m = len(vectors) // (rows * cols)
-        maps = np.repeat(np.arange(m), rows * cols)
-        above, left = _neighbours(m, (rows, cols))
+        maps, (above, left, previous), _ = _layout(list(range(m)), (rows, cols), coupled=True)
         context = _atom_contexts(vectors, above, left)  # (V, n)
+        if couplings:
+            samples.add(vectors, context, maps, previous)
         cell = (maps[:, None] * CONTEXTS + context) * n + np.arange(n)[None, :]
         sizes = np.count_nonzero(vectors > 0, axis=1)
         count_context = _count_contexts(sizes, above, left, k)
@@ -449,10 +581,11 @@ def fit_key_model(
     hits = atom_hits + prior
     odds = hits / (atom_totals - atom_hits + prior)
     atom_weights = odds.reshape(2, m, CONTEXTS, -1).transpose(1, 0, 2, 3)
-    return KeyModel(
+    counted = KeyModel(
         np.ascontiguousarray(atom_weights, dtype=np.float32),
         (count_hits + prior).astype(np.float32),
     )
+    return fit_couplings(samples, counted) if couplings else counted
 
 
 class ContextKeyCoder:
@@ -464,9 +597,7 @@ class ContextKeyCoder:
 
     def __init__(self, model: KeyModel) -> None:
         self.model = model
-        self._wide = KeyModel(
-            model.atom_weights.astype(np.float64), model.count_weights.astype(np.float64)
-        )
+        self._wide = model.widened()
         self._atom_bits = -np.log2(model.atom_weights.astype(np.float32))  # (m, 2, 9, n)
 
     def encode(
@@ -592,7 +723,7 @@ class ContextKeyCoder:
         clipped)."""
         bits = self._atom_bits
         m, n = bits.shape[0], bits.shape[3]
-        map_of, (above, left), _ = _layout(list(range(m)), grid)
+        map_of, (above, left, _), _ = _layout(list(range(m)), grid)
         below, right = np.full(len(vectors), -1), np.full(len(vectors), -1)
         below[above[above >= 0]] = np.nonzero(above >= 0)[0]
         right[left[left >= 0]] = np.nonzero(left >= 0)[0]
