@@ -230,13 +230,19 @@ def load_model(directory: str | Path | None, device: str | torch.device = "cpu")
 
 def describe_model(directory: str | Path | None) -> dict:
     """What `primis info` prints for a model directory or bundled model's name: its hash, its
-    network's configuration and its obfuscation settings."""
+    network's configuration, its obfuscation settings and how its keys are coded."""
     model = load_model(directory)
     config = model.network.config
+    key_model = model.key_model
     return {
         "kind": "model",
         "hash": model.hash,
         "model": config.model_dump(),
         "downsampling": config.downsampling,
         "obfuscation": model.obfuscation.model_dump(),
+        "keys": (
+            {"coding": "enumerative"}
+            if key_model is None
+            else {"coding": "context", "couplings": key_model.coupled}
+        ),
     }

@@ -104,7 +104,8 @@ def test_info_describes_files(tiny_model_dir, shared):
     assert key["kind"] == "key" and key["coding"] == "enumerative"
     # The payload the public file implies for an enumerative key is this key's, byte for byte.
     assert public["enumerative_key_payload_bytes"] == key["key_payload_bytes"]
-    assert '"hash"' in run_cli("info", tiny_model_dir, check=True).stdout
+    described = json.loads(run_cli("info", tiny_model_dir, check=True).stdout)
+    assert len(described["hash"]) == 64 and described["keys"] == {"coding": "enumerative"}
 
 
 @pytest.mark.parametrize(

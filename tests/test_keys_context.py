@@ -8,6 +8,7 @@ import torch
 
 from primis.errors import PrimisError
 from primis.keys.context import ContextKeyCoder, KeyModel, fit_key_model
+from primis.modelstore import describe_model, load_model, save_model
 from primis.obfuscation import code_to_vectors
 
 
@@ -235,3 +236,18 @@ def test_coupling_tables_are_validated_and_travel_with_the_model():
         KeyModel(atoms, counts, pairs, np.ones((m, 2, 2, n, n)))
     with pytest.raises(PrimisError, match="positive"):
         KeyModel(atoms, counts, pairs, 0 * cross)
+
+
+def test_a_coupled_key_model_is_saved_loaded_and_described_with_its_model(tiny_model_dir, tmp_path):
+    model = load_model(tiny_model_dir)
+    cfg = model.network.config
+    grid = (6, 5)
+    codes = [coupled_code(cfg.m, cfg.n, grid, cfg.k, seed) for seed in range(12)]
+    key_model = fit_key_model([(as_vectors(c), grid) for c in codes], cfg.k, couplings=True)
+    assert key_model.coupled
+    save_model(tmp_path / "coupled", model.network, model.obfuscation, key_model=key_model)
+    loaded = load_model(tmp_path / "coupled")
+    assert loaded.key_model.coupled
+    assert np.array_equal(loaded.key_model.cross_weights, key_model.cross_weights)
+    assert describe_model(tmp_path / "coupled")["keys"] == {"coding": "context", "couplings": True}
+    assert describe_model("cxr")["keys"] == {"coding": "context", "couplings": False}
