@@ -251,3 +251,10 @@ def test_a_coupled_key_model_is_saved_loaded_and_described_with_its_model(tiny_m
     assert np.array_equal(loaded.key_model.cross_weights, key_model.cross_weights)
     assert describe_model(tmp_path / "coupled")["keys"] == {"coding": "context", "couplings": True}
     assert describe_model("cxr")["keys"] == {"coding": "context", "couplings": False}
+
+
+def test_couplings_fit_where_the_caller_runs_without_gradients():
+    m, n, k, grid = 2, 32, 2, (5, 4)
+    codes = [(as_vectors(coupled_code(m, n, grid, k, s)), grid) for s in range(4)]
+    with torch.inference_mode():
+        assert fit_key_model(codes, k, couplings=True).fits(m, n, k)

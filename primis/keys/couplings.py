@@ -60,7 +60,16 @@ def fit_couplings(samples: CouplingSamples, base: KeyModel, seed: int = 0) -> Ke
     """``base`` with its atom weights refitted and couplings fitted to ``samples`` (see the
     module's docstring; the count table is kept). A tenth of the images is held out: the fit
     keeps the parameters that code their vectors best, and gives ``base`` back where no pass
-    beats it (or where one image leaves none to hold out)."""
+    beats it (or where one image leaves none to hold out). Gradients are on here even where
+    the caller runs without them."""
+    import torch
+
+    with torch.inference_mode(False), torch.enable_grad():
+        return _fit(samples, base, seed)
+
+
+def _fit(samples: CouplingSamples, base: KeyModel, seed: int) -> KeyModel:
+    """`fit_couplings`, with gradients on."""
     import torch
 
     if not samples.vectors:
