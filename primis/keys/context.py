@@ -274,11 +274,9 @@ class _Stage:
             axis=1,
         )
         first = self.model.atom_weights.shape[0] * n + (self.maps[rows[has]] - 1) * 4 * n
-        for part in (0, 1):
-            source = np.repeat([0, n], k)  # +1 members, then -1 members
-            _couple(
-                weights[part], has, members, (first + 2 * part * n)[:, None] + source, self.model
-            )
+        source = np.repeat([0, n], k)  # +1 members, then -1 members
+        offset = first[None, :, None] + (2 * n * np.arange(2))[:, None, None] + source
+        _couple(weights, has, members, offset, self.model)  # both signs' weights at once
 
     def pair(self, weights: np.ndarray, rows: np.ndarray | slice, plus: np.ndarray) -> None:
         """Multiply in the -1 set's pair factors (with couplings): for each vector of ``rows``
@@ -290,16 +288,17 @@ class _Stage:
 
 
 def _couple(weights: np.ndarray, rows, members: np.ndarray, offset, model: KeyModel) -> None:
-    """``weights[rows]`` times the product, over the atoms b of ``members`` (padded with -1) in
-    order, of the coupling rows ``offset + b`` (`KeyModel.coupling_rows`): one computation,
-    shared by the encoder and the decoder, so that both get bit-identical weights."""
+    """``weights[..., rows, :]`` times the product, over the atoms b of ``members`` (R, slots;
+    padded with -1) in order, of the coupling rows ``offset + b`` (`KeyModel.coupling_rows`;
+    ``offset`` broadcasts to (..., R, slots)): one computation, shared by the encoder and the
+    decoder, so that both get bit-identical weights."""
     table = model.coupling_rows
     index = np.where(members >= 0, offset + members, len(table) - 1)  # the last row: ones
-    factors = table[index]  # (R, slots, n)
-    product = factors[:, 0].astype(np.float64)  # products of float32 factors, in float64
-    for slot in range(1, factors.shape[1]):
-        product *= factors[:, slot]
-    weights[rows] *= product
+    factors = table[index]  # (..., R, slots, n)
+    product = factors[..., 0, :].astype(np.float64)  # products of float32 factors, in float64
+    for slot in range(1, factors.shape[-2]):
+        product *= factors[..., slot, :]
+    weights[..., rows, :] *= product
 
 
 def _slot_probabilities(
