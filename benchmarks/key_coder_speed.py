@@ -8,8 +8,9 @@ on those keys: `encode` (code -> key payload) and `decode` (payload -> code), se
 (median over rounds, all images per round). Prints the CPU and a digest of all payloads: run it
 in two checkouts on the same machine to compare their speed, and their bytes (equal digests:
 the same keys). With ``--refit LIST`` it measures instead two key models fitted to the codes of
-LIST's images (`primis.sharing.fit_image_keys`), without and with couplings, on the same
-images: their payload bits per pixel and speed side by side. Writes JSON.
+LIST's images (encoded once, as `primis.sharing.fit_image_keys` does), without and with
+couplings, on the same images: their payload bits per pixel and speed side by side. Writes
+JSON.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ import torch
 from primis.data import resolve_sources
 from primis.io.images import read_image
 from primis.io.pixels import IntensityMapping
-from primis.keys import KeyModel
+from primis.keys import KeyModel, fit_key_model
 from primis.modelstore import load_model
+from primis.obfuscation import code_to_vectors
 from primis.report import describe_machine, machine_info, write_json
-from primis.sharing import ImageToShare, fit_image_keys, reconstruct, share_images
+from primis.sharing import ImageToShare, encode_images, reconstruct, share_images
 
 try:
     from benchmarks.holdout import DATA, holdout_split
@@ -116,10 +118,14 @@ def main() -> None:
     key_models: dict[str, KeyModel | None] = {"own key model": None}
     if args.refit:
         model = load_model(args.model)
-        paths = resolve_sources(args.refit)
+        k = model.network.config.k
+        codes = [
+            encode_images(model, [read_image(p)[0]], k, 0)[0] for p in resolve_sources(args.refit)
+        ]
+        vectors = [(code_to_vectors(c), tuple(c.shape[3:])) for c in codes]  # encoded once
         key_models = {
-            f"{'with' if couplings else 'no'} couplings": fit_image_keys(
-                model, (read_image(p)[0] for p in paths), couplings=couplings
+            f"{'with' if couplings else 'no'} couplings": fit_key_model(
+                vectors, k, couplings=couplings
             )
             for couplings in (False, True)
         }

@@ -108,8 +108,7 @@ class KeyModel:
         return self.atom_weights.shape[0] == m and self.atom_weights.shape[3] == n and self.k == k
 
     def tensors(self) -> dict[str, np.ndarray]:
-        tables = (self.atom_weights, self.count_weights, self.pair_weights, self.cross_weights)
-        return {name: t for name, t in zip(TENSORS, tables, strict=True) if t is not None}
+        return {name: t for name, t in zip(TENSORS, self.tables(), strict=True) if t is not None}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, np.ndarray]) -> KeyModel:
@@ -125,6 +124,7 @@ class KeyModel:
         return KeyModel(*(None if t is None else t.astype(np.float64) for t in self.tables()))
 
     def tables(self) -> tuple[np.ndarray | None, ...]:
+        """Every table, in `TENSORS` order (None for couplings it has not)."""
         return self.atom_weights, self.count_weights, self.pair_weights, self.cross_weights
 
     @functools.cached_property
@@ -341,13 +341,17 @@ def _layout(m_of: list[int], grid: tuple[int, int], coupled: bool = False):
     """For the vectors of the maps ``m_of`` (map-major): each one's map, its neighbours (the
     vector above, the one to the left and, ``coupled``, the previous map's at its place where
     that map is coded too; -1 where there is none) and the stages (`_stages`)."""
-    rows, cols = grid
-    cells = rows * cols
-    maps = np.repeat(np.asarray(m_of, dtype=np.int64), cells)
-    above, left = _neighbours(len(m_of), grid)
+    maps = np.repeat(np.asarray(m_of, dtype=np.int64), grid[0] * grid[1])
+    previous = _previous_map(m_of, grid) if coupled else np.full(len(maps), -1)
+    return maps, (*_neighbours(len(m_of), grid), previous), _stages(len(m_of), grid, coupled)
+
+
+def _previous_map(m_of: list[int], grid: tuple[int, int]) -> np.ndarray:
+    """For each vector of the maps ``m_of`` (map-major): the index of the previous map's vector
+    at its place, where the map just before it is among ``m_of`` too; else -1."""
+    cells = grid[0] * grid[1]
     follows = np.repeat([p > 0 and m_of[p] == m_of[p - 1] + 1 for p in range(len(m_of))], cells)
-    previous = np.where(follows & coupled, np.arange(len(maps)) - cells, -1)
-    return maps, (above, left, previous), _stages(len(m_of), grid, coupled)
+    return np.where(follows, np.arange(len(m_of) * cells) - cells, -1)
 
 
 def _coding_order(
@@ -425,9 +429,10 @@ def _walk(
             table = _suffix_polynomials(weights, sizes[held])
             previous = np.full(len(held), -1)
             for slot in range(1, k + 1):
-                rows = _rows_where(sizes[held] >= slot)
-                if len(previous[rows]) == 0:
+                holding = sizes[held] >= slot
+                if not holding.any():
                     break
+                rows = _rows_where(holding)
                 p = _slot_probabilities(
                     weights, table, rows, sizes[held[rows]], slot, previous[rows]
                 )
@@ -559,10 +564,11 @@ def fit_key_model(
     for vectors, (rows, cols) in codes:
         n = vectors.shape[1]
         m = len(vectors) // (rows * cols)
-        maps, (above, left, previous), _ = _layout(list(range(m)), (rows, cols), coupled=True)
+        maps = np.repeat(np.arange(m), rows * cols)
+        above, left = _neighbours(m, (rows, cols))
         context = _atom_contexts(vectors, above, left)  # (V, n)
         if couplings:
-            samples.add(vectors, context, maps, previous)
+            samples.add(vectors, context, maps, _previous_map(list(range(m)), (rows, cols)))
         cell = (maps[:, None] * CONTEXTS + context) * n + np.arange(n)[None, :]
         sizes = np.count_nonzero(vectors > 0, axis=1)
         count_context = _count_contexts(sizes, above, left, k)
