@@ -258,3 +258,12 @@ def test_couplings_fit_where_the_caller_runs_without_gradients():
     codes = [(as_vectors(coupled_code(m, n, grid, k, s)), grid) for s in range(4)]
     with torch.inference_mode():
         assert fit_key_model(codes, k, couplings=True).fits(m, n, k)
+
+
+def test_couplings_fall_back_to_the_plain_model_where_nothing_can_be_held_out():
+    m, n, k, grid = 2, 32, 2, (5, 4)
+    one_image = [(as_vectors(coupled_code(m, n, grid, k, 0)), grid)]
+    plain = fit_key_model(one_image, k)
+    fitted = fit_key_model(one_image, k, couplings=True)
+    assert not fitted.coupled
+    assert np.array_equal(fitted.atom_weights, plain.atom_weights)
