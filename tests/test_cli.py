@@ -172,7 +172,7 @@ def test_an_unknown_privacy_preset_is_refused(tmp_path, image_files, tiny_model_
     assert result.returncode != 0 and "strict" in result.stderr
 
 
-def test_info_and_argument_errors_answer_without_torch(shared, tmp_path):
+def test_info_and_argument_errors_answer_without_torch_or_numba(shared, tmp_path):
     public_dir, key_dir = shared
     calls = [
         ["info", public_dir / "patient_gray.primis"],
@@ -200,7 +200,7 @@ def test_info_and_argument_errors_answer_without_torch(shared, tmp_path):
         "        main(args)\n"
         "    except SystemExit:\n"
         "        pass\n"
-        "print('torch' in sys.modules)\n"
+        "print('torch' in sys.modules or 'numba' in sys.modules)\n"
     )
     argv = json.dumps([[str(a) for a in call] for call in calls])
     result = subprocess.run([sys.executable, "-c", code, argv], capture_output=True, text=True)

@@ -18,10 +18,11 @@ first (map p's vectors go p stages later).
 
 Slot t of a set of size s takes atom a > (previous member) with probability proportional to
 w_a * e_{s-t}(w_{a+1}, ..., w_{n-1}), e_i the elementary symmetric polynomial: exactly the
-conditional of the product model. Only + and * of float64 enter the tables (no exp or log), so
-encoder and decoder compute bit-identical probabilities on any CPU, and constriction quantises
-them the same way everywhere. A key holds the atom orders of the shuffled maps first, packed
-as enumerative keys pack them (`primis.keys.enumerative`), then the range code.
+conditional of the product model. Only + and * of float64 enter the tables (no exp or log;
+the loops in `primis.keys.kernels`), so encoder and decoder compute bit-identical probabilities
+on any CPU, and constriction quantises them the same way everywhere. A key holds the atom
+orders of the shuffled maps first, packed as enumerative keys pack them
+(`primis.keys.enumerative`), then the range code.
 """
 
 from __future__ import annotations
@@ -199,22 +200,11 @@ def _gather(values: np.ndarray, index: np.ndarray, outside) -> np.ndarray:
 
 
 def _suffix_polynomials(weights: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """E (V, max(sizes), n+1): E[v, i, a] = e_i(weights[v, a:]), the elementary symmetric
-    polynomial of degree i of the weights from atom a on, for the degrees i < sizes[v] that a
-    set of sizes[v] members reads (the rest are left unset: nothing reads them)."""
-    import torch  # not at import: `primis info` and argument errors answer without torch
+    """E (V, max(sizes), n+1): E[v, i, a] = e_i(weights[v, a:]) for the degrees i < sizes[v]
+    (`kernels.suffix_polynomials`)."""
+    from primis.keys import kernels  # not at import: `primis info` answers without compiling
 
-    v, n = weights.shape
-    table = np.empty((v, int(sizes.max(initial=0)), n + 1))  # no zeroing pass
-    table[:, :1] = 1.0  # degree 0, where any vector holds atoms
-    table[:, 1:, n] = 0.0  # no atoms left: e_i of nothing is 0 for i >= 1
-    for degree in range(1, table.shape[1]):
-        rows = _rows_where(sizes > degree)
-        terms = np.ascontiguousarray((weights[rows] * table[rows, degree - 1, 1:])[:, ::-1])
-        # Suffix sums, each row added atom by atom from the last, as numpy's cumsum adds them
-        # (bit for bit); torch's runs several rows at once in vector registers.
-        table[rows, degree, :n] = torch.from_numpy(terms).cumsum(1).numpy()[:, ::-1]
-    return table
+    return kernels.suffix_polynomials(weights, sizes)
 
 
 def _rows_where(condition: np.ndarray) -> np.ndarray | slice:
@@ -292,13 +282,13 @@ def _couple(weights: np.ndarray, rows, members: np.ndarray, offset, model: KeyMo
     padded with -1) in order, of the coupling rows ``offset + b`` (`KeyModel.coupling_rows`;
     ``offset`` broadcasts to (..., R, slots)): one computation, shared by the encoder and the
     decoder, so that both get bit-identical weights."""
+    from primis.keys import kernels
+
     table = model.coupling_rows
     index = np.where(members >= 0, offset + members, len(table) - 1)  # the last row: ones
-    factors = table[index]  # (..., R, slots, n)
-    product = factors[..., 0, :].astype(np.float64)  # products of float32 factors, in float64
-    for slot in range(1, factors.shape[-2]):
-        product *= factors[..., slot, :]
-    weights[..., rows, :] *= product
+    flat = np.ascontiguousarray(index.reshape(-1, index.shape[-1]))
+    product = kernels.coupling_products(table, flat, len(table) - 1)
+    weights[..., rows, :] *= product.reshape(*index.shape[:-1], table.shape[1])
 
 
 def _slot_probabilities(
@@ -311,20 +301,16 @@ def _slot_probabilities(
 ) -> np.ndarray:
     """P(member ``slot`` (1-based) = a | the previous member) for the vectors ``rows`` of
     ``weights`` and of their suffix polynomials ``table``, whose sets have ``sizes`` >=
-    ``slot`` members, the last one ``previous`` (None for the first); up to a factor."""
-    if isinstance(rows, slice):  # all of them: no copies
-        p = weights * table[np.arange(len(weights)), sizes - slot, 1:]
-    else:
-        p = weights[rows] * table[rows, sizes - slot, 1:]
-    if slot > 1:  # members ascend: atoms up to the previous one are out
-        p *= _after(weights.shape[1])[previous + 1]
-    return p
+    ``slot`` members, the last one ``previous`` (None for the first); up to a factor
+    (`kernels.slot_probabilities`)."""
+    from primis.keys import kernels
+
+    rows = np.arange(len(weights)) if isinstance(rows, slice) else rows
+    previous = _NO_MEMBERS if previous is None else np.ascontiguousarray(previous)
+    return kernels.slot_probabilities(weights, table, rows, sizes, slot, previous)
 
 
-@functools.cache
-def _after(n: int) -> np.ndarray:
-    """(n + 1, n) float64: row r is 1 for the atoms a >= r, else 0."""
-    return (np.arange(n)[None, :] >= np.arange(n + 1)[:, None]).astype(np.float64)
+_NO_MEMBERS = np.empty(0, dtype=np.int64)
 
 
 def _members(vectors: np.ndarray, sign: int, sizes: np.ndarray, k: int) -> np.ndarray:
