@@ -28,7 +28,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from primis.config import REFINE_STEPS
+from primis.config import REFINE_STEPS, REFINED_STEPS
 from primis.report import describe_machine, machine_info, write_json
 
 CXR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cxr" / "images"
@@ -83,7 +83,9 @@ def scheduler_overhead(tasks: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=20)
-    parser.add_argument("--refine-steps", type=int, nargs="+", default=[0, REFINE_STEPS])
+    parser.add_argument(
+        "--refine-steps", type=int, nargs="+", default=sorted({REFINE_STEPS, REFINED_STEPS})
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--noop-tasks", type=int, default=200)
     parser.add_argument("--json", type=Path, default=Path("runs/cluster.json"))

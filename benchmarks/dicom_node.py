@@ -8,9 +8,9 @@ Real chest X-rays wrapped as DICOM instances with patient tags (8-bit, as the im
 radiographs of ../shared/data/cxr-multi (about 2500x1970, CR). A `DicomNode` in this process
 (as `primis serve` runs it) receives them over ``--associations`` concurrent associations on
 localhost and answers each only once its public file and key are on disk, so instances per
-second counts both receiving and sharing; with the default refinement and with
-``--refine-steps 0``. Prints a table with the CPU model, its flags and the numeric type, and
-writes JSON.
+second counts both receiving and sharing; with the default (``REFINE_STEPS``) and with
+``REFINED_STEPS`` refinement steps. Prints a table with the CPU model, its flags and the numeric
+type, and writes JSON.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage as CR_STORAGE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
+from primis.config import REFINE_STEPS, REFINED_STEPS
 from primis.dicomnode import SUCCESS, DicomNode
 from primis.modelstore import load_model
 from primis.report import describe_machine, machine_info, markdown_table, write_json
-from primis.sharing import REFINE_STEPS
 
 try:
     from benchmarks.holdout import DATA, holdout_split
@@ -141,7 +141,7 @@ def main() -> None:
     warm_up, *small = instances(test, args.count + 1, DigitalXRayImageStorageForPresentation, 512)
     full = instances(sorted(ACTUALMED.glob("*.png")), args.full_count, CR_STORAGE, None)
     for size, datasets in (("512x512", small), ("full size", full)):
-        for refine_steps in (0, REFINE_STEPS):
+        for refine_steps in sorted({REFINE_STEPS, REFINED_STEPS}):
             row = measure(model, warm_up, datasets, refine_steps, args.associations)
             results.append({"size": size, **row})
             print(f"{size}, refine {refine_steps}: {row['instances_per_second']:.3g} instances/s")

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from primis.config import REFINED_STEPS
 from primis.io.images import read_source
 from primis.io.pixels import IntensityMapping, pad_to_multiple
 from primis.metrics import psnr
@@ -212,8 +213,8 @@ def main() -> None:
         "--refine-steps",
         type=int,
         nargs="+",
-        default=sorted({0, REFINE_STEPS}),
-        help="refinement steps to measure (default: none and the sharing default)",
+        default=sorted({0, REFINE_STEPS, REFINED_STEPS}),
+        help="refinement steps to measure (default: none, the sharing default and 50)",
     )
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 16], help="512x512 batches")
     parser.add_argument(

@@ -4,7 +4,8 @@ For every image of every source: the key of each model (bytes of the whole key f
 its payload) and the authorized PSNR / MS-SSIM; each codec swept over its quality settings on
 the image's stored values (JPEG and JPEG XL at 8 bits, JPEG 2000 at 8 or 16 bits as stored);
 and, per image, the bits per pixel each codec needs for the PSNR the key gives (interpolated
-on the codec's curve in log-rate). A model's operating points are its k (--ks) times its rate
+on the codec's curve in log-rate), and how many dB the key lacks at its own rate to cost at most
+RATE_TARGET times JPEG 2000's bytes. A model's operating points are its k (--ks) times its rate
 weights (--weights: rate-distortion optimised coding, `primis.sharing.RateControl`); with at
 least four, BD-rate of the key against JPEG 2000 (bjontegaard, Akima) on the sources' mean
 curves.
@@ -18,7 +19,11 @@ curves.
 A model is named in the tables by its argument (a directory by its own name) or by LABEL in
 LABEL=MODEL. --merge adds the models of an earlier report on the same images (their codec
 curves are reused, not recomputed), so that models measured with different --refine-steps, or
-at different times, share one table.
+at different times, share one table. --combine writes one compact report (summaries and image
+counts) of reports that measured different sources, and prints it as the docs' Markdown table:
+
+    python benchmarks/rate_distortion.py --combine runs/rd.json runs/rd-dicom.json \
+        --json docs/rate_distortion.json
 
 PSNR, SSIM and MS-SSIM are on the image's own intensity range (the [0, 1] scale PRIMIS maps it
 to); "PSNR@bits" is on the image's bit depth (peak 2^bits - 1 over the stored values, DICOM's
@@ -47,7 +52,7 @@ from primis.io.images import SourceImage, read_source
 from primis.io.pixels import IntensityMapping
 from primis.metrics import ms_ssim, psnr, ssim
 from primis.modelstore import load_model
-from primis.report import describe_machine, machine_info, write_json
+from primis.report import describe_machine, machine_info, markdown_table, write_json
 from primis.sharing import RateControl, reconstruct, share_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +62,8 @@ SOURCES = {
     "actualmed": (ROOT / "splits/heldout/actualmed.txt", 3),
     "dicom": (ROOT / "splits/heldout/dicom.txt", 3),
 }
+# The codec issue's rate target: a key at most this many times JPEG 2000's bytes at equal PSNR.
+RATE_TARGET = 2.5
 SWEEPS = {
     "jpeg": [5, 10, 20, 30, 50, 70, 85, 95],
     "jpeg2000": [0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 0.8, 1.2, 2.0, 3.0],
@@ -272,6 +279,15 @@ def summarize(images: list[dict]) -> dict:
                 covered = None not in at_key  # else a mean over some images would mislead
                 entry[f"{codec}_mean_psnr_at_key_bpp"] = float(np.mean(at_key)) if covered else None
                 entry[f"{codec}_worst_psnr_at_key_bpp"] = min(at_key) if covered else None
+            # What the target asks in dB: JPEG 2000's PSNR at 1 / RATE_TARGET of the key's
+            # rate, less the key's (images whose target rate lies off JPEG 2000's sweep left out).
+            short = [
+                psnr_at(row["codecs"]["jpeg2000"], p["bpp"] / RATE_TARGET)
+                for row, p in zip(images, points, strict=True)
+            ]
+            gaps = [q - p["psnr"] for q, p in zip(short, points, strict=True) if q is not None]
+            entry["psnr_short_of_rate_target"] = statistics.median(gaps) if gaps else None
+            entry["rate_target_images"] = len(gaps)
             summary[f"{name} k={point['k']} w={point.get('weight', 0):g}"] = entry
         mean_key = [
             {
@@ -319,6 +335,13 @@ def print_report(report: dict) -> None:
                 f"{depth:>9s} {speed:>6s} "
                 f"{' '.join(cells)}"
             )
+        for key, entry in result["summary"].items():
+            if entry is not None and entry.get("psnr_short_of_rate_target") is not None:
+                print(
+                    f"  {key:22s} short of {RATE_TARGET}x JPEG 2000's bytes by "
+                    f"{entry['psnr_short_of_rate_target']:+.2f} dB (median of "
+                    f"{entry['rate_target_images']} images)"
+                )
         print("  each codec at the key's bits per pixel, PSNR mean / worst image:")
         for key, entry in result["summary"].items():
             if "bd_rate" not in key:
@@ -333,7 +356,79 @@ def print_report(report: dict) -> None:
         " PSNR@bits: on the bit depth; s/MP: sharing seconds per megapixel"
         "\n/J2K etc.: the key's bytes over the codec's at the key's PSNR (median over images; "
         "'>' where the codec's lowest setting already beats the key on some images)"
+        f"\nshort of {RATE_TARGET}x: JPEG 2000's PSNR at the key's rate / {RATE_TARGET} less the"
+        " key's (what the key must gain at its rate to cost at most that; below 0: it does)"
     )
+
+
+def markdown(report: dict) -> str:
+    """The report as a Markdown table (the docs' generated tables, `benchmarks.tables`): per
+    source and key, its refinement steps, the key's rate, PSNR median / mean / worst, MS-SSIM,
+    its bytes over JPEG 2000's and JPEG XL's at equal PSNR ('>': a lower bound), JPEG 2000's
+    PSNR at the key's rate and the dB the key lacks for the rate target."""
+    header = ["source (images)", "model", "refine", "key bpp", "PSNR", "mean", "worst"]
+    header += ["MS-SSIM"]
+    steps = report.get("refine_steps_by_model", {})
+    header += ["x J2K", "x JXL", "J2K at the key's bpp", f"dB short of {RATE_TARGET}x J2K"]
+    rows = []
+    for source, result in report["sources"].items():
+        for key, entry in result["summary"].items():
+            if "bd_rate" in key:
+                continue
+            ratios = []
+            for codec in ("jpeg2000", "jpegxl"):
+                ratio = entry[f"key_over_{codec}_at_equal_psnr"]
+                bound = ">" if entry[f"{codec}_lower_bounds"] else ""
+                ratios.append("n/a" if ratio is None else f"{bound}{ratio:.2f}")
+            label = key.split(" k=")[0]
+            rows.append(
+                [
+                    f"{source} ({image_count(result)})",
+                    f"`{Path(label).name}`",
+                    str(steps.get(label, report["refine_steps"])),
+                    f"{entry['median_key_bpp']:.3f}",
+                    f"{entry['median_psnr']:.2f}",
+                    f"{entry['mean_psnr']:.2f}",
+                    f"{entry['worst_psnr']:.2f}",
+                    _shown(entry, "mean_ms_ssim", 4),
+                    *ratios,
+                    _shown(entry, "jpeg2000_mean_psnr_at_key_bpp", 2),
+                    _shown(entry, "psnr_short_of_rate_target", 2),
+                ]
+            )
+    return markdown_table(header, rows) + "\n"
+
+
+def image_count(result: dict) -> int:
+    """How many images a source's result measured (a combined report keeps only the count)."""
+    return result["image_count"] if "image_count" in result else len(result["images"])
+
+
+def combined(reports: list[dict]) -> dict:
+    """One compact report of reports that measured different sources (as the baselines of a
+    release, measured over several sessions): each source's summary and image count, every
+    model with its refinement steps, and each report's machine; the per-image points stay in
+    the reports. SystemExit where two reports measured one source, or one label names two
+    models."""
+    sources, models, steps = {}, {}, {}
+    for report in reports:
+        for name, result in report["sources"].items():
+            if name in sources:
+                raise SystemExit(f"source {name} is in more than one report")
+            sources[name] = {"image_count": image_count(result), "summary": result["summary"]}
+        for label, digest in report["models"].items():
+            if models.setdefault(label, digest) != digest:
+                raise SystemExit(f"{label} names two different models in these reports")
+        steps |= report.get("refine_steps_by_model") or dict.fromkeys(
+            report["models"], report["refine_steps"]
+        )
+    return {
+        "machines": [report["machine"] for report in reports],
+        "refine_steps": reports[0]["refine_steps"],
+        "models": models,
+        "refine_steps_by_model": steps,
+        "sources": sources,
+    }
 
 
 def model_label(argument: str) -> tuple[str, str]:
@@ -366,7 +461,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("runs/rate_distortion.json"))
     parser.add_argument("--summarize", type=Path, help="print (and re-summarize) a saved JSON")
     parser.add_argument("--merge", type=Path, help="add the models of this earlier report")
+    parser.add_argument(
+        "--combine", type=Path, nargs="+", help="write one compact report of these (--json)"
+    )
     args = parser.parse_args()
+    if args.combine:
+        report = combined([json.loads(path.read_text()) for path in args.combine])
+        write_json(args.json, report)
+        print(markdown(report), end="")
+        print(f"JSON: {args.json}")
+        return
     if args.summarize:
         report = json.loads(args.summarize.read_text())
         for result in report["sources"].values():

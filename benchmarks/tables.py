@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import design_study, linkage
+from benchmarks import design_study, linkage, rate_distortion
 from primis.io.files import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +53,12 @@ TABLES = (
         ROOT / "MODEL_CARD.md",
         ROOT / "docs" / "design-study" / "design_study.json",
         _design_study,
+    ),
+    Table(
+        "rate-distortion-v4",
+        ROOT / "MODEL_CARD.md",
+        ROOT / "docs" / "v4" / "rate_distortion.json",
+        rate_distortion.markdown,
     ),
 )
 

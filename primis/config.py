@@ -15,9 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from primis.errors import PrimisError
 
 # Adam steps that improve each image's code before it is shared (`SparseTernaryAutoEncoder.refine`,
-# `primis ambiguate --refine-steps`): where the quality gained per step flattens on the bundled
-# model's validation images, at a time per image users accept (MODEL_CARD.md has the figures).
-REFINE_STEPS = 50
+# `primis ambiguate --refine-steps`). None by default: the bundled model's decoder is trained on
+# its encoder's own codes, and each step costs about as much as the encoder (MODEL_CARD.md has
+# what steps buy).
+REFINE_STEPS = 0
+# A refined setting that benchmarks set beside the default (where the gain per step flattens).
+REFINED_STEPS = 50
 
 
 class Strict(BaseModel):
@@ -84,7 +87,8 @@ class ModelConfig(Strict):
 # Why an adaptive-rate model refuses every mode but the strict one (`obfuscation.reveals_nothing`).
 ADAPTIVE_STRICT_ONLY = (
     "an adaptive-rate model shares only in the strict mode (fill 1 with masked signs, "
-    "--privacy strict): in any other mode the public vector would show each vector's count"
+    "--privacy strict): in any other mode the public vector would show each vector's count; "
+    "the other modes need a fixed-rate model, such as --model cxr-v3"
 )
 
 # Model options added after the first release, with the value that models and runs saved before

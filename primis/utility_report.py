@@ -1,10 +1,11 @@
 """The utility study (issue 27): classification, texture and segmentation on every version.
 
 Each study image exists in six versions: the original; the authorized reconstruction by the
-default path (`primis.share` with its refinement, restored through `primis.RestoredDataset`)
-and with ``refine_steps=0``; JPEG 2000 at the bytes of that image's key (what a user would
-otherwise ship); the best attack's image and the prior-only image, both from the attack suite
-(`primis.attacks.attack_images`, trained on an attacker set disjoint from the study images).
+default path (`primis.share`, restored through `primis.RestoredDataset`) and by the other path
+(`other_refine_steps`: unrefined where the default refines, else refined); JPEG 2000 at the
+bytes of that image's key (what a user would otherwise ship); the best attack's image and the
+prior-only image, both from the attack suite (`primis.attacks.attack_images`, trained on an
+attacker set disjoint from the study images).
 
     classification  a small CNN trained on originals with grouped k-fold cross-validation
                     (groups: the patient where the file name gives it, else the source); the
@@ -43,7 +44,7 @@ from torch import nn
 from tqdm import tqdm
 
 from primis.attacks import _best_attack, attack_images, roc_auc
-from primis.config import REFINE_STEPS, ObfuscationConfig, UtilityConfig
+from primis.config import REFINE_STEPS, REFINED_STEPS, ObfuscationConfig, UtilityConfig
 from primis.data import resolve_sources
 from primis.errors import PrimisError
 from primis.evaluation import _codec_round_trip
@@ -54,11 +55,27 @@ from primis.modelstore import LoadedModel
 
 ORIGINAL = "original"
 AUTHORIZED = "authorized"
-AUTHORIZED_RAW = "authorized, refine 0"
 JPEG2000 = "JPEG 2000 at the key's bytes"
 ATTACK = "best attack"
 PRIOR = "prior only"
-VERSIONS = (ORIGINAL, AUTHORIZED, AUTHORIZED_RAW, JPEG2000, ATTACK, PRIOR)
+
+
+def other_refine_steps(refine_steps: int) -> int:
+    """The second authorized version's refinement: none where the default path refines, else
+    `REFINED_STEPS` (what refinement would buy)."""
+    return 0 if refine_steps else REFINED_STEPS
+
+
+def other_authorized(refine_steps: int) -> str:
+    """The name of the second authorized version for a default path of ``refine_steps``."""
+    return f"authorized, refine {other_refine_steps(refine_steps)}"
+
+
+def study_versions(refine_steps: int) -> tuple[str, ...]:
+    """Every version the study compares, in the order of its tables and plots."""
+    return (ORIGINAL, AUTHORIZED, other_authorized(refine_steps), JPEG2000, ATTACK, PRIOR)
+
+
 SUITE_AUTHORIZED = "attack suite's authorized"  # kept to compare with AUTHORIZED
 
 # MIRP's feature families (column prefixes) and the names the issue uses for them.
@@ -646,8 +663,9 @@ def _shared_versions(
     authorized, key_bytes = authorized_versions(
         model, eight_bit, refine_steps, obfuscation, "sharing (default)"
     )
-    authorized_raw, raw_key_bytes = authorized_versions(
-        model, eight_bit, 0, obfuscation, "sharing (refine 0)"
+    other = other_refine_steps(refine_steps)
+    authorized_other, other_key_bytes = authorized_versions(
+        model, eight_bit, other, obfuscation, f"sharing (refine {other})"
     )
     seconds["sharing"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -661,7 +679,7 @@ def _shared_versions(
     best = _best_attack(attack_report["attacks"])["name"]
     figures = {
         "key_bytes": key_bytes,
-        "raw_key_bytes": raw_key_bytes,
+        "other_key_bytes": other_key_bytes,
         "jpeg2000_bpp": jpeg2000_bpp,
         "best_attack": best,
         "attack_psnr": {n: r["psnr"] for n, r in attack_report["attacks"].items()},
@@ -669,7 +687,7 @@ def _shared_versions(
     }
     versions = {
         AUTHORIZED: authorized,
-        AUTHORIZED_RAW: authorized_raw,
+        other_authorized(refine_steps): authorized_other,
         JPEG2000: jpeg2000,
         ATTACK: attack_views[best],
         PRIOR: attack_views["prior only (mean image)"],
@@ -689,8 +707,8 @@ def utility_report(
     """Run the utility study (module docstring) on ``inputs`` with ``model``; returns the
     report (JSON-ready) and every version's images (for figures).
 
-    ``refine_steps`` is the default path's refinement (the second authorized version always
-    has 0); ``obfuscation`` defaults to the model's. The attack suite trains as
+    ``refine_steps`` is the default path's refinement (the second authorized version takes
+    `other_refine_steps`); ``obfuscation`` defaults to the model's. The attack suite trains as
     ``config.attack`` says on at most ``inputs.attackers`` attacker images (a seeded choice)
     that are not study images. With ``cache`` (a folder) each completed stage is kept there
     (`StageCache`): the same study run again resumes after its last completed stage."""
@@ -724,6 +742,7 @@ def utility_report(
             "model": model.hash,
             "config": config.model_dump(),
             "refine_steps": refine_steps,
+            "other_refine_steps": other_refine_steps(refine_steps),
             "obfuscation": obfuscation.model_dump(),
             "study": [str(p) for p in paths],
             "attackers": [str(p) for p in attacker_paths],
@@ -737,9 +756,11 @@ def utility_report(
         stages.save_images("versions", versions)
         stages.save("versions", figures)
     timings = dict(figures["seconds"])
-    key_bytes, raw_key_bytes = figures["key_bytes"], figures["raw_key_bytes"]
+    key_bytes, other_key_bytes = figures["key_bytes"], figures["other_key_bytes"]
     best = figures["best_attack"]
-    views = {ORIGINAL: originals} | {v: versions[v] for v in VERSIONS if v != ORIGINAL}
+    views = {ORIGINAL: originals} | {
+        v: versions[v] for v in study_versions(refine_steps) if v != ORIGINAL
+    }
 
     def staged(stage: str, run: Callable[[], dict]) -> dict:
         """A stage's results, from the cache or run (and kept), its seconds in ``timings``."""
@@ -758,6 +779,7 @@ def utility_report(
     report: dict = {
         "model_hash": model.hash,
         "refine_steps": refine_steps,
+        "other_refine_steps": other_refine_steps(refine_steps),
         "obfuscation": obfuscation.model_dump(),
         "config": config.model_dump(),
         "study_images": len(paths),
@@ -766,7 +788,7 @@ def utility_report(
         "best_attack": best,
         "attack_psnr": figures["attack_psnr"],
         "key_bits_per_pixel": float(8 * np.sum(key_bytes) / np.sum(pixels)),
-        "key_bits_per_pixel_refine_0": float(8 * np.sum(raw_key_bytes) / np.sum(pixels)),
+        "key_bits_per_pixel_other": float(8 * np.sum(other_key_bytes) / np.sum(pixels)),
         "jpeg2000_bits_per_pixel": float(
             np.sum(np.multiply(figures["jpeg2000_bpp"], pixels)) / np.sum(pixels)
         ),
@@ -883,9 +905,9 @@ def write_utility_report(
             [
                 [AUTHORIZED, report["psnr"][AUTHORIZED], report["key_bits_per_pixel"]],
                 [
-                    AUTHORIZED_RAW,
-                    report["psnr"][AUTHORIZED_RAW],
-                    report["key_bits_per_pixel_refine_0"],
+                    other_authorized(report["refine_steps"]),
+                    report["psnr"][other_authorized(report["refine_steps"])],
+                    report["key_bits_per_pixel_other"],
                 ],
                 [JPEG2000, report["psnr"][JPEG2000], report["jpeg2000_bits_per_pixel"]],
                 [f"{ATTACK} ({report['best_attack']})", report["psnr"][ATTACK], "public file only"],
@@ -1021,7 +1043,9 @@ def one_line(report: dict) -> str:
     return "; ".join(parts)
 
 
-SHADES = {name: shade for name, shade in zip(VERSIONS, (0, 60, 110, 150, 190, 215), strict=True)}
+# Each version's grey in the plots; the second authorized version takes OTHER_SHADE.
+SHADES = {ORIGINAL: 0, AUTHORIZED: 60, JPEG2000: 150, ATTACK: 190, PRIOR: 215}
+OTHER_SHADE = 110
 
 
 def auc_plot(report: dict) -> bytes:
@@ -1029,6 +1053,7 @@ def auc_plot(report: dict) -> bytes:
     from primis.report import Chart
 
     tasks = report.get("classification", {})
+    versions = study_versions(report["refine_steps"])
     chart = Chart(
         (120 + 260 * max(1, len(tasks)), 420),
         50,
@@ -1039,16 +1064,19 @@ def auc_plot(report: dict) -> bytes:
     )
     for t, (name, task) in enumerate(tasks.items()):
         chart.draw.text(chart.at(t + 0.05, 0.04), name, fill=0)
-        for v, version in enumerate(VERSIONS):
+        for v, version in enumerate(versions):
             row = task["versions"][version]
-            x = t + 0.1 + 0.8 * v / (len(VERSIONS) - 1)
+            x = t + 0.1 + 0.8 * v / (len(versions) - 1)
             chart.draw.line(
-                [chart.at(x, row["low"]), chart.at(x, row["high"])], fill=SHADES[version]
+                [chart.at(x, row["low"]), chart.at(x, row["high"])],
+                fill=SHADES.get(version, OTHER_SHADE),
             )
             cx, cy = chart.at(x, row["auc"])
-            chart.draw.rectangle([cx - 4, cy - 4, cx + 4, cy + 4], fill=SHADES[version])
+            chart.draw.rectangle(
+                [cx - 4, cy - 4, cx + 4, cy + 4], fill=SHADES.get(version, OTHER_SHADE)
+            )
     chart.draw.line([chart.at(0, 0.5), chart.at(max(1, len(tasks)), 0.5)], fill=200)
-    _legend(chart, VERSIONS)
+    _legend(chart, versions)
     return chart.png()
 
 
@@ -1057,7 +1085,7 @@ def texture_plot(texture: dict) -> bytes:
     from primis.report import Chart
 
     families = [*dict.fromkeys(FAMILIES.values()), "all"]
-    versions = [v for v in VERSIONS if v != ORIGINAL and v in texture["versions"]]
+    versions = [v for v in texture["versions"] if v != ORIGINAL]
     chart = Chart(
         (140 + 110 * len(families), 420),
         60,
@@ -1074,7 +1102,9 @@ def texture_plot(texture: dict) -> bytes:
                 continue
             left, right = f + 0.1 + 0.8 * v / len(versions), f + 0.1 + 0.8 * (v + 1) / len(versions)
             (x0, y0), (x1, y1) = chart.at(left, share), chart.at(right, 0.0)
-            chart.draw.rectangle([x0, y0, x1 - 1, y1], fill=SHADES[version], outline=0)
+            chart.draw.rectangle(
+                [x0, y0, x1 - 1, y1], fill=SHADES.get(version, OTHER_SHADE), outline=0
+            )
     _legend(chart, versions)
     return chart.png()
 
@@ -1082,5 +1112,7 @@ def texture_plot(texture: dict) -> bytes:
 def _legend(chart, versions) -> None:
     for v, version in enumerate(versions):
         x, y = chart.width - chart.margin - 190, 8 + 14 * v
-        chart.draw.rectangle([x, y + 2, x + 9, y + 11], fill=SHADES[version], outline=0)
+        chart.draw.rectangle(
+            [x, y + 2, x + 9, y + 11], fill=SHADES.get(version, OTHER_SHADE), outline=0
+        )
         chart.draw.text((x + 14, y), version, fill=0)

@@ -250,7 +250,7 @@ def test_a_coupled_key_model_is_saved_loaded_and_described_with_its_model(tiny_m
     assert loaded.key_model.coupled
     assert np.array_equal(loaded.key_model.cross_weights, key_model.cross_weights)
     assert describe_model(tmp_path / "coupled")["keys"] == {"coding": "context", "couplings": True}
-    assert describe_model("cxr")["keys"] == {"coding": "context", "couplings": False}
+    assert describe_model("cxr-v3")["keys"] == {"coding": "context", "couplings": False}
 
 
 def test_couplings_fit_where_the_caller_runs_without_gradients():

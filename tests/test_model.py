@@ -305,7 +305,7 @@ def test_fixed_rate_codes_of_the_bundled_model_are_the_k_largest_and_k_smallest_
     from primis.modelstore import load_model
     from tests.conftest import cxr_images
 
-    network = load_model("cxr").network
+    network = load_model("cxr-v3").network
     assert network.thresholds is None and not any("threshold" in n for n in network.state_dict())
     x = torch.from_numpy(read_image(cxr_images()[0])[0][:256, :256].copy())[None, None]
     k = network.config.k

@@ -13,14 +13,15 @@ from primis.utility_report import (
     AUTHORIZED,
     ORIGINAL,
     PRIOR,
-    VERSIONS,
     StageCache,
     auc_with_interval,
     ccc,
     classification_targets,
     group_of,
     grouped_folds,
+    other_refine_steps,
     paired_difference,
+    study_versions,
     texture_study,
 )
 from tests.conftest import CXR, assert_clean_failure, run_cli, smooth_image
@@ -192,6 +193,8 @@ def test_utility_command_runs_every_study_on_a_small_subset(tmp_path, tiny_model
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "utility.json").read_text())
     assert report["resumed_stages"] == []
+    versions = study_versions(2)
+    assert "authorized, refine 0" in versions
     # Run again, it resumes after the last completed stage: every stage, the same figures.
     again = run_cli(*arguments)
     assert again.returncode == 0, again.stderr
@@ -207,15 +210,15 @@ def test_utility_command_runs_every_study_on_a_small_subset(tmp_path, tiny_model
     assert "Resumed: versions" in (out / "utility.md").read_text()
     for name in ("pneumonia", "covid"):
         task = report["classification"][name]
-        assert set(VERSIONS) <= set(task["versions"])
+        assert set(versions) <= set(task["versions"])
         original = task["versions"][ORIGINAL]["vs_original"]
         assert original == {"difference": 0.0, "low": 0.0, "high": 0.0}
         assert len(task["targets"]) == 3
     assert "different sources" in report["classification"]["covid"]["note"]
     texture = report["texture"]["versions"]
     assert texture[ORIGINAL]["families"]["all"]["share_ccc_0.90"] == 1.0
-    assert set(texture) == set(VERSIONS)
-    assert set(report["segmentation"]["dice"]) == set(VERSIONS)
+    assert set(texture) == set(versions)
+    assert set(report["segmentation"]["dice"]) == set(versions)
     # The default authorized version is the attack suite's "authorized", up to 8-bit rounding.
     assert report["authorized_vs_attack_suite"]["mean"] <= 1 / 255
     assert report["key_bits_per_pixel"] > 0 and report["jpeg2000_bits_per_pixel"] > 0
@@ -223,3 +226,14 @@ def test_utility_command_runs_every_study_on_a_small_subset(tmp_path, tiny_model
         assert (out / name).stat().st_size > 0
     markdown = (out / "utility.md").read_text()
     assert "Run time" in markdown and AUTHORIZED in markdown
+
+
+def test_the_second_authorized_version_takes_the_path_the_default_does_not():
+    """A default that refines is compared with the encoder's codes, and an unrefined default
+    (the bundled model's) with refined codes: the two authorized versions never coincide."""
+    from primis.config import REFINED_STEPS
+
+    assert other_refine_steps(2) == 0 and other_refine_steps(0) == REFINED_STEPS > 0
+    assert study_versions(2)[1:3] == (AUTHORIZED, "authorized, refine 0")
+    assert study_versions(0)[1:3] == (AUTHORIZED, f"authorized, refine {REFINED_STEPS}")
+    assert len(set(study_versions(0))) == len(study_versions(0)) == 6

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from primis.config import ObfuscationConfig
+from primis.config import REFINED_STEPS, ObfuscationConfig
 from primis.evaluation import measure_sharing
 from primis.modelstore import DEFAULT_MODEL, bundled_models, load_model
 from tests.conftest import assert_clean_failure, cxr_images, run_cli, smooth_image
@@ -26,8 +26,10 @@ pytestmark = pytest.mark.skipif(
 RELEASED = {
     "cxr-v1": "dc22173e52818b27104561ec7fdf9774881dd8bb8b09ecc1546e2f1e8c4959e3",
     "cxr-v2": "45f4050d72885c081bd066cc882e2ee24e1e529daaa51ee85e4f78e24cd634a0",
-    "cxr": "a40d353ec3946d0fb66beac7a4148a1128ce0b27bb3ced6fbb1a8648d05fca90",
-    "cxr-hq": "bc9c44643e356b41dae926bdc48c673c641729447e2f9f5e91126b0531c856e3",
+    "cxr-v3": "a40d353ec3946d0fb66beac7a4148a1128ce0b27bb3ced6fbb1a8648d05fca90",
+    "cxr-hq-v1": "bc9c44643e356b41dae926bdc48c673c641729447e2f9f5e91126b0531c856e3",
+    "cxr": "e5cc492edb905800d3f74cbf57ea1aa8127dc1397ef83a48ed4a89f9a7605d6e",
+    "cxr-hq": "8723026296440b417ef01b6d56c3fa48a1fe233d49f8445b6c95a49365364ef1",
 }
 
 
@@ -67,14 +69,14 @@ def test_quality_and_key_size_on_real_chest_xrays():
 def test_refinement_improves_every_code_on_real_chest_xrays():
     model = load_model(None)
     for path in cxr_images()[-3:]:
-        plain = measure_sharing(model, path, ObfuscationConfig(), refine_steps=0)
-        refined = measure_sharing(model, path, ObfuscationConfig())
-        # 1.6-2.0 dB with cxr v3, whose decoder was trained on the encoder's codes (3 dB with
-        # v2, whose decoder had been fine-tuned on refined ones).
+        plain = measure_sharing(model, path, ObfuscationConfig())  # the default: none
+        refined = measure_sharing(model, path, ObfuscationConfig(), refine_steps=REFINED_STEPS)
+        # The figures per model are in MODEL_CARD.md.
         assert refined.authorized_psnr > plain.authorized_psnr + 1.0, path.name
-        # Refinement prices each atom's key bits (the default rate weight): a key of about the
-        # same size, not the larger one a less predictable code would take.
-        assert 0.8 * plain.key_bytes < refined.key_bytes < 1.1 * plain.key_bytes
+        # Refinement prices each atom's key bits (the default rate weight): the key stays near
+        # the encoder's (an adaptive model's flat regions hold few pairs, and refinement may
+        # keep more there), not the much larger one a less predictable code would take.
+        assert 0.8 * plain.key_bytes < refined.key_bytes < 1.4 * plain.key_bytes
 
 
 @pytest.mark.slow
@@ -112,14 +114,23 @@ PAIRS = Path(__file__).parent / "data"
 
 @pytest.mark.parametrize(
     ("release", "name"),
-    [("v1", "cxr-v1"), ("v2", "cxr-v2"), ("v3", "cxr"), ("hq1", "cxr-hq")],
+    [
+        ("v1", "cxr-v1"),
+        ("v2", "cxr-v2"),
+        ("v3", "cxr-v3"),
+        ("hq1", "cxr-hq-v1"),
+        ("v4", "cxr"),
+        ("hq2", "cxr-hq"),
+    ],
 )
 def test_a_pair_made_by_an_earlier_release_decodes_with_its_bundled_model(tmp_path, release, name):
     """tests/data/v1 holds a public file and key that release 0.1 (format version 2, atoms
     shuffled) made with the then default model, now `cxr-v1`, and what it restored;
     tests/data/v2 the same from the next release's default model, now `cxr-v2`; tests/data/v3
-    from v3 (a 15-bit scan, strict mode), and tests/data/hq1 from `cxr-hq` (key format version
-    5, with its high-fidelity layer)."""
+    from v3, now `cxr-v3` (a 15-bit scan, strict mode); tests/data/hq1 from the first `cxr-hq`,
+    now `cxr-hq-v1` (key format version 5, with its high-fidelity layer); tests/data/v4 and hq2
+    from v4 (`cxr`: an adaptive rate, each vector's count in the key) and the `cxr-hq` built on
+    it."""
     pair = PAIRS / release
     public = pair / f"{release}-scan.primis"
     result = run_cli(
@@ -128,7 +139,13 @@ def test_a_pair_made_by_an_earlier_release_decodes_with_its_bundled_model(tmp_pa
     assert result.returncode == 0, result.stderr
     restored = np.asarray(Image.open(tmp_path / f"{release}-scan.png"))
     expected = np.asarray(Image.open(pair / "expected" / f"{release}-scan.png"))
-    assert np.array_equal(restored, expected)
+    # The key decodes exactly; the decoder's float32 sums may round a pixel differently with
+    # another thread count or kernel, which moves it by a unit of the stored depth at most.
+    difference = np.abs(restored.astype(np.int64) - expected.astype(np.int64))
+    assert difference.max() <= 2 and np.mean(difference > 0) < 0.01, (
+        difference.max(),
+        np.mean(difference > 0),
+    )
     if load_model(None).hash != load_model(name).hash:
         other = run_cli("disambiguate", public, "--key-dir", pair, "--out-dir", tmp_path / "o")
         assert other.returncode != 0 and f"use --model {name}" in other.stderr
@@ -152,11 +169,11 @@ def test_a_model_stored_as_its_difference_from_a_bundled_base_keeps_its_hash(tmp
         models[1].network.decode(code), models[0].network.decode(code), atol=0, rtol=0
     )
     # A key model fitted on export (here to one synthetic image) is stored with the rest, for
-    # a model without one (cxr-v1) on a base with one (cxr).
+    # a model without one (cxr-v1) on a base with one (cxr-v3).
     image = tmp_path / "scan.png"
     Image.fromarray((smooth_image(64, 80, 3) * 255).astype(np.uint8)).save(image)
     refit = tmp_path / "refit"
-    keyed = ["--base", "cxr", "--key-data", image]
+    keyed = ["--base", "cxr-v3", "--key-data", image]
     run_cli("export", "cxr-v1", "--out", refit, "--half", *keyed, check=True)
     refitted = load_model(refit)
     assert refitted.key_model is not None and load_model("cxr-v1").key_model is None
