@@ -1043,9 +1043,13 @@ def one_line(report: dict) -> str:
     return "; ".join(parts)
 
 
-# Each version's grey in the plots; the second authorized version takes OTHER_SHADE.
+# Each version's grey in the plots; the second authorized version (its name follows its
+# refinement) takes the one left.
 SHADES = {ORIGINAL: 0, AUTHORIZED: 60, JPEG2000: 150, ATTACK: 190, PRIOR: 215}
-OTHER_SHADE = 110
+
+
+def _shade(version: str) -> int:
+    return SHADES.get(version, 110)
 
 
 def auc_plot(report: dict) -> bytes:
@@ -1069,12 +1073,10 @@ def auc_plot(report: dict) -> bytes:
             x = t + 0.1 + 0.8 * v / (len(versions) - 1)
             chart.draw.line(
                 [chart.at(x, row["low"]), chart.at(x, row["high"])],
-                fill=SHADES.get(version, OTHER_SHADE),
+                fill=_shade(version),
             )
             cx, cy = chart.at(x, row["auc"])
-            chart.draw.rectangle(
-                [cx - 4, cy - 4, cx + 4, cy + 4], fill=SHADES.get(version, OTHER_SHADE)
-            )
+            chart.draw.rectangle([cx - 4, cy - 4, cx + 4, cy + 4], fill=_shade(version))
     chart.draw.line([chart.at(0, 0.5), chart.at(max(1, len(tasks)), 0.5)], fill=200)
     _legend(chart, versions)
     return chart.png()
@@ -1102,9 +1104,7 @@ def texture_plot(texture: dict) -> bytes:
                 continue
             left, right = f + 0.1 + 0.8 * v / len(versions), f + 0.1 + 0.8 * (v + 1) / len(versions)
             (x0, y0), (x1, y1) = chart.at(left, share), chart.at(right, 0.0)
-            chart.draw.rectangle(
-                [x0, y0, x1 - 1, y1], fill=SHADES.get(version, OTHER_SHADE), outline=0
-            )
+            chart.draw.rectangle([x0, y0, x1 - 1, y1], fill=_shade(version), outline=0)
     _legend(chart, versions)
     return chart.png()
 
@@ -1112,7 +1112,5 @@ def texture_plot(texture: dict) -> bytes:
 def _legend(chart, versions) -> None:
     for v, version in enumerate(versions):
         x, y = chart.width - chart.margin - 190, 8 + 14 * v
-        chart.draw.rectangle(
-            [x, y + 2, x + 9, y + 11], fill=SHADES.get(version, OTHER_SHADE), outline=0
-        )
+        chart.draw.rectangle([x, y + 2, x + 9, y + 11], fill=_shade(version), outline=0)
         chart.draw.text((x + 14, y), version, fill=0)
